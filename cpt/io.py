@@ -1,0 +1,77 @@
+"""Atomic file and folder writes: a kill at any moment never leaves a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    path = Path(path)
+    if not path.exists():
+        return default
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """A fresh empty sibling folder to build ``final`` in before :func:`commit_dir`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+
+
+def commit_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Replace folder ``final`` by ``staged``.
+
+    Two renames: ``final`` → ``final.old``, ``staged`` → ``final``. A kill between them
+    leaves ``final.old`` and no ``final``; :func:`recover_dir` undoes that on the next start.
+    """
+    staged, final = Path(staged), Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_dir(final: str | os.PathLike) -> None:
+    """Bring back ``final`` after a kill inside :func:`commit_dir`; drop stale staging folders."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)
+    elif old.exists():
+        shutil.rmtree(old)
+    if final.parent.exists():
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
