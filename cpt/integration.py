@@ -1,0 +1,54 @@
+"""What a strategy sees when it integrates an expert into the state (DESIGN: integration).
+
+The :class:`IntegrationContext` hands a strategy the live expert model, the folders of the
+base θ0 and the previous state θ_{t−1}, a folder of its own for what it keeps between
+steps (``history/``), and the one way to write the new state θ_t: atomically, as an HF
+folder that records which step it holds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt.io import commit_dir, staging_dir
+from cpt.tensors import save_model_folder
+
+
+@dataclass
+class IntegrationContext:
+    step: int
+    """1-based index t of the task just trained."""
+    task_name: str
+    model: torch.nn.Module
+    """The expert E_t as trained (possibly PEFT- or DDP-wrapped)."""
+    tokenizer: Any
+    state_dir: Path
+    """Where θ_t goes (replaced atomically)."""
+    base_dir: Path
+    """HF folder of θ0."""
+    previous_state_dir: Path | None
+    """HF folder of θ_{t−1}; None at t = 1 (θ0)."""
+    history_dir: Path
+    """The strategy's own folder for what it keeps across steps."""
+    target_patterns: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def marker(self) -> dict[str, Any]:
+        return {"step": self.step, "task": self.task_name}
+
+    def write_state_from_model(self, model: torch.nn.Module | None = None) -> None:
+        """θ_t ← the weights of ``model`` (default: the expert), LoRA merged, atomically."""
+        staged = staging_dir(self.state_dir)
+        try:
+            save_model_folder(model if model is not None else self.model, self.tokenizer, staged, marker=self.marker())
+            commit_dir(staged, self.state_dir)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staged, ignore_errors=True)
+            raise

@@ -1,0 +1,477 @@
+"""The recipe: one YAML file that describes a whole continual post-training run.
+
+A recipe is validated by pydantic models with unknown keys forbidden. Every validation
+problem is reported as one line that names the field path (``tasks[1].eval.kind``) and
+what is accepted; :func:`load_recipe` raises :class:`~cpt.errors.CptError` with it.
+
+Relative paths (data files, ``output_dir``) are taken relative to the current working
+directory, like every Hugging Face script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import re
+import string
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from cpt.errors import CptError
+
+#: Regexes (``re.search`` on the parameter name) selecting the target tensors of METHOD §1:
+#: the q/k/v/o and gate/up/down projection weights of every transformer block.
+DEFAULT_TARGETS = [
+    r"\.(q|k|v|o)_proj\.weight$",
+    r"\.(gate|up|down)_proj\.weight$",
+]
+
+#: SFTConfig fields cpt sets itself for every task; a recipe may not set them.
+MANAGED_TRAINING_FIELDS = {
+    "output_dir": "cpt writes each task's trainer output under <run dir>/work/<task>",
+    "resume_from_checkpoint": "cpt resumes by itself when the same command is run again",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Strict):
+    """The base model θ0."""
+
+    name_or_path: str = Field(description="hub id, local HF folder, or a named offline asset (`cpt assets list`)")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+class LoraSpec(_Strict):
+    """Optional LoRA training (PEFT). The adapter is merged into full weights at integration."""
+
+    r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    use_rslora: bool = False
+    init_lora_weights: bool = True
+
+
+class StrategySpec(BaseModel):
+    """``strategy:`` — a registered strategy name plus its parameters, given flat.
+
+    ``strategy: sequential`` is shorthand for ``strategy: {name: sequential}``.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "sequential"
+    train_from: Literal["state", "base"] | None = Field(
+        None, description="start each expert from the current state θ_{t-1} or the base θ0 (default: the strategy's)"
+    )
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class GeometrySpec(_Strict):
+    """The end-of-task geometry-conflict diagnostics (METHOD §1)."""
+
+    enabled: bool = True
+    rank: int = Field(32, gt=0)
+    energy: float = Field(0.95, gt=0, le=1)
+    eps: float = Field(1e-6, gt=0)
+    eig_floor: float = Field(0.0, ge=0)
+    keep_updates: bool = Field(False, description="keep each task's update to also report conflict with earlier updates")
+    top_k: int = Field(10, gt=0)
+
+
+class EvaluationSpec(_Strict):
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    evaluate_base: bool = True
+    evaluate_experts: bool = True
+
+
+class DataSource(_Strict):
+    """Exactly one of ``path`` (local jsonl/json/csv/parquet), ``hub`` (dataset id), ``asset``."""
+
+    path: str | None = None
+    hub: str | None = None
+    asset: str | None = None
+    split: str | None = Field(None, description="hub or asset split (default: train for training data, test for eval)")
+    config: str | None = Field(None, description="hub dataset configuration name")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "DataSource":
+        given = [key for key in ("path", "hub", "asset") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'path', 'hub' or 'asset' (got {given or 'none'})")
+        if self.path:
+            suffix = Path(self.path).suffix.lower()
+            if suffix not in DATA_FILE_FORMATS:
+                raise ValueError(f"path {self.path!r}: unsupported file type {suffix or '(none)'}; accepted: {', '.join(DATA_FILE_FORMATS)}")
+        return self
+
+
+#: file suffix → `datasets` builder name.
+DATA_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class FieldMapping(_Strict):
+    """How a row of the task's data becomes a prompt/completion pair (or chat messages).
+
+    ``prompt_template`` and ``completion_template`` are Python format strings over the
+    row's columns plus ``{prompt}`` and ``{completion}`` (the mapped columns). With
+    ``messages`` set, the row holds a full conversation that ends with the assistant's
+    answer: it trains as a conversational prompt (all earlier turns) and completion (the
+    last turn), so the loss covers the final answer only.
+    """
+
+    prompt: str | None = "input"
+    completion: str | None = "target"
+    messages: str | None = None
+    choices: str | None = Field(None, description="column with the list of options (eval kind 'choice')")
+    label: str | None = Field(None, description="column with the index of the right option; default: the option equal to the completion")
+    prompt_template: str = "{prompt}"
+    completion_template: str = "{completion}"
+    chat: bool = Field(False, description="render string prompts through the tokenizer's chat template")
+    system: str | None = Field(None, description="system message for chat prompts")
+
+    @model_validator(mode="after")
+    def _mapping_complete(self) -> "FieldMapping":
+        if self.messages is None and (self.prompt is None or self.completion is None):
+            raise ValueError("set 'messages', or both 'prompt' and 'completion'")
+        for key in ("prompt_template", "completion_template"):
+            try:
+                list(string.Formatter().parse(getattr(self, key)))
+            except ValueError as exc:
+                raise ValueError(f"{key} is not a valid format string ({exc}); write literal braces as {{{{ and }}}}") from None
+        return self
+
+
+class NormalizeSpec(_Strict):
+    """Answer normalisation before exact match (options of the shipped exact_match metric)."""
+
+    ignore_case: bool = True
+    ignore_punctuation: bool = False
+    ignore_numbers: bool = False
+    strip: bool = True
+    collapse_whitespace: bool = True
+    first_line: bool = True
+    regexes_to_ignore: list[str] = []
+
+
+class EvalSpec(_Strict):
+    kind: Literal["generate", "choice"] = "generate"
+    data: DataSource | None = Field(None, description="own eval data; default: the asset's test split")
+    held_out: int | None = Field(None, gt=0, description="hold out this many training examples as the eval set")
+    max_examples: int | None = Field(None, gt=0)
+    normalize: NormalizeSpec = NormalizeSpec()
+    max_new_tokens: int | None = Field(None, gt=0)
+    length_normalize: bool = False
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "EvalSpec":
+        if self.data is not None and self.held_out is not None:
+            raise ValueError("give either 'data' or 'held_out', not both")
+        return self
+
+
+class TaskSpec(_Strict):
+    name: str
+    train: DataSource
+    fields: FieldMapping = FieldMapping()
+    eval: EvalSpec = EvalSpec()
+    max_examples: int | None = Field(None, gt=0, description="use at most this many training examples")
+    training: dict[str, Any] = Field({}, description="SFTConfig overrides for this task")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"task name {name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        return name
+
+    @model_validator(mode="after")
+    def _eval_source_known(self) -> "TaskSpec":
+        if self.eval.data is None and self.eval.held_out is None and self.train.asset is None:
+            raise ValueError("eval: give 'data' (an eval file) or 'held_out' (a size); only asset data has a default test split")
+        if self.eval.kind == "choice" and self.fields.choices is None:
+            raise ValueError("eval kind 'choice' needs fields.choices (the column with the options)")
+        return self
+
+
+class Recipe(_Strict):
+    name: str
+    output_dir: str = "runs"
+    seed: int = 42
+    model: ModelSpec
+    peft: LoraSpec | None = None
+    training: dict[str, Any] = Field({}, description="SFTConfig fields for every task")
+    strategy: StrategySpec = StrategySpec()
+    targets: list[str] = Field(DEFAULT_TARGETS, min_length=1, description="regexes selecting target tensors")
+    geometry: GeometrySpec = GeometrySpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"run name {name!r} must be letters, digits, '_', '-' or '.'")
+        return name
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("targets")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> "Recipe":
+        seen: set[str] = set()
+        for task in self.tasks:
+            if task.name in seen:
+                raise ValueError(f"task name {task.name!r} is used twice; task names must be unique")
+            seen.add(task.name)
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results; a run directory belongs to one fingerprint."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def training_args(self, task: TaskSpec) -> dict[str, Any]:
+        """The SFTConfig keyword arguments of ``task``: cpt defaults ⊕ recipe ⊕ task overrides."""
+        return {**default_training_args(), **self.training, **task.training}
+
+
+# ---------------------------------------------------------------------- SFTConfig checks
+def default_training_args() -> dict[str, Any]:
+    """cpt's defaults on top of SFTConfig's own: CPU-friendly where no GPU is present."""
+    import torch
+
+    args: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 5}
+    if not torch.cuda.is_available():
+        # SFTConfig defaults to bf16 + gradient checkpointing, which fail or crawl on CPU.
+        args.update(use_cpu=True, bf16=False, activation_checkpointing=False)
+    return args
+
+
+@functools.lru_cache(maxsize=1)
+def _sft_field_types() -> dict[str, Any]:
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    return {field.name: hints[field.name] for field in dataclasses.fields(SFTConfig) if field.init}
+
+
+def check_training_args(args: dict[str, Any], where: str) -> None:
+    """Validate SFTConfig keyword arguments: known fields, right types, accepted by SFTConfig."""
+    import tempfile
+
+    from trl import SFTConfig
+
+    field_types = _sft_field_types()
+    for key, value in args.items():
+        if key in MANAGED_TRAINING_FIELDS:
+            raise CptError(f"{where}.{key}: set by cpt, not by the recipe ({MANAGED_TRAINING_FIELDS[key]})")
+        if key not in field_types:
+            close = difflib.get_close_matches(key, field_types, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see trl.SFTConfig for the accepted fields"
+            raise CptError(f"{where}.{key}: not an SFTConfig field{hint}")
+        try:
+            TypeAdapter(field_types[key]).validate_python(value)
+        except ValidationError as exc:
+            raise CptError(f"{where}.{key}: {value!r} is not a valid {_type_name(field_types[key])} ({exc.errors()[0]['msg']})") from None
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            SFTConfig(output_dir=scratch, **args)
+        except (ValueError, TypeError) as exc:
+            raise CptError(f"{where}: SFTConfig refused these settings: {exc}") from None
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+# ---------------------------------------------------------------------- loading
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` as a float (YAML 1.2) rather than a string."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """``key.sub=value`` strings (values parsed as YAML) → (path, value) pairs."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CptError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
+        parsed.append((key.strip().split("."), _yaml_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for path, value in parse_overrides(overrides):
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(part, path, depth)]
+            else:
+                if isinstance(node.get(part), str) and part == "strategy":
+                    node[part] = {"name": node[part]}
+                node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list):
+            node[_list_index(last, path, len(path) - 1)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[:-1])} is not a section")
+    return data
+
+
+def _list_index(part: str, path: list[str], depth: int) -> int:
+    if not part.isdigit():
+        raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[:depth + 1])} must be a list index")
+    return int(part)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem becomes a one-line CptError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CptError(f"recipe file {str(path)!r} not found; pass the path of a recipe YAML such as recipes/quickstart.yaml")
+    try:
+        data = _yaml_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise CptError(f"{path}: {where}invalid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise CptError(f"{path}: a recipe is a YAML mapping with keys such as name, model, tasks")
+    data = apply_overrides(data, overrides or [])
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise CptError(f"{source}: {format_validation_error(exc)}") from None
+    _check_strategy(recipe, source)
+    check_training_args({**default_training_args(), **recipe.training}, f"{source}: training")
+    for index, task in enumerate(recipe.tasks):
+        if task.training:
+            check_training_args(recipe.training_args(task), f"{source}: tasks[{index}].training")
+    return recipe
+
+
+def _check_strategy(recipe: Recipe, source: str) -> None:
+    from cpt.strategies import get_strategy
+
+    try:
+        spec = get_strategy(recipe.strategy.name)
+        spec.make_params(recipe.strategy.params)
+    except CptError as exc:
+        raise CptError(f"{source}: strategy: {exc}") from None
+
+
+# ---------------------------------------------------------------------- error formatting
+def _loc_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (to list accepted keys)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return model
+        model = _first_model(field.annotation)
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
+    path = _loc_path(loc) or "recipe"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        accepted = ", ".join(owner.model_fields) if owner else ""
+        close = difflib.get_close_matches(str(loc[-1]), owner.model_fields, n=1) if owner else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{path}: unknown key{hint}; accepted keys: {accepted}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    message = error["msg"]
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    return f"{path}: {message}"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = _describe(errors[0])
+    return first if len(errors) == 1 else f"{first} (and {len(errors) - 1} more problem(s))"

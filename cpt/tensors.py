@@ -1,0 +1,168 @@
+"""Named access to the weights of the base θ0, the state θ_{t−1} and the expert E_t.
+
+Only this module knows where weights live: in a live (possibly PEFT-wrapped) module, or
+in safetensors files on disk, read one tensor at a time so that memory does not grow
+with the number of models involved. Everyone else asks for tensors by their plain
+parameter names (``model.layers.0.self_attn.q_proj.weight``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cpt.errors import CptError
+
+STATE_MARKER = "cpt_state.json"
+
+
+# ---------------------------------------------------------------------- target selection
+def compile_targets(patterns: Iterable[str]) -> list[re.Pattern]:
+    return [re.compile(pattern) for pattern in patterns]
+
+
+def is_target(name: str, patterns: list[re.Pattern], tensor: torch.Tensor | None = None) -> bool:
+    """A target tensor (METHOD §1) matches a pattern and, when given, is 2-D."""
+    if tensor is not None and tensor.ndim != 2:
+        return False
+    return any(pattern.search(name) for pattern in patterns)
+
+
+# ---------------------------------------------------------------------- live models
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP/accelerate wrappers (``.module``), keeping a PEFT wrapper if present."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(unwrap_model(model), PeftModel)
+
+
+def _lora_layers(peft_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    return {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+
+
+def lora_factors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{weight name: (lora_B, lora_A, scale)}`` of the active adapter, Δ = scale·B@A."""
+    model = unwrap_model(model)
+    if not is_peft_model(model):
+        return {}
+    factors = {}
+    for module_name, layer in _lora_layers(model).items():
+        adapter = layer.active_adapters[0]
+        if adapter not in layer.lora_A:
+            continue
+        factors[f"{module_name}.weight"] = (
+            layer.lora_B[adapter].weight.detach(),
+            layer.lora_A[adapter].weight.detach(),
+            float(layer.scaling[adapter]),
+        )
+    return factors
+
+
+def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The expert's full weights under plain names, one tensor at a time.
+
+    For a PEFT LoRA model the adapter is merged on the fly (W + ΔW per layer) without
+    touching the live module, so training scripts can keep using the adapter afterwards.
+    """
+    model = unwrap_model(model)
+    if not is_peft_model(model):
+        for name, tensor in model.state_dict().items():
+            yield name, tensor.detach()
+        return
+    base = model.get_base_model()
+    layers = _lora_layers(model)
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name or "lora_magnitude" in name:
+            continue
+        if ".base_layer." in name:
+            module_name, _, leaf = name.rpartition(".base_layer.")
+            layer = layers.get(module_name)
+            plain = f"{module_name}.{leaf}"
+            if layer is not None and leaf == "weight":
+                delta = torch.zeros_like(tensor)
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        delta += layer.get_delta_weight(adapter).to(tensor.dtype)
+                yield plain, (tensor + delta).detach()
+            else:
+                yield plain, tensor.detach()
+        else:
+            yield name, tensor.detach()
+
+
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under any PEFT/DDP wrapper (for its config and save_pretrained)."""
+    model = unwrap_model(model)
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def save_model_folder(model: torch.nn.Module, tokenizer, folder: str | os.PathLike, marker: dict | None = None) -> None:
+    """Write the model's full (LoRA-merged) weights as an HF safetensors folder + tokenizer.
+
+    ``marker`` is written as ``cpt_state.json`` inside the folder, so a folder always says
+    which step it holds; call inside :func:`cpt.io.staging_dir` for an atomic replace.
+    """
+    folder = Path(folder)
+    hf_model = plain_model(model)
+    state_dict = {name: tensor.contiguous() for name, tensor in model_tensors(model)}
+    hf_model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if marker is not None:
+        (folder / STATE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / STATE_MARKER
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------------- weights on disk
+class SafetensorsWeights:
+    """Lazy, read-only access to an HF folder's safetensors weights, one tensor at a time."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            single = self.folder / "model.safetensors"
+            if not single.exists():
+                raise CptError(f"{self.folder}: no model.safetensors (or index) found; cpt reads and writes safetensors weights only")
+            with safe_open(single, framework="pt") as handle:
+                self._files = {name: single for name in handle.keys()}
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        file = self._files.get(name)
+        if file is None:
+            raise KeyError(f"{name} not in {self.folder}")
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(file, framework="pt", device=str(device))
+        return handle.get_tensor(name)

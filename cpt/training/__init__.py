@@ -1,0 +1,1 @@
+"""Training-time strategies (METHOD §4): sequential fine-tuning, replay, EWC."""
