@@ -91,28 +91,28 @@ class TaskSequenceRunner:
         from accelerate import PartialState
 
         self.recipe = recipe
-        self.run = RunDirectory(recipe.run_dir)
+        self.rundir = RunDirectory(recipe.run_dir)
         self.overwrite = overwrite
         self.distributed = PartialState()
         self.is_main = self.distributed.is_main_process
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> dict:
-        manifest = self.run.read_manifest()
+        manifest = self.rundir.read_manifest()
         fingerprint = self.recipe.fingerprint()
         if manifest is not None and manifest.get("recipe_fingerprint") != fingerprint:
             if not self.overwrite:
                 raise CptError(
-                    f"{self.run.root} holds a run of a different recipe (fingerprint {manifest.get('recipe_fingerprint')} != {fingerprint}); "
+                    f"{self.rundir.root} holds a run of a different recipe (fingerprint {manifest.get('recipe_fingerprint')} != {fingerprint}); "
                     "pass --overwrite to start it again, or change 'name' or 'output_dir'"
                 )
             manifest = None
         if manifest is None and self.is_main:
-            if self.run.root.exists() and any(self.run.root.iterdir()):
-                if not self.overwrite and not (self.run.root / "manifest.json").exists():
-                    raise CptError(f"{self.run.root} exists and is not a cpt run directory; pass --overwrite to replace it or choose another 'name'")
-                shutil.rmtree(self.run.root)
-            self.run.root.mkdir(parents=True, exist_ok=True)
+            if self.rundir.root.exists() and any(self.rundir.root.iterdir()):
+                if not self.overwrite and not (self.rundir.root / "manifest.json").exists():
+                    raise CptError(f"{self.rundir.root} exists and is not a cpt run directory; pass --overwrite to replace it or choose another 'name'")
+                shutil.rmtree(self.rundir.root)
+            self.rundir.root.mkdir(parents=True, exist_ok=True)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "run_name": self.recipe.name,
@@ -123,13 +123,13 @@ class TaskSequenceRunner:
                 "versions": library_versions(),
                 "tasks": [{"name": task.name, "status": "pending"} for task in self.recipe.tasks],
             }
-            atomic_write_text(self.run.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
-            self.run.write_manifest(manifest)
+            atomic_write_text(self.rundir.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+            self.rundir.write_manifest(manifest)
         self.distributed.wait_for_everyone()
         if manifest is None:
-            manifest = self.run.read_manifest()
+            manifest = self.rundir.read_manifest()
         if self.is_main:
-            recover_dir(self.run.state)
+            recover_dir(self.rundir.state)
         self.distributed.wait_for_everyone()
         return manifest
 
@@ -209,7 +209,7 @@ class TaskSequenceRunner:
 
         rows = [row for row in matrix["rows"] if row is not None]
         matrix["metrics"] = continual_metrics(rows, matrix["expert_scores"]) if rows else {}
-        atomic_write_json(self.run.matrix_path, matrix)
+        atomic_write_json(self.rundir.matrix_path, matrix)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> RunResult:
@@ -228,12 +228,12 @@ class TaskSequenceRunner:
         task_names = [task.name for task in recipe.tasks]
         num_tasks = len(task_names)
 
-        log(f"run {recipe.name} → {self.run.root} ({num_tasks} tasks, strategy {strategy.name}, experts from {train_from})")
+        log(f"run {recipe.name} → {self.rundir.root} ({num_tasks} tasks, strategy {strategy.name}, experts from {train_from})")
         task_data = [build_task_data(task, index, recipe.seed) for index, task in enumerate(recipe.tasks)]
         for index, data in enumerate(task_data):
             manifest["tasks"][index].update(train_examples=len(data.train), eval_examples=len(data.eval_examples))
 
-        matrix = read_json(self.run.matrix_path) or {
+        matrix = read_json(self.rundir.matrix_path) or {
             "tasks": task_names,
             "rows": [None] * (num_tasks + 1),
             "expert_scores": [None] * num_tasks,
@@ -246,7 +246,7 @@ class TaskSequenceRunner:
                 matrix["rows"][0] = self._evaluate_row(model, tokenizer, task_data, "base")
                 manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
                 self._save_matrix(matrix)
-                self.run.write_manifest(manifest)
+                self.rundir.write_manifest(manifest)
                 log("base: " + "  ".join(f"{name}={score:.3f}" for name, score in zip(task_names, matrix["rows"][0])))
                 del model
             self.distributed.wait_for_everyone()
@@ -255,11 +255,11 @@ class TaskSequenceRunner:
             record = manifest["tasks"][step - 1]
             if record["status"] == "done":
                 continue
-            marker = read_marker(self.run.state) if self.run.state.exists() else None
+            marker = read_marker(self.rundir.state) if self.rundir.state.exists() else None
             held_step = marker["step"] if marker else 0
             if held_step not in (step - 1, step):
-                raise CptError(f"{self.run.state} holds step {held_step} but task {step} is next; the run directory is inconsistent: rerun with --overwrite")
-            previous_state = self.run.state if step > 1 else None
+                raise CptError(f"{self.rundir.state} holds step {held_step} but task {step} is next; the run directory is inconsistent: rerun with --overwrite")
+            previous_state = self.rundir.state if step > 1 else None
             if held_step == step - 1:
                 self._train_and_integrate(step, task, data, base, tokenizer, strategy, train_from, previous_state, manifest, matrix)
                 model_for_eval = self._live_state
@@ -270,14 +270,14 @@ class TaskSequenceRunner:
             if self.is_main:
                 if model_for_eval is None:
                     set_seed(recipe.seed)
-                    model_for_eval = self._load_model(str(self.run.state))
+                    model_for_eval = self._load_model(str(self.rundir.state))
                 started = time.perf_counter()
                 matrix["rows"][step] = self._evaluate_row(model_for_eval, tokenizer, task_data, f"after {task.name}")
                 record["eval_seconds"] = round(time.perf_counter() - started, 3)
                 record["status"] = "done"
                 record["finished"] = _now()
                 self._save_matrix(matrix)
-                self.run.write_manifest(manifest)
+                self.rundir.write_manifest(manifest)
                 self._summarise(step, task, record, matrix)
             self._live_state = None
             del model_for_eval
@@ -288,10 +288,10 @@ class TaskSequenceRunner:
         if self.is_main:
             manifest["status"] = "complete"
             manifest["metrics"] = metrics
-            self.run.write_manifest(manifest)
+            self.rundir.write_manifest(manifest)
             print(format_matrix_table([row for row in matrix["rows"] if row is not None], task_names, matrix["expert_scores"], metrics))
-            print(f"run directory: {self.run.root}")
-        return RunResult(self.run.root, matrix["rows"], matrix["expert_scores"], metrics, task_names)
+            print(f"run directory: {self.rundir.root}")
+        return RunResult(self.rundir.root, matrix["rows"], matrix["expert_scores"], metrics, task_names)
 
     _live_state = None
 
@@ -308,7 +308,7 @@ class TaskSequenceRunner:
         start_from = str(previous_state) if (train_from == "state" and previous_state is not None) else base
         log(f"task {step}/{num_tasks} {task.name}: training on {len(data.train)} examples from {'θ_{t-1}' if start_from != base else 'θ0'}")
 
-        work = self.run.work(task.name)
+        work = self.rundir.work(task.name)
         checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if work.exists() else []
         if not checkpoints and work.exists() and self.is_main:
             shutil.rmtree(work)  # a fresh start of this task: no stale trainer output
@@ -340,19 +340,19 @@ class TaskSequenceRunner:
                     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
                     record["final_loss"] = losses[-1] if losses else None
                 if state.is_world_process_zero:
-                    runner.run.write_manifest(manifest)
+                    runner.rundir.write_manifest(manifest)
 
         integration = IntegrationCallback(
             strategy.build(recipe.strategy.params),
-            state_dir=self.run.state,
+            state_dir=self.rundir.state,
             base_dir=self._base_folder(base) if not strategy.state_is_expert else Path(base),
             step=step,
             task_name=task.name,
             previous_state_dir=previous_state,
-            history_dir=self.run.history,
+            history_dir=self.rundir.history,
             targets=recipe.targets,
             tokenizer=tokenizer,
-            stats_path=self.run.integration / f"{step}_{task.name}.json",
+            stats_path=self.rundir.integration / f"{step}_{task.name}.json",
         )
         trainer = CptSFTTrainer(
             model=model,
@@ -365,7 +365,7 @@ class TaskSequenceRunner:
         record["status"] = "training"
         record["started"] = _now()
         if self.is_main:
-            self.run.write_manifest(manifest)
+            self.rundir.write_manifest(manifest)
         train_started = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
@@ -373,12 +373,12 @@ class TaskSequenceRunner:
             record["status"] = "failed"
             record["error"] = str(exc)
             if self.is_main:
-                self.run.write_manifest(manifest)
+                self.rundir.write_manifest(manifest)
             raise type(exc)(f"task {step} ({task.name}): {exc}") from None
         record["status"] = "integrated"
         record["integration_seconds"] = round(integration.seconds or 0.0, 3)
         if self.is_main:
-            self.run.write_manifest(manifest)
+            self.rundir.write_manifest(manifest)
             shutil.rmtree(work, ignore_errors=True)  # trainer checkpoints are only needed mid-task
         self._live_state = trainer.model if strategy.state_is_expert else None
         del trainer

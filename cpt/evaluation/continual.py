@@ -1,0 +1,180 @@
+"""Metrics of a continual run (METHOD §5) and a readable accuracy-matrix table.
+
+``matrix[i][j-1]`` is ``R[i][j]``: the score of the state after task ``i`` on task ``j``'s
+eval set (row 0 = the base model), so a finished run of T tasks has T+1 rows of T
+columns. With ``k`` the index of the last row present (tasks completed so far):
+
+- ``ACC = mean_{j≤k} R[k][j]``
+- ``BWT = mean_{j<k} (R[k][j] − R[j][j])``                       (needs k ≥ 2)
+- ``FWT = mean_{1<j≤min(k+1,T)} (R[j−1][j] − R[0][j])``          (needs row j−1; k ≥ 1, T ≥ 2)
+- ``forgetting = mean_{j<k} (max_{1≤i<k} R[i][j] − R[k][j])``    (needs k ≥ 2)
+
+For a finished run (k = T) these are exactly METHOD §5. For a run in progress they are
+§5's metrics of the tasks learnt so far, except FWT, which uses every row present: row k
+already holds the zero-shot score on task k+1, i.e. its forward transfer. Undefined
+metrics are ``None``. Entries may be ``None`` (not evaluated); terms that need a ``None``
+entry are left out of the means.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from cpt.errors import CptError
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _check_matrix(matrix: Sequence[Sequence[float | None]]) -> list[list[float | None]]:
+    rows = [list(r) for r in matrix]
+    if not rows:
+        return rows
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise CptError(
+                f"accuracy matrix row {i} has {len(row)} entries but row 0 has {width}; every row needs one per task"
+            )
+        for j, x in enumerate(row):
+            if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(float(x))):
+                raise CptError(f"accuracy matrix entry [{i}][{j}] is {x!r}; expected a number or None")
+    if len(rows) > width + 1:
+        raise CptError(
+            f"accuracy matrix has {len(rows)} rows for {width} tasks; expected at most {width + 1} (base + one per task)"
+        )
+    return [[None if x is None else float(x) for x in row] for row in rows]
+
+
+def continual_metrics(
+    matrix: Sequence[Sequence[float | None]],
+    expert_scores: Sequence[float | None] | None = None,
+) -> dict:
+    """ACC, BWT, FWT and average forgetting of an accuracy matrix (METHOD §5).
+
+    Args:
+        matrix: rows of scores; row 0 = base, row i = after task i; one column per task.
+            A run in progress may have fewer than T+1 rows.
+        expert_scores: optional ``E_t``'s score on task t, one per task (``None`` allowed).
+
+    Returns a dict with ``acc``, ``bwt``, ``fwt``, ``forgetting`` (floats or ``None``),
+    ``per_task_forgetting`` (one value per task j < k, ``None`` where undefined),
+    ``num_tasks`` (T, the number of columns), ``num_completed`` (k), ``acc_all_tasks``
+    (mean of row k over all T tasks), and, from ``expert_scores``, ``expert_scores``,
+    ``expert_acc`` (mean of E_j over j ≤ k) and ``normalized_acc`` (mean over j ≤ k of
+    R[k][j] / E_j, for E_j > 0) — ``None`` without expert scores.
+    """
+    R = _check_matrix(matrix)
+    T = len(R[0]) if R else 0
+    k = len(R) - 1  # tasks completed; -1 for an empty matrix
+
+    def r(i: int, j: int) -> float | None:  # R[i][j], tasks numbered from 1
+        return R[i][j - 1]
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    acc = _mean([x for j in range(1, k + 1) if (x := r(k, j)) is not None]) if k >= 1 else None
+    acc_all = _mean([x for x in R[k] if x is not None]) if k >= 1 else None
+
+    bwt = None
+    forgetting = None
+    per_task_forgetting: list[float | None] = []
+    if k >= 2:
+        bwt = _mean([d for j in range(1, k) if (d := diff(r(k, j), r(j, j))) is not None])
+        for j in range(1, k):
+            earlier = [x for i in range(1, k) if (x := r(i, j)) is not None]
+            per_task_forgetting.append(diff(max(earlier), r(k, j)) if earlier else None)
+        forgetting = _mean([f for f in per_task_forgetting if f is not None])
+
+    fwt = None
+    if k >= 1 and T >= 2:
+        fwt = _mean([d for j in range(2, min(k + 1, T) + 1) if (d := diff(r(j - 1, j), r(0, j))) is not None])
+
+    experts = None
+    expert_acc = None
+    normalized_acc = None
+    if expert_scores is not None:
+        experts = [None if x is None else float(x) for x in expert_scores]
+        if len(experts) != T:
+            raise CptError(f"expert_scores has {len(experts)} entries for {T} tasks; give one per task (None if missing)")
+        if k >= 1:
+            expert_acc = _mean([x for x in experts[:k] if x is not None])
+            normalized_acc = _mean(
+                [x / e for j in range(1, k + 1) if (x := r(k, j)) is not None and (e := experts[j - 1]) is not None and e > 0]
+            )
+
+    return {
+        "acc": acc,
+        "bwt": bwt,
+        "fwt": fwt,
+        "forgetting": forgetting,
+        "num_tasks": T,
+        "num_completed": max(k, 0),
+        "per_task_forgetting": per_task_forgetting,
+        "acc_all_tasks": acc_all,
+        "expert_scores": experts,
+        "expert_acc": expert_acc,
+        "normalized_acc": normalized_acc,
+    }
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def format_matrix_table(
+    matrix: Sequence[Sequence[float | None]],
+    task_names: Sequence[str],
+    expert_scores: Sequence[float | None] | None = None,
+    metrics: dict | None = None,
+) -> str:
+    """A fixed-width text table of the accuracy matrix with the continual metrics under it.
+
+    Rows ``base``, ``after <task>`` (those present), and ``expert`` when expert scores are
+    given; one column per task; 3 decimals, ``-`` for a missing entry. The last line gives
+    ACC, BWT, FWT and forgetting (``n/a`` where undefined). ``metrics`` defaults to
+    :func:`continual_metrics` of the same inputs.
+    """
+    R = _check_matrix(matrix)
+    names = [str(n) for n in task_names]
+    T = len(R[0]) if R else len(names)
+    if len(names) != T:
+        raise CptError(f"{len(names)} task names for an accuracy matrix of {T} tasks; give one name per task")
+    if metrics is None:
+        metrics = continual_metrics(R, expert_scores)
+
+    labels = ["base"] + [f"after {names[i - 1]}" for i in range(1, len(R))]
+    body = [[_fmt(x) for x in row] for row in R]
+    if expert_scores is not None:
+        labels.append("expert")
+        body.append([_fmt(None if x is None else float(x)) for x in expert_scores])
+    label_w = max([len(s) for s in labels] + [len("state")])
+    col_w = [max(len(names[j]), 6, *(len(row[j]) for row in body)) for j in range(T)]
+
+    lines = ["  ".join([f"{'state':<{label_w}}"] + [f"{names[j]:>{col_w[j]}}" for j in range(T)])]
+    lines.append("  ".join(["-" * label_w] + ["-" * w for w in col_w]))
+    for label, row in zip(labels, body):
+        lines.append("  ".join([f"{label:<{label_w}}"] + [f"{row[j]:>{col_w[j]}}" for j in range(T)]))
+
+    def show(key: str, signed: bool = False) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else _fmt(value, signed)
+
+    summary = (
+        f"ACC {show('acc')}  BWT {show('bwt', True)}  FWT {show('fwt', True)}  forgetting {show('forgetting')}"
+    )
+    done, total = metrics.get("num_completed"), metrics.get("num_tasks")
+    if done is not None and total is not None and done < total:
+        summary += f"  (after {done} of {total} tasks)"
+    if metrics.get("normalized_acc") is not None:
+        summary += f"  ACC/expert {show('normalized_acc')}"
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+__all__ = ["continual_metrics", "format_matrix_table"]
