@@ -52,3 +52,25 @@ class IntegrationContext:
 
             shutil.rmtree(staged, ignore_errors=True)
             raise
+
+
+@dataclass
+class TaskContext:
+    """What a strategy's optional training-time hooks see (replay buffers, EWC, ...).
+
+    A strategy's integrator may define, besides ``integrate``:
+
+    * ``prepare_train_dataset(context) -> datasets.Dataset`` — the examples task t trains
+      on (default: the task's own, ``context.train_dataset``);
+    * ``training_callbacks(context) -> list[TrainerCallback]`` — extra callbacks for task
+      t's trainer; a callback with ``loss_term(model)`` adds that term to the loss.
+    """
+
+    step: int
+    task_name: str
+    task_names: list[str]
+    train_dataset: Any
+    """Task t's own formatted examples (``prompt``/``completion`` columns)."""
+    strategy_dir: Path
+    """The strategy's persistent folder in the run directory (kept across resume)."""
+    seed: int

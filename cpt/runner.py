@@ -300,13 +300,14 @@ class TaskSequenceRunner:
         from trl import SFTConfig
 
         from callbacks import IntegrationCallback
+        from cpt.integration import TaskContext
         from cpt.training.trainer import CptSFTTrainer
 
         recipe = self.recipe
         num_tasks = len(recipe.tasks)
         record = manifest["tasks"][step - 1]
         start_from = str(previous_state) if (train_from == "state" and previous_state is not None) else base
-        log(f"task {step}/{num_tasks} {task.name}: training on {len(data.train)} examples from {'θ_{t-1}' if start_from != base else 'θ0'}")
+        log(f"task {step}/{num_tasks} {task.name}: training on {len(data.train)} task examples from {'θ_{t-1}' if start_from != base else 'θ0'}")
 
         work = self.rundir.work(task.name)
         checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if work.exists() else []
@@ -342,8 +343,15 @@ class TaskSequenceRunner:
                 if state.is_world_process_zero:
                     runner.rundir.write_manifest(manifest)
 
+        integrator = strategy.build(recipe.strategy.params)
+        task_context = TaskContext(
+            step=step, task_name=task.name, task_names=[t.name for t in recipe.tasks], train_dataset=data.train,
+            strategy_dir=self.rundir.root / "strategy", seed=recipe.seed,
+        )
+        train_dataset = integrator.prepare_train_dataset(task_context) if hasattr(integrator, "prepare_train_dataset") else data.train
+        strategy_callbacks = integrator.training_callbacks(task_context) if hasattr(integrator, "training_callbacks") else []
         integration = IntegrationCallback(
-            strategy.build(recipe.strategy.params),
+            integrator,
             state_dir=self.rundir.state,
             base_dir=self._base_folder(base) if not strategy.state_is_expert else Path(base),
             step=step,
@@ -357,10 +365,10 @@ class TaskSequenceRunner:
         trainer = CptSFTTrainer(
             model=model,
             args=args,
-            train_dataset=data.train,
+            train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[ExpertEvaluation(), integration],
+            callbacks=[*strategy_callbacks, ExpertEvaluation(), integration],
         )
         record["status"] = "training"
         record["started"] = _now()
