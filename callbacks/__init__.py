@@ -1,5 +1,6 @@
 """Public ``transformers.TrainerCallback``s of cpt: add them to any TRL/HF trainer, or subclass them."""
 
+from callbacks.geometry import GeometryConflictCallback
 from callbacks.integration import IntegrationCallback
 
-__all__ = ["IntegrationCallback"]
+__all__ = ["GeometryConflictCallback", "IntegrationCallback"]

@@ -362,14 +362,28 @@ class TaskSequenceRunner:
             tokenizer=tokenizer,
             stats_path=self.rundir.integration / f"{step}_{task.name}.json",
         )
+        diagnostics = []
+        if recipe.geometry.enabled:
+            from callbacks import GeometryConflictCallback
+            from cpt.diagnostics import GeometrySettings
+
+            geometry = recipe.geometry
+            diagnostics.append(GeometryConflictCallback(
+                base_dir=self._base_folder(base), output_dir=self.rundir.geometry, step=step, task_name=task.name,
+                state_dir=previous_state, update_from=train_from, targets=recipe.targets,
+                settings=GeometrySettings(geometry.rank, geometry.energy, geometry.eps, geometry.eig_floor),
+                keep_updates=geometry.keep_updates, top_k=geometry.top_k,
+            ))
         trainer = CptSFTTrainer(
             model=model,
             args=args,
             train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[*strategy_callbacks, ExpertEvaluation(), integration],
+            callbacks=[*strategy_callbacks, ExpertEvaluation(), *diagnostics, integration],
         )
+        for callback in diagnostics:
+            callback.bind_trainer(trainer)
         record["status"] = "training"
         record["started"] = _now()
         if self.is_main:
@@ -388,6 +402,9 @@ class TaskSequenceRunner:
         if self.is_main:
             self.rundir.write_manifest(manifest)
             shutil.rmtree(work, ignore_errors=True)  # trainer checkpoints are only needed mid-task
+        if diagnostics and diagnostics[0].report is not None:
+            record["geometry_conflict_mean"] = diagnostics[0].report["aggregates"]["geometry_conflict"]["mean"]
+            record["geometry_seconds"] = diagnostics[0].report["seconds"]
         self._live_state = trainer.model if strategy.state_is_expert else None
         del trainer
 

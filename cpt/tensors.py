@@ -158,11 +158,18 @@ class SafetensorsWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._files
 
-    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    def _handle(self, name: str):
         file = self._files.get(name)
         if file is None:
             raise KeyError(f"{name} not in {self.folder}")
         handle = self._handles.get(file)
         if handle is None:
-            handle = self._handles[file] = safe_open(file, framework="pt", device=str(device))
-        return handle.get_tensor(name)
+            handle = self._handles[file] = safe_open(file, framework="pt", device="cpu")
+        return handle
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk now (memory-mapped; nothing else is loaded)."""
+        return self._handle(name).get_tensor(name)

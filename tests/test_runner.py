@@ -41,7 +41,6 @@ def make_recipe(tmp_path: Path, model: str, *, steps=(4, 4), **extra) -> dict:
         "model": {"name_or_path": model},
         "training": {"max_steps": steps[0], "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True},
         "evaluation": {"batch_size": 4, "max_new_tokens": 4},
-        "geometry": {"enabled": False},
         "tasks": [
             {"name": "plural", "train": {"path": plural}, "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
              "eval": {"held_out": 4}},
@@ -79,6 +78,13 @@ def test_two_task_sequential_run(tmp_path, tiny_model):
     matrix = json.loads((run_dir / "eval" / "matrix.json").read_text())
     assert matrix["rows"] == result.matrix and matrix["tasks"] == ["plural", "upper"]
     assert (run_dir / "recipe.yaml").exists() and (run_dir / "integration" / "2_upper.json").exists()
+
+    # Geometry runs for every task: undefined at t=1 (the state is still θ0), measured at t=2.
+    first = json.loads((run_dir / "geometry" / "1_plural.json").read_text())
+    second = json.loads((run_dir / "geometry" / "2_upper.json").read_text())
+    assert first["aggregates"]["geometry_conflict"]["mean"] is None and first["num_tensors"] == 14
+    assert 0.0 < second["aggregates"]["geometry_conflict"]["mean"] <= 1.0
+    assert manifest["tasks"][1]["geometry_conflict_mean"] == second["aggregates"]["geometry_conflict"]["mean"]
 
     # The state is a loadable HF folder with its tokenizer and the step it holds.
     from transformers import AutoModelForCausalLM, AutoTokenizer

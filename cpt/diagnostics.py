@@ -1,0 +1,185 @@
+"""Geometry diagnostics over whole models: stream target tensors, batch by shape, summarise.
+
+The glue between :mod:`cpt.tensors` (where weights are) and :mod:`cpt.geometry` (the
+math of METHOD §1). Used by ``callbacks.GeometryConflictCallback`` at the end of every
+task and by ``cpt geometry`` on checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from cpt.geometry import Delta, LowRankDelta, RightBasis, right_basis, state_relative_geometry
+from cpt.geometry.conflict import _pair_conflict
+
+#: Bytes of stacked deltas per batch (two operands): bounds memory whatever the model size.
+BATCH_BYTES = 256 * 2**20
+
+_DEPTH = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+_ATTENTION = re.compile(r"(self_attn|attention|attn)\.|\.(q|k|v|o)_proj\.|query|key|value")
+_MLP = re.compile(r"(mlp|feed_forward|ffn)\.|\.(gate|up|down)_proj\.")
+
+
+@dataclass(frozen=True)
+class GeometrySettings:
+    """METHOD §1 analysis defaults."""
+
+    rank: int = 32
+    energy: float = 0.95
+    eps: float = 1e-6
+    eig_floor: float = 0.0
+
+
+def tensor_family(name: str) -> str:
+    """``attention``, ``mlp`` or ``other`` from a parameter name."""
+    if _ATTENTION.search(name):
+        return "attention"
+    if _MLP.search(name):
+        return "mlp"
+    return "other"
+
+
+def tensor_depth(name: str) -> int | None:
+    match = _DEPTH.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _delta_shape(delta: Delta) -> tuple:
+    if isinstance(delta, LowRankDelta):
+        return ("lora", tuple(delta.lora_B.shape), tuple(delta.lora_A.shape))
+    return ("dense", tuple(delta.shape))
+
+
+def _delta_bytes(delta: Delta) -> int:
+    if isinstance(delta, LowRankDelta):
+        return delta.lora_B.numel() * 4 + delta.lora_A.numel() * 4
+    return delta.numel() * 4
+
+
+def _stack(deltas: list[Delta]) -> Delta:
+    first = deltas[0]
+    if isinstance(first, LowRankDelta):
+        scales = torch.tensor([float(d.scale) for d in deltas], dtype=torch.float64)
+        return LowRankDelta(torch.stack([d.lora_B for d in deltas]), torch.stack([d.lora_A for d in deltas]), scales)
+    return torch.stack(deltas)
+
+
+def _batches(names: list[str], shape_of: Callable[[str], tuple], bytes_of: Callable[[str], int]) -> Iterable[list[str]]:
+    """Names grouped by shape, each group cut so a batch stays under ``BATCH_BYTES``."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name in names:
+        groups[shape_of(name)].append(name)
+    for group in groups.values():
+        per_item = max(1, bytes_of(group[0]))
+        size = max(1, BATCH_BYTES // (2 * per_item))
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def pair_geometry(
+    names: list[str],
+    delta_a: Callable[[str], Delta],
+    delta_b: Callable[[str], Delta],
+    settings: GeometrySettings = GeometrySettings(),
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, float | int | None]]:
+    """Per tensor: conflict, SAR both ways, norms and ranks of two deltas (METHOD §1).
+
+    ``delta_a(name)``/``delta_b(name)`` load one tensor's delta (dense or LoRA factors)
+    on demand; tensors of equal shape are batched. ``a`` plays the state's role in
+    :func:`cpt.geometry.state_relative_geometry`, ``b`` the update's. Undefined values
+    (a zero delta) are ``None``.
+    """
+    shapes = {name: _delta_shape(delta_a(name)) + _delta_shape(delta_b(name)) for name in names}
+    sizes = {name: _delta_bytes(delta_a(name)) for name in names}
+    results: dict[str, dict] = {}
+    for batch in _batches(names, shapes.__getitem__, sizes.__getitem__):
+        stacked_a = _to(_stack([delta_a(name) for name in batch]), device)
+        stacked_b = _to(_stack([delta_b(name) for name in batch]), device)
+        out = state_relative_geometry(stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor)
+        for index, name in enumerate(batch):
+            results[name] = {
+                "geometry_conflict": _finite(out["geometry_conflict"][index]),
+                "sar_a_to_b": _finite(out["sar_state_to_update"][index]),
+                "sar_b_to_a": _finite(out["sar_update_to_state"][index]),
+                "norm_a": float(out["norm_state"][index]),
+                "norm_b": float(out["norm_update"][index]),
+                "rank_a": int(out["rank_state"][index]),
+                "rank_b": int(out["rank_update"][index]),
+                "union_rank": int(out["union_rank"][index]),
+            }
+    return {name: results[name] for name in names}
+
+
+def right_bases(
+    names: list[str], delta: Callable[[str], Delta], settings: GeometrySettings, device: str | torch.device = "cpu"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (V [d_in, r], S [r])}`` at the analysis rank, to keep a task's update compactly."""
+    shapes = {name: _delta_shape(delta(name)) for name in names}
+    sizes = {name: _delta_bytes(delta(name)) for name in names}
+    bases = {}
+    for batch in _batches(names, shapes.__getitem__, sizes.__getitem__):
+        basis = right_basis(_to(_stack([delta(name) for name in batch]), device), settings.rank, settings.energy)
+        for index, name in enumerate(batch):
+            rank = int(basis.ranks[index])
+            bases[name] = (basis.basis[index, :, :rank].cpu(), basis.singular_values[index, :rank].cpu())
+    return bases
+
+
+def basis_conflict(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor], settings: GeometrySettings
+) -> float | None:
+    """GC between two deltas known only by their kept right bases (METHOD §1)."""
+
+    def as_basis(pair):
+        v, s = pair
+        v, s = v.to(torch.float64).unsqueeze(0), s.to(torch.float64).unsqueeze(0)
+        return RightBasis(v, s, torch.tensor([v.shape[-1]]), s.square().sum(-1))
+
+    if first[0].shape[-1] == 0 or second[0].shape[-1] == 0:
+        return None
+    conflict, _ = _pair_conflict(as_basis(first), as_basis(second), settings.eps, settings.eig_floor)
+    return _finite(conflict[0])
+
+
+def _to(delta: Delta, device) -> Delta:
+    if isinstance(delta, LowRankDelta):
+        scale = delta.scale.to(device) if isinstance(delta.scale, torch.Tensor) else delta.scale
+        return LowRankDelta(delta.lora_B.to(device), delta.lora_A.to(device), scale)
+    return delta.to(device)
+
+
+def summarize(per_tensor: dict[str, dict], key: str = "geometry_conflict", top_k: int = 10) -> dict:
+    """Aggregates of one per-tensor field: mean, attention vs MLP, per depth, top-k (METHOD §1)."""
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    defined = {name: row[key] for name, row in per_tensor.items() if row.get(key) is not None}
+    families: dict[str, list[float]] = defaultdict(list)
+    depths: dict[int, list[float]] = defaultdict(list)
+    for name, value in defined.items():
+        families[tensor_family(name)].append(value)
+        depth = tensor_depth(name)
+        if depth is not None:
+            depths[depth].append(value)
+    ranked = sorted(defined.items(), key=lambda item: item[1], reverse=True)[:top_k]
+    return {
+        "mean": mean(list(defined.values())),
+        "count": len(defined),
+        "undefined": len(per_tensor) - len(defined),
+        "by_family": {family: mean(values) for family, values in sorted(families.items())},
+        "by_depth": {str(depth): mean(values) for depth, values in sorted(depths.items())},
+        "top": [{"tensor": name, key: value} for name, value in ranked],
+    }
