@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,9 @@ class GeometryConflictCallback(TrainerCallback):
     def select_targets(self, names: list[str], shapes: dict[str, torch.Size]) -> list[str]:
         return [name for name in names if len(shapes[name]) == 2 and is_target(name, self.targets)]
 
-    def measure(self, names: list[str], state_delta, update) -> dict[str, dict]:
+    def measure(self, names: list[str], state_delta, update, group_key=None) -> dict[str, dict]:
         """Per-tensor values; ``state_delta(name)`` and ``update(name)`` load one delta."""
-        per_tensor = pair_geometry(names, state_delta, update, self.settings, self._device())
+        per_tensor = pair_geometry(names, state_delta, update, self.settings, self._device(), group_key)
         return {
             name: {
                 "geometry_conflict": row["geometry_conflict"],
@@ -149,7 +150,14 @@ class GeometryConflictCallback(TrainerCallback):
                 return torch.zeros(shapes[name], dtype=torch.float32)
             return expert[name].detach().float().cpu() - start.get(name).float()
 
-        per_tensor = self.measure(targets, state_delta, update)
+        def group_key(name: str) -> tuple[tuple, int]:
+            shape = tuple(shapes[name])
+            if name in factors:
+                lora_b, lora_a, _ = factors[name]
+                return (shape, tuple(lora_b.shape)), 4 * math.prod(shape)
+            return (shape, "dense"), 4 * math.prod(shape)
+
+        per_tensor = self.measure(targets, state_delta, update, group_key)
         report: dict[str, Any] = {
             "step": self.step,
             "task": self.task_name,
@@ -160,7 +168,7 @@ class GeometryConflictCallback(TrainerCallback):
             "per_tensor": per_tensor,
         }
         if self.keep_updates:
-            report["earlier_updates"] = self._compare_with_earlier(targets, update)
+            report["earlier_updates"] = self._compare_with_earlier(targets, update, group_key)
         report["seconds"] = round(time.perf_counter() - started, 3)
         self.write(report)
         self.report = report
@@ -170,9 +178,9 @@ class GeometryConflictCallback(TrainerCallback):
         else:
             state.log_history.append({**metrics, "step": state.global_step})
 
-    def _compare_with_earlier(self, targets: list[str], update) -> dict[str, Any]:
+    def _compare_with_earlier(self, targets: list[str], update, group_key) -> dict[str, Any]:
         folder = self.output_dir / "bases"
-        current = right_bases(targets, update, self.settings, self._device())
+        current = right_bases(targets, update, self.settings, self._device(), group_key)
         comparisons = {}
         for file in sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0])) if folder.exists() else []:
             earlier_step = int(file.stem.split("_")[0])

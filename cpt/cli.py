@@ -1,4 +1,4 @@
-"""``cpt`` command line: ``cpt run RECIPE``, ``cpt assets fetch NAME``, ``cpt strategies``."""
+"""``cpt`` command line: ``cpt run``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``."""
 
 from __future__ import annotations
 
@@ -67,12 +67,49 @@ def _strategies(args) -> int:
     return 0
 
 
+def _add_geometry(subparsers) -> None:
+    geometry = subparsers.add_parser("geometry", help="geometry conflict and SAR between fine-tuned checkpoints (METHOD §1)")
+    geometry.add_argument("base", help="the common base: HF folder, asset name or hub id")
+    geometry.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more fine-tunes of BASE")
+    geometry.add_argument("--output", required=True, help="JSON file to write")
+    geometry.add_argument("--rank", type=int, default=32, help="right-basis rank cap (default 32)")
+    geometry.add_argument("--energy", type=float, default=0.95, help="energy threshold (default 0.95)")
+    geometry.add_argument("--eps", type=float, default=1e-6, help="covariance ridge (default 1e-6)")
+    geometry.add_argument("--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)")
+    geometry.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    geometry.set_defaults(handler=_geometry)
+
+
+def _geometry(args) -> int:
+    import torch
+
+    from cpt.diagnostics import GeometrySettings, checkpoint_geometry
+    from cpt.io import atomic_write_json
+
+    if len(args.checkpoints) < 2:
+        raise CptError("geometry: give at least two checkpoints to compare")
+    if args.rank <= 0 or not 0 < args.energy <= 1:
+        raise CptError("geometry: --rank must be > 0 and --energy in (0, 1]")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = checkpoint_geometry(args.base, args.checkpoints, GeometrySettings(args.rank, args.energy, args.eps), args.targets, device)
+    atomic_write_json(args.output, report)
+    width = max(len(name) for name in args.checkpoints)
+    print(f"{'a':{width}s}  {'b':{width}s}  conflict  SAR a→b  SAR b→a")
+    for pair in report["pairs"]:
+        values = [pair["mean_geometry_conflict"], pair["mean_sar_a_to_b"], pair["mean_sar_b_to_a"]]
+        shown = [f"{v:8.4f}" if v is not None else "       -" for v in values]
+        print(f"{pair['a']:{width}s}  {pair['b']:{width}s}  {shown[0]}  {shown[1]}  {shown[2]}")
+    print(f"{report['num_tensors']} target tensors per pair; written to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual post-training of LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
     _add_assets(subparsers)
     _add_strategies(subparsers)
+    _add_geometry(subparsers)
     return parser
 
 

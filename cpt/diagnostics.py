@@ -7,6 +7,7 @@ task and by ``cpt geometry`` on checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from cpt.geometry import Delta, LowRankDelta, RightBasis, right_basis, state_relative_geometry
-from cpt.geometry.conflict import _pair_conflict
+from cpt.geometry import conflict_from_bases
 
 #: Bytes of stacked deltas per batch (two operands): bounds memory whatever the model size.
 BATCH_BYTES = 256 * 2**20
@@ -93,18 +94,24 @@ def pair_geometry(
     delta_b: Callable[[str], Delta],
     settings: GeometrySettings = GeometrySettings(),
     device: str | torch.device = "cpu",
+    group_key: Callable[[str], tuple[tuple, int]] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Per tensor: conflict, SAR both ways, norms and ranks of two deltas (METHOD §1).
 
     ``delta_a(name)``/``delta_b(name)`` load one tensor's delta (dense or LoRA factors)
     on demand; tensors of equal shape are batched. ``a`` plays the state's role in
     :func:`cpt.geometry.state_relative_geometry`, ``b`` the update's. Undefined values
-    (a zero delta) are ``None``.
+    (a zero delta) are ``None``. ``group_key(name) -> (batching key, bytes)`` says which
+    tensors batch together without loading them (default: load both deltas to see).
     """
-    shapes = {name: _delta_shape(delta_a(name)) + _delta_shape(delta_b(name)) for name in names}
-    sizes = {name: _delta_bytes(delta_a(name)) for name in names}
+    if group_key is None:
+        def group_key(name: str) -> tuple[tuple, int]:
+            a, b = delta_a(name), delta_b(name)
+            return _delta_shape(a) + _delta_shape(b), _delta_bytes(a)
+
+    keys = {name: group_key(name) for name in names}
     results: dict[str, dict] = {}
-    for batch in _batches(names, shapes.__getitem__, sizes.__getitem__):
+    for batch in _batches(names, lambda name: keys[name][0], lambda name: keys[name][1]):
         stacked_a = _to(_stack([delta_a(name) for name in batch]), device)
         stacked_b = _to(_stack([delta_b(name) for name in batch]), device)
         out = state_relative_geometry(stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor)
@@ -123,13 +130,21 @@ def pair_geometry(
 
 
 def right_bases(
-    names: list[str], delta: Callable[[str], Delta], settings: GeometrySettings, device: str | torch.device = "cpu"
+    names: list[str],
+    delta: Callable[[str], Delta],
+    settings: GeometrySettings,
+    device: str | torch.device = "cpu",
+    group_key: Callable[[str], tuple[tuple, int]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (V [d_in, r], S [r])}`` at the analysis rank, to keep a task's update compactly."""
-    shapes = {name: _delta_shape(delta(name)) for name in names}
-    sizes = {name: _delta_bytes(delta(name)) for name in names}
+    if group_key is None:
+        def group_key(name: str) -> tuple[tuple, int]:
+            value = delta(name)
+            return _delta_shape(value), _delta_bytes(value)
+
+    keys = {name: group_key(name) for name in names}
     bases = {}
-    for batch in _batches(names, shapes.__getitem__, sizes.__getitem__):
+    for batch in _batches(names, lambda name: keys[name][0], lambda name: keys[name][1]):
         basis = right_basis(_to(_stack([delta(name) for name in batch]), device), settings.rank, settings.energy)
         for index, name in enumerate(batch):
             rank = int(basis.ranks[index])
@@ -149,7 +164,7 @@ def basis_conflict(
 
     if first[0].shape[-1] == 0 or second[0].shape[-1] == 0:
         return None
-    conflict, _ = _pair_conflict(as_basis(first), as_basis(second), settings.eps, settings.eig_floor)
+    conflict, _ = conflict_from_bases(as_basis(first), as_basis(second), settings.eps, settings.eig_floor)
     return _finite(conflict[0])
 
 
@@ -183,3 +198,75 @@ def summarize(per_tensor: dict[str, dict], key: str = "geometry_conflict", top_k
         "by_depth": {str(depth): mean(values) for depth, values in sorted(depths.items())},
         "top": [{"tensor": name, key: value} for name, value in ranked],
     }
+
+
+def checkpoint_folder(name_or_path: str) -> str:
+    """A local folder for an HF checkpoint given as a folder, an asset name or a hub id."""
+    from pathlib import Path
+
+    from cpt.assets import resolve_model
+    from cpt.errors import CptError
+
+    resolved = resolve_model(name_or_path)
+    if Path(resolved).is_dir():
+        return resolved
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:
+        raise CptError(f"checkpoint {name_or_path!r}: not a local folder and not downloadable ({type(exc).__name__}); pass an HF folder") from None
+
+
+def checkpoint_geometry(
+    base: str,
+    checkpoints: list[str],
+    settings: GeometrySettings = GeometrySettings(),
+    targets: list[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Conflict and SAR between every unordered pair of checkpoints, deltas against ``base``.
+
+    The ``cpt geometry`` command. Tensors are read one batch at a time from safetensors.
+    """
+    import itertools
+
+    from cpt.errors import CptError
+    from cpt.recipe import DEFAULT_TARGETS
+    from cpt.tensors import SafetensorsWeights, compile_targets, is_target
+
+    base_weights = SafetensorsWeights(checkpoint_folder(base))
+    weights = [SafetensorsWeights(checkpoint_folder(path)) for path in checkpoints]
+    patterns = compile_targets(targets or DEFAULT_TARGETS)
+    names = [name for name in base_weights.names() if len(base_weights.shape(name)) == 2 and is_target(name, patterns)]
+    if not names:
+        raise CptError(f"{base}: no target tensors match {targets or DEFAULT_TARGETS}; pass --targets")
+    for path, checkpoint in zip(checkpoints, weights):
+        missing = [name for name in names if name not in checkpoint or checkpoint.shape(name) != base_weights.shape(name)]
+        if missing:
+            raise CptError(f"{path}: {len(missing)} target tensors missing or of another shape than in the base (e.g. {missing[0]}); is it a fine-tune of {base}?")
+
+    def loader(checkpoint: SafetensorsWeights):
+        return lambda name: checkpoint.get(name).float() - base_weights.get(name).float()
+
+    def group_key(name: str) -> tuple[tuple, int]:
+        shape = tuple(base_weights.shape(name))
+        return shape, 4 * math.prod(shape)
+
+    pairs = []
+    for (i, a), (j, b) in itertools.combinations(enumerate(checkpoints), 2):
+        per_tensor = pair_geometry(names, loader(weights[i]), loader(weights[j]), settings, device, group_key)
+        summary = summarize(per_tensor, "geometry_conflict")
+        pairs.append({
+            "a": a,
+            "b": b,
+            "mean_geometry_conflict": summary["mean"],
+            "mean_sar_a_to_b": summarize(per_tensor, "sar_a_to_b")["mean"],
+            "mean_sar_b_to_a": summarize(per_tensor, "sar_b_to_a")["mean"],
+            "by_family": summary["by_family"],
+            "per_tensor": {
+                name: {key: row[key] for key in ("geometry_conflict", "sar_a_to_b", "sar_b_to_a", "norm_a", "norm_b")}
+                for name, row in per_tensor.items()
+            },
+        })
+    return {"base": base, "settings": dataclasses.asdict(settings), "num_tensors": len(names), "pairs": pairs}

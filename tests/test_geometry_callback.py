@@ -126,3 +126,38 @@ def test_family_and_depth_names():
     assert tensor_family("model.embed_tokens.weight") == "other"
     assert tensor_depth("model.layers.12.mlp.up_proj.weight") == 12
     assert tensor_depth("lm_head.weight") is None
+
+
+def test_cpt_geometry_command(tmp_path, folders):
+    """`cpt geometry BASE A B C` writes one entry per unordered pair, deltas against BASE."""
+    import subprocess
+    import sys
+
+    root, base, state = folders
+    other = root / "other"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("q_proj.weight"):
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(5)))
+    model.save_pretrained(other)
+    out = tmp_path / "geometry.json"
+    result = subprocess.run([sys.executable, "-m", "cpt.cli", "geometry", base, state, str(other), state, "--output", str(out), "--rank", "8"],
+                            capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [(p["a"], p["b"]) for p in report["pairs"]] == [(state, str(other)), (state, state), (str(other), state)]
+    same = report["pairs"][1]
+    assert same["mean_geometry_conflict"] == pytest.approx(0.0, abs=1e-6), "identical deltas have no conflict"
+    first = report["pairs"][0]
+    theta0, a, b = load(base), load(state), load(str(other))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    row = first["per_tensor"][name]
+    assert row["geometry_conflict"] == pytest.approx(float(geometry_conflict(a[name] - theta0[name], b[name] - theta0[name], rank=8)), rel=1e-6)
+    assert set(row) == {"geometry_conflict", "sar_a_to_b", "sar_b_to_a", "norm_a", "norm_b"}
+    # Tensors the second checkpoint did not change: its delta is zero, so the conflict is undefined.
+    assert first["per_tensor"]["model.layers.0.mlp.up_proj.weight"]["geometry_conflict"] is None
+    assert "conflict" in result.stdout and str(out) in result.stdout
+
+    bad = subprocess.run([sys.executable, "-m", "cpt.cli", "geometry", base, state, "--output", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: geometry: give at least two checkpoints to compare"

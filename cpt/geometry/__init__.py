@@ -31,6 +31,7 @@ from .bures import (
     wasserstein_barycenter,
 )
 from .conflict import (
+    conflict_from_bases,
     covariance_conflict,
     geometry_conflict,
     state_relative_geometry,
@@ -51,6 +52,7 @@ __all__ = [
     "apply_right",
     "bures_wasserstein_sq",
     "compute_dtype_for",
+    "conflict_from_bases",
     "covariance_conflict",
     "frobenius_norm",
     "geometry_conflict",

@@ -115,7 +115,8 @@ class RightBasis:
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Working precision for large products with a delta of ``dtype``.
+    """Working precision for large products with a delta of ``dtype`` (METHOD §1 bases,
+    SAR and norms; the float64 requirement applies to eigendecompositions and roots).
 
     float64 stays float64 (exact tests); everything else (float32, bf16, fp16) works in
     float32. Small eigenproblems are always float64.
@@ -479,12 +480,12 @@ def union_basis(bases: list[RightBasis]) -> tuple[Tensor, Tensor]:
     valid_cat = torch.cat(valid, dim=-1)
     batch_shape = cat.shape[:-2]
     d_in, total = cat.shape[-2:]
+    if total == 0 or cat.numel() == 0:
+        q = cat.new_zeros(*batch_shape, d_in, 0)
+        return q, torch.zeros(batch_shape, dtype=torch.long, device=cat.device)
     cat = cat.reshape(-1, d_in, total)
     valid_cat = valid_cat.reshape(-1, total)
     bsz = cat.shape[0]
-    if total == 0 or bsz == 0:
-        q = cat.new_zeros(*batch_shape, d_in, 0)
-        return q, torch.zeros(batch_shape, dtype=torch.long, device=cat.device)
 
     order = torch.argsort((~valid_cat).to(torch.int8), dim=-1, stable=True)
     cat = torch.gather(cat, -1, order.unsqueeze(-2).expand(bsz, d_in, total))

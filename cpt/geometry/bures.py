@@ -31,7 +31,8 @@ def _sym(a: Tensor) -> Tensor:
 
 
 def valid_mask(dims: Tensor, size: int) -> Tensor:
-    """``[..., size]`` bool, True on the first ``dims`` coordinates of each element."""
+    """``[..., size]`` bool, True on the first ``dims`` valid coordinates of each element
+    (the ``k`` valid union-basis dimensions of METHOD §1 projected covariances)."""
     return torch.arange(size, device=dims.device) < dims.unsqueeze(-1)
 
 

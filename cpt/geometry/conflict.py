@@ -17,6 +17,7 @@ from .bases import (
 from .bures import _valid_trace, bures_wasserstein_sq
 
 __all__ = [
+    "conflict_from_bases",
     "covariance_conflict",
     "geometry_conflict",
     "subspace_alignment_ratio",
@@ -40,9 +41,15 @@ def covariance_conflict(
     return torch.where(denom > 0, d2 / denom, torch.full_like(d2, float("nan")))
 
 
-def _pair_conflict(
-    basis_a: RightBasis, basis_b: RightBasis, eps: float, eig_floor: float
+def conflict_from_bases(
+    basis_a: RightBasis, basis_b: RightBasis, eps: float = 1e-6, eig_floor: float = 0.0
 ) -> tuple[Tensor, Tensor]:
+    """``GC`` of two deltas from their precomputed right bases (METHOD §1).
+
+    Union basis, projected covariances and :func:`covariance_conflict`, exactly as in
+    :func:`geometry_conflict` (which calls this). Returns ``(GC [...] float64,
+    union rank k [...] long)``; GC is NaN where either basis is empty (a zero delta).
+    """
     q, k = union_basis([basis_a, basis_b])
     cov_a = projected_covariance(q, k, basis_a, eps)
     cov_b = projected_covariance(q, k, basis_b, eps)
@@ -50,6 +57,10 @@ def _pair_conflict(
     undefined = (basis_a.ranks == 0) | (basis_b.ranks == 0)
     gc = torch.where(undefined, torch.full_like(gc, float("nan")), gc)
     return gc, k
+
+
+# Former private name, kept for callers that imported it.
+_pair_conflict = conflict_from_bases
 
 
 def geometry_conflict(
@@ -74,7 +85,7 @@ def geometry_conflict(
     """
     basis_a = right_basis(delta_a, rank, energy, method=method)
     basis_b = right_basis(delta_b, rank, energy, method=method)
-    return _pair_conflict(basis_a, basis_b, eps, eig_floor)[0]
+    return conflict_from_bases(basis_a, basis_b, eps, eig_floor)[0]
 
 
 def _sar(delta_i: Delta, basis_j: Tensor, norm_i: Tensor) -> Tensor:
@@ -123,7 +134,7 @@ def state_relative_geometry(
     """
     basis_s = right_basis(state_delta, rank, energy, method=method)
     basis_u = right_basis(update, rank, energy, method=method)
-    gc, k = _pair_conflict(basis_s, basis_u, eps, eig_floor)
+    gc, k = conflict_from_bases(basis_s, basis_u, eps, eig_floor)
     norm_s = basis_s.squared_norm.sqrt()
     norm_u = basis_u.squared_norm.sqrt()
     return {
