@@ -41,6 +41,7 @@ class IntegrationCallback(TrainerCallback):
         history_dir: str | Path | None = None,
         params: dict[str, Any] | None = None,
         targets: list[str] | None = None,
+        train_from: str | None = None,
         tokenizer: Any = None,
         stats_path: str | Path | None = None,
     ):
@@ -52,6 +53,12 @@ class IntegrationCallback(TrainerCallback):
         self.previous_state_dir = Path(previous_state_dir) if previous_state_dir else None
         self.history_dir = Path(history_dir) if history_dir else self.state_dir.parent / "history"
         self.targets = targets or list(DEFAULT_TARGETS)
+        if train_from is None:
+            info = get_strategy(strategy) if isinstance(strategy, str) else None
+            train_from = info.train_from if info is not None else "state"
+        if train_from not in ("state", "base"):
+            raise ValueError("train_from must be 'state' or 'base'")
+        self.train_from = train_from
         self.tokenizer = tokenizer
         self.stats_path = Path(stats_path) if stats_path else None
         self.seconds: float | None = None
@@ -68,6 +75,7 @@ class IntegrationCallback(TrainerCallback):
             previous_state_dir=self.previous_state_dir,
             history_dir=self.history_dir,
             target_patterns=self.targets,
+            train_from=self.train_from,
         )
 
     def record(self, stats: dict[str, Any]) -> None:

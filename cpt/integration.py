@@ -8,7 +8,6 @@ folder that records which step it holds.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ class IntegrationContext:
     history_dir: Path
     """The strategy's own folder for what it keeps across steps."""
     target_patterns: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
+    train_from: str = "state"
+    """What the expert trained from: ``state`` (θ_{t−1}) or ``base`` (θ0)."""
 
     def marker(self) -> dict[str, Any]:
         return {"step": self.step, "task": self.task_name}

@@ -165,7 +165,7 @@ class TaskSequenceRunner:
 
         name = self.recipe.model.name_or_path
         if self.is_main:
-            path = resolve_model(name)
+            resolve_model(name)  # the main process fetches; the others then find it cached
         self.distributed.wait_for_everyone()
         return resolve_model(name)
 
@@ -359,6 +359,7 @@ class TaskSequenceRunner:
             previous_state_dir=previous_state,
             history_dir=self.rundir.history,
             targets=recipe.targets,
+            train_from=train_from,
             tokenizer=tokenizer,
             stats_path=self.rundir.integration / f"{step}_{task.name}.json",
         )

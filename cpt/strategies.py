@@ -29,7 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 from cpt.errors import CptError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cpt.integration import IntegrationContext
+    pass
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,10 @@ def register_strategy(
 
 def _load_builtin_strategies() -> None:
     # Importing the modules runs their @register_strategy decorators.
+    import cpt.merging.average  # noqa: F401
+    import cpt.merging.task_arithmetic  # noqa: F401
+    import cpt.training.ewc  # noqa: F401
+    import cpt.training.replay  # noqa: F401
     import cpt.training.sequential  # noqa: F401
 
 

@@ -1,7 +1,6 @@
 """GeometryConflictCallback in a plain TRL script and in the runner, against cpt.geometry directly."""
 
 import json
-import math
 
 import datasets
 import pytest
@@ -10,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from callbacks import GeometryConflictCallback
-from cpt.diagnostics import GeometrySettings, tensor_depth, tensor_family
+from cpt.diagnostics import tensor_depth, tensor_family
 from cpt.geometry import geometry_conflict, subspace_alignment_ratio, right_basis
 from cpt.testing import build_tiny_model
 

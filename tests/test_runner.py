@@ -17,39 +17,11 @@ from cpt.errors import CptError, TrainingDivergedError
 from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.testing import build_tiny_model
-
-WORDS = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
-
+from tiny_recipes import WORDS, make_recipe
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-def make_recipe(tmp_path: Path, model: str, *, steps=(4, 4), **extra) -> dict:
-    plural = write_jsonl(tmp_path / "plural.jsonl", [{"input": w, "target": w + "s"} for w in WORDS])
-    upper = write_jsonl(tmp_path / "upper.csv.jsonl", [{"word": w, "answer": w.upper(), "choices": [w.upper(), w, w[::-1]]} for w in WORDS])
-    recipe = {
-        "name": "tiny",
-        "output_dir": str(tmp_path / "runs"),
-        "seed": 3,
-        "model": {"name_or_path": model},
-        "training": {"max_steps": steps[0], "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True},
-        "evaluation": {"batch_size": 4, "max_new_tokens": 4},
-        "tasks": [
-            {"name": "plural", "train": {"path": plural}, "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
-             "eval": {"held_out": 4}},
-            {"name": "upper", "train": {"path": upper}, "fields": {"prompt": "word", "completion": "answer", "choices": "choices", "chat": True},
-             "eval": {"kind": "choice", "held_out": 4}, "training": {"max_steps": steps[1]}},
-        ],
-    }
-    recipe.update(extra)
-    return recipe
 
 
 def state_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -12,8 +12,14 @@ class CptSFTTrainer(SFTTrainer):
     """``trl.SFTTrainer`` with two small additions.
 
     * **Loss terms from callbacks.** Any callback with a ``loss_term(model) -> Tensor``
-      method (e.g. ``callbacks.EWCCallback``) has that term added to the training loss of
-      every step, so regularisers stay reusable callbacks.
+      method (e.g. ``callbacks.EWCCallback``) has that term added to the training loss, so
+      regularisers stay reusable callbacks. The term counts exactly once per optimizer
+      step whatever the gradient accumulation: when the micro-batch loss is already
+      normalised for accumulation (TRL/transformers divide each micro-batch's token sum by
+      ``num_items_in_batch``, the tokens of the whole step, and then do not divide by the
+      accumulation steps), the term is divided by the number of micro-batches of the step;
+      otherwise the Trainer divides loss and term together. Terms apply in training only
+      (not to evaluation losses) and are logged as ``<loss_term_name>`` metrics.
     * **Divergence guard.** The task stops as soon as the training loss is not finite
       (checked per step: the logged loss hides non-finite values through
       ``logging_nan_inf_filter``). Raising before ``on_train_end`` means no integration
@@ -23,12 +29,30 @@ class CptSFTTrainer(SFTTrainer):
     def loss_terms(self) -> list:
         return [callback for callback in self.callback_handler.callbacks if callable(getattr(callback, "loss_term", None))]
 
+    def _micro_batches_if_loss_is_scaled(self, num_items_in_batch) -> int:
+        """The micro-batches of this optimizer step if ``Trainer.training_step`` will NOT divide the loss by them, else 1.
+
+        Mirrors ``transformers.Trainer.training_step`` (5.x): the loss counts as already
+        scaled for gradient accumulation when it was normalised by ``num_items_in_batch``.
+        """
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if not scaled:
+            return 1
+        return max(1, int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
-        terms = self.loss_terms()
+        terms = self.loss_terms() if model.training else []
         if terms:
-            loss = loss + sum(callback.loss_term(model) for callback in terms)
+            values = [callback.loss_term(model) for callback in terms]
+            for callback, value in zip(terms, values):
+                name = getattr(callback, "loss_term_name", type(callback).__name__)
+                self._metrics["train"][name].append(float(value.detach()))
+            loss = loss + sum(values) / self._micro_batches_if_loss_is_scaled(num_items_in_batch)
             result = (loss, *result[1:]) if return_outputs else loss
         if not bool(torch.isfinite(loss.detach()).all()):
             raise TrainingDivergedError(

@@ -27,8 +27,8 @@ def test_deterministic_and_fast(tmp_path):
     start = time.perf_counter()
     a = build_tiny_model(tmp_path / "a", seed=3)
     assert time.perf_counter() - start < 2.0
-    b = build_tiny_model(tmp_path / "b", seed=3)
-    c = build_tiny_model(tmp_path / "c", seed=4)
+    build_tiny_model(tmp_path / "b", seed=3)
+    build_tiny_model(tmp_path / "c", seed=4)
     assert a == str(tmp_path / "a")
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     da, dc = digest(tmp_path / "a"), digest(tmp_path / "c")

@@ -1,0 +1,138 @@
+"""``EWCCallback``: elastic weight consolidation (METHOD §4) as a reusable TrainerCallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from cpt.errors import CptError
+from cpt.tensors import unwrap_model
+from cpt.training.ewc import (
+    DEFAULT_EWC_LAMBDA,
+    current_values,
+    empirical_fisher,
+    ewc_penalty,
+    fisher_indices,
+    load_ewc_state,
+    penalised_tensors,
+    save_ewc_state,
+    stored_steps,
+)
+
+
+class EWCCallback(TrainerCallback):
+    """Online EWC: ``L = L_task + (λ/2) Σ F (θ − θ*)²``, ``F ← γF + F_new`` after each task.
+
+    Use the same instance for a sequence of trainers (tasks); with
+    :class:`cpt.training.trainer.CptSFTTrainer` its :meth:`loss_term` is added to every
+    training step's loss::
+
+        ewc = EWCCallback(ewc_lambda=100.0)
+        for dataset in tasks:
+            trainer = CptSFTTrainer(model, args, train_dataset=dataset, callbacks=[ewc])
+            trainer.train()          # task 1: no penalty; at its end: F, θ*
+            model = trainer.model    # (merge a LoRA adapter here if you use one)
+
+    At ``on_train_end`` it computes the diagonal empirical Fisher of the task just trained
+    on ``fisher_examples`` of the trainer's own tokenized training rows (a sample seeded by
+    ``args.seed`` and the task's step; see :func:`cpt.training.ewc.empirical_fisher`), folds it
+    into ``F`` and sets the anchors ``θ*`` to the current weights. What is penalised — every
+    trainable parameter, or under PEFT LoRA the merged weights of the target layers — is
+    described in :mod:`cpt.training.ewc`.
+
+    Args:
+        ewc_lambda: λ. gamma: online decay γ. fisher_examples: N.
+        output_dir: if given, ``F`` and ``θ*`` are saved there after each task as
+            ``step_<t>/{fisher,anchors}.safetensors`` (atomically) and loaded back on
+            construction, so a resumed run continues with them.
+        step: the 1-based index of the task the next ``on_train_end`` finishes. With
+            ``output_dir``, the state of ``step − 1`` is loaded (it must exist for step > 1).
+            Default: one more than the newest stored step (or 1), then counting up.
+        task_name: recorded in the files' metadata.
+    """
+
+    loss_term_name = "ewc_penalty"
+
+    def __init__(
+        self,
+        ewc_lambda: float = DEFAULT_EWC_LAMBDA,
+        gamma: float = 1.0,
+        fisher_examples: int = 32,
+        *,
+        output_dir: str | Path | None = None,
+        step: int | None = None,
+        task_name: str | None = None,
+    ):
+        if ewc_lambda < 0 or not 0 <= gamma <= 1 or fisher_examples <= 0:
+            raise CptError(f"ewc: need ewc_lambda ≥ 0, 0 ≤ gamma ≤ 1 and fisher_examples > 0 (got {ewc_lambda}, {gamma}, {fisher_examples})")
+        self.ewc_lambda = float(ewc_lambda)
+        self.gamma = float(gamma)
+        self.fisher_examples = int(fisher_examples)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.task_name = task_name
+        self.fisher: dict[str, torch.Tensor] | None = None
+        """F per penalised tensor (float32); None before the first task ends."""
+        self.anchors: dict[str, torch.Tensor] | None = None
+        """θ* per penalised tensor."""
+        self.stats: dict[str, Any] = {}
+        self._terms: tuple[int, list] | None = None
+
+        stored = stored_steps(self.output_dir) if self.output_dir is not None else []
+        if step is None:
+            step = (max(stored) + 1) if stored else 1
+        if step < 1:
+            raise CptError(f"ewc: step must be ≥ 1 (got {step})")
+        self.step = step
+        if step > 1 and self.output_dir is not None:
+            self.fisher, self.anchors = load_ewc_state(self.output_dir, step - 1)
+
+    # ------------------------------------------------------------------ the penalty
+    def _penalised(self, model: torch.nn.Module) -> list:
+        """The model's penalised tensors, with F and θ* moved next to them (once per model)."""
+        module = unwrap_model(model)
+        if self._terms is None or self._terms[0] != id(module):
+            terms = penalised_tensors(module)
+            for term in terms:
+                for store in (self.fisher, self.anchors):
+                    if store is not None and term.name in store and store[term.name].device != term.leaf.device:
+                        store[term.name] = store[term.name].to(term.leaf.device)
+            self._terms = (id(module), terms)
+        return self._terms[1]
+
+    def loss_term(self, model: torch.nn.Module) -> torch.Tensor:
+        """(λ/2) Σ F (θ − θ*)² for the current weights; zero before the first task has ended."""
+        if self.fisher is None or self.ewc_lambda == 0:
+            return torch.zeros((), device=next(unwrap_model(model).parameters()).device)
+        return ewc_penalty(self._penalised(model), self.fisher, self.anchors, self.ewc_lambda)
+
+    # ------------------------------------------------------------------ end of a task
+    def consolidate(self, model: torch.nn.Module, examples, collate_fn) -> None:
+        """F ← γF + F_new (on ``examples``), θ* ← the current weights; then step += 1."""
+        self._terms = None
+        self.fisher = empirical_fisher(model, examples, collate_fn, out=self.fisher, decay=self.gamma)
+        self.anchors = None  # free the old anchors before copying the new ones
+        self.anchors = current_values(self._penalised(model))
+
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if train_dataloader is None:
+            raise CptError("EWCCallback: the trainer passed no train_dataloader; call consolidate(model, examples, collate_fn) yourself")
+        dataset = train_dataloader.dataset
+        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+            indices = fisher_indices(len(dataset), self.fisher_examples, args.seed, self.step)
+            examples = [dataset[index] for index in indices]
+        else:  # an IterableDataset: its first N rows
+            examples = [row for _, row in zip(range(self.fisher_examples), dataset)]
+        self.consolidate(model, examples, train_dataloader.collate_fn)
+        self.stats = {
+            "ewc_step": self.step,
+            "fisher_examples": len(examples),
+            "penalised_tensors": len(self.fisher),
+            "fisher_sum": float(sum(tensor.sum().item() for tensor in self.fisher.values())),
+        }
+        if self.output_dir is not None and state.is_world_process_zero:
+            metadata = {"task": self.task_name or "", "gamma": self.gamma, "ewc_lambda": self.ewc_lambda, "fisher_examples": len(examples)}
+            save_ewc_state(self.output_dir, self.step, self.fisher, self.anchors, metadata)
+        self.step += 1

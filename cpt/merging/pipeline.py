@@ -1,0 +1,296 @@
+"""The streamed, batched integration pipeline shared by every data-free merge strategy.
+
+A merge strategy is a per-tensor-batch rule (:meth:`MergeStrategy.merge`); this module
+does everything else, the same way for every method, so comparisons are fair:
+
+* tensors are read lazily — θ0 and θ_{t−1} from safetensors, E_t from the live model
+  (LoRA merged on the fly) — and grouped by shape into batches of bounded size, so the
+  extra memory is one batch, whatever the model or the number of tasks;
+* each batch's new state θ_t is written at once as its own safetensors shard (an HF
+  sharded checkpoint with an index), so nothing model-sized is held;
+* what a strategy keeps across steps (e.g. GCWM's previous merged delta, the task vectors
+  of ``all_history``) is stored per step in ``history/step-<t>/<key>/``, shard by shard;
+  step t reads ``step-<t−1>`` and older steps are dropped only after θ_t is committed,
+  so a kill at any moment resumes consistently;
+* scalars a strategy carries (OPCM's λ_t, norms) live in ``history/step-<t>/scalars.json``.
+
+The task vector given to a strategy is ``τ_t = E_t − start`` where ``start`` is the model
+the expert trained from: θ0 by default for merge strategies (METHOD's ``τ_t = E_t − θ0``),
+or θ_{t−1} when the recipe sets ``strategy.train_from: state`` (then τ_t is this task's
+own update, relative to the current state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from cpt.integration import IntegrationContext
+from cpt.io import atomic_write_json, commit_dir, staging_dir
+from cpt.tensors import STATE_MARKER, SafetensorsWeights, compile_targets, is_target, model_tensors, plain_model
+
+#: Upper bound on the bytes of one batch of one operand (float32); bounds peak memory.
+BATCH_BYTES = 128 * 2**20
+
+
+@dataclass
+class TensorBatch:
+    """Equal-shape tensors of one kind (target or not), stacked on a leading dimension."""
+
+    names: list[str]
+    target: bool
+    step: int
+    base: torch.Tensor
+    """θ0 ``[n, ...]`` float32."""
+    state: torch.Tensor
+    """θ_{t−1} ``[n, ...]`` (θ0 at t = 1)."""
+    expert: torch.Tensor
+    """E_t ``[n, ...]``."""
+    task_vector: torch.Tensor
+    """τ_t = E_t − start ``[n, ...]`` (see the module docstring)."""
+    history: dict[str, torch.Tensor | None]
+    """The strategy's kept tensors from step t−1, by key (``None`` where absent)."""
+    scalars: dict[str, Any]
+    """The strategy's carried scalars (read at step t−1's end; update in ``end_step``)."""
+
+    @property
+    def state_delta(self) -> torch.Tensor:
+        """θ_{t−1} − θ0."""
+        return self.state - self.base
+
+
+@dataclass
+class MergeResult:
+    state: torch.Tensor
+    """θ_t for the batch."""
+    history: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors to keep for step t+1, by key (same leading dimension as the batch)."""
+    stats: list[dict[str, Any]] | None = None
+    """Per-tensor statistics (one dict per name), saved in integration/<t>_<task>.json."""
+
+
+class MergeStrategy:
+    """Base class of data-free merge strategies; subclasses implement :meth:`merge`.
+
+    Optional overrides: :meth:`history_keys` (which kept tensors step t needs),
+    :meth:`begin_step` (whole-model quantities before the batches, e.g. norms),
+    :meth:`end_step` (scalars to carry, a summary), :meth:`finalize_scale` (a global
+    rescale of θ_t − θ0 that needs every tensor first; see OPCM).
+    """
+
+    def __init__(self, params):
+        self.params = params
+
+    # ---------------------------------------------------------------- hooks
+    def history_keys(self, step: int, scalars: dict[str, Any]) -> list[str]:
+        return []
+
+    def begin_step(self, step: int, batches: "BatchSource", scalars: dict[str, Any]) -> None:
+        """Called before the batches; ``batches.iterate()`` streams them if a pre-pass is needed."""
+
+    def merge(self, batch: TensorBatch) -> MergeResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def end_step(self, step: int, scalars: dict[str, Any]) -> dict[str, Any]:
+        """Update ``scalars`` in place for step t+1; return a summary for the stats file."""
+        return {}
+
+    def finalize_scale(self, step: int, scalars: dict[str, Any]) -> float | None:
+        """A factor s applied as θ_t = θ0 + s·(θ_t − θ0) after all batches (None: no rescale)."""
+        return None
+
+    # ---------------------------------------------------------------- entry point
+    def integrate(self, context: IntegrationContext) -> dict[str, Any]:
+        return run_merge(self, context)
+
+
+# ---------------------------------------------------------------------- tensor streaming
+class BatchSource:
+    """Where the tensors of one integration step are, grouped into equal-shape batches."""
+
+    def __init__(self, context: IntegrationContext, device: torch.device):
+        self.context = context
+        self.device = device
+        self.base = SafetensorsWeights(context.base_dir)
+        previous = context.previous_state_dir
+        self.previous = SafetensorsWeights(previous) if previous is not None and (Path(previous) / STATE_MARKER).exists() else self.base
+        self.start = self.previous if context.train_from == "state" else self.base
+        # References into the live model (no copy), LoRA adapters merged per tensor.
+        self.expert = dict(model_tensors(context.model))
+        patterns = compile_targets(context.target_patterns)
+        self.names = self.base.names()
+        missing = [name for name in self.names if name not in self.expert]
+        if missing:
+            raise ValueError(f"the expert has no tensor {missing[0]!r} of the base: is it a fine-tune of {context.base_dir}?")
+        self.shapes = {name: self.base.shape(name) for name in self.names}
+        self.is_target = {name: len(self.shapes[name]) == 2 and is_target(name, patterns) for name in self.names}
+
+    def groups(self) -> list[tuple[bool, list[str]]]:
+        grouped: dict[tuple, list[str]] = defaultdict(list)
+        for name in self.names:
+            grouped[(self.is_target[name], tuple(self.shapes[name]))].append(name)
+        batches = []
+        for (target, shape), names in grouped.items():
+            per_item = 4 * max(1, math.prod(shape))
+            size = max(1, BATCH_BYTES // per_item)
+            batches.extend((target, names[i : i + size]) for i in range(0, len(names), size))
+        return batches
+
+    def load(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(θ0, θ_{t−1}, E_t, τ_t) for ``names``, float32 on the merge device."""
+
+        def stack(tensors):
+            return torch.stack([tensor.to(self.device, torch.float32) for tensor in tensors])
+
+        base = stack(self.base.get(name) for name in names)
+        state = base if self.previous is self.base else stack(self.previous.get(name) for name in names)
+        start = base if self.start is self.base else state
+        expert = stack(self.expert[name] for name in names)
+        return base, state, expert, expert - start
+
+    def iterate(self) -> Iterator[tuple[bool, list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for target, names in self.groups():
+            yield (target, names, *self.load(names))
+
+
+class _ShardWriter:
+    """Writes named tensors shard by shard into a folder, with an HF index file."""
+
+    def __init__(self, folder: Path, prefix: str):
+        self.folder = folder
+        self.prefix = prefix
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        file = f"{self.prefix}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, self.folder / file)
+        for name, tensor in tensors.items():
+            self.weight_map[name] = file
+            self.total += tensor.numel() * tensor.element_size()
+
+    def close(self) -> None:
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class _History:
+    """A strategy's kept tensors: ``history/step-<t>/<key>/`` sharded, plus scalars.json."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
+    def scalars(self, step: int) -> dict[str, Any]:
+        path = self.step_dir(step) / "scalars.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def reader(self, step: int, key: str) -> SafetensorsWeights | None:
+        folder = self.step_dir(step) / key
+        return _IndexedWeights(folder, key) if (folder / f"{key}.safetensors.index.json").exists() else None
+
+    def prune(self, keep: int) -> None:
+        for folder in self.root.glob("step-*"):
+            if folder.name != f"step-{keep}":
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class _IndexedWeights(SafetensorsWeights):
+    def __init__(self, folder: Path, prefix: str):
+        self.folder = folder
+        weight_map = json.loads((folder / f"{prefix}.safetensors.index.json").read_text())["weight_map"]
+        self._files = {name: folder / file for name, file in weight_map.items()}
+        self._handles = {}
+
+
+def _merge_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str, Any]:
+    """One integration step of a merge strategy: θ_t written atomically to ``context.state_dir``."""
+    step = context.step
+    device = _merge_device()
+    source = BatchSource(context, device)
+    history = _History(context.history_dir)
+    scalars = history.scalars(step - 1)
+    keys = strategy.history_keys(step, scalars)
+    readers = {key: history.reader(step - 1, key) for key in keys}
+    strategy.begin_step(step, source, scalars)
+
+    staged_state = staging_dir(context.state_dir)
+    staged_history = staging_dir(history.step_dir(step))
+    try:
+        state_writer = _ShardWriter(staged_state, "model")
+        history_writers: dict[str, _ShardWriter] = {}
+        per_tensor: dict[str, dict] = {}
+        for target, names, base, state, expert, task_vector in source.iterate():
+            kept = {
+                key: (torch.stack([reader.get(name).to(device, torch.float32) for name in names]) if reader is not None and all(name in reader for name in names) else None)
+                for key, reader in readers.items()
+            }
+            batch = TensorBatch(names, target, step, base, state, expert, task_vector, kept, scalars)
+            result = strategy.merge(batch)
+            new_state = result.state.to(torch.float32)
+            if not torch.isfinite(new_state).all():
+                raise FloatingPointError(f"{strategy.__class__.__name__} produced non-finite values for {names[0]}")
+            out_dtype = source.expert[names[0]].dtype
+            state_writer.write({name: new_state[i].to(out_dtype).cpu() for i, name in enumerate(names)})
+            for key, tensors in result.history.items():
+                writer = history_writers.setdefault(key, _ShardWriter(staged_history / key, key))
+                writer.write({name: tensors[i].to(torch.float32).cpu() for i, name in enumerate(names)})
+            for i, name in enumerate(names):
+                per_tensor[name] = {"target": target, **(result.stats[i] if result.stats else {})}
+        summary = strategy.end_step(step, scalars)
+        scale = strategy.finalize_scale(step, scalars)
+        state_writer.close()
+        for writer in history_writers.values():
+            writer.close()
+        if scale is not None:
+            _rescale_state(staged_state, source.base, scale)
+        atomic_write_json(staged_history / "scalars.json", scalars)
+        _write_model_files(context, staged_state)
+        commit_dir(staged_history, history.step_dir(step))
+        commit_dir(staged_state, context.state_dir)
+    except BaseException:
+        shutil.rmtree(staged_state, ignore_errors=True)
+        shutil.rmtree(staged_history, ignore_errors=True)
+        raise
+    history.prune(keep=step)
+    return {"summary": {**summary, "global_scale": scale}, "per_tensor": per_tensor}
+
+
+def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None:
+    """θ_t ← θ0 + s·(θ_t − θ0), shard by shard (used by OPCM's norm-preserving rescale)."""
+    staged = _IndexedWeights(folder, "model")
+    for file in sorted({path for path in staged._files.values()}):
+        names = [name for name, path in staged._files.items() if path == file]
+        tensors = {}
+        for name in names:
+            value = staged.get(name).to(torch.float32)
+            theta0 = base.get(name).to(torch.float32)
+            tensors[name] = (theta0 + scale * (value - theta0)).to(staged.get(name).dtype)
+        staged._handles.clear()
+        save_file(tensors, file)
+
+
+def _write_model_files(context: IntegrationContext, folder: Path) -> None:
+    model = plain_model(context.model)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if context.tokenizer is not None:
+        context.tokenizer.save_pretrained(folder)
+    (folder / STATE_MARKER).write_text(json.dumps(context.marker(), indent=2) + "\n")

@@ -1,0 +1,157 @@
+"""The streamed merge pipeline: exact results for simple rules, history across steps, atomicity."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import cpt.merging.pipeline as pipeline
+from cpt.integration import IntegrationContext
+from cpt.merging.average import Average, AverageParams
+from cpt.merging.pipeline import MergeResult, MergeStrategy, run_merge
+from cpt.merging.task_arithmetic import TaskArithmetic, TaskArithmeticParams
+from cpt.recipe import DEFAULT_TARGETS
+from cpt.testing import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return Path(build_tiny_model(tmp_path_factory.mktemp("base") / "tiny", seed=2))
+
+
+def perturbed(base: Path, seed: int):
+    model = AutoModelForCausalLM.from_pretrained(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+
+
+def context(tmp_path, base, model, step, train_from="base") -> IntegrationContext:
+    run = tmp_path / "run"
+    return IntegrationContext(
+        step=step, task_name=f"t{step}", model=model, tokenizer=AutoTokenizer.from_pretrained(base),
+        state_dir=run / "state", base_dir=base, previous_state_dir=(run / "state") if step > 1 else None,
+        history_dir=run / "history", target_patterns=DEFAULT_TARGETS, train_from=train_from,
+    )
+
+
+def test_task_arithmetic_two_steps_exact(tmp_path, base):
+    theta0 = weights(base)
+    experts = [perturbed(base, 1), perturbed(base, 2)]
+    strategy = TaskArithmetic(TaskArithmeticParams(scaling=0.3))
+    stats = run_merge(strategy, context(tmp_path, base, experts[0], 1))
+    state1 = weights(tmp_path / "run" / "state")
+    run_merge(strategy, context(tmp_path, base, experts[1], 2))
+    state2 = weights(tmp_path / "run" / "state")
+    e1, e2 = experts[0].state_dict(), experts[1].state_dict()
+    for name, value in theta0.items():
+        torch.testing.assert_close(state1[name], value + 0.3 * (e1[name] - value), rtol=0, atol=1e-6)
+        torch.testing.assert_close(state2[name], state1[name] + 0.3 * (e2[name] - value), rtol=0, atol=1e-6)
+    assert set(stats["per_tensor"]) >= {"model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"}
+    assert stats["per_tensor"]["model.layers.0.self_attn.q_proj.weight"]["target"] is True
+    assert stats["per_tensor"]["model.norm.weight"]["target"] is False
+    marker = json.loads((tmp_path / "run" / "state" / "cpt_state.json").read_text())
+    assert marker == {"step": 2, "task": "t2"}
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "state") is not None
+
+
+def test_average_and_small_batches_give_same_result(tmp_path, base, monkeypatch):
+    experts = [perturbed(base, 3), perturbed(base, 4), perturbed(base, 5)]
+    for step, expert in enumerate(experts, start=1):
+        run_merge(Average(AverageParams()), context(tmp_path / "big", base, expert, step))
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 4096)  # one tensor per batch: many shards
+    for step, expert in enumerate(experts, start=1):
+        run_merge(Average(AverageParams()), context(tmp_path / "small", base, expert, step))
+    big, small = weights(tmp_path / "big" / "run" / "state"), weights(tmp_path / "small" / "run" / "state")
+    mean = {name: sum(e.state_dict()[name] for e in experts) / 3 for name in big}
+    for name in big:
+        torch.testing.assert_close(big[name], mean[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(small[name], big[name], rtol=0, atol=0)
+    index = json.loads((tmp_path / "small" / "run" / "state" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 5
+
+
+@dataclass
+class _Params:
+    pass
+
+
+class KeepsTaskVectors(MergeStrategy):
+    """Test strategy: θ_t = θ0 + Σ_k τ_k, carried as a kept tensor ("sum") and a scalar."""
+
+    def history_keys(self, step, scalars):
+        return ["sum"]
+
+    def merge(self, batch):
+        previous = batch.history["sum"]
+        running = batch.task_vector if previous is None else previous + batch.task_vector
+        return MergeResult(state=batch.base + running, history={"sum": running})
+
+    def end_step(self, step, scalars):
+        scalars["steps_seen"] = scalars.get("steps_seen", 0) + 1
+        return {"steps_seen": scalars["steps_seen"]}
+
+
+def test_history_carried_and_pruned(tmp_path, base):
+    experts = [perturbed(base, 6), perturbed(base, 7)]
+    strategy = KeepsTaskVectors(_Params())
+    run_merge(strategy, context(tmp_path, base, experts[0], 1))
+    result = run_merge(strategy, context(tmp_path, base, experts[1], 2))
+    assert result["summary"]["steps_seen"] == 2
+    history = tmp_path / "run" / "history"
+    assert sorted(p.name for p in history.iterdir()) == ["step-2"], "older history is dropped after the commit"
+    theta0, state = weights(base), weights(tmp_path / "run" / "state")
+    for name, value in theta0.items():
+        expected = value + (experts[0].state_dict()[name] - value) + (experts[1].state_dict()[name] - value)
+        torch.testing.assert_close(state[name], expected, rtol=0, atol=1e-6)
+
+
+class FailsHalfway(MergeStrategy):
+    def __init__(self):
+        super().__init__(None)
+        self.calls = 0
+
+    def merge(self, batch):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("boom")
+        return MergeResult(state=batch.base)
+
+
+def test_failure_leaves_previous_state_untouched(tmp_path, base):
+    run_merge(TaskArithmetic(TaskArithmeticParams()), context(tmp_path, base, perturbed(base, 8), 1))
+    before = weights(tmp_path / "run" / "state")
+    with pytest.raises(RuntimeError, match="boom"):
+        run_merge(FailsHalfway(), context(tmp_path, base, perturbed(base, 9), 2))
+    after = weights(tmp_path / "run" / "state")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    leftovers = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "staging folders are removed"
+    assert json.loads((tmp_path / "run" / "state" / "cpt_state.json").read_text())["step"] == 1
+
+
+def test_runner_with_task_arithmetic(tmp_path, base):
+    from tiny_recipes import make_recipe
+
+    from cpt.recipe import validate_recipe
+    from cpt.runner import TaskSequenceRunner
+
+    data = make_recipe(tmp_path, str(base), steps=(3, 3))
+    data["strategy"] = {"name": "task_arithmetic", "scaling": 0.5}
+    recipe = validate_recipe(data)
+    result = TaskSequenceRunner(recipe).run()
+    assert len(result.matrix) == 3 and None not in result.expert_scores
+    stats = json.loads((recipe.run_dir / "integration" / "2_upper.json").read_text())
+    assert stats["step"] == 2 and "per_tensor" in stats
+    geometry = json.loads((recipe.run_dir / "geometry" / "2_upper.json").read_text())
+    assert geometry["update_from"] == "base"
+    assert (recipe.run_dir / "state" / "model.safetensors.index.json").exists()
