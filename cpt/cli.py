@@ -1,4 +1,4 @@
-"""``cpt`` command line: ``cpt run``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``."""
+"""``cpt`` command line: ``cpt run``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``."""
 
 from __future__ import annotations
 
@@ -102,6 +102,27 @@ def _geometry(args) -> int:
     return 0
 
 
+def _add_merge(subparsers) -> None:
+    merge = subparsers.add_parser("merge", help="apply a merge strategy to existing fine-tunes of BASE, in order")
+    merge.add_argument("--method", required=True, help="a merge strategy, e.g. gcwm, ties, task_arithmetic (see `cpt strategies`)")
+    merge.add_argument("base", help="the common base: HF folder, asset name or hub id")
+    merge.add_argument("experts", nargs="+", metavar="EXPERT", help="fine-tunes of BASE, integrated in this order")
+    merge.add_argument("--output", required=True, help="HF folder to write the final state to (with merge_stats.json)")
+    merge.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="a strategy parameter, e.g. --set step_coef=0.2 (repeatable)")
+    merge.add_argument("--save-steps", action="store_true", help="also write the state after each step to OUTPUT/step-<t>")
+    merge.add_argument("--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)")
+    merge.set_defaults(handler=_merge)
+
+
+def _merge(args) -> int:
+    from cpt.merging.offline import merge_checkpoints
+
+    merge_checkpoints(args.method, args.base, args.experts, args.output, args.overrides, args.save_steps, args.targets)
+    print(f"state written to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual post-training of LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assets(subparsers)
     _add_strategies(subparsers)
     _add_geometry(subparsers)
+    _add_merge(subparsers)
     return parser
 
 

@@ -23,8 +23,8 @@ class IntegrationContext:
     step: int
     """1-based index t of the task just trained."""
     task_name: str
-    model: torch.nn.Module
-    """The expert E_t as trained (possibly PEFT- or DDP-wrapped)."""
+    model: torch.nn.Module | None
+    """The expert E_t as trained (possibly PEFT- or DDP-wrapped); None when ``expert_dir`` is given."""
     tokenizer: Any
     state_dir: Path
     """Where θ_t goes (replaced atomically)."""
@@ -37,6 +37,8 @@ class IntegrationContext:
     target_patterns: list[str] = field(default_factory=list)
     train_from: str = "state"
     """What the expert trained from: ``state`` (θ_{t−1}) or ``base`` (θ0)."""
+    expert_dir: Path | None = None
+    """An HF folder of E_t, read tensor by tensor instead of a live model (``cpt merge``)."""
 
     def marker(self) -> dict[str, Any]:
         return {"step": self.step, "task": self.task_name}

@@ -135,6 +135,11 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
 
 
 # ---------------------------------------------------------------------- weights on disk
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
 class SafetensorsWeights:
     """Lazy, read-only access to an HF folder's safetensors weights, one tensor at a time."""
 
@@ -169,6 +174,9 @@ class SafetensorsWeights:
 
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now (memory-mapped; nothing else is loaded)."""

@@ -124,8 +124,10 @@ class BatchSource:
         previous = context.previous_state_dir
         self.previous = SafetensorsWeights(previous) if previous is not None and (Path(previous) / STATE_MARKER).exists() else self.base
         self.start = self.previous if context.train_from == "state" else self.base
-        # References into the live model (no copy), LoRA adapters merged per tensor.
-        self.expert = dict(model_tensors(context.model))
+        if context.expert_dir is not None:  # an expert on disk: read lazily, like θ0
+            self.expert = _LazyTensors(SafetensorsWeights(context.expert_dir))
+        else:  # references into the live model (no copy), LoRA adapters merged per tensor
+            self.expert = dict(model_tensors(context.model))
         patterns = compile_targets(context.target_patterns)
         self.names = self.base.names()
         missing = [name for name in self.names if name not in self.expert]
@@ -133,6 +135,12 @@ class BatchSource:
             raise ValueError(f"the expert has no tensor {missing[0]!r} of the base: is it a fine-tune of {context.base_dir}?")
         self.shapes = {name: self.base.shape(name) for name in self.names}
         self.is_target = {name: len(self.shapes[name]) == 2 and is_target(name, patterns) for name in self.names}
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The expert's precision for ``name`` (the new state keeps it)."""
+        if isinstance(self.expert, _LazyTensors):
+            return self.expert.weights.dtype(name)
+        return self.expert[name].dtype
 
     def groups(self) -> list[tuple[bool, list[str]]]:
         grouped: dict[tuple, list[str]] = defaultdict(list)
@@ -160,6 +168,19 @@ class BatchSource:
     def iterate(self) -> Iterator[tuple[bool, list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         for target, names in self.groups():
             yield (target, names, *self.load(names))
+
+
+class _LazyTensors:
+    """A read-only mapping over safetensors weights (``name in``, ``[name]``)."""
+
+    def __init__(self, weights: SafetensorsWeights):
+        self.weights = weights
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weights
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.weights.get(name)
 
 
 class _ShardWriter:
@@ -246,7 +267,7 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
             new_state = result.state.to(torch.float32)
             if not torch.isfinite(new_state).all():
                 raise FloatingPointError(f"{strategy.__class__.__name__} produced non-finite values for {names[0]}")
-            out_dtype = source.expert[names[0]].dtype
+            out_dtype = source.dtype(names[0])
             state_writer.write({name: new_state[i].to(out_dtype).cpu() for i, name in enumerate(names)})
             for key, tensors in result.history.items():
                 writer = history_writers.setdefault(key, _ShardWriter(staged_history / key, key))
@@ -287,10 +308,15 @@ def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None
 
 
 def _write_model_files(context: IntegrationContext, folder: Path) -> None:
-    model = plain_model(context.model)
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
+    if context.model is not None:
+        model = plain_model(context.model)
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+    else:  # configuration files of the expert on disk
+        for name in ("config.json", "generation_config.json"):
+            if (Path(context.expert_dir) / name).exists():
+                shutil.copy2(Path(context.expert_dir) / name, folder / name)
     if context.tokenizer is not None:
         context.tokenizer.save_pretrained(folder)
     (folder / STATE_MARKER).write_text(json.dumps(context.marker(), indent=2) + "\n")

@@ -155,3 +155,38 @@ def test_runner_with_task_arithmetic(tmp_path, base):
     geometry = json.loads((recipe.run_dir / "geometry" / "2_upper.json").read_text())
     assert geometry["update_from"] == "base"
     assert (recipe.run_dir / "state" / "model.safetensors.index.json").exists()
+
+
+def test_cpt_merge_command(tmp_path, base):
+    """`cpt merge` integrates checkpoints in order, lazily, like the runner would."""
+    import os
+    import subprocess
+    import sys
+
+    experts = []
+    for seed in (11, 12):
+        model = perturbed(base, seed)
+        model.save_pretrained(tmp_path / f"e{seed}")
+        experts.append(tmp_path / f"e{seed}")
+    out = tmp_path / "merged"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "cpt.cli", "merge", "--method", "task_arithmetic", str(base), *map(str, experts),
+                             "--output", str(out), "--set", "scaling=0.5", "--save-steps"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    theta0 = weights(base)
+    e1, e2 = weights(experts[0]), weights(experts[1])
+    merged, step1 = weights(out), weights(out / "step-1")
+    for name, value in theta0.items():
+        torch.testing.assert_close(step1[name], value + 0.5 * (e1[name] - value), rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[name], value + 0.5 * (e1[name] - value) + 0.5 * (e2[name] - value), rtol=0, atol=1e-6)
+    stats = json.loads((out / "merge_stats.json").read_text())
+    assert stats["params"] == {"scaling": 0.5} and [s["step"] for s in stats["steps"]] == [1, 2]
+    assert AutoTokenizer.from_pretrained(out) is not None
+    assert not list(tmp_path.glob(".merged*")), "the work folder is removed"
+
+    bad = subprocess.run([sys.executable, "-m", "cpt.cli", "merge", "--method", "sequential", str(base), str(experts[0]), "--output", str(out)],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "not a data-free merge strategy" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "cpt.cli", "merge", "--method", "task_arithmetic", str(base), str(experts[0]), "--output", str(out),
+                          "--set", "scalin=1"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "scalin: unknown parameter of strategy 'task_arithmetic' (did you mean 'scaling'?)" in bad.stderr
