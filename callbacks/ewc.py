@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ class EWCCallback(TrainerCallback):
         self.anchors: dict[str, torch.Tensor] | None = None
         """θ* per penalised tensor."""
         self.stats: dict[str, Any] = {}
-        self._terms: tuple[int, list] | None = None
+        self._terms: tuple[weakref.ref, list] | None = None
 
         stored = stored_steps(self.output_dir) if self.output_dir is not None else []
         if step is None:
@@ -93,13 +94,13 @@ class EWCCallback(TrainerCallback):
     def _penalised(self, model: torch.nn.Module) -> list:
         """The model's penalised tensors, with F and θ* moved next to them (once per model)."""
         module = unwrap_model(model)
-        if self._terms is None or self._terms[0] != id(module):
+        if self._terms is None or self._terms[0]() is not module:
             terms = penalised_tensors(module)
             for term in terms:
                 for store in (self.fisher, self.anchors):
                     if store is not None and term.name in store and store[term.name].device != term.leaf.device:
                         store[term.name] = store[term.name].to(term.leaf.device)
-            self._terms = (id(module), terms)
+            self._terms = (weakref.ref(module), terms)
         return self._terms[1]
 
     def loss_term(self, model: torch.nn.Module) -> torch.Tensor:
@@ -110,11 +111,14 @@ class EWCCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ end of a task
     def consolidate(self, model: torch.nn.Module, examples, collate_fn) -> None:
-        """F ← γF + F_new (on ``examples``), θ* ← the current weights; then step += 1."""
+        """F ← γF + F_new (``examples`` collated one at a time), θ* ← the current weights."""
         self._terms = None
         self.fisher = empirical_fisher(model, examples, collate_fn, out=self.fisher, decay=self.gamma)
         self.anchors = None  # free the old anchors before copying the new ones
         self.anchors = current_values(self._penalised(model))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._terms = None  # a new trainer may hold a new model (e.g. a fresh LoRA adapter)
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if train_dataloader is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,17 @@ from cpt.diagnostics import GeometrySettings, basis_conflict, pair_geometry, rig
 from cpt.geometry import LowRankDelta
 from cpt.io import atomic_save_safetensors, atomic_write_json
 from cpt.recipe import DEFAULT_TARGETS
-from cpt.tensors import SafetensorsWeights, compile_targets, is_target, lora_factors, model_tensors
+from cpt.tensors import SafetensorsWeights, compile_targets, is_target, is_zero3, lora_factors, model_tensors, save_model_folder
+
+
+class _LazyExpert:
+    """``expert[name]`` read from an HF folder on demand."""
+
+    def __init__(self, weights: SafetensorsWeights):
+        self.weights = weights
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.weights.get(name)
 
 
 class GeometryConflictCallback(TrainerCallback):
@@ -56,6 +67,7 @@ class GeometryConflictCallback(TrainerCallback):
         keep_updates: bool = False,
         top_k: int = 10,
         device: str | torch.device | None = None,
+        expert_dir: str | Path | None = None,
     ):
         if update_from not in ("state", "base"):
             raise ValueError("update_from must be 'state' or 'base'")
@@ -70,6 +82,9 @@ class GeometryConflictCallback(TrainerCallback):
         self.keep_updates = keep_updates
         self.top_k = top_k
         self.device = device
+        #: An HF folder holding E_t (read lazily instead of the live model). Under ZeRO-3,
+        #: when unset, the callback writes one itself (all ranks take part in the gathers).
+        self.expert_dir = Path(expert_dir) if expert_dir else None
         self.trainer = None
         self.report: dict[str, Any] | None = None
 
@@ -125,14 +140,31 @@ class GeometryConflictCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ event
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
+        expert_dir, temporary = self.expert_dir, False
+        if expert_dir is None and is_zero3(model):
+            expert_dir, temporary = self.output_dir / f".expert-{self.step}", True
+            save_model_folder(model, None, expert_dir)  # a collective: every rank gathers
+        if not state.is_world_process_zero:
+            return
+        try:
+            self._measure_and_report(state, model, expert_dir)
+        finally:
+            if temporary:
+                shutil.rmtree(expert_dir, ignore_errors=True)
+
+    def _measure_and_report(self, state, model, expert_dir: Path | None) -> None:
         started = time.perf_counter()
         base = SafetensorsWeights(self.base_dir)
         previous = SafetensorsWeights(self.state_dir) if self.state_dir and (self.state_dir / "config.json").exists() else base
         start = previous if self.update_from == "state" else base
-        factors = lora_factors(model)
-        expert = {} if factors else {name: tensor for name, tensor in model_tensors(model)}
+        if expert_dir is not None:
+            factors, on_disk = {}, SafetensorsWeights(expert_dir)
+            expert = _LazyExpert(on_disk)
+        else:
+            factors = lora_factors(model)
+            expert = {} if factors else {name: tensor for name, tensor in model_tensors(model)}
         names = base.names()
         shapes = {name: base.shape(name) for name in names}
         targets = self.select_targets(names, shapes)

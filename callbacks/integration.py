@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json
 from cpt.recipe import DEFAULT_TARGETS
 from cpt.strategies import get_strategy
+from cpt.tensors import is_zero3, save_model_folder
 
 
 class IntegrationCallback(TrainerCallback):
@@ -44,6 +46,7 @@ class IntegrationCallback(TrainerCallback):
         train_from: str | None = None,
         tokenizer: Any = None,
         stats_path: str | Path | None = None,
+        expert_dir: str | Path | None = None,
     ):
         self.integrator = get_strategy(strategy).build(params or {}) if isinstance(strategy, str) else strategy
         self.state_dir = Path(state_dir)
@@ -61,6 +64,9 @@ class IntegrationCallback(TrainerCallback):
         self.train_from = train_from
         self.tokenizer = tokenizer
         self.stats_path = Path(stats_path) if stats_path else None
+        #: An HF folder holding E_t (read lazily instead of the live model). Under ZeRO-3,
+        #: when unset, the callback writes one itself (all ranks take part in the gathers).
+        self.expert_dir = Path(expert_dir) if expert_dir else None
         self.seconds: float | None = None
         self.stats: dict[str, Any] | None = None
 
@@ -83,11 +89,20 @@ class IntegrationCallback(TrainerCallback):
             atomic_write_json(self.stats_path, stats)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        started = time.perf_counter()
+        expert_dir, temporary = self.expert_dir, False
+        if expert_dir is None and model is not None and is_zero3(model):
+            expert_dir, temporary = self.state_dir.parent / f".expert-{self.step}", True
+            save_model_folder(model, None, expert_dir)  # a collective: every rank gathers
         if not state.is_world_process_zero:
             return
-        started = time.perf_counter()
         context = self.make_context(model, self.tokenizer if self.tokenizer is not None else processing_class)
-        stats = self.integrator.integrate(context) or {}
+        context.expert_dir = expert_dir
+        try:
+            stats = self.integrator.integrate(context) or {}
+        finally:
+            if temporary:
+                shutil.rmtree(expert_dir, ignore_errors=True)
         self.seconds = time.perf_counter() - started
         self.stats = {"step": self.step, "task": self.task_name, "seconds": self.seconds, **stats}
         self.record(self.stats)

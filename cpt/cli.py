@@ -1,4 +1,5 @@
-"""``cpt`` command line: ``cpt run``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``."""
+"""``cpt`` command line: ``cpt run``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``,
+``cpt report``, ``cpt compare``."""
 
 from __future__ import annotations
 
@@ -123,6 +124,36 @@ def _merge(args) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    report = subparsers.add_parser("report", help="write RUN_DIR/report.md and RUN_DIR/plots/*.png (done at the end of `cpt run` too)")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quickstart (a run in progress works too)")
+    report.set_defaults(handler=_report)
+
+
+def _report(args) -> int:
+    from cpt.report import write_report
+
+    print(f"report written to {write_report(args.run_dir)}")
+    return 0
+
+
+def _add_compare(subparsers) -> None:
+    compare = subparsers.add_parser("compare", help="one table and one plot of ACC/BWT/FWT/forgetting and timings across runs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
+    compare.add_argument("--output", default=".", metavar="DIR", help="folder for compare.md and compare.png (default: the current folder)")
+    compare.set_defaults(handler=_compare)
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from cpt.report import compare_runs
+
+    print(compare_runs(args.run_dirs, args.output))
+    print(f"written to {Path(args.output) / 'compare.md'} and {Path(args.output) / 'compare.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual post-training of LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategies(subparsers)
     _add_geometry(subparsers)
     _add_merge(subparsers)
+    _add_report(subparsers)
+    _add_compare(subparsers)
     return parser
 
 

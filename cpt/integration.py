@@ -8,6 +8,8 @@ folder that records which step it holds.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from cpt.io import commit_dir, staging_dir
-from cpt.tensors import save_model_folder
+from cpt.tensors import STATE_MARKER, save_model_folder
 
 
 @dataclass
@@ -47,11 +49,15 @@ class IntegrationContext:
         """θ_t ← the weights of ``model`` (default: the expert), LoRA merged, atomically."""
         staged = staging_dir(self.state_dir)
         try:
-            save_model_folder(model if model is not None else self.model, self.tokenizer, staged, marker=self.marker())
+            if model is None and self.expert_dir is not None:  # the expert is already a folder
+                shutil.copytree(self.expert_dir, staged, dirs_exist_ok=True)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(staged)
+                (staged / STATE_MARKER).write_text(json.dumps(self.marker(), indent=2) + "\n")
+            else:
+                save_model_folder(model if model is not None else self.model, self.tokenizer, staged, marker=self.marker())
             commit_dir(staged, self.state_dir)
         except BaseException:
-            import shutil
-
             shutil.rmtree(staged, ignore_errors=True)
             raise
 

@@ -28,7 +28,7 @@ import yaml
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json, recover_dir
 from cpt.recipe import Recipe, TaskSpec
-from cpt.tensors import read_marker
+from cpt.tensors import is_zero3, no_zero3_init, read_marker, save_model_folder
 
 MANIFEST_FORMAT = 1
 VERSIONED_PACKAGES = ("cpt", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "deepspeed")
@@ -42,6 +42,15 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def present_rows(matrix: dict) -> list[list[float | None]]:
+    """Rows 0..k of the accuracy matrix, k the last evaluated step; a skipped row (e.g. the
+    base with ``evaluate_base: false``) stays in place as Nones so indices keep their meaning."""
+    rows = matrix["rows"]
+    last = max((i for i, row in enumerate(rows) if row is not None), default=-1)
+    width = len(matrix["tasks"])
+    return [row if row is not None else [None] * width for row in rows[: last + 1]]
 
 
 def log(message: str) -> None:
@@ -133,6 +142,11 @@ class TaskSequenceRunner:
         self.distributed.wait_for_everyone()
         return manifest
 
+    def _load_eval_model(self, path: str):
+        """A whole (never ZeRO-3 partitioned) model for evaluation on the main process."""
+        with no_zero3_init():
+            return self._load_model(path)
+
     def _load_model(self, path: str):
         from transformers import AutoModelForCausalLM
 
@@ -185,17 +199,20 @@ class TaskSequenceRunner:
         from cpt.evaluation import evaluate_choice, evaluate_generation
 
         settings = self.recipe.evaluation
-        if data.eval_kind == "choice":
-            result = evaluate_choice(
-                model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
-                length_normalize=task.eval.length_normalize, desc=desc,
-            )
-        else:
-            result = evaluate_generation(
-                model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
-                max_new_tokens=task.eval.max_new_tokens or settings.max_new_tokens,
-                normalization=task.eval.normalize.model_dump(), desc=desc,
-            )
+        # Evaluation runs on the main process alone with a whole model: with a ZeRO-3 config
+        # registered, generate() would otherwise wait for the other ranks (synced_gpus).
+        with no_zero3_init():
+            if data.eval_kind == "choice":
+                result = evaluate_choice(
+                    model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
+                    length_normalize=task.eval.length_normalize, desc=desc,
+                )
+            else:
+                result = evaluate_generation(
+                    model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
+                    max_new_tokens=task.eval.max_new_tokens or settings.max_new_tokens,
+                    normalization=task.eval.normalize.model_dump(), desc=desc,
+                )
         return float(result.score)
 
     def _evaluate_row(self, model, tokenizer, task_data, label: str) -> list[float]:
@@ -207,7 +224,7 @@ class TaskSequenceRunner:
     def _save_matrix(self, matrix: dict) -> None:
         from cpt.evaluation import continual_metrics
 
-        rows = [row for row in matrix["rows"] if row is not None]
+        rows = present_rows(matrix)
         matrix["metrics"] = continual_metrics(rows, matrix["expert_scores"]) if rows else {}
         atomic_write_json(self.rundir.matrix_path, matrix)
 
@@ -241,7 +258,7 @@ class TaskSequenceRunner:
         if matrix["rows"][0] is None and recipe.evaluation.evaluate_base:
             if self.is_main:
                 set_seed(recipe.seed)
-                model = self._load_model(base)
+                model = self._load_eval_model(base)
                 started = time.perf_counter()
                 matrix["rows"][0] = self._evaluate_row(model, tokenizer, task_data, "base")
                 manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
@@ -270,7 +287,7 @@ class TaskSequenceRunner:
             if self.is_main:
                 if model_for_eval is None:
                     set_seed(recipe.seed)
-                    model_for_eval = self._load_model(str(self.rundir.state))
+                    model_for_eval = self._load_eval_model(str(self.rundir.state))
                 started = time.perf_counter()
                 matrix["rows"][step] = self._evaluate_row(model_for_eval, tokenizer, task_data, f"after {task.name}")
                 record["eval_seconds"] = round(time.perf_counter() - started, 3)
@@ -284,13 +301,22 @@ class TaskSequenceRunner:
             gc.collect()
             self.distributed.wait_for_everyone()
 
-        metrics = continual_metrics([row for row in matrix["rows"] if row is not None], matrix["expert_scores"])
+        if not self.is_main:  # the main process evaluated and saved everything
+            matrix = read_json(self.rundir.matrix_path)
+        rows = present_rows(matrix)
+        metrics = continual_metrics(rows, matrix["expert_scores"])
         if self.is_main:
             manifest["status"] = "complete"
             manifest["metrics"] = metrics
             self.rundir.write_manifest(manifest)
-            print(format_matrix_table([row for row in matrix["rows"] if row is not None], task_names, matrix["expert_scores"], metrics))
+            print(format_matrix_table(rows, task_names, matrix["expert_scores"], metrics))
             print(f"run directory: {self.rundir.root}")
+            try:  # a report problem never fails a finished run; `cpt report RUN_DIR` redoes it
+                from cpt.report import write_report
+
+                log(f"report: {write_report(self.rundir.root)}")
+            except Exception as exc:  # noqa: BLE001
+                log(f"warning: no report written ({type(exc).__name__}: {' '.join(str(exc).split())}); try `cpt report {self.rundir.root}`")
         return RunResult(self.rundir.root, matrix["rows"], matrix["expert_scores"], metrics, task_names)
 
     _live_state = None
@@ -316,6 +342,9 @@ class TaskSequenceRunner:
         self.distributed.wait_for_everyone()
 
         # Same seed for the same task whether or not the run was interrupted before it.
+        # The SFTConfig comes first: with DeepSpeed ZeRO-3 and zero3_init_flag it makes
+        # from_pretrained partition the weights while loading.
+        args = SFTConfig(output_dir=str(work), seed=recipe.seed + step, **recipe.training_args(task))
         set_seed(recipe.seed + step)
         model = self._load_model(start_from)
         peft_config = None
@@ -323,7 +352,6 @@ class TaskSequenceRunner:
             from peft import LoraConfig
 
             peft_config = LoraConfig(task_type="CAUSAL_LM", **recipe.peft.model_dump())
-        args = SFTConfig(output_dir=str(work), seed=recipe.seed + step, **recipe.training_args(task))
 
         runner = self
 
@@ -331,6 +359,15 @@ class TaskSequenceRunner:
             """Scores E_t on its own task before integration replaces it (runner-internal)."""
 
             def on_train_end(self, args, state, control, model=None, **kwargs):
+                if is_zero3(model):
+                    # ZeRO-3: gather the expert once, module by module, into a folder that
+                    # evaluation, geometry and integration then read (no rank holds it all).
+                    expert_dir = work / "expert"
+                    save_model_folder(model, None, expert_dir)
+                    for callback in (*diagnostics, integration):
+                        callback.expert_dir = expert_dir
+                    if state.is_world_process_zero and recipe.evaluation.evaluate_experts:
+                        model = runner._load_eval_model(str(expert_dir))
                 if state.is_world_process_zero and recipe.evaluation.evaluate_experts:
                     score = runner._evaluate(model, tokenizer, task, data, desc=f"eval expert {task.name}")
                     matrix["expert_scores"][step - 1] = score
@@ -406,7 +443,7 @@ class TaskSequenceRunner:
         if diagnostics and diagnostics[0].report is not None:
             record["geometry_conflict_mean"] = diagnostics[0].report["aggregates"]["geometry_conflict"]["mean"]
             record["geometry_seconds"] = diagnostics[0].report["seconds"]
-        self._live_state = trainer.model if strategy.state_is_expert else None
+        self._live_state = trainer.model if strategy.state_is_expert and not is_zero3(trainer.model) else None
         del trainer
 
     def _summarise(self, step: int, task: TaskSpec, record: dict, matrix: dict) -> None:

@@ -85,7 +85,13 @@ def register_strategy(
 def _load_builtin_strategies() -> None:
     # Importing the modules runs their @register_strategy decorators.
     import cpt.merging.average  # noqa: F401
+    import cpt.merging.gcwm  # noqa: F401
+    import cpt.merging.magmax  # noqa: F401
+    import cpt.merging.nufilt  # noqa: F401
+    import cpt.merging.opcm  # noqa: F401
     import cpt.merging.task_arithmetic  # noqa: F401
+    import cpt.merging.ties  # noqa: F401
+    import cpt.merging.wudi  # noqa: F401
     import cpt.training.ewc  # noqa: F401
     import cpt.training.replay  # noqa: F401
     import cpt.training.sequential  # noqa: F401

@@ -8,6 +8,7 @@ parameter names (``model.layers.0.self_attn.q_proj.weight``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -107,6 +108,80 @@ def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor.detach()
 
 
+def is_zero3(model: torch.nn.Module) -> bool:
+    """True when the model's parameters are partitioned by DeepSpeed ZeRO-3."""
+    return any(hasattr(param, "ds_id") for param in unwrap_model(model).parameters())
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Full values of ZeRO-3 partitioned ``params`` inside the block (a collective: every rank enters)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full expert tensors of a ZeRO-3 model under plain names, gathered one module at a time.
+
+    A collective: every rank must iterate it to the end in the same order; the values
+    yielded are CPU copies (use them on the main process, ignore them elsewhere). A LoRA
+    layer is gathered whole and yielded merged (W + ΔW). Tied parameters come once.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    model = unwrap_model(model)
+    root = model.get_base_model() if is_peft_model(model) else model
+    seen: set[int] = set()
+    skip_prefixes: list[str] = []
+    for module_name, module in root.named_modules():
+        if any(module_name.startswith(prefix) for prefix in skip_prefixes):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, LoraLayer):
+            skip_prefixes.append(prefix)
+            params = list(module.parameters())
+            with _gathered(params):
+                weight = module.base_layer.weight.detach().clone().cpu()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight += module.get_delta_weight(adapter).detach().to(weight.dtype).cpu()
+                yield f"{prefix}weight", weight
+                if getattr(module.base_layer, "bias", None) is not None:
+                    yield f"{prefix}bias", module.base_layer.bias.detach().clone().cpu()
+            seen.update(id(param) for param in params)
+            continue
+        params = [(name, param) for name, param in module.named_parameters(recurse=False) if id(param) not in seen]
+        if params:
+            with _gathered([param for _, param in params]):
+                for name, param in params:
+                    yield f"{prefix}{name}", param.detach().clone().cpu()
+            seen.update(id(param) for _, param in params)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield f"{prefix}{name}", buffer.detach().clone().cpu()
+
+
+@contextlib.contextmanager
+def no_zero3_init():
+    """Load a plain, unpartitioned model even while a ZeRO-3 trainer is alive.
+
+    transformers partitions every ``from_pretrained`` while a ZeRO-3 config is registered;
+    models cpt loads only to evaluate (on the main process) must stay whole.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def _is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under any PEFT/DDP wrapper (for its config and save_pretrained)."""
     model = unwrap_model(model)
@@ -121,12 +196,59 @@ def save_model_folder(model: torch.nn.Module, tokenizer, folder: str | os.PathLi
     """
     folder = Path(folder)
     hf_model = plain_model(model)
-    state_dict = {name: tensor.contiguous() for name, tensor in model_tensors(model)}
-    hf_model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    if is_zero3(model):
+        # Gathered module by module and written shard by shard by the main process:
+        # no rank ever holds the whole model. Every rank must call this.
+        _save_zero3_folder(model, folder)
+        if not _is_main_process():
+            return
+        hf_model.config.save_pretrained(folder)
+        if getattr(hf_model, "generation_config", None) is not None:
+            hf_model.generation_config.save_pretrained(folder)
+    else:
+        state_dict = {name: tensor.contiguous() for name, tensor in model_tensors(model)}
+        hf_model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if marker is not None:
         (folder / STATE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+#: Shard size of folders written from ZeRO-3 models (bounds the main process's memory).
+ZERO3_SHARD_BYTES = 512 * 2**20
+
+
+def _save_zero3_folder(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    main = _is_main_process()
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(shard, folder / file)
+            weight_map.update({name: file for name in shard})
+        shard, shard_bytes = {}, 0
+
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name, tensor in zero3_named_tensors(model):
+        if not main:
+            continue
+        shard[name] = tensor.contiguous()
+        size = tensor.numel() * tensor.element_size()
+        shard_bytes += size
+        total += size
+        if shard_bytes >= ZERO3_SHARD_BYTES:
+            flush()
+    if main:
+        flush()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:

@@ -2,7 +2,6 @@
 
 import copy
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -86,13 +85,13 @@ def collator(tokenizer):
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
 
 
-def random_state(model, seed=1):
+def random_state(model, seed=1, scale=3.0):
     """F > 0 and θ* ≠ θ for every penalised tensor, by hand."""
     generator = torch.Generator().manual_seed(seed)
     fisher, anchors = {}, {}
     for term in penalised_tensors(model):
         value = term.value()
-        fisher[term.name] = torch.rand(value.shape, generator=generator) * 3
+        fisher[term.name] = torch.rand(value.shape, generator=generator) * scale
         anchors[term.name] = value + torch.randn(value.shape, generator=generator) * 0.1
     return fisher, anchors
 
@@ -142,7 +141,7 @@ def test_lora_penalty_is_on_merged_weights(model):
     torch.testing.assert_close(penalty.double(), expected.detach(), rtol=1e-5, atol=0)
     grads = torch.autograd.grad(penalty, leaves)
     for grad, hand in zip(grads, hand_grads):
-        torch.testing.assert_close(grad.double(), hand, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(grad, hand, rtol=1e-4, atol=1e-8)
     # θ* taken from the live model is the merged weight, exactly as the saved state holds it.
     from cpt.tensors import model_tensors
 
@@ -236,13 +235,14 @@ def test_optimizer_sees_sft_loss_plus_penalty(tiny_path, tokenizer, tmp_path, ac
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
     reference = copy.deepcopy(model)
     ewc = EWCCallback(ewc_lambda=50.0)
-    ewc.fisher, ewc.anchors = random_state(model, seed=3)
+    fisher, anchors = random_state(model, seed=3, scale=1e-3)  # penalty ≈ the SFT loss in size
+    ewc.fisher, ewc.anchors = {n: f.clone() for n, f in fisher.items()}, dict(anchors)
     capture = GradientCapture()
     data = datasets.Dataset.from_list([{"prompt": f"Plural of {w}:", "completion": f" {w}s"} for w in WORDS[:4]])
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"), **default_training_args(), max_steps=1, per_device_train_batch_size=4 // accumulation,
-        gradient_accumulation_steps=accumulation, max_grad_norm=0, logging_steps=1, disable_tqdm=True, seed=0,
-    )
+    args = SFTConfig(output_dir=str(tmp_path / "out"), **{
+        **default_training_args(), "max_steps": 1, "per_device_train_batch_size": 4 // accumulation,
+        "gradient_accumulation_steps": accumulation, "max_grad_norm": 0, "logging_steps": 1, "disable_tqdm": True, "seed": 0,
+    })
     trainer = CptSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[ewc, capture])
     assert trainer.model_accepts_loss_kwargs, "the case where each micro-batch loss is already normalised for accumulation"
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -251,14 +251,14 @@ def test_optimizer_sees_sft_loss_plus_penalty(tiny_path, tokenizer, tmp_path, ac
     # Independently: token-mean SFT loss over the step's 4 examples + (λ/2) Σ F (θ − θ*)².
     params = dict(reference.named_parameters())
     sft = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    penalty = 25.0 * sum((ewc.fisher[n] * (params[n] - ewc.anchors[n]) ** 2).sum() for n in ewc.fisher)
+    penalty = 25.0 * sum((fisher[n] * (params[n] - anchors[n]) ** 2).sum() for n in fisher)
     expected = sft + penalty
     expected_grads = dict(zip(params, torch.autograd.grad(expected, list(params.values()))))
     for name, grad in capture.grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     logged = trainer.state.log_history[0]
-    assert logged["loss"] == pytest.approx(float(expected), rel=1e-4)
-    assert logged["ewc_penalty"] == pytest.approx(float(penalty), rel=1e-4)
+    assert logged["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert logged["ewc_penalty"] == pytest.approx(penalty.item(), rel=1e-4)
 
 
 # ---------------------------------------------------------------------- end to end
@@ -271,14 +271,14 @@ def test_two_task_ewc_run(tmp_path, tiny_path):
         "name": "ewc", "output_dir": str(tmp_path / "runs"), "seed": 3, "model": {"name_or_path": tiny_path},
         "strategy": {"name": "ewc", "ewc_lambda": 1000.0, "gamma": 0.9, "fisher_examples": 4},
         "training": {"max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True},
-        "evaluation": {"batch_size": 8, "max_new_tokens": 3}, "geometry": {"enabled": False},
+        "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False}, "geometry": {"enabled": False},
         "tasks": [
             {"name": "plural", "train": {"path": str(plural)}, "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"}, "eval": {"held_out": 4}},
             {"name": "upper", "train": {"path": str(upper)}, "fields": {"prompt": "word", "completion": "answer", "chat": True}, "eval": {"held_out": 4}},
         ],
     })
     result = TaskSequenceRunner(recipe).run()
-    assert len(result.matrix) == 3
+    assert len(result.matrix) == 3 and all(len(row) == 2 for row in result.matrix[1:])
     folder = recipe.run_dir / "strategy" / "ewc"
     assert stored_steps(folder) == [1, 2]
     fisher, anchors = load_file(folder / "step_2" / "fisher.safetensors"), load_file(folder / "step_2" / "anchors.safetensors")

@@ -165,8 +165,11 @@ class BatchSource:
         expert = stack(self.expert[name] for name in names)
         return base, state, expert, expert - start
 
-    def iterate(self) -> Iterator[tuple[bool, list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for target, names in self.groups():
+    def iterate(self, desc: str | None = None) -> Iterator[tuple[bool, list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        from tqdm.auto import tqdm
+
+        groups = self.groups()
+        for target, names in tqdm(groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None):
             yield (target, names, *self.load(names))
 
 
@@ -257,7 +260,7 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
         state_writer = _ShardWriter(staged_state, "model")
         history_writers: dict[str, _ShardWriter] = {}
         per_tensor: dict[str, dict] = {}
-        for target, names, base, state, expert, task_vector in source.iterate():
+        for target, names, base, state, expert, task_vector in source.iterate(desc=f"integrate {context.task_name}"):
             kept = {
                 key: (torch.stack([reader.get(name).to(device, torch.float32) for name in names]) if reader is not None and all(name in reader for name in names) else None)
                 for key, reader in readers.items()

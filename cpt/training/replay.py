@@ -52,7 +52,7 @@ class ReplayParams:
 
 
 def round_half_up(value: float) -> int:
-    return int(math.floor(value + 0.5))
+    return math.floor(value + 0.5)
 
 
 def buffer_count(params: ReplayParams, available: int) -> int:
@@ -164,4 +164,4 @@ class Replay:
         return dict(self.mixture)
 
 
-__all__ = ["Replay", "ReplayParams", "ReplayBuffers", "buffer_count", "stratified_counts", "sample_buffer", "draw"]
+__all__ = ["Replay", "ReplayBuffers", "ReplayParams", "buffer_count", "draw", "sample_buffer", "stratified_counts"]

@@ -14,12 +14,6 @@ from cpt.merging.average import Average, AverageParams
 from cpt.merging.pipeline import MergeResult, MergeStrategy, run_merge
 from cpt.merging.task_arithmetic import TaskArithmetic, TaskArithmeticParams
 from cpt.recipe import DEFAULT_TARGETS
-from cpt.testing import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return Path(build_tiny_model(tmp_path_factory.mktemp("base") / "tiny", seed=2))
 
 
 def perturbed(base: Path, seed: int):
