@@ -1,0 +1,90 @@
+"""DeepSpeed ZeRO-2/3 runs (CPU, DS_ACCELERATOR=cpu) give the plain run's results.
+
+Each case launches `accelerate launch --config_file recipes/accelerate/zeroN.yaml cpt/run.py`
+as users do; the first launch on a machine compiles DeepSpeed's CPU communication op once
+(cached in ~/.cache/torch_extensions).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from cpt.recipe import validate_recipe
+from cpt.runner import TaskSequenceRunner
+from cpt.testing import build_tiny_model
+from tiny_recipes import make_recipe
+
+pytest.importorskip("deepspeed")
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    model = build_tiny_model(root / "tiny", seed=0)
+    return root, model
+
+
+def recipe_file(root: Path, model: str, name: str, strategy: dict) -> Path:
+    data = make_recipe(root, model, steps=(3, 3))
+    data.update(name=name, strategy=strategy)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launch(config: str, recipe: Path, processes: int = 1, extra: list[str] = ()) -> None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
+               "--num_processes", str(processes), "cpt/run.py", str(recipe), *extra]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def assert_same_run(reference: Path, other: Path) -> None:
+    a = AutoModelForCausalLM.from_pretrained(reference / "state").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(other / "state").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+    for file in sorted((reference / "geometry").glob("*.json")):
+        ga, gb = json.loads(file.read_text()), json.loads((other / "geometry" / file.name).read_text())
+        for tensor, row in ga["per_tensor"].items():
+            for key in ("geometry_conflict", "sar_update_to_state", "norm_update", "norm_state"):
+                if row[key] is None:
+                    assert gb["per_tensor"][tensor][key] is None
+                else:
+                    assert gb["per_tensor"][tensor][key] == pytest.approx(row[key], abs=1e-5), (file.name, tensor, key)
+    ma = json.loads((reference / "eval" / "matrix.json").read_text())
+    mb = json.loads((other / "eval" / "matrix.json").read_text())
+    assert mb["rows"] == ma["rows"] and mb["expert_scores"] == ma["expert_scores"]
+
+
+@pytest.mark.parametrize(
+    "config, processes, strategy",
+    [
+        ("zero3", 1, {"name": "gcwm", "iters": 10, "step_coef": 1.0}),
+        ("zero2", 1, {"name": "ewc", "fisher_examples": 4}),
+        ("zero3", 2, {"name": "sequential"}),
+    ],
+    ids=["zero3-gcwm", "zero2-ewc", "zero3-2proc-sequential"],
+)
+def test_zero_matches_plain_run(setup, config, processes, strategy):
+    root, model = setup
+    name = f"{config}-{processes}-{strategy['name']}"
+    path = recipe_file(root, model, name, strategy)
+    overrides = ["--set", "training.per_device_train_batch_size=2"] if processes == 2 else []
+    launch(config, path, processes, overrides)
+
+    plain = validate_recipe({**yaml.safe_load(path.read_text()), "name": f"plain-{name}"})
+    if processes == 2:  # same global batch as 2 ranks × 2
+        plain.training["per_device_train_batch_size"] = 4
+    TaskSequenceRunner(plain).run()
+    assert_same_run(plain.run_dir, root / "runs" / name)
