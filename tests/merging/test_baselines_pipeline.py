@@ -132,7 +132,7 @@ def test_runner_one_short_run(tmp_path, base, name):
     assert (recipe.run_dir / "state" / "model.safetensors.index.json").exists()
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "average", *METHODS])
+@pytest.mark.parametrize("name", ["task_arithmetic", "average", *METHODS, "gcwm", "replay", "ewc"])
 def test_recipe_is_the_quickstart_with_this_strategy(name):
     quickstart = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
     data = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
