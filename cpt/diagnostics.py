@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-from cpt.geometry import Delta, LowRankDelta, RightBasis, right_basis, state_relative_geometry
-from cpt.geometry import conflict_from_bases
+from cpt.geometry import (
+    Delta,
+    LowRankDelta,
+    RightBasis,
+    conflict_from_bases,
+    right_basis,
+    state_relative_geometry,
+)
+from cpt.naming import tensor_depth, tensor_family
 
 #: Bytes of stacked deltas per batch (two operands): bounds memory whatever the model size.
 BATCH_BYTES = 256 * 2**20
 
-_DEPTH = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-_ATTENTION = re.compile(r"(self_attn|attention|attn)\.|\.(q|k|v|o)_proj\.|query|key|value")
-_MLP = re.compile(r"(mlp|feed_forward|ffn)\.|\.(gate|up|down)_proj\.")
 
 
 @dataclass(frozen=True)
@@ -35,20 +38,6 @@ class GeometrySettings:
     energy: float = 0.95
     eps: float = 1e-6
     eig_floor: float = 0.0
-
-
-def tensor_family(name: str) -> str:
-    """``attention``, ``mlp`` or ``other`` from a parameter name."""
-    if _ATTENTION.search(name):
-        return "attention"
-    if _MLP.search(name):
-        return "mlp"
-    return "other"
-
-
-def tensor_depth(name: str) -> int | None:
-    match = _DEPTH.search(name)
-    return int(match.group(1)) if match else None
 
 
 def _delta_shape(delta: Delta) -> tuple:

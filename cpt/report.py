@@ -56,6 +56,7 @@ from typing import Any
 from cpt.errors import CptError
 from cpt.evaluation.continual import continual_metrics, format_matrix_table
 from cpt.io import atomic_write_text
+from cpt.naming import tensor_depth, tensor_family
 
 PLOTS = "plots"
 MATRIX_PLOT = "accuracy_matrix.png"
@@ -66,30 +67,12 @@ REPORT_PLOTS = (MATRIX_PLOT, SCORES_PLOT, TENSOR_PLOT, SCATTER_PLOT)
 MIN_PAIRS = 3
 TOP_K = 5
 
-# The same naming rules as cpt.diagnostics.tensor_family / tensor_depth (which group the
-# geometry aggregates); repeated here so that a report does not import torch.
-_DEPTH = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-_ATTENTION = re.compile(r"(self_attn|attention|attn)\.|\.(q|k|v|o)_proj\.|query|key|value")
-_MLP = re.compile(r"(mlp|feed_forward|ffn)\.|\.(gate|up|down)_proj\.")
+# Tensors in the conflict heatmap: attention, then MLP, then the rest (cpt.naming's families).
 _FAMILY_ORDER = {"attention": 0, "mlp": 1, "other": 2}
 _MODULE_ORDER = {name: i for i, name in enumerate(
     ["q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "gate_proj", "up_proj", "down_proj"]
 )}
 _GEOMETRY_FILE = re.compile(r"^(\d+)_(.+)\.json$")
-
-
-def tensor_family(name: str) -> str:
-    """``attention``, ``mlp`` or ``other`` (as :func:`cpt.diagnostics.tensor_family`)."""
-    if _ATTENTION.search(name):
-        return "attention"
-    if _MLP.search(name):
-        return "mlp"
-    return "other"
-
-
-def tensor_depth(name: str) -> int | None:
-    match = _DEPTH.search(name)
-    return int(match.group(1)) if match else None
 
 
 def _module(name: str) -> str:

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cpt.merging.pipeline import MergeResult, MergeStrategy, TensorBatch
+from cpt.merging.pipeline import RunningMergeStrategy
 from cpt.strategies import register_strategy
-
-MERGED_KEY = "merged"
 
 
 @dataclass
@@ -37,30 +35,10 @@ def magmax_merge(previous: torch.Tensor, task_vector: torch.Tensor) -> tuple[tor
 
 @register_strategy("magmax", params=MagMaxParams, train_from="base",
                    description="continual MagMax: M_t = per-entry larger magnitude of (M_{t-1}, τ_t), θ_t = θ0 + λ·M_t (METHOD §3)")
-class MagMax(MergeStrategy):
-    def history_keys(self, step, scalars):
-        return [MERGED_KEY]
+class MagMax(RunningMergeStrategy):
+    def first_stats(self, task_vector):
+        return {"fraction_from_new": torch.ones(task_vector.shape[0])}
 
-    def merge(self, batch: TensorBatch) -> MergeResult:
-        p = self.params
-        previous = batch.history.get(MERGED_KEY)
-        recovered = False
-        if batch.step == 1:
-            merged, take_new = batch.task_vector, torch.ones_like(batch.task_vector, dtype=torch.bool)
-        else:
-            if previous is None:
-                if p.scaling == 0:
-                    raise ValueError(f"magmax: no kept merged vector for {batch.names[0]} and scaling 0: cannot recover it")
-                previous, recovered = batch.state_delta / p.scaling, True
-            merged, take_new = magmax_merge(previous, batch.task_vector)
-        new_state = batch.base + p.scaling * merged
-        update = (new_state - batch.state).flatten(1).norm(dim=1)
-        merged_norm = merged.flatten(1).norm(dim=1)
-        from_new = take_new.flatten(1).float().mean(dim=1)
-        stats = [
-            {"norm_update": float(update[i]), "norm_merged": float(merged_norm[i]),
-             "fraction_from_new": float(from_new[i]),
-             **({"merged_recovered_from_state": True} if recovered else {})}
-            for i in range(len(batch.names))
-        ]
-        return MergeResult(state=new_state, history={MERGED_KEY: merged}, stats=stats)
+    def combine(self, previous, task_vector):
+        merged, take_new = magmax_merge(previous, task_vector)
+        return merged, {"fraction_from_new": take_new.flatten(1).float().mean(dim=1)}

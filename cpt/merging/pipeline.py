@@ -113,6 +113,52 @@ class MergeStrategy:
         return run_merge(self, context)
 
 
+class RunningMergeStrategy(MergeStrategy):
+    """Strategies that keep an unscaled running vector M_t and set θ_t = θ0 + λ M_t (TIES, MagMax).
+
+    ``M_1 = τ_1``; for t ≥ 2 ``M_t = combine(M_{t−1}, τ_t)``. M is kept as pipeline history
+    under ``merged``; if it is missing for a tensor at t ≥ 2 it is recovered as
+    ``(θ_{t−1} − θ0)/λ`` and the stats say so. Subclasses implement :meth:`combine`
+    and read ``self.params.scaling`` (λ).
+    """
+
+    MERGED_KEY = "merged"
+
+    def combine(self, previous: torch.Tensor, task_vector: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(M_t, per-tensor statistics ``{name: [n]}``) from M_{t−1} and τ_t, batched."""
+        raise NotImplementedError
+
+    def first_stats(self, task_vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The statistics of step 1, where M_1 = τ_1."""
+        return {}
+
+    def history_keys(self, step, scalars):
+        return [self.MERGED_KEY]
+
+    def merge(self, batch: TensorBatch) -> MergeResult:
+        scaling = self.params.scaling
+        recovered = False
+        if batch.step == 1:
+            merged, extra = batch.task_vector, self.first_stats(batch.task_vector)
+        else:
+            previous = batch.history.get(self.MERGED_KEY)
+            if previous is None:
+                if scaling == 0:
+                    raise ValueError(f"no kept merged vector for {batch.names[0]} and scaling 0: cannot recover it")
+                previous, recovered = batch.state_delta / scaling, True
+            merged, extra = self.combine(previous, batch.task_vector)
+        new_state = batch.base + scaling * merged
+        update = (new_state - batch.state).flatten(1).norm(dim=1)
+        merged_norm = merged.flatten(1).norm(dim=1)
+        stats = [
+            {"norm_update": float(update[i]), "norm_merged": float(merged_norm[i]),
+             **{key: float(values[i]) for key, values in extra.items()},
+             **({"merged_recovered_from_state": True} if recovered else {})}
+            for i in range(len(batch.names))
+        ]
+        return MergeResult(state=new_state, history={self.MERGED_KEY: merged}, stats=stats)
+
+
 # ---------------------------------------------------------------------- tensor streaming
 class BatchSource:
     """Where the tensors of one integration step are, grouped into equal-shape batches."""

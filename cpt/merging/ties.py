@@ -36,10 +36,8 @@ import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from pydantic import Field
 
-from cpt.merging.pipeline import MergeResult, MergeStrategy, TensorBatch
+from cpt.merging.pipeline import RunningMergeStrategy
 from cpt.strategies import register_strategy
-
-MERGED_KEY = "merged"
 
 
 @dataclass
@@ -86,30 +84,11 @@ def ties_merge(previous: torch.Tensor, task_vector: torch.Tensor, density: float
 
 @register_strategy("ties", params=TiesParams, train_from="base",
                    description="continual TIES: M_t = TIES(M_{t-1}, τ_t) (trim, elect sign, disjoint mean), θ_t = θ0 + λ·M_t (METHOD §3)")
-class Ties(MergeStrategy):
-    def history_keys(self, step, scalars):
-        return [MERGED_KEY]
+class Ties(RunningMergeStrategy):
+    def first_stats(self, task_vector):
+        nonzero = (task_vector != 0).flatten(1).float().mean(dim=1)
+        return {"merged_density": nonzero, "sign_conflicts": torch.zeros(task_vector.shape[0])}
 
-    def merge(self, batch: TensorBatch) -> MergeResult:
-        p = self.params
-        previous = batch.history.get(MERGED_KEY)
-        recovered = False
-        if batch.step == 1:
-            merged, conflict = batch.task_vector, torch.zeros(len(batch.names))
-        else:
-            if previous is None:
-                if p.scaling == 0:
-                    raise ValueError(f"ties: no kept merged vector for {batch.names[0]} and scaling 0: cannot recover it")
-                previous, recovered = batch.state_delta / p.scaling, True
-            merged, conflict = ties_merge(previous, batch.task_vector, p.density, p.majority_sign)
-        new_state = batch.base + p.scaling * merged
-        update = (new_state - batch.state).flatten(1).norm(dim=1)
-        merged_norm = merged.flatten(1).norm(dim=1)
-        nonzero = (merged != 0).flatten(1).float().mean(dim=1)
-        stats = [
-            {"norm_update": float(update[i]), "norm_merged": float(merged_norm[i]),
-             "merged_density": float(nonzero[i]), "sign_conflicts": float(conflict[i]),
-             **({"merged_recovered_from_state": True} if recovered else {})}
-            for i in range(len(batch.names))
-        ]
-        return MergeResult(state=new_state, history={MERGED_KEY: merged}, stats=stats)
+    def combine(self, previous, task_vector):
+        merged, conflict = ties_merge(previous, task_vector, self.params.density, self.params.majority_sign)
+        return merged, {"merged_density": (merged != 0).flatten(1).float().mean(dim=1), "sign_conflicts": conflict}
