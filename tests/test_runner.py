@@ -171,3 +171,15 @@ def test_resume_after_kills_matches_uninterrupted_run(tmp_path, tiny_model):
     reference_state = state_weights(reference.run_dir)
     for name, tensor in reference_state.items():
         torch.testing.assert_close(resumed_state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_without_base_row_indices_keep_their_meaning(tmp_path, tiny_model):
+    data = make_recipe(tmp_path, tiny_model, steps=(2, 2))
+    data["evaluation"]["evaluate_base"] = False
+    recipe = validate_recipe(data)
+    result = TaskSequenceRunner(recipe).run()
+    assert result.matrix[0] is None and len(result.matrix) == 3 and None not in result.matrix[1]
+    matrix = json.loads((recipe.run_dir / "eval" / "matrix.json").read_text())
+    # BWT compares R[2][1] with R[1][1]: row indices must not shift when row 0 is missing.
+    assert matrix["metrics"]["bwt"] == pytest.approx(result.matrix[2][0] - result.matrix[1][0])
+    assert matrix["metrics"]["fwt"] is None, "FWT needs the base row"
