@@ -22,14 +22,7 @@ F64 = torch.float64
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation (and stall badly on a
-    loaded machine), so run single-threaded and restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------- reference (METHOD §2)

@@ -28,14 +28,7 @@ from cpt.merging.gcwm import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation (and stall badly on a
-    loaded machine), so run single-threaded and restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def delta(shape, rank=4, seed=0, scale=0.02, noise=1e-3, dtype=F64):
