@@ -3,8 +3,8 @@
     python benchmarks/merge_memory.py --model smollm2-135m-instruct --tasks 5 --method gcwm --set iters=5
 
 Writes ``--tasks`` synthetic experts of the model (θ0 + a rank-8 perturbation of every
-weight, saved as safetensors), then runs ``cpt merge`` over them with ``--save-steps`` in a
-child process whose resident memory is sampled every 10 ms, step by step. The claim to
+weight, saved as safetensors), then runs one ``cpt merge`` over them in a child process
+whose resident memory is sampled every 10 ms, and reports the peak of each step. The claim to
 check: the peak stays ≤ 1.5× one model's size and does not grow with the number of tasks
 (current_anchor). The inner Adam iterations do not change memory, only time, hence the
 small ``iters`` by default.
@@ -47,30 +47,50 @@ def make_experts(base: str, count: int, folder: Path) -> list[Path]:
     return paths
 
 
-def peak_rss_of(command: list[str]) -> tuple[int, float]:
-    """(peak resident bytes of the process tree, wall seconds) of ``command``."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
+    """Run ``command`` (``cpt merge``), sampling the resident memory of its process every
+    10 ms; returns the peak and wall time of each step (split at its "[cpt] merged" lines)
+    and the peak over the whole run."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     handle = psutil.Process(process.pid)
-    started = time.perf_counter()
+    current = {"peak": 0}
+    overall = 0
+    lock = threading.Lock()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal overall
         while process.poll() is None:
             try:
-                total = handle.memory_info().rss + sum(child.memory_info().rss for child in handle.children(recursive=True))
+                rss = handle.memory_info().rss
             except psutil.Error:
                 break
-            peak = max(peak, total)
+            with lock:
+                current["peak"] = max(current["peak"], rss)
+                overall = max(overall, rss)
             time.sleep(0.01)
 
-    sampler = threading.Thread(target=sample)
+    sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, stderr = process.communicate()
+    steps, started = [], time.perf_counter()
+    for line in process.stdout:
+        if line.startswith("[cpt] merged"):
+            now = time.perf_counter()
+            with lock:
+                steps.append({"step": len(steps) + 1, "peak_rss_bytes": current["peak"], "seconds": now - started})
+                current["peak"] = 0
+            started = now
+    stderr = process.stderr.read()
+    process.wait()
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(stderr[-3000:])
-    return peak, time.perf_counter() - started
+    return steps, overall
+
+
+def baseline_rss() -> int:
+    """Resident memory of a process that only imports what ``cpt merge`` imports."""
+    probe = "import torch, transformers, safetensors, cpt.merging.gcwm, psutil, os; print(psutil.Process(os.getpid()).memory_info().rss)"
+    return int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout)
 
 
 def main() -> None:
@@ -78,26 +98,27 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="asset name or local HF folder")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--method", default="gcwm")
-    parser.add_argument("--set", dest="overrides", action="append", default=["iters=5"])
+    parser.add_argument("--set", dest="overrides", action="append", default=None,
+                        help="strategy parameters (default: iters=5 — memory does not depend on it)")
     args = parser.parse_args()
 
     from cpt.assets import resolve_model
 
+    args.overrides = args.overrides or ["iters=5"]
     base = resolve_model(args.model)
     model_bytes = sum(p.stat().st_size for p in Path(base).glob("*.safetensors"))
-    baseline, _ = peak_rss_of([sys.executable, "-c", "import torch, transformers, safetensors, cpt.merging.gcwm"])
+    imports = baseline_rss()
     with tempfile.TemporaryDirectory() as scratch:
         experts = make_experts(base, args.tasks, Path(scratch))
-        rows = []
-        for count in range(1, args.tasks + 1):
-            out = Path(scratch) / f"merged{count}"
-            command = [sys.executable, "-m", "cpt.cli", "merge", "--method", args.method, base, *map(str, experts[:count]),
-                       "--output", str(out)] + [item for pair in args.overrides for item in ("--set", pair)]
-            peak, seconds = peak_rss_of(command)
-            rows.append({"tasks": count, "peak_rss_gib": peak / 2**30, "above_imports_gib": (peak - baseline) / 2**30,
-                         "ratio_to_model": (peak - baseline) / model_bytes, "seconds": seconds})
-            print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({"model_gib": model_bytes / 2**30, "imports_rss_gib": baseline / 2**30, "rows": rows}, indent=2))
+        command = [sys.executable, "-m", "cpt.cli", "merge", "--method", args.method, base, *map(str, experts),
+                   "--output", str(Path(scratch) / "merged")] + [item for pair in args.overrides for item in ("--set", pair)]
+        steps, overall = peak_rss_per_step(command)
+    for step in steps:
+        step["peak_rss_gib"] = round(step.pop("peak_rss_bytes") / 2**30, 3)
+        step["above_imports_over_model"] = round((step["peak_rss_gib"] * 2**30 - imports) / model_bytes, 3)
+        step["seconds"] = round(step["seconds"], 1)
+    print(json.dumps({"model_gib": round(model_bytes / 2**30, 3), "imports_rss_gib": round(imports / 2**30, 3),
+                      "peak_rss_gib": round(overall / 2**30, 3), "steps": steps}, indent=2))
 
 
 if __name__ == "__main__":
