@@ -117,6 +117,10 @@ class GCWMParams:
             ``θ_t = θ_{t−1} + c_t τ_t`` (the same ``c_t`` as target tensors);
             ``"average"`` uses the running mean of the experts,
             ``θ_t = θ0 + (1/t) Σ_{s≤t} τ_s`` (weight averaging, METHOD §3).
+        history_rank: cpt's extension, not in METHOD's table: keep ``all_history``'s task
+            vectors as rank-``history_rank`` factors (their top right singular directions)
+            instead of dense, to bound disk and RAM; -1 (default) keeps them dense and
+            exact. The relative error ‖τ − τ_r‖/‖τ‖ is reported per tensor.
     """
 
     rank: int = 16
@@ -141,6 +145,7 @@ class GCWMParams:
     step_coef: float = 0.2
     decay: float = 1.0
     non_target: Literal["base", "task_arithmetic", "average"] = "base"
+    history_rank: int = -1
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
@@ -171,6 +176,7 @@ class GCWMParams:
         need(self.lr >= 0.0, "lr must be >= 0")
         need(self.eig_floor >= 0.0, "eig_floor must be >= 0")
         need(self.memory_size == -1 or self.memory_size >= 1, "memory_size must be -1 or >= 1")
+        need(self.history_rank == -1 or self.history_rank >= 1, "history_rank must be -1 or >= 1")
         need(self.old_weight >= 0.0, "old_weight must be >= 0 (0 drops m_{t-1})")
         need(self.new_weight > 0.0, "new_weight must be > 0")
         need(self.decay >= 0.0, "decay must be >= 0")
@@ -860,8 +866,24 @@ class GCWM(MergeStrategy):
         needed = step - 1 if self.params.memory_size < 0 else min(step - 1, self.params.memory_size - 1)
         return list(range(step - needed, step))
 
+    def _tau_keys(self, k: int) -> list[str]:
+        return [f"tau_{k}.left", f"tau_{k}.right"] if self.params.history_rank > 0 else [f"tau_{k}"]
+
     def history_keys(self, step: int, scalars: dict) -> list[str]:
-        return ["merged", *(f"tau_{k}" for k in self._window(step))]
+        return ["merged", *(key for k in self._window(step) for key in self._tau_keys(k))]
+
+    def _kept_tau(self, batch: TensorBatch, k: int) -> torch.Tensor | None:
+        if self.params.history_rank <= 0:
+            return batch.history.get(f"tau_{k}")
+        left, right = batch.history.get(f"tau_{k}.left"), batch.history.get(f"tau_{k}.right")
+        return None if left is None or right is None else left @ right.mT
+
+    def _compress(self, task_vector: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rank-``history_rank`` factors (τ V, V) of τ and the relative error per tensor."""
+        basis = right_basis(task_vector, rank=self.params.history_rank, energy=1.0).basis.to(task_vector.dtype)
+        left = task_vector @ basis
+        error = (task_vector - left @ basis.mT).flatten(1).norm(dim=1) / task_vector.flatten(1).norm(dim=1).clamp_min(1e-30)
+        return {"left": left, "right": basis}, error
 
     def merge(self, batch: TensorBatch) -> MergeResult:
         step = batch.step
@@ -873,14 +895,20 @@ class GCWM(MergeStrategy):
         if step > 1 and previous is None:
             raise ValueError(f"GCWM step {step}: no kept merged delta m_(t-1) for {batch.names[0]}; "
                              "the run's history/ folder is missing or incomplete: rerun with --overwrite")
-        earlier = [batch.history[f"tau_{k}"] for k in self._window(step)]
+        earlier = [self._kept_tau(batch, k) for k in self._window(step)]
         if any(tau is None for tau in earlier):
             raise ValueError(f"GCWM step {step}: a kept task vector is missing for {batch.names[0]}")
         merged, increment, stats = gcwm_continual_step(step, batch.task_vector, previous, earlier or None, self.params)
         keep = {"merged": merged}
-        next_window = self._window(step + 1)
-        for k in next_window:
-            keep[f"tau_{k}"] = batch.task_vector if k == step else batch.history[f"tau_{k}"]
+        history_error = None
+        for k in self._window(step + 1):
+            if k != step:  # carried forward as stored
+                keep.update({key: batch.history[key] for key in self._tau_keys(k)})
+            elif self.params.history_rank > 0:
+                factors, history_error = self._compress(batch.task_vector)
+                keep.update({f"tau_{k}.{part}": value for part, value in factors.items()})
+            else:
+                keep[f"tau_{k}"] = batch.task_vector
         norms = increment.flatten(1).norm(dim=1)
         per_tensor = []
         for i in range(len(batch.names)):
@@ -888,6 +916,8 @@ class GCWM(MergeStrategy):
             row["branch"] = ("plain", "relation", "both")[int(stats["branch"][i])]
             row.update(norm_update=float(norms[i]), norm_task_vector=float(batch.task_vector[i].norm()),
                        step_coef=float(stats["step_coef"]))
+            if history_error is not None:
+                row["history_error"] = float(history_error[i])
             per_tensor.append(row)
         return MergeResult(state=batch.state + increment.to(batch.state.dtype), history=keep, stats=per_tensor)
 

@@ -333,12 +333,14 @@ METHOD_DEFAULTS = {
     "memory": "current_anchor", "memory_size": -1, "old_weight": 1.0, "new_weight": 1.0,
     "step_coef": 0.2, "decay": 1.0, "non_target": "base",
 }
+#: cpt's extensions beyond METHOD's table, off by default.
+EXTENSIONS = {"history_rank": -1}
 
 
 def test_params_names_and_defaults_are_methods():
     from dataclasses import asdict
 
-    assert asdict(GCWMParams()) == METHOD_DEFAULTS
+    assert asdict(GCWMParams()) == {**METHOD_DEFAULTS, **EXTENSIONS}
     adapter = TypeAdapter(GCWMParams)
     assert adapter.validate_python({}) == GCWMParams()
     assert adapter.validate_python({"metric": "mean", "memory": "all_history"}).metric == "mean"
@@ -357,6 +359,7 @@ def test_params_names_and_defaults_are_methods():
         {"alpha_min": 0.9, "alpha_max": 0.5},
         {"skip_tol": 0.6},
         {"memory_size": 0},
+        {"history_rank": 0},
         {"iters": -1},
     ],
 )

@@ -62,3 +62,30 @@ def test_gcwm_recipe_end_to_end(tmp_path, base):
     stats = json.loads((recipe.run_dir / "integration" / "2_upper.json").read_text())
     assert stats["summary"]["memory"] == "current_anchor"
     assert stats["per_tensor"][TARGET]["target"] is True
+
+
+def test_low_rank_history_storage(tmp_path, base):
+    """all_history with history_rank: factors kept instead of dense τ, error reported and exact
+    when the rank covers the task vectors (rank-8 perturbations here... plus the fine-tune's own)."""
+    dense, low = tmp_path / "dense", tmp_path / "low"
+    experts = [perturbed(base, seed) for seed in (41, 42, 43)]
+    for folder, rank in ((dense, -1), (low, 64)):
+        strategy = GCWM(GCWMParams(memory="all_history", iters=5, history_rank=rank))
+        for step, expert in enumerate(experts, start=1):
+            stats = run_merge(strategy, context(folder, base, expert, step))
+    kept = sorted(p.name for p in (low / "run" / "history" / "step-3").iterdir())
+    assert kept == ["merged", "scalars.json", "tau_1.left", "tau_1.right", "tau_2.left", "tau_2.right", "tau_3.left", "tau_3.right"]
+    # Rank 64 covers every tiny tensor (min side ≤ 64 for attention, ≤ 64 of 128 for MLP up/gate).
+    row = stats["per_tensor"]["model.layers.0.self_attn.q_proj.weight"]
+    assert row["history_error"] < 1e-5
+    down = stats["per_tensor"][TARGET]  # 64×128: rank 64 is exact as well
+    assert down["history_error"] < 1e-5
+    a, b = weights(dense / "run" / "state"), weights(low / "run" / "state")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5)  # float32 reconstruction, amplified a little by Adam
+
+    coarse = tmp_path / "coarse"
+    strategy = GCWM(GCWMParams(memory="all_history", iters=5, history_rank=2))
+    for step, expert in enumerate(experts[:2], start=1):
+        stats = run_merge(strategy, context(coarse, base, expert, step))
+    assert 0.1 < stats["per_tensor"][TARGET]["history_error"] < 1.0, "rank 2 of a full-rank τ loses energy, and says so"
