@@ -47,13 +47,26 @@ def make_experts(base: str, count: int, folder: Path) -> list[Path]:
     return paths
 
 
+def anonymous_rss(pid: int) -> int:
+    """Resident anonymous memory (heap, tensors) of ``pid``: RSS without file-backed pages.
+
+    safetensors memory-maps the weight files it reads; those clean page-cache pages count
+    in RSS while mapped but are reclaimable, so they are reported apart.
+    """
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
-    """Run ``command`` (``cpt merge``), sampling the resident memory of its process every
-    10 ms; returns the peak and wall time of each step (split at its "[cpt] merged" lines)
-    and the peak over the whole run."""
+    """Run ``command`` (``cpt merge``), sampling the memory of its process every 10 ms;
+    returns each step's peak RSS, peak anonymous RSS and wall time (steps split at the
+    "[cpt] merged" lines) and the peak RSS over the whole run."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     handle = psutil.Process(process.pid)
-    current = {"peak": 0}
+    current = {"peak": 0, "anon": 0}
     overall = 0
     lock = threading.Lock()
 
@@ -62,10 +75,12 @@ def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
         while process.poll() is None:
             try:
                 rss = handle.memory_info().rss
-            except psutil.Error:
+                anon = anonymous_rss(process.pid)
+            except (psutil.Error, OSError):
                 break
             with lock:
                 current["peak"] = max(current["peak"], rss)
+                current["anon"] = max(current["anon"], anon)
                 overall = max(overall, rss)
             time.sleep(0.01)
 
@@ -76,8 +91,9 @@ def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
         if line.startswith("[cpt] merged"):
             now = time.perf_counter()
             with lock:
-                steps.append({"step": len(steps) + 1, "peak_rss_bytes": current["peak"], "seconds": now - started})
-                current["peak"] = 0
+                steps.append({"step": len(steps) + 1, "peak_rss_bytes": current["peak"], "peak_anon_bytes": current["anon"],
+                              "seconds": now - started})
+                current["peak"] = current["anon"] = 0
             started = now
     stderr = process.stderr.read()
     process.wait()
@@ -115,7 +131,9 @@ def main() -> None:
         steps, overall = peak_rss_per_step(command)
     for step in steps:
         step["peak_rss_gib"] = round(step.pop("peak_rss_bytes") / 2**30, 3)
-        step["above_imports_over_model"] = round((step["peak_rss_gib"] * 2**30 - imports) / model_bytes, 3)
+        anon = step.pop("peak_anon_bytes")
+        step["peak_anonymous_gib"] = round(anon / 2**30, 3)
+        step["anonymous_over_model"] = round(anon / model_bytes, 3)
         step["seconds"] = round(step["seconds"], 1)
     print(json.dumps({"model_gib": round(model_bytes / 2**30, 3), "imports_rss_gib": round(imports / 2**30, 3),
                       "peak_rss_gib": round(overall / 2**30, 3), "steps": steps}, indent=2))

@@ -38,8 +38,13 @@ from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json, commit_dir, staging_dir
 from cpt.tensors import STATE_MARKER, SafetensorsWeights, compile_targets, is_target, model_tensors, plain_model
 
-#: Upper bound on the bytes of one batch of one operand (float32); bounds peak memory.
+#: Upper bound on the bytes of one batch of one operand (float32).
 BATCH_BYTES = 128 * 2**20
+#: A batch of one operand is also at most this fraction of the model (float32). A merge
+#: holds a few dozen batch-sized operands at once (θ0, θ_{t−1}, E_t, τ_t, kept tensors, and
+#: e.g. GCWM's whitened vectors and Adam states), so 1/64 keeps the working set well under
+#: one model's size whatever the model (see benchmarks/merge_memory.py).
+BATCH_MODEL_FRACTION = 1 / 64
 
 
 @dataclass
@@ -192,10 +197,12 @@ class BatchSource:
         grouped: dict[tuple, list[str]] = defaultdict(list)
         for name in self.names:
             grouped[(self.is_target[name], tuple(self.shapes[name]))].append(name)
+        model_bytes = sum(4 * math.prod(shape) for shape in self.shapes.values())
+        limit = min(BATCH_BYTES, int(model_bytes * BATCH_MODEL_FRACTION))
         batches = []
         for (target, shape), names in grouped.items():
             per_item = 4 * max(1, math.prod(shape))
-            size = max(1, BATCH_BYTES // per_item)
+            size = max(1, limit // per_item)
             batches.extend((target, names[i : i + size]) for i in range(0, len(names), size))
         return batches
 
