@@ -64,7 +64,9 @@ def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
     """Run ``command`` (``cpt merge``), sampling the memory of its process every 10 ms;
     returns each step's peak RSS, peak anonymous RSS and wall time (steps split at the
     "[cpt] merged" lines) and the peak RSS over the whole run."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr (progress bars) goes to a file: an unread pipe would fill up and stall the merge.
+    errors = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=errors, text=True)
     handle = psutil.Process(process.pid)
     current = {"peak": 0, "anon": 0}
     overall = 0
@@ -95,8 +97,9 @@ def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
                               "seconds": now - started})
                 current["peak"] = current["anon"] = 0
             started = now
-    stderr = process.stderr.read()
     process.wait()
+    errors.seek(0)
+    stderr = errors.read()
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(stderr[-3000:])
