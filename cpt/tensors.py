@@ -9,6 +9,8 @@ parameter names (``model.layers.0.self_attn.q_proj.weight``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import re
@@ -256,6 +258,29 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# ---------------------------------------------------------------------- host memory
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS and musl
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Why: after the first multi-megabyte buffer is freed, glibc raises its mmap threshold
+    and serves later buffers of that size from its heap, which it keeps once they are
+    freed. A streamed merge that reads a model tensor by tensor then grows by every tensor
+    it ever read (measured: +1.4 GiB over one SmolLM2 step). Calling this between batches
+    keeps resident memory at one batch; it costs about a millisecond a call (measured).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 # ---------------------------------------------------------------------- weights on disk
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -303,3 +328,16 @@ class SafetensorsWeights:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now (memory-mapped; nothing else is loaded)."""
         return self._handle(name).get_tensor(name)
+
+    def release(self) -> None:
+        """Unmap the files read so far (the next read reopens them).
+
+        Pages of a memory-mapped file count in the process's resident memory while mapped,
+        so a pass over a whole model would otherwise leave every file resident; they stay
+        in the OS page cache, where the next read finds them.
+        """
+        self._handles.clear()
+
+    def get_rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of one tensor, reading only those bytes from disk."""
+        return self._handle(name).get_slice(name)[rows]

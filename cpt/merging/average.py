@@ -16,6 +16,9 @@ class AverageParams:
 @register_strategy("average", params=AverageParams, train_from="base",
                    description="running mean of the experts: θ_t = ((t-1)·θ_{t-1} + E_t)/t (METHOD §3)")
 class Average(MergeStrategy):
+    def rows_separable(self, target):
+        return True  # element-wise on every tensor
+
     def merge(self, batch: TensorBatch) -> MergeResult:
         t = batch.step
         new_state = ((t - 1) * batch.state + batch.expert) / t

@@ -885,6 +885,9 @@ class GCWM(MergeStrategy):
         error = (task_vector - left @ basis.mT).flatten(1).norm(dim=1) / task_vector.flatten(1).norm(dim=1).clamp_min(1e-30)
         return {"left": left, "right": basis}, error
 
+    def rows_separable(self, target):
+        return not target  # non-target rule is element-wise; targets need whole matrices
+
     def merge(self, batch: TensorBatch) -> MergeResult:
         step = batch.step
         if not batch.target:

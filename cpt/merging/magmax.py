@@ -36,6 +36,9 @@ def magmax_merge(previous: torch.Tensor, task_vector: torch.Tensor) -> tuple[tor
 @register_strategy("magmax", params=MagMaxParams, train_from="base",
                    description="continual MagMax: M_t = per-entry larger magnitude of (M_{t-1}, τ_t), θ_t = θ0 + λ·M_t (METHOD §3)")
 class MagMax(RunningMergeStrategy):
+    def rows_separable(self, target):
+        return True  # element-wise on every tensor
+
     def first_stats(self, task_vector):
         return {"fraction_from_new": torch.ones(task_vector.shape[0])}
 

@@ -136,6 +136,9 @@ def nufilt_merge(previous: torch.Tensor, task_vector: torch.Tensor, b_init: torc
 @register_strategy("nufilt", params=NufiltParams, train_from="base",
                    description="null-space filtering of τ_t against the state's top input directions plus a small LoRA correction (METHOD §3)")
 class Nufilt(MergeStrategy):
+    def rows_separable(self, target):
+        return not target  # non-target rule is element-wise; targets need whole matrices
+
     def merge(self, batch: TensorBatch) -> MergeResult:
         p = self.params
         n = len(batch.names)

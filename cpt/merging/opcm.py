@@ -81,7 +81,7 @@ def opcm_project(previous: torch.Tensor, task_vector: torch.Tensor, alpha: float
 class OPCM(MergeStrategy):
     def begin_step(self, step, batches, scalars):
         self._task_sq = 0.0
-        for _target, _names, _base, _state, _expert, task_vector in batches.iterate():
+        for _target, _names, _rows, _base, _state, _expert, task_vector in batches.iterate():
             self._task_sq += float(task_vector.double().square().sum())
         norms = list(scalars.get("task_norms", []))
         self._carried = step == 1 or (len(norms) == step - 1 and "lambda" in scalars)
@@ -89,6 +89,9 @@ class OPCM(MergeStrategy):
         self._delta_sq = 0.0
         self._pieces: dict[str, tuple[float, float, float]] = {}
         self._scale = None
+
+    def rows_separable(self, target):
+        return not target  # D_t = λP + τ_t entry by entry; targets need their SVD
 
     def merge(self, batch: TensorBatch) -> MergeResult:
         previous, task_vector = batch.state_delta, batch.task_vector
@@ -107,7 +110,9 @@ class OPCM(MergeStrategy):
         task_norm, projected_norm = task_vector.flatten(1).norm(dim=1), projected.flatten(1).norm(dim=1)
         stats = []
         for i, name in enumerate(batch.names):
-            self._pieces[name] = (float(dd[i]), float(dp[i]), float(pp[i]))
+            # += : a non-target tensor may arrive in row blocks (rows_separable)
+            old = self._pieces.get(name, (0.0, 0.0, 0.0))
+            self._pieces[name] = (old[0] + float(dd[i]), old[1] + float(dp[i]), old[2] + float(pp[i]))
             entry = {"norm_task_vector": float(task_norm[i]), "norm_projected_task_vector": float(projected_norm[i]),
                      "norm_delta_unscaled": math.sqrt(float(dd[i])), "norm_previous": math.sqrt(float(pp[i]))}
             if split is not None:

@@ -6,8 +6,13 @@ does everything else, the same way for every method, so comparisons are fair:
 * tensors are read lazily — θ0 and θ_{t−1} from safetensors, E_t from the live model
   (LoRA merged on the fly) — and grouped by shape into batches of bounded size, so the
   extra memory is one batch, whatever the model or the number of tasks;
+* a single tensor bigger than one batch (an embedding, say) is split into row blocks when
+  the strategy's rule for it is row-separable (:meth:`MergeStrategy.rows_separable`), so
+  no operand is ever larger than one batch;
 * each batch's new state θ_t is written at once as its own safetensors shard (an HF
   sharded checkpoint with an index), so nothing model-sized is held;
+* freed buffers are handed back to the OS after every batch (:func:`release_freed_host_memory`):
+  without it glibc keeps them, and resident memory grows with every tensor read;
 * what a strategy keeps across steps (e.g. GCWM's previous merged delta, the task vectors
   of ``all_history``) is stored per step in ``history/step-<t>/<key>/``, shard by shard;
   step t reads ``step-<t−1>`` and older steps are dropped only after θ_t is committed,
@@ -26,7 +31,7 @@ import json
 import math
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,15 @@ from safetensors.torch import save_file
 
 from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json, commit_dir, staging_dir
-from cpt.tensors import STATE_MARKER, SafetensorsWeights, compile_targets, is_target, model_tensors, plain_model
+from cpt.tensors import (
+    STATE_MARKER,
+    SafetensorsWeights,
+    compile_targets,
+    is_target,
+    model_tensors,
+    plain_model,
+    release_freed_host_memory,
+)
 
 #: Upper bound on the bytes of one batch of one operand (float32).
 BATCH_BYTES = 128 * 2**20
@@ -66,6 +79,9 @@ class TensorBatch:
     """The strategy's kept tensors from step t−1, by key (``None`` where absent)."""
     scalars: dict[str, Any]
     """The strategy's carried scalars (read at step t−1's end; update in ``end_step``)."""
+    rows: slice | None = None
+    """``None`` for whole tensors; for a tensor split into row blocks (one name, only for a
+    row-separable rule, see :meth:`MergeStrategy.rows_separable`) the rows this batch holds."""
 
     @property
     def state_delta(self) -> torch.Tensor:
@@ -98,6 +114,17 @@ class MergeStrategy:
     # ---------------------------------------------------------------- hooks
     def history_keys(self, step: int, scalars: dict[str, Any]) -> list[str]:
         return []
+
+    def rows_separable(self, target: bool) -> bool:
+        """Whether :meth:`merge` treats each row of a target (or non-target) tensor on its
+        own — element-wise rules such as task arithmetic. The pipeline may then hand it a
+        tensor larger than one batch in row blocks (:attr:`TensorBatch.rows`), so memory
+        stays one batch whatever the embedding size. Per-tensor stats are combined over
+        the blocks: ``norm*`` keys as the root of the summed squares, other numbers as the
+        row-weighted mean, flags with ``or``. Stateful strategies must accumulate, not
+        overwrite, per-name quantities. Default ``False`` (whole tensors only).
+        """
+        return False
 
     def begin_step(self, step: int, batches: "BatchSource", scalars: dict[str, Any]) -> None:
         """Called before the batches; ``batches.iterate()`` streams them if a pre-pass is needed."""
@@ -168,9 +195,11 @@ class RunningMergeStrategy(MergeStrategy):
 class BatchSource:
     """Where the tensors of one integration step are, grouped into equal-shape batches."""
 
-    def __init__(self, context: IntegrationContext, device: torch.device):
+    def __init__(self, context: IntegrationContext, device: torch.device,
+                 rows_separable: Callable[[bool], bool] | None = None):
         self.context = context
         self.device = device
+        self.rows_separable = rows_separable or (lambda target: False)
         self.base = SafetensorsWeights(context.base_dir)
         previous = context.previous_state_dir
         self.previous = SafetensorsWeights(previous) if previous is not None and (Path(previous) / STATE_MARKER).exists() else self.base
@@ -193,37 +222,69 @@ class BatchSource:
             return self.expert.weights.dtype(name)
         return self.expert[name].dtype
 
-    def groups(self) -> list[tuple[bool, list[str]]]:
+    def groups(self) -> list[tuple[bool, list[str], slice | None]]:
+        """``(target, names, rows)`` batches: equal-shape tensors of one kind up to the batch
+        limit, or row blocks of one tensor above it when the rule is row-separable."""
         grouped: dict[tuple, list[str]] = defaultdict(list)
         for name in self.names:
             grouped[(self.is_target[name], tuple(self.shapes[name]))].append(name)
-        model_bytes = sum(4 * math.prod(shape) for shape in self.shapes.values())
-        limit = min(BATCH_BYTES, int(model_bytes * BATCH_MODEL_FRACTION))
+        limit = batch_limit(self.shapes.values())
         batches = []
         for (target, shape), names in grouped.items():
             per_item = 4 * max(1, math.prod(shape))
+            if per_item > limit and len(shape) >= 2 and self.rows_separable(target):
+                block = max(1, limit // (per_item // shape[0]))
+                batches.extend((target, [name], slice(start, min(start + block, shape[0])))
+                               for name in names for start in range(0, shape[0], block))
+                continue
             size = max(1, limit // per_item)
-            batches.extend((target, names[i : i + size]) for i in range(0, len(names), size))
+            batches.extend((target, names[i : i + size], None) for i in range(0, len(names), size))
         return batches
 
-    def load(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(θ0, θ_{t−1}, E_t, τ_t) for ``names``, float32 on the merge device."""
+    def load(self, names: list[str], rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(θ0, θ_{t−1}, E_t, τ_t) for ``names`` (only ``rows`` of them if given), float32 on the merge device."""
 
         def stack(tensors):
             return torch.stack([tensor.to(self.device, torch.float32) for tensor in tensors])
 
-        base = stack(self.base.get(name) for name in names)
-        state = base if self.previous is self.base else stack(self.previous.get(name) for name in names)
+        base = stack(read_rows(self.base, name, rows) for name in names)
+        state = base if self.previous is self.base else stack(read_rows(self.previous, name, rows) for name in names)
         start = base if self.start is self.base else state
-        expert = stack(self.expert[name] for name in names)
+        expert = stack(read_rows(self.expert, name, rows) for name in names)
         return base, state, expert, expert - start
 
-    def iterate(self, desc: str | None = None) -> Iterator[tuple[bool, list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def iterate(self, desc: str | None = None) -> Iterator[tuple[bool, list[str], slice | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(target, names, rows, θ0, θ_{t−1}, E_t, τ_t)`` per batch, freeing each before the next."""
         from tqdm.auto import tqdm
 
         groups = self.groups()
-        for target, names in tqdm(groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None):
-            yield (target, names, *self.load(names))
+        for target, names, rows in tqdm(groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None):
+            yield (target, names, rows, *self.load(names, rows))
+            self.release()
+
+    def release(self) -> None:
+        """Unmap the weight files read for the last batch and return freed buffers to the OS."""
+        for weights in (self.base, self.previous, getattr(self.expert, "weights", None)):
+            if weights is not None:
+                weights.release()
+        release_freed_host_memory()
+
+
+def read_rows(weights, name: str, rows: slice | None) -> torch.Tensor:
+    """``weights[name]`` or only its ``rows``, reading no more than those from disk."""
+    if rows is None:
+        return weights[name] if not isinstance(weights, SafetensorsWeights) else weights.get(name)
+    if isinstance(weights, SafetensorsWeights):
+        return weights.get_rows(name, rows)
+    if isinstance(weights, _LazyTensors):
+        return weights.weights.get_rows(name, rows)
+    return weights[name][rows]
+
+
+def batch_limit(shapes) -> int:
+    """Bytes of one operand of one batch (float32): min(BATCH_BYTES, model · BATCH_MODEL_FRACTION)."""
+    model_bytes = sum(4 * math.prod(shape) for shape in shapes)
+    return max(1, min(BATCH_BYTES, int(model_bytes * BATCH_MODEL_FRACTION)))
 
 
 class _LazyTensors:
@@ -240,14 +301,31 @@ class _LazyTensors:
 
 
 class _ShardWriter:
-    """Writes named tensors shard by shard into a folder, with an HF index file."""
+    """Writes named tensors shard by shard into a folder, with an HF index file.
+
+    A tensor that arrives in row blocks (:meth:`write_rows`) is assembled in one buffer of
+    its own size and written as its own shard when its last block arrives.
+    """
 
     def __init__(self, folder: Path, prefix: str):
         self.folder = folder
         self.prefix = prefix
         self.weight_map: dict[str, str] = {}
         self.total = 0
+        self._pending: dict[str, tuple[torch.Tensor, int]] = {}
         folder.mkdir(parents=True, exist_ok=True)
+
+    def write_rows(self, name: str, rows: slice, block: torch.Tensor, shape: torch.Size) -> None:
+        buffer, filled = self._pending.get(name, (None, 0))
+        if buffer is None:
+            buffer = torch.empty(shape, dtype=block.dtype)
+        buffer[rows] = block
+        filled += rows.stop - rows.start
+        if filled < shape[0]:
+            self._pending[name] = (buffer, filled)
+            return
+        self._pending.pop(name, None)
+        self.write({name: buffer})
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         file = f"{self.prefix}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
@@ -257,6 +335,8 @@ class _ShardWriter:
             self.total += tensor.numel() * tensor.element_size()
 
     def close(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"row blocks missing for {sorted(self._pending)[0]}")
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
@@ -300,7 +380,7 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
     """One integration step of a merge strategy: θ_t written atomically to ``context.state_dir``."""
     step = context.step
     device = _merge_device()
-    source = BatchSource(context, device)
+    source = BatchSource(context, device, rows_separable=strategy.rows_separable)
     history = _History(context.history_dir)
     scalars = history.scalars(step - 1)
     keys = strategy.history_keys(step, scalars)
@@ -313,23 +393,35 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
         state_writer = _ShardWriter(staged_state, "model")
         history_writers: dict[str, _ShardWriter] = {}
         per_tensor: dict[str, dict] = {}
-        for target, names, base, state, expert, task_vector in source.iterate(desc=f"integrate {context.task_name}"):
+        row_stats: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+        for target, names, rows, base, state, expert, task_vector in source.iterate(desc=f"integrate {context.task_name}"):
             kept = {
-                key: (torch.stack([reader.get(name).to(device, torch.float32) for name in names]) if reader is not None and all(name in reader for name in names) else None)
+                key: (torch.stack([read_rows(reader, name, rows).to(device, torch.float32) for name in names])
+                      if reader is not None and all(name in reader for name in names) else None)
                 for key, reader in readers.items()
             }
-            batch = TensorBatch(names, target, step, base, state, expert, task_vector, kept, scalars)
+            batch = TensorBatch(names, target, step, base, state, expert, task_vector, kept, scalars, rows)
             result = strategy.merge(batch)
             new_state = result.state.to(torch.float32)
             if not torch.isfinite(new_state).all():
                 raise FloatingPointError(f"{strategy.__class__.__name__} produced non-finite values for {names[0]}")
             out_dtype = source.dtype(names[0])
-            state_writer.write({name: new_state[i].to(out_dtype).cpu() for i, name in enumerate(names)})
+            _write(state_writer, names, rows, new_state.to(out_dtype).cpu(), source.shapes)
             for key, tensors in result.history.items():
                 writer = history_writers.setdefault(key, _ShardWriter(staged_history / key, key))
-                writer.write({name: tensors[i].to(torch.float32).cpu() for i, name in enumerate(names)})
+                _write(writer, names, rows, tensors.to(torch.float32).cpu(), source.shapes)
             for i, name in enumerate(names):
-                per_tensor[name] = {"target": target, **(result.stats[i] if result.stats else {})}
+                entry = result.stats[i] if result.stats else {}
+                if rows is None:
+                    per_tensor[name] = {"target": target, **entry}
+                else:
+                    row_stats[name].append((rows.stop - rows.start, entry))
+                    per_tensor[name] = {"target": target, "row_blocks": len(row_stats[name]), **combine_row_stats(row_stats[name])}
+            del batch, result, new_state, kept
+            for reader in readers.values():
+                if reader is not None:
+                    reader.release()
+        row_stats.clear()
         summary = strategy.end_step(step, scalars)
         scale = strategy.finalize_scale(step, scalars)
         state_writer.close()
@@ -349,18 +441,62 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
     return {"summary": {**summary, "global_scale": scale}, "per_tensor": per_tensor}
 
 
+def _write(writer: _ShardWriter, names: list[str], rows: slice | None, values: torch.Tensor,
+           shapes: dict[str, torch.Size]) -> None:
+    if rows is None:
+        writer.write({name: values[i] for i, name in enumerate(names)})
+    else:
+        writer.write_rows(names[0], rows, values[0], shapes[names[0]])
+
+
+def combine_row_stats(blocks: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """One tensor's stats from its row blocks' ``(rows, stats)`` (see :meth:`MergeStrategy.rows_separable`)."""
+    total_rows = sum(count for count, _ in blocks)
+    combined: dict[str, Any] = {}
+    for key in dict.fromkeys(key for _, stats in blocks for key in stats):
+        values = [(count, stats[key]) for count, stats in blocks if key in stats]
+        if all(isinstance(value, bool) for _, value in values):
+            combined[key] = any(value for _, value in values)
+        elif all(isinstance(value, (int, float)) for _, value in values):
+            if key.startswith("norm"):
+                combined[key] = math.sqrt(sum(float(value) ** 2 for _, value in values))
+            else:
+                combined[key] = sum(count * float(value) for count, value in values) / total_rows
+        else:
+            combined[key] = values[-1][1]
+    return combined
+
+
 def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None:
-    """θ_t ← θ0 + s·(θ_t − θ0), shard by shard (used by OPCM's norm-preserving rescale)."""
+    """θ_t ← θ0 + s·(θ_t − θ0), shard by shard (used by OPCM's norm-preserving rescale).
+
+    Each tensor is rescaled in row blocks of one batch (:func:`batch_limit`) into one
+    output buffer, so a shard holding one large tensor costs that tensor once, not four times.
+    """
     staged = _IndexedWeights(folder, "model")
+    limit = batch_limit(staged.shape(name) for name in staged.names())
     for file in sorted({path for path in staged._files.values()}):
         names = [name for name, path in staged._files.items() if path == file]
         tensors = {}
         for name in names:
-            value = staged.get(name).to(torch.float32)
-            theta0 = base.get(name).to(torch.float32)
-            tensors[name] = (theta0 + scale * (value - theta0)).to(staged.get(name).dtype)
+            shape, dtype = staged.shape(name), staged.dtype(name)
+            out = torch.empty(shape, dtype=dtype)
+            per_row = 4 * max(1, math.prod(shape[1:])) if len(shape) else 4
+            block = max(1, limit // per_row)
+            for start in range(0, shape[0] if len(shape) else 1, block):
+                rows = slice(start, start + block) if len(shape) else None
+                value = read_rows(staged, name, rows).to(torch.float32)
+                theta0 = read_rows(base, name, rows).to(torch.float32)
+                rescaled = (theta0 + scale * (value - theta0)).to(dtype)
+                if rows is None:
+                    out = rescaled
+                else:
+                    out[rows] = rescaled
+            tensors[name] = out
         staged._handles.clear()
         save_file(tensors, file)
+        del tensors
+        release_freed_host_memory()
 
 
 def _write_model_files(context: IntegrationContext, folder: Path) -> None:

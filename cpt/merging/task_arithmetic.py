@@ -17,6 +17,9 @@ class TaskArithmeticParams:
 @register_strategy("task_arithmetic", params=TaskArithmeticParams, train_from="base",
                    description="θ_t = θ_{t-1} + λ·τ_t on every tensor (METHOD §3)")
 class TaskArithmetic(MergeStrategy):
+    def rows_separable(self, target):
+        return True  # element-wise on every tensor
+
     def merge(self, batch: TensorBatch) -> MergeResult:
         update = self.params.scaling * batch.task_vector
         norms = update.flatten(1).norm(dim=1)

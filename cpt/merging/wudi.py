@@ -60,6 +60,9 @@ def wudi_objective(merged: torch.Tensor, vectors: list[torch.Tensor]) -> torch.T
 @register_strategy("wudi", params=WudiParams, train_from="base",
                    description="WUDI: early-stopped Adam on the interference objective over {θ_{t-1}−θ0, τ_t}, θ_t = θ0 + m (METHOD §3)")
 class Wudi(MergeStrategy):
+    def rows_separable(self, target):
+        return not target  # non-target rule is element-wise; targets need whole matrices
+
     def merge(self, batch: TensorBatch) -> MergeResult:
         p = self.params
         n = len(batch.names)

@@ -53,12 +53,12 @@ def run_steps(strategy, base: dict, experts: list[dict], targets: set[str]):
             b = torch.stack([base[n] for n in names]).float()
             s = torch.stack([state[n] for n in names]).float()
             e = torch.stack([expert[n] for n in names]).float()
-            groups.append((target, names, b, s, e, e - b))
+            groups.append((target, names, None, b, s, e, e - b))
         scalars = json.loads(json.dumps(scalars))
         keys = strategy.history_keys(step, scalars)
         strategy.begin_step(step, _Source(groups), scalars)
         new_state, new_kept, step_stats = {}, defaultdict(dict), {}
-        for target, names, b, s, e, tv in groups:
+        for target, names, _rows, b, s, e, tv in groups:
             history = {key: (torch.stack([kept[key][n] for n in names]) if key in kept else None) for key in keys}
             result = strategy.merge(TensorBatch(names, target, step, b, s, e, tv, history, scalars))
             for i, name in enumerate(names):
