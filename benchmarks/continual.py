@@ -84,6 +84,8 @@ def machine() -> str:
 
 def record(table: str, command: str, size: str) -> None:
     """Replace this benchmark's section of RESULTS.md (one section per size)."""
+    # compare.md's own title and its plot live beside the runs, not in RESULTS.md
+    table = "\n".join(line for line in table.splitlines() if not line.startswith(("# ", "![")))
     heading = f"## Continual benchmark ({size})"
     section = (
         f"{heading}\n\n"
