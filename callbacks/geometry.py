@@ -20,16 +20,6 @@ from cpt.recipe import DEFAULT_TARGETS
 from cpt.tensors import SafetensorsWeights, compile_targets, is_target, is_zero3, lora_factors, model_tensors, save_model_folder
 
 
-class _LazyExpert:
-    """``expert[name]`` read from an HF folder on demand."""
-
-    def __init__(self, weights: SafetensorsWeights):
-        self.weights = weights
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.weights.get(name)
-
-
 class GeometryConflictCallback(TrainerCallback):
     """Measures the state-relative geometry conflict of the update a task made (METHOD §1).
 
@@ -160,8 +150,7 @@ class GeometryConflictCallback(TrainerCallback):
         previous = SafetensorsWeights(self.state_dir) if self.state_dir and (self.state_dir / "config.json").exists() else base
         start = previous if self.update_from == "state" else base
         if expert_dir is not None:
-            factors, on_disk = {}, SafetensorsWeights(expert_dir)
-            expert = _LazyExpert(on_disk)
+            factors, expert = {}, SafetensorsWeights(expert_dir)
         else:
             factors = lora_factors(model)
             expert = {} if factors else {name: tensor for name, tensor in model_tensors(model)}

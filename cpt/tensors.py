@@ -329,6 +329,8 @@ class SafetensorsWeights:
         """One tensor, read from disk now (memory-mapped; nothing else is loaded)."""
         return self._handle(name).get_tensor(name)
 
+    __getitem__ = get  # ``weights[name]``, like the dict of a live model's tensors
+
     def release(self) -> None:
         """Unmap the files read so far (the next read reopens them).
 

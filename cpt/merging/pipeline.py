@@ -205,7 +205,7 @@ class BatchSource:
         self.previous = SafetensorsWeights(previous) if previous is not None and (Path(previous) / STATE_MARKER).exists() else self.base
         self.start = self.previous if context.train_from == "state" else self.base
         if context.expert_dir is not None:  # an expert on disk: read lazily, like θ0
-            self.expert = _LazyTensors(SafetensorsWeights(context.expert_dir))
+            self.expert = SafetensorsWeights(context.expert_dir)
         else:  # references into the live model (no copy), LoRA adapters merged per tensor
             self.expert = dict(model_tensors(context.model))
         patterns = compile_targets(context.target_patterns)
@@ -218,8 +218,8 @@ class BatchSource:
 
     def dtype(self, name: str) -> torch.dtype:
         """The expert's precision for ``name`` (the new state keeps it)."""
-        if isinstance(self.expert, _LazyTensors):
-            return self.expert.weights.dtype(name)
+        if isinstance(self.expert, SafetensorsWeights):
+            return self.expert.dtype(name)
         return self.expert[name].dtype
 
     def groups(self) -> list[tuple[bool, list[str], slice | None]]:
@@ -233,9 +233,7 @@ class BatchSource:
         for (target, shape), names in grouped.items():
             per_item = 4 * max(1, math.prod(shape))
             if per_item > limit and len(shape) >= 2 and self.rows_separable(target):
-                block = max(1, limit // (per_item // shape[0]))
-                batches.extend((target, [name], slice(start, min(start + block, shape[0])))
-                               for name in names for start in range(0, shape[0], block))
+                batches.extend((target, [name], rows) for name in names for rows in row_blocks(shape, limit))
                 continue
             size = max(1, limit // per_item)
             batches.extend((target, names[i : i + size], None) for i in range(0, len(names), size))
@@ -264,8 +262,8 @@ class BatchSource:
 
     def release(self) -> None:
         """Unmap the weight files read for the last batch and return freed buffers to the OS."""
-        for weights in (self.base, self.previous, getattr(self.expert, "weights", None)):
-            if weights is not None:
+        for weights in (self.base, self.previous, self.expert):
+            if isinstance(weights, SafetensorsWeights):
                 weights.release()
         release_freed_host_memory()
 
@@ -273,31 +271,22 @@ class BatchSource:
 def read_rows(weights, name: str, rows: slice | None) -> torch.Tensor:
     """``weights[name]`` or only its ``rows``, reading no more than those from disk."""
     if rows is None:
-        return weights[name] if not isinstance(weights, SafetensorsWeights) else weights.get(name)
+        return weights[name]
     if isinstance(weights, SafetensorsWeights):
         return weights.get_rows(name, rows)
-    if isinstance(weights, _LazyTensors):
-        return weights.weights.get_rows(name, rows)
     return weights[name][rows]
+
+
+def row_blocks(shape, limit: int) -> list[slice]:
+    """Consecutive row slices of a tensor of ``shape`` (≥ 1-D), each at most ``limit`` float32 bytes."""
+    block = max(1, limit // (4 * max(1, math.prod(shape[1:]))))
+    return [slice(start, min(start + block, shape[0])) for start in range(0, shape[0], block)]
 
 
 def batch_limit(shapes) -> int:
     """Bytes of one operand of one batch (float32): min(BATCH_BYTES, model · BATCH_MODEL_FRACTION)."""
     model_bytes = sum(4 * math.prod(shape) for shape in shapes)
     return max(1, min(BATCH_BYTES, int(model_bytes * BATCH_MODEL_FRACTION)))
-
-
-class _LazyTensors:
-    """A read-only mapping over safetensors weights (``name in``, ``[name]``)."""
-
-    def __init__(self, weights: SafetensorsWeights):
-        self.weights = weights
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weights
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.weights.get(name)
 
 
 class _ShardWriter:
@@ -415,13 +404,14 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
                 if rows is None:
                     per_tensor[name] = {"target": target, **entry}
                 else:
+                    per_tensor[name] = {"target": target}
                     row_stats[name].append((rows.stop - rows.start, entry))
-                    per_tensor[name] = {"target": target, "row_blocks": len(row_stats[name]), **combine_row_stats(row_stats[name])}
             del batch, result, new_state, kept
             for reader in readers.values():
                 if reader is not None:
                     reader.release()
-        row_stats.clear()
+        for name, blocks in row_stats.items():
+            per_tensor[name].update(row_blocks=len(blocks), **combine_row_stats(blocks))
         summary = strategy.end_step(step, scalars)
         scale = strategy.finalize_scale(step, scalars)
         state_writer.close()
@@ -481,19 +471,11 @@ def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None
         for name in names:
             shape, dtype = staged.shape(name), staged.dtype(name)
             out = torch.empty(shape, dtype=dtype)
-            per_row = 4 * max(1, math.prod(shape[1:])) if len(shape) else 4
-            block = max(1, limit // per_row)
-            for start in range(0, shape[0] if len(shape) else 1, block):
-                rows = slice(start, start + block) if len(shape) else None
-                value = read_rows(staged, name, rows).to(torch.float32)
-                theta0 = read_rows(base, name, rows).to(torch.float32)
-                rescaled = (theta0 + scale * (value - theta0)).to(dtype)
-                if rows is None:
-                    out = rescaled
-                else:
-                    out[rows] = rescaled
+            for rows in row_blocks(shape, limit) if len(shape) else [None]:
+                value, theta0 = (read_rows(weights, name, rows).to(torch.float32) for weights in (staged, base))
+                out[... if rows is None else rows] = (theta0 + scale * (value - theta0)).to(dtype)
             tensors[name] = out
-        staged._handles.clear()
+        staged.release()
         save_file(tensors, file)
         del tensors
         release_freed_host_memory()
