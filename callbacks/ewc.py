@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,10 @@ import torch
 from transformers import TrainerCallback
 
 from cpt.errors import CptError
-from cpt.tensors import unwrap_model
+from cpt.tensors import is_zero3, unwrap_model
 from cpt.training.ewc import (
     DEFAULT_EWC_LAMBDA,
+    add_ewc_gradients,
     current_values,
     empirical_fisher,
     ewc_penalty,
@@ -21,6 +23,7 @@ from cpt.training.ewc import (
     penalised_tensors,
     save_ewc_state,
     stored_steps,
+    sum_over_zero3_ranks,
 )
 
 
@@ -48,7 +51,10 @@ class EWCCallback(TrainerCallback):
         ewc_lambda: λ. gamma: online decay γ. fisher_examples: N.
         output_dir: if given, ``F`` and ``θ*`` are saved there after each task as
             ``step_<t>/{fisher,anchors}.safetensors`` (atomically) and loaded back on
-            construction, so a resumed run continues with them.
+            construction, so a resumed run continues with them. Under DeepSpeed ZeRO-3
+            every rank stores its own shard in ``zero3-rank<r>-of-<n>/step_<t>/``; create
+            the callback after the ``SFTConfig``/``TrainingArguments`` (which registers the
+            ZeRO-3 config) and resume with the same number of processes.
         step: the 1-based index of the task the next ``on_train_end`` finishes. With
             ``output_dir``, the state of ``step − 1`` is loaded (it must exist for step > 1).
             Default: one more than the newest stored step (or 1), then counting up.
@@ -81,20 +87,31 @@ class EWCCallback(TrainerCallback):
         self.stats: dict[str, Any] = {}
         self._terms: tuple[weakref.ref, list] | None = None
 
-        stored = stored_steps(self.output_dir) if self.output_dir is not None else []
+        #: Created under a ZeRO-3 config: F and θ* hold this rank's shards (see cpt.training.ewc).
+        self.sharded = _zero3_config_active()
+        self.state_dir = self.output_dir
+        if self.output_dir is not None and self.sharded:
+            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+            self.state_dir = self.output_dir / f"zero3-rank{rank:05d}-of-{world:05d}"
+        stored = stored_steps(self.state_dir) if self.state_dir is not None else []
         if step is None:
             step = (max(stored) + 1) if stored else 1
         if step < 1:
             raise CptError(f"ewc: step must be ≥ 1 (got {step})")
         self.step = step
-        if step > 1 and self.output_dir is not None:
-            self.fisher, self.anchors = load_ewc_state(self.output_dir, step - 1)
+        if step > 1 and self.state_dir is not None:
+            self.fisher, self.anchors = load_ewc_state(self.state_dir, step - 1)
 
     # ------------------------------------------------------------------ the penalty
     def _penalised(self, model: torch.nn.Module) -> list:
         """The model's penalised tensors, with F and θ* moved next to them (once per model)."""
         module = unwrap_model(model)
         if self._terms is None or self._terms[0]() is not module:
+            if is_zero3(module) != self.sharded:
+                raise CptError(
+                    "EWCCallback: the model is " + ("" if is_zero3(module) else "not ") + "partitioned by ZeRO-3 but the callback was created "
+                    + ("without" if is_zero3(module) else "with") + " a ZeRO-3 config active; create it after the SFTConfig/TrainingArguments of this run"
+                )
             terms = penalised_tensors(module)
             for term in terms:
                 for store in (self.fisher, self.anchors):
@@ -108,6 +125,15 @@ class EWCCallback(TrainerCallback):
         if self.fisher is None or self.ewc_lambda == 0:
             return torch.zeros((), device=next(unwrap_model(model).parameters()).device)
         return ewc_penalty(self._penalised(model), self.fisher, self.anchors, self.ewc_lambda)
+
+    def add_sharded_gradients(self, model: torch.nn.Module, loss_scale: float = 1.0) -> None:
+        """ZeRO-3: add the penalty's gradient to the local gradient partitions (before each optimizer step).
+
+        :class:`cpt.training.trainer.CptSFTTrainer` calls this at every optimizer step under
+        ZeRO-3, where :meth:`loss_term` is the penalty's value only.
+        """
+        if self.fisher is not None and self.ewc_lambda != 0:
+            add_ewc_gradients(self._penalised(model), self.fisher, self.anchors, self.ewc_lambda, loss_scale)
 
     # ------------------------------------------------------------------ end of a task
     def consolidate(self, model: torch.nn.Module, examples, collate_fn) -> None:
@@ -130,13 +156,23 @@ class EWCCallback(TrainerCallback):
         else:  # an IterableDataset: its first N rows
             examples = [row for _, row in zip(range(self.fisher_examples), dataset)]
         self.consolidate(model, examples, train_dataloader.collate_fn)
+        fisher_sum = torch.stack([tensor.sum() for tensor in self.fisher.values()]).sum()
+        if self.sharded:
+            fisher_sum = sum_over_zero3_ranks(fisher_sum, self._penalised(model)[0].leaf)
         self.stats = {
             "ewc_step": self.step,
             "fisher_examples": len(examples),
             "penalised_tensors": len(self.fisher),
-            "fisher_sum": float(sum(tensor.sum().item() for tensor in self.fisher.values())),
+            "fisher_sum": float(fisher_sum),
         }
-        if self.output_dir is not None and state.is_world_process_zero:
+        if self.state_dir is not None and (state.is_world_process_zero or self.sharded):
             metadata = {"task": self.task_name or "", "gamma": self.gamma, "ewc_lambda": self.ewc_lambda, "fisher_examples": len(examples)}
-            save_ewc_state(self.output_dir, self.step, self.fisher, self.anchors, metadata)
+            save_ewc_state(self.state_dir, self.step, self.fisher, self.anchors, metadata)
         self.step += 1
+
+
+def _zero3_config_active() -> bool:
+    """True when transformers has a DeepSpeed ZeRO-3 config registered (by TrainingArguments/SFTConfig)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())

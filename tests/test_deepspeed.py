@@ -72,9 +72,9 @@ def assert_same_run(reference: Path, other: Path) -> None:
     [
         ("zero3", 1, {"name": "gcwm", "iters": 10, "step_coef": 1.0}),
         ("zero2", 1, {"name": "ewc", "fisher_examples": 4}),
-        ("zero3", 2, {"name": "sequential"}),
+        ("zero3", 2, {"name": "ewc", "fisher_examples": 4, "ewc_lambda": 1.0e4}),
     ],
-    ids=["zero3-gcwm", "zero2-ewc", "zero3-2proc-sequential"],
+    ids=["zero3-gcwm", "zero2-ewc", "zero3-2proc-ewc"],
 )
 def test_zero_matches_plain_run(setup, config, processes, strategy):
     root, model = setup
@@ -88,3 +88,21 @@ def test_zero_matches_plain_run(setup, config, processes, strategy):
         plain.training["per_device_train_batch_size"] = 4
     TaskSequenceRunner(plain).run()
     assert_same_run(plain.run_dir, root / "runs" / name)
+    if config == "zero3" and strategy["name"] == "ewc":
+        assert_same_ewc_shards(plain.run_dir / "strategy" / "ewc", root / "runs" / name / "strategy" / "ewc", processes)
+
+
+def assert_same_ewc_shards(plain: Path, sharded: Path, processes: int) -> None:
+    """Each ZeRO-3 rank stored only its slice of F and θ*; together they are the plain run's."""
+    from safetensors.torch import load_file
+
+    assert not (sharded / "step_2").exists(), "ZeRO-3 ranks store shards, not whole tensors"
+    # θ* are the end-of-task weights (same tolerance as the states); F is compared relatively
+    for file, atol in (("fisher.safetensors", 1e-8), ("anchors.safetensors", 1e-5)):
+        whole = load_file(plain / "step_2" / file)
+        shards = [load_file(sharded / f"zero3-rank{rank:05d}-of-{processes:05d}" / "step_2" / file) for rank in range(processes)]
+        assert set(shards[0]) == set(whole)
+        for name, tensor in whole.items():
+            parts = [shard[name] for shard in shards]
+            assert all(part.numel() < tensor.numel() for part in parts), name
+            torch.testing.assert_close(torch.cat(parts), tensor.reshape(-1), rtol=1e-4, atol=atol, msg=f"{file} {name}")

@@ -25,7 +25,24 @@ What is penalised ("the penalised tensors" below):
 Memory: F (float32) and θ* (the parameter's dtype) are one extra copy each of the
 penalised tensors. The penalty is an autograd function that saves no new tensor for the
 backward pass (it recomputes θ − θ* there, one tensor at a time), so a training step
-holds no further copy. DeepSpeed ZeRO-3 (sharded parameters) is not supported.
+holds no further copy.
+
+DeepSpeed ZeRO-3 (full fine-tuning): every rank keeps F and θ* for its own shard of each
+parameter only (the slice of the flat values ZeRO-3 assigns it; padding excluded), so no
+rank ever holds a whole-model copy:
+
+* the Fisher runs the same N examples on every rank; each parameter's full per-example
+  gradient exists only transiently, while autograd computes it (as in plain training), and
+  a gradient hook keeps just the rank's slice of its square;
+* the penalty's gradient λ·F ⊙ (θ − θ*) is added straight into ZeRO-3's local gradient
+  partition before each optimizer step (:func:`add_ewc_gradients`, called by
+  :class:`cpt.training.trainer.CptSFTTrainer`), which is where the plain run's autograd
+  gradient of the penalty would have been reduced to; the penalty's value is the sum of
+  the ranks' local sums (one scalar all-reduce) and is logged like the plain run's;
+* each rank stores its shard (see :class:`callbacks.EWCCallback`), so a resumed run needs
+  the same number of processes.
+
+EWC of LoRA adapters under ZeRO-3 is refused (use ZeRO-2 or full fine-tuning).
 
 Default λ = 100. F is the mean squared gradient of a *per-token mean* loss. For a model
 that fits its task, the Hessian of a sequence's NLL is ≈ the Fisher of the sequence score
@@ -54,7 +71,7 @@ from cpt.errors import CptError
 from cpt.integration import IntegrationContext, TaskContext
 from cpt.io import commit_dir, recover_dir, staging_dir
 from cpt.strategies import register_strategy
-from cpt.tensors import _lora_layers, is_peft_model, unwrap_model
+from cpt.tensors import _lora_layers, is_peft_model, is_zero3, unwrap_model
 
 DEFAULT_EWC_LAMBDA = 100.0
 FISHER_FILE = "fisher.safetensors"
@@ -132,19 +149,32 @@ class PenalisedTensor:
     """The parameter whose gradient is ∂L/∂(penalised weight): the parameter itself, or the LoRA layer's base weight."""
     layer: Any = None
     adapter: str | None = None
+    shard: tuple[int, int] | None = None
+    """ZeRO-3 only: (start, length) of this rank's slice of the parameter's flat values."""
 
     @property
     def is_lora(self) -> bool:
         return self.layer is not None
 
+    def zeros(self) -> torch.Tensor:
+        """A float32 zero tensor shaped like what F and θ* hold for this tensor (the local slice under ZeRO-3)."""
+        if self.shard is not None:
+            return torch.zeros(self.shard[1], dtype=torch.float32, device=self.leaf.ds_tensor.device)
+        return torch.zeros_like(self.leaf, dtype=torch.float32)
+
     def value(self) -> torch.Tensor:
-        """θ now (detached; for LoRA the merged weight, merged exactly as the saved state is)."""
+        """θ now (detached; for LoRA the merged weight, merged exactly as the saved state is; under ZeRO-3 the local slice)."""
+        if self.shard is not None:
+            return self.leaf.ds_tensor.detach().view(-1)[: self.shard[1]]
         if not self.is_lora:
             return self.leaf.detach()
         return (self.leaf + self.layer.get_delta_weight(self.adapter).to(self.leaf.dtype)).detach()
 
     def penalty(self, fisher: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """Σ F (θ − θ*)² (float32), with gradients into the trainable parameters."""
+        """Σ F (θ − θ*)² (float32), with gradients into the trainable parameters (not under ZeRO-3: see add_ewc_gradients)."""
+        if self.shard is not None:
+            diff = self.value().float() - anchor.float()
+            return (fisher * diff * diff).sum()
         if not self.is_lora:
             return _DiagonalQuadratic.apply(self.leaf, fisher, anchor)
         lora_a = self.layer.lora_A[self.adapter].weight
@@ -152,11 +182,28 @@ class PenalisedTensor:
         return _LoraQuadratic.apply(lora_a, lora_b, self.leaf, fisher, anchor, float(self.layer.scaling[self.adapter]))
 
 
+def local_shard(param: torch.nn.Parameter) -> tuple[int, int]:
+    """(start, length) of this rank's slice of a ZeRO-3 parameter's flat values, padding excluded.
+
+    ZeRO-3 gives rank r of the parameter's partition group the flat elements
+    ``[r·P, (r+1)·P)`` (P = ``ds_tensor.ds_numel``), the last rank's partition padded past
+    ``ds_numel``.
+    """
+    import torch.distributed as dist
+
+    partition = int(param.ds_tensor.ds_numel)
+    rank = dist.get_rank(group=param.ds_process_group) if dist.is_initialized() else 0
+    start = partition * rank
+    return start, max(0, min(partition, int(param.ds_numel) - start))
+
+
 def penalised_tensors(model: torch.nn.Module) -> list[PenalisedTensor]:
     """The tensors EWC penalises in ``model`` (see the module docstring), in a fixed order."""
     model = unwrap_model(model)
-    if any(hasattr(param, "ds_id") and getattr(param, "ds_status", None) is not None for param in model.parameters()):
-        raise CptError("ewc: DeepSpeed ZeRO-3 shards the parameters; EWC supports ZeRO-2, DDP and single-device training")
+    if is_zero3(model):
+        if is_peft_model(model):
+            raise CptError("ewc: EWC of LoRA adapters under DeepSpeed ZeRO-3 is not supported; use ZeRO-2 or full fine-tuning (lora: null)")
+        return [PenalisedTensor(name, param, shard=local_shard(param)) for name, param in model.named_parameters() if param.requires_grad]
     if not is_peft_model(model):
         return [PenalisedTensor(name, param) for name, param in model.named_parameters() if param.requires_grad]
 
@@ -214,11 +261,54 @@ def ewc_penalty(
         )
     if not terms:
         raise CptError("ewc: the model has no trainable parameters to penalise")
+    if terms[0].shard is not None:
+        # ZeRO-3: the value only (its gradient goes in through add_ewc_gradients)
+        with torch.no_grad():
+            local = sum(term.penalty(fisher[term.name], anchors[term.name]) for term in terms)
+            return 0.5 * ewc_lambda * sum_over_zero3_ranks(local, terms[0].leaf)
     device = terms[0].leaf.device
     total = torch.zeros((), dtype=torch.float32, device=device)
     for term in terms:
         total = total + term.penalty(fisher[term.name], anchors[term.name]).to(device)
     return 0.5 * ewc_lambda * total
+
+
+def sum_over_zero3_ranks(value: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """The sum of a per-rank float32 scalar over the ZeRO-3 partition group of ``param``."""
+    import torch.distributed as dist
+
+    value = value.detach().float().reshape(())
+    if dist.is_initialized():
+        dist.all_reduce(value, group=param.ds_process_group)
+    return value
+
+
+def add_ewc_gradients(
+    terms: Sequence[PenalisedTensor],
+    fisher: dict[str, torch.Tensor],
+    anchors: dict[str, torch.Tensor],
+    ewc_lambda: float,
+    scale: float = 1.0,
+) -> None:
+    """ZeRO-3: add ``scale·λ·F ⊙ (θ − θ*)`` (the penalty's gradient) to each local gradient partition.
+
+    Call between the backward pass of an optimizer step's last micro-batch and the step:
+    the partitions then hold the reduced gradient of the task loss, and the optimizer
+    clips and applies the sum, as in the plain run. ``scale`` is the optimizer's current
+    loss scale (fp16), by which those partitions are still multiplied.
+    """
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+    for term in terms:
+        if term.shard is None:
+            raise CptError(f"ewc: {term.name} is not a ZeRO-3 partitioned parameter")
+        length = term.shard[1]
+        grad = safe_get_local_grad(term.leaf)
+        if grad is None or length == 0:
+            continue
+        diff = term.value().float() - anchors[term.name].float()
+        grad.view(-1)[:length].add_(fisher[term.name] * diff, alpha=scale * ewc_lambda)
+        safe_set_local_grad(term.leaf, grad)
 
 
 # ---------------------------------------------------------------------- the Fisher
@@ -261,31 +351,71 @@ def empirical_fisher(
         raise CptError("ewc: none of the Fisher examples has a completion token to compute a loss on")
 
     if out is None:
-        out = {term.name: torch.zeros_like(term.leaf, dtype=torch.float32) for term in terms}
+        out = {term.name: term.zeros() for term in terms}
     else:
         for term in terms:
             if term.name not in out:
                 raise CptError(f"ewc: the stored Fisher has no entry for {term.name}; the trainable parameters changed")
-            out[term.name] = out[term.name].to(device=term.leaf.device, dtype=torch.float32).mul_(decay)
+            expected = term.zeros()
+            if out[term.name].shape != expected.shape:
+                raise CptError(
+                    f"ewc: the stored Fisher of {term.name} has shape {tuple(out[term.name].shape)}, the model needs "
+                    f"{tuple(expected.shape)}; the model or the number of ZeRO-3 processes changed since it was written"
+                )
+            out[term.name] = out[term.name].to(device=expected.device, dtype=torch.float32).mul_(decay)
     # One Fisher-sized buffer: F ← decay·F, then F += g²/N example by example.
     flags = [leaf.requires_grad for leaf in leaves]
     was_training = module.training
+    sharded = bool(terms) and terms[0].shard is not None
+    hooks = []
     try:
         module.eval()
         for leaf in leaves:
             leaf.requires_grad_(True)
+        if sharded:
+            # ZeRO-3: keep the rank's slice of g² as each full gradient appears, and hand
+            # autograd a stride-0 zero instead, so no whole-model gradient is ever held.
+            hooks = [term.leaf.register_hook(_local_square_accumulator(out[term.name], term.shard, 1.0 / len(batches))) for term in terms]
         with torch.enable_grad():
             for batch in batches:
                 loss = module(**_to_device(batch, device), use_cache=False).loss
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                for term, grad in zip(terms, grads):
-                    if grad is not None:
-                        out[term.name].addcmul_(grad.float(), grad.float(), value=1.0 / len(batches))
+                if sharded:
+                    _release_backward_leftovers(leaves[0])
+                else:
+                    for term, grad in zip(terms, grads):
+                        if grad is not None:
+                            out[term.name].addcmul_(grad.float(), grad.float(), value=1.0 / len(batches))
+                del grads
     finally:
+        for hook in hooks:
+            hook.remove()
         for leaf, flag in zip(leaves, flags):
             leaf.requires_grad_(flag)
         module.train(was_training)
     return out
+
+
+def _release_backward_leftovers(param: torch.nn.Parameter) -> None:
+    """Re-partition what this backward gathered but no post-backward hook released.
+
+    DeepSpeed's engine does this at the end of its own backward; a backward outside the
+    engine (the Fisher's) must do it too, or the next gather of those parameters fails.
+    """
+    optimizer = getattr(param, "_z3_optimizer", None)
+    if optimizer is not None:
+        optimizer.parameter_offload.release_backward_leftovers()
+
+
+def _local_square_accumulator(target: torch.Tensor, shard: tuple[int, int], weight: float):
+    start, length = shard
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        local = grad.detach().reshape(-1)[start : start + length].float()
+        target.addcmul_(local.to(target.device), local.to(target.device), value=weight)
+        return grad.new_zeros(()).expand_as(grad)
+
+    return hook
 
 
 def fisher_indices(size: int, count: int, seed: int, step: int) -> list[int]:
@@ -388,6 +518,7 @@ class EWC:
 
 __all__ = [
     "DEFAULT_EWC_LAMBDA",
+    "add_ewc_gradients",
     "EWC",
     "EWCParams",
     "PenalisedTensor",
@@ -396,7 +527,9 @@ __all__ = [
     "ewc_penalty",
     "fisher_indices",
     "load_ewc_state",
+    "local_shard",
     "penalised_tensors",
     "save_ewc_state",
     "stored_steps",
+    "sum_over_zero3_ranks",
 ]

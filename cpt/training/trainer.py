@@ -6,6 +6,7 @@ import torch
 from trl import SFTTrainer
 
 from cpt.errors import TrainingDivergedError
+from cpt.tensors import is_zero3
 
 
 class CptSFTTrainer(SFTTrainer):
@@ -20,6 +21,12 @@ class CptSFTTrainer(SFTTrainer):
       accumulation steps), the term is divided by the number of micro-batches of the step;
       otherwise the Trainer divides loss and term together. Terms apply in training only
       (not to evaluation losses) and are logged as ``<loss_term_name>`` metrics.
+
+      Under DeepSpeed ZeRO-3 the parameters are partitioned outside the forward pass, so a
+      term cannot differentiate through them: there ``loss_term`` returns the term's
+      value only, and a callback that also has ``add_sharded_gradients(model, loss_scale)``
+      adds the term's gradient to the local gradient partitions right before each
+      optimizer step (after the last micro-batch's backward, before clipping).
     * **Divergence guard.** The task stops as soon as the training loss is not finite
       (checked per step: the logged loss hides non-finite values through
       ``logging_nan_inf_filter``). Raising before ``on_train_end`` means no integration
@@ -28,6 +35,28 @@ class CptSFTTrainer(SFTTrainer):
 
     def loss_terms(self) -> list:
         return [callback for callback in self.callback_handler.callbacks if callable(getattr(callback, "loss_term", None))]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        sharded_terms = [callback for callback in self.loss_terms() if callable(getattr(callback, "add_sharded_gradients", None))]
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if not sharded_terms or wrapped is None or not is_zero3(model):
+            return super().training_step(model, inputs, num_items_in_batch)
+        # accelerate runs DeepSpeed's optimizer step inside backward() at the accumulation
+        # boundary; the terms' gradients go in right before it, once per optimizer step.
+        engine = wrapped.engine
+        engine_step = engine.step
+
+        def step_with_sharded_terms(*args, **kwargs):
+            loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
+            for callback in sharded_terms:
+                callback.add_sharded_gradients(model, loss_scale)
+            return engine_step(*args, **kwargs)
+
+        engine.step = step_with_sharded_terms
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            del engine.step  # back to the class's method
 
     def _micro_batches_if_loss_is_scaled(self, num_items_in_batch) -> int:
         """The micro-batches of this optimizer step if ``Trainer.training_step`` will NOT divide the loss by them, else 1.
