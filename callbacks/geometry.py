@@ -17,7 +17,7 @@ from cpt.diagnostics import GeometrySettings, basis_conflict, pair_geometry, rig
 from cpt.geometry import LowRankDelta
 from cpt.io import atomic_save_safetensors, atomic_write_json
 from cpt.recipe import DEFAULT_TARGETS
-from cpt.tensors import SafetensorsWeights, compile_targets, is_target, is_zero3, lora_factors, model_tensors, save_model_folder
+from cpt.tensors import ModelWeights, SafetensorsWeights, compile_targets, is_target, is_zero3, lora_factors, save_model_folder
 
 
 class GeometryConflictCallback(TrainerCallback):
@@ -153,7 +153,7 @@ class GeometryConflictCallback(TrainerCallback):
             factors, expert = {}, SafetensorsWeights(expert_dir)
         else:
             factors = lora_factors(model)
-            expert = {} if factors else {name: tensor for name, tensor in model_tensors(model)}
+            expert = ModelWeights(model)  # references; only read when the run is not LoRA
         names = base.names()
         shapes = {name: base.shape(name) for name in names}
         targets = self.select_targets(names, shapes)

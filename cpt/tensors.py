@@ -78,36 +78,65 @@ def lora_factors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.
     return factors
 
 
-def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The expert's full weights under plain names, one tensor at a time.
+class ModelWeights:
+    """A live model's full weights under plain names, one tensor at a time (like :class:`SafetensorsWeights`).
 
-    For a PEFT LoRA model the adapter is merged on the fly (W + ΔW per layer) without
-    touching the live module, so training scripts can keep using the adapter afterwards.
+    Plain models: references to the module's tensors (no copy). PEFT LoRA: ``W + ΔW`` is
+    computed when a weight is asked for, so at most one merged tensor exists per access
+    and the live module (and its adapter) is left untouched for the training script.
     """
-    model = unwrap_model(model)
-    if not is_peft_model(model):
-        for name, tensor in model.state_dict().items():
-            yield name, tensor.detach()
-        return
-    base = model.get_base_model()
-    layers = _lora_layers(model)
-    for name, tensor in base.state_dict().items():
-        if "lora_" in name or "lora_magnitude" in name:
-            continue
-        if ".base_layer." in name:
-            module_name, _, leaf = name.rpartition(".base_layer.")
-            layer = layers.get(module_name)
-            plain = f"{module_name}.{leaf}"
-            if layer is not None and leaf == "weight":
-                delta = torch.zeros_like(tensor)
-                for adapter in layer.active_adapters:
-                    if adapter in layer.lora_A:
-                        delta += layer.get_delta_weight(adapter).to(tensor.dtype)
-                yield plain, (tensor + delta).detach()
-            else:
-                yield plain, tensor.detach()
-        else:
-            yield name, tensor.detach()
+
+    def __init__(self, model: torch.nn.Module):
+        model = unwrap_model(model)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._lora: dict[str, torch.nn.Module] = {}
+        if not is_peft_model(model):
+            self._tensors = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+            return
+        layers = _lora_layers(model)
+        for name, tensor in model.get_base_model().state_dict().items():
+            if "lora_" in name or "lora_magnitude" in name:
+                continue
+            if ".base_layer." in name:
+                module_name, _, leaf = name.rpartition(".base_layer.")
+                name = f"{module_name}.{leaf}"
+                if leaf == "weight" and module_name in layers:
+                    self._lora[name] = layers[module_name]
+            self._tensors[name] = tensor.detach()
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def shape(self, name: str) -> torch.Size:
+        return self._tensors[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        layer = self._lora.get(name)
+        if layer is None:
+            return tensor
+        delta = torch.zeros_like(tensor)
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                delta += layer.get_delta_weight(adapter).to(tensor.dtype)
+        return (tensor + delta).detach()
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((name, self[name]) for name in self._tensors)
+
+
+def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The expert's full weights under plain names, one tensor at a time (see :class:`ModelWeights`)."""
+    return ModelWeights(model).items()
 
 
 def is_zero3(model: torch.nn.Module) -> bool:

@@ -43,10 +43,10 @@ from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json, commit_dir, staging_dir
 from cpt.tensors import (
     STATE_MARKER,
+    ModelWeights,
     SafetensorsWeights,
     compile_targets,
     is_target,
-    model_tensors,
     plain_model,
     release_freed_host_memory,
 )
@@ -206,8 +206,8 @@ class BatchSource:
         self.start = self.previous if context.train_from == "state" else self.base
         if context.expert_dir is not None:  # an expert on disk: read lazily, like θ0
             self.expert = SafetensorsWeights(context.expert_dir)
-        else:  # references into the live model (no copy), LoRA adapters merged per tensor
-            self.expert = dict(model_tensors(context.model))
+        else:  # references into the live model (no copy), LoRA adapters merged per tensor on access
+            self.expert = ModelWeights(context.model)
         patterns = compile_targets(context.target_patterns)
         self.names = self.base.names()
         missing = [name for name in self.names if name not in self.expert]
@@ -218,9 +218,7 @@ class BatchSource:
 
     def dtype(self, name: str) -> torch.dtype:
         """The expert's precision for ``name`` (the new state keeps it)."""
-        if isinstance(self.expert, SafetensorsWeights):
-            return self.expert.dtype(name)
-        return self.expert[name].dtype
+        return self.expert.dtype(name)
 
     def groups(self) -> list[tuple[bool, list[str], slice | None]]:
         """``(target, names, rows)`` batches: equal-shape tensors of one kind up to the batch

@@ -1,5 +1,6 @@
 """The streamed merge pipeline: exact results for simple rules, history across steps, atomicity."""
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,32 @@ def test_get_rows_reads_a_row_block(base):
     name = "model.embed_tokens.weight"
     whole = weights_on_disk.get(name)
     torch.testing.assert_close(weights_on_disk.get_rows(name, slice(3, 9)), whole[3:9], rtol=0, atol=0)
+
+
+def test_model_weights_of_a_live_model(base):
+    """Plain weights are the module's own storage; LoRA weights equal peft's merge, computed per access."""
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.tensors import ModelWeights, SafetensorsWeights
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    plain = ModelWeights(model)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert plain[name].data_ptr() == model.get_parameter(name).data_ptr(), "a reference, not a copy"
+    assert set(plain.names()) >= set(SafetensorsWeights(base).names())
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="gaussian")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    for param in peft_model.parameters():  # non-zero B, so the adapter changes the weights
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.05)
+    weights = ModelWeights(peft_model)
+    assert weights.dtype(name) == torch.float32 and weights.shape(name) == model.get_parameter(name).shape
+    merged_by_peft = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    assert set(weights.names()) == set(merged_by_peft)
+    for key, expected in merged_by_peft.items():
+        torch.testing.assert_close(weights[key], expected, rtol=1e-6, atol=1e-7, msg=key)
+    assert peft_model.active_adapters == ["default"] and not peft_model.base_model.model.model.layers[0].self_attn.q_proj.merged
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
