@@ -143,8 +143,10 @@ class EWCCallback(TrainerCallback):
         self.anchors = None  # free the old anchors before copying the new ones
         self.anchors = current_values(self._penalised(model))
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._terms = None  # a new trainer may hold a new model (e.g. a fresh LoRA adapter)
+        if model is not None:
+            self._penalised(model)  # an unsupported model fails now, not after the task has trained
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if train_dataloader is None:
