@@ -144,7 +144,7 @@ def is_zero3(model: torch.nn.Module) -> bool:
     return any(hasattr(param, "ds_id") for param in unwrap_model(model).parameters())
 
 
-def _gathered(params: list[torch.nn.Parameter]):
+def zero3_gathered(params: list[torch.nn.Parameter]):
     """Full values of ZeRO-3 partitioned ``params`` inside the block (a collective: every rank enters)."""
     import deepspeed
 
@@ -171,7 +171,7 @@ def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
         if isinstance(module, LoraLayer):
             skip_prefixes.append(prefix)
             params = list(module.parameters())
-            with _gathered(params):
+            with zero3_gathered(params):
                 weight = module.base_layer.weight.detach().clone().cpu()
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
@@ -183,7 +183,7 @@ def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
             continue
         params = [(name, param) for name, param in module.named_parameters(recurse=False) if id(param) not in seen]
         if params:
-            with _gathered([param for _, param in params]):
+            with zero3_gathered([param for _, param in params]):
                 for name, param in params:
                     yield f"{prefix}{name}", param.detach().clone().cpu()
             seen.update(id(param) for _, param in params)

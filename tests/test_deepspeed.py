@@ -33,9 +33,11 @@ def setup(tmp_path_factory):
     return root, model
 
 
-def recipe_file(root: Path, model: str, name: str, strategy: dict) -> Path:
+def recipe_file(root: Path, model: str, name: str, strategy: dict, peft: dict | None = None) -> Path:
     data = make_recipe(root, model, steps=(3, 3))
     data.update(name=name, strategy=strategy)
+    if peft is not None:
+        data["peft"] = peft
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -67,19 +69,23 @@ def assert_same_run(reference: Path, other: Path) -> None:
     assert mb["rows"] == ma["rows"] and mb["expert_scores"] == ma["expert_scores"]
 
 
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
 @pytest.mark.parametrize(
-    "config, processes, strategy",
+    "config, processes, strategy, peft",
     [
-        ("zero3", 1, {"name": "gcwm", "iters": 10, "step_coef": 1.0}),
-        ("zero2", 1, {"name": "ewc", "fisher_examples": 4}),
-        ("zero3", 2, {"name": "ewc", "fisher_examples": 4, "ewc_lambda": 1.0e4}),
+        ("zero3", 1, {"name": "gcwm", "iters": 10, "step_coef": 1.0}, None),
+        ("zero2", 1, {"name": "ewc", "fisher_examples": 4}, None),
+        ("zero3", 2, {"name": "ewc", "fisher_examples": 4, "ewc_lambda": 1.0e4}, None),
+        ("zero3", 2, {"name": "ewc", "fisher_examples": 4, "ewc_lambda": 1.0e4}, LORA),
     ],
-    ids=["zero3-gcwm", "zero2-ewc", "zero3-2proc-ewc"],
+    ids=["zero3-gcwm", "zero2-ewc", "zero3-2proc-ewc", "zero3-2proc-lora-ewc"],
 )
-def test_zero_matches_plain_run(setup, config, processes, strategy):
+def test_zero_matches_plain_run(setup, config, processes, strategy, peft):
     root, model = setup
-    name = f"{config}-{processes}-{strategy['name']}"
-    path = recipe_file(root, model, name, strategy)
+    name = f"{config}-{processes}-{strategy['name']}" + ("-lora" if peft else "")
+    path = recipe_file(root, model, name, strategy, peft)
     overrides = ["--set", "training.per_device_train_batch_size=2"] if processes == 2 else []
     launch(config, path, processes, overrides)
 

@@ -27,9 +27,10 @@ penalised tensors. The penalty is an autograd function that saves no new tensor 
 backward pass (it recomputes θ − θ* there, one tensor at a time), so a training step
 holds no further copy.
 
-DeepSpeed ZeRO-3 (full fine-tuning): every rank keeps F and θ* for its own shard of each
-parameter only (the slice of the flat values ZeRO-3 assigns it; padding excluded), so no
-rank ever holds a whole-model copy:
+DeepSpeed ZeRO-3: every rank keeps F and θ* for its own shard of each penalised tensor
+only (the slice of the flat values ZeRO-3 assigns it; padding excluded; for a LoRA layer
+the slice of its merged weight that matches its base weight's shard), so no rank ever
+holds a whole-model copy:
 
 * the Fisher runs the same N examples on every rank; each parameter's full per-example
   gradient exists only transiently, while autograd computes it (as in plain training), and
@@ -71,7 +72,7 @@ from cpt.errors import CptError
 from cpt.integration import IntegrationContext, TaskContext
 from cpt.io import commit_dir, recover_dir, staging_dir
 from cpt.strategies import register_strategy
-from cpt.tensors import _lora_layers, is_peft_model, is_zero3, unwrap_model
+from cpt.tensors import _lora_layers, is_peft_model, is_zero3, unwrap_model, zero3_gathered
 
 DEFAULT_EWC_LAMBDA = 100.0
 FISHER_FILE = "fisher.safetensors"
@@ -163,9 +164,17 @@ class PenalisedTensor:
         return torch.zeros_like(self.leaf, dtype=torch.float32)
 
     def value(self) -> torch.Tensor:
-        """θ now (detached; for LoRA the merged weight, merged exactly as the saved state is; under ZeRO-3 the local slice)."""
+        """θ now (detached; for LoRA the merged weight, merged exactly as the saved state is; under ZeRO-3 the local slice).
+
+        Under ZeRO-3 with LoRA this gathers the layer's factors: a collective, every rank calls it.
+        """
         if self.shard is not None:
-            return self.leaf.ds_tensor.detach().view(-1)[: self.shard[1]]
+            local = self.leaf.ds_tensor.detach().view(-1)[: self.shard[1]]
+            if not self.is_lora:
+                return local
+            lora_a, lora_b = self.lora_factors()
+            with zero3_gathered([lora_a, lora_b]):
+                return local + self._lora_product_shard(lora_a, lora_b).to(local.dtype)
         if not self.is_lora:
             return self.leaf.detach()
         return (self.leaf + self.layer.get_delta_weight(self.adapter).to(self.leaf.dtype)).detach()
@@ -180,6 +189,61 @@ class PenalisedTensor:
         lora_a = self.layer.lora_A[self.adapter].weight
         lora_b = self.layer.lora_B[self.adapter].weight
         return _LoraQuadratic.apply(lora_a, lora_b, self.leaf, fisher, anchor, float(self.layer.scaling[self.adapter]))
+
+
+    def lora_factors(self) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        return self.layer.lora_A[self.adapter].weight, self.layer.lora_B[self.adapter].weight
+
+    def _lora_rows(self) -> tuple[int, int, int]:
+        """ZeRO-3 LoRA: the rows ``[r0, r1)`` of W the local slice touches, and its offset in them."""
+        start, length = self.shard
+        columns = int(self.leaf.ds_shape[1])
+        first, last = start // columns, (start + max(length, 1) - 1) // columns + 1
+        return first, last, start - first * columns
+
+    def _lora_product_shard(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """The local slice of ``s·B·A`` (factors gathered), computed from the rows it covers only."""
+        length = self.shard[1]
+        if length == 0:
+            return lora_b.new_zeros(0)
+        first, last, offset = self._lora_rows()
+        block = (lora_b[first:last] @ lora_a) * float(self.layer.scaling[self.adapter])
+        return block.reshape(-1)[offset : offset + length]
+
+    def add_lora_shard_gradients(self, weighted: torch.Tensor) -> None:
+        """ZeRO-3 LoRA: add ∂/∂A, ∂/∂B of ``Σ weighted ⊙ W_slice`` to A's and B's local gradient partitions.
+
+        A collective (gathers the factors, sums the partial gradients over the ranks).
+        """
+        import torch.distributed as dist
+
+        lora_a, lora_b = self.lora_factors()
+        scale = float(self.layer.scaling[self.adapter])
+        with zero3_gathered([lora_a, lora_b]):
+            grad_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=weighted.device)
+            grad_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=weighted.device)
+            if self.shard[1]:
+                first, last, offset = self._lora_rows()
+                rows = torch.zeros(last - first, lora_a.shape[1], dtype=torch.float32, device=weighted.device)
+                rows.view(-1)[offset : offset + self.shard[1]] = weighted
+                grad_a += scale * (lora_b[first:last].float().T @ rows)
+                grad_b[first:last] = scale * (rows @ lora_a.float().T)
+        for param, full in ((lora_a, grad_a), (lora_b, grad_b)):
+            if dist.is_initialized():
+                dist.all_reduce(full, group=param.ds_process_group)
+            start, length = local_shard(param)
+            _add_to_local_grad(param, full.view(-1)[start : start + length])
+
+
+def _add_to_local_grad(param: torch.nn.Parameter, local: torch.Tensor) -> None:
+    """Add ``local`` (this rank's slice of a gradient of ``param``, see :func:`local_shard`) to its ZeRO-3 gradient partition."""
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+    grad = safe_get_local_grad(param)
+    if grad is None or local.numel() == 0:
+        return
+    grad.view(-1)[: local.numel()].add_(local.to(grad.dtype))
+    safe_set_local_grad(param, grad)
 
 
 def local_shard(param: torch.nn.Parameter) -> tuple[int, int]:
@@ -200,12 +264,13 @@ def local_shard(param: torch.nn.Parameter) -> tuple[int, int]:
 def penalised_tensors(model: torch.nn.Module) -> list[PenalisedTensor]:
     """The tensors EWC penalises in ``model`` (see the module docstring), in a fixed order."""
     model = unwrap_model(model)
-    if is_zero3(model):
-        if is_peft_model(model):
-            raise CptError("ewc: EWC of LoRA adapters under DeepSpeed ZeRO-3 is not supported; use ZeRO-2 or full fine-tuning (lora: null)")
-        return [PenalisedTensor(name, param, shard=local_shard(param)) for name, param in model.named_parameters() if param.requires_grad]
+    zero3 = is_zero3(model)
+
+    def shard(param: torch.nn.Parameter) -> tuple[int, int] | None:
+        return local_shard(param) if zero3 else None
+
     if not is_peft_model(model):
-        return [PenalisedTensor(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        return [PenalisedTensor(name, param, shard=shard(param)) for name, param in model.named_parameters() if param.requires_grad]
 
     terms: list[PenalisedTensor] = []
     handled: set[int] = set()
@@ -230,11 +295,11 @@ def penalised_tensors(model: torch.nn.Module) -> list[PenalisedTensor]:
                 f"ewc: layer {module_name} is not a plain LoRA linear layer (quantized, Conv1D/fan_in_fan_out or DoRA); "
                 "EWC supports LoRA on float nn.Linear layers"
             )
-        terms.append(PenalisedTensor(f"{module_name}.weight", base.weight, layer=layer, adapter=adapter))
+        terms.append(PenalisedTensor(f"{module_name}.weight", base.weight, layer=layer, adapter=adapter, shard=shard(base.weight)))
         handled |= {id(lora_a), id(lora_b), id(base.weight)}
     for name, param in model.get_base_model().named_parameters():
         if param.requires_grad and id(param) not in handled:
-            terms.append(PenalisedTensor(name, param))
+            terms.append(PenalisedTensor(name, param, shard=shard(param)))
     return terms
 
 
@@ -297,18 +362,14 @@ def add_ewc_gradients(
     clips and applies the sum, as in the plain run. ``scale`` is the optimizer's current
     loss scale (fp16), by which those partitions are still multiplied.
     """
-    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
-
     for term in terms:
         if term.shard is None:
             raise CptError(f"ewc: {term.name} is not a ZeRO-3 partitioned parameter")
-        length = term.shard[1]
-        grad = safe_get_local_grad(term.leaf)
-        if grad is None or length == 0:
-            continue
-        diff = term.value().float() - anchors[term.name].float()
-        grad.view(-1)[:length].add_(fisher[term.name] * diff, alpha=scale * ewc_lambda)
-        safe_set_local_grad(term.leaf, grad)
+        weighted = (scale * ewc_lambda) * fisher[term.name] * (term.value().float() - anchors[term.name].float())
+        if term.is_lora:
+            term.add_lora_shard_gradients(weighted)
+        elif term.leaf.requires_grad:
+            _add_to_local_grad(term.leaf, weighted)
 
 
 # ---------------------------------------------------------------------- the Fisher
