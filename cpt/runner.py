@@ -80,6 +80,17 @@ class RunDirectory:
         atomic_write_json(self.manifest_path, manifest)
 
 
+def _peak_memory() -> dict[str, float]:
+    """This process's peak resident memory so far, and its peak CUDA allocation since the task began (GiB)."""
+    import resource
+
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_host_rss_gib": round(max_rss / (2**30 if sys.platform == "darwin" else 2**20), 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return peak
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -291,6 +302,7 @@ class TaskSequenceRunner:
                 started = time.perf_counter()
                 matrix["rows"][step] = self._evaluate_row(model_for_eval, tokenizer, task_data, f"after {task.name}")
                 record["eval_seconds"] = round(time.perf_counter() - started, 3)
+                record.update(_peak_memory())  # of the main process (it also evaluates)
                 record["status"] = "done"
                 record["finished"] = _now()
                 self._save_matrix(matrix)
@@ -424,6 +436,8 @@ class TaskSequenceRunner:
             callback.bind_trainer(trainer)
         record["status"] = "training"
         record["started"] = _now()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
         if self.is_main:
             self.rundir.write_manifest(manifest)
         train_started = time.perf_counter()

@@ -47,6 +47,11 @@ def test_two_task_sequential_run(tmp_path, tiny_model):
     assert manifest["tasks"][0]["train_examples"] == len(WORDS) - 4
     assert manifest["versions"]["trl"] and manifest["recipe_fingerprint"] == recipe.fingerprint()
     assert all(task["train_seconds"] > 0 for task in manifest["tasks"])
+    import resource  # the peak RSS is this process's (the runner ran in it), in GiB, never decreasing
+
+    now_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peaks = [task["peak_host_rss_gib"] for task in manifest["tasks"]]
+    assert 0.05 < peaks[0] <= peaks[1] <= now_gib + 1e-3
     matrix = json.loads((run_dir / "eval" / "matrix.json").read_text())
     assert matrix["rows"] == result.matrix and matrix["tasks"] == ["plural", "upper"]
     assert (run_dir / "recipe.yaml").exists() and (run_dir / "integration" / "2_upper.json").exists()
