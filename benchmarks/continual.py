@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from results import machine, replace_section
+
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 ALL_STRATEGIES = ["sequential", "replay", "ewc", "gcwm", "task_arithmetic", "average", "ties", "magmax", "wudi", "opcm", "nufilt"]
 
 TASKS = [
@@ -71,32 +70,16 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
 
 
-def machine() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"1× {torch.cuda.get_device_name(0)}"
-    except ImportError:  # pragma: no cover
-        pass
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
-
-
 def record(table: str, command: str, size: str) -> None:
     """Replace this benchmark's section of RESULTS.md (one section per size)."""
     # compare.md's own title and its plot live beside the runs, not in RESULTS.md
     table = "\n".join(line for line in table.splitlines() if not line.startswith(("# ", "![")))
-    heading = f"## Continual benchmark ({size})"
-    section = (
-        f"{heading}\n\n"
+    replace_section(
+        f"Continual benchmark ({size})",
         f"SmolLM2-135M-Instruct, BIG-bench plural → past tense → negation → question formation, "
         f"every strategy from the same recipe.\n\n"
-        f"- command: `{command}`\n- machine: {machine()}\n- date: {datetime.date.today().isoformat()}\n\n{table}\n"
+        f"- command: `{command}`\n- machine: {machine()}\n- date: {datetime.date.today().isoformat()}\n\n{table}\n",
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 def main() -> None:
