@@ -108,9 +108,10 @@ class EWCCallback(TrainerCallback):
         module = unwrap_model(model)
         if self._terms is None or self._terms[0]() is not module:
             if is_zero3(module) != self.sharded:
+                found, expected = ("partitioned", "no") if self.sharded is False else ("not partitioned", "a")
                 raise CptError(
-                    "EWCCallback: the model is " + ("" if is_zero3(module) else "not ") + "partitioned by ZeRO-3 but the callback was created "
-                    + ("without" if is_zero3(module) else "with") + " a ZeRO-3 config active; create it after the SFTConfig/TrainingArguments of this run"
+                    f"EWCCallback: the model is {found} by DeepSpeed ZeRO-3 but the callback was created with {expected} ZeRO-3 "
+                    "config registered; create it after this run's SFTConfig/TrainingArguments"
                 )
             terms = penalised_tensors(module)
             for term in terms:
