@@ -73,7 +73,7 @@ def run(command: list[str]) -> None:
 def record(table: str, command: str, size: str) -> None:
     """Replace this benchmark's section of RESULTS.md (one section per size)."""
     # compare.md's own title and its plot live beside the runs, not in RESULTS.md
-    table = "\n".join(line for line in table.splitlines() if not line.startswith(("# ", "![")))
+    table = "\n".join(line for line in table.splitlines() if not line.startswith(("# ", "!["))).strip()
     replace_section(
         f"Continual benchmark ({size})",
         f"SmolLM2-135M-Instruct, BIG-bench plural → past tense → negation → question formation, "
