@@ -108,7 +108,7 @@ class EWCCallback(TrainerCallback):
         module = unwrap_model(model)
         if self._terms is None or self._terms[0]() is not module:
             if is_zero3(module) != self.sharded:
-                found, expected = ("partitioned", "no") if self.sharded is False else ("not partitioned", "a")
+                found, expected = ("not partitioned", "a") if self.sharded else ("partitioned", "no")
                 raise CptError(
                     f"EWCCallback: the model is {found} by DeepSpeed ZeRO-3 but the callback was created with {expected} ZeRO-3 "
                     "config registered; create it after this run's SFTConfig/TrainingArguments"

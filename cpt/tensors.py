@@ -120,18 +120,20 @@ class ModelWeights:
         return self._tensors[name].dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self._tensors[name]
         layer = self._lora.get(name)
-        if layer is None:
-            return tensor
-        delta = torch.zeros_like(tensor)
-        for adapter in layer.active_adapters:
-            if adapter in layer.lora_A:
-                delta += layer.get_delta_weight(adapter).to(tensor.dtype)
-        return (tensor + delta).detach()
+        return self._tensors[name] if layer is None else merged_lora_weight(layer, self._tensors[name])
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         return ((name, self[name]) for name in self._tensors)
+
+
+def merged_lora_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``W + ΔW`` of a LoRA layer (every active adapter), a new detached tensor; the layer is left as it is."""
+    delta = torch.zeros_like(weight)
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            delta += layer.get_delta_weight(adapter).to(weight.dtype)
+    return (weight + delta).detach()
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -172,11 +174,7 @@ def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
             skip_prefixes.append(prefix)
             params = list(module.parameters())
             with zero3_gathered(params):
-                weight = module.base_layer.weight.detach().clone().cpu()
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        weight += module.get_delta_weight(adapter).detach().to(weight.dtype).cpu()
-                yield f"{prefix}weight", weight
+                yield f"{prefix}weight", merged_lora_weight(module, module.base_layer.weight).cpu()
                 if getattr(module.base_layer, "bias", None) is not None:
                     yield f"{prefix}bias", module.base_layer.bias.detach().clone().cpu()
             seen.update(id(param) for param in params)

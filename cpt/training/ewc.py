@@ -40,10 +40,12 @@ holds a whole-model copy:
   :class:`cpt.training.trainer.CptSFTTrainer`), which is where the plain run's autograd
   gradient of the penalty would have been reduced to; the penalty's value is the sum of
   the ranks' local sums (one scalar all-reduce) and is logged like the plain run's;
+* LoRA: the small factors A, B are gathered whole for a moment (never the base weight);
+  a rank's slice of ``W₀ + s·B·A`` needs only the rows of B its slice covers, and the
+  gradients ``s·Bᵀ Z`` and ``s·Z Aᵀ`` (Z: the rank's λF ⊙ (W − W*) placed in those rows)
+  are summed over the ranks, each rank adding its own partition of them;
 * each rank stores its shard (see :class:`callbacks.EWCCallback`), so a resumed run needs
   the same number of processes.
-
-EWC of LoRA adapters under ZeRO-3 is refused (use ZeRO-2 or full fine-tuning).
 
 Default λ = 100. F is the mean squared gradient of a *per-token mean* loss. For a model
 that fits its task, the Hessian of a sequence's NLL is ≈ the Fisher of the sequence score
@@ -169,12 +171,11 @@ class PenalisedTensor:
         Under ZeRO-3 with LoRA this gathers the layer's factors: a collective, every rank calls it.
         """
         if self.shard is not None:
-            local = self.leaf.ds_tensor.detach().view(-1)[: self.shard[1]]
             if not self.is_lora:
-                return local
+                return self.leaf.ds_tensor.detach().view(-1)[: self.shard[1]]
             lora_a, lora_b = self.lora_factors()
             with zero3_gathered([lora_a, lora_b]):
-                return local + self._lora_product_shard(lora_a, lora_b).to(local.dtype)
+                return self._merged_local_slice(lora_a, lora_b)
         if not self.is_lora:
             return self.leaf.detach()
         return (self.leaf + self.layer.get_delta_weight(self.adapter).to(self.leaf.dtype)).detach()
@@ -186,10 +187,8 @@ class PenalisedTensor:
             return (fisher * diff * diff).sum()
         if not self.is_lora:
             return _DiagonalQuadratic.apply(self.leaf, fisher, anchor)
-        lora_a = self.layer.lora_A[self.adapter].weight
-        lora_b = self.layer.lora_B[self.adapter].weight
+        lora_a, lora_b = self.lora_factors()
         return _LoraQuadratic.apply(lora_a, lora_b, self.leaf, fisher, anchor, float(self.layer.scaling[self.adapter]))
-
 
     def lora_factors(self) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
         return self.layer.lora_A[self.adapter].weight, self.layer.lora_B[self.adapter].weight
@@ -201,25 +200,26 @@ class PenalisedTensor:
         first, last = start // columns, (start + max(length, 1) - 1) // columns + 1
         return first, last, start - first * columns
 
-    def _lora_product_shard(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-        """The local slice of ``s·B·A`` (factors gathered), computed from the rows it covers only."""
-        length = self.shard[1]
-        if length == 0:
-            return lora_b.new_zeros(0)
+    def _merged_local_slice(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """ZeRO-3 LoRA: the local slice of ``W₀ + s·B·A`` (factors gathered), from the rows of B it covers only."""
+        local = self.leaf.ds_tensor.detach().view(-1)[: self.shard[1]]
+        if self.shard[1] == 0:
+            return local
         first, last, offset = self._lora_rows()
         block = (lora_b[first:last] @ lora_a) * float(self.layer.scaling[self.adapter])
-        return block.reshape(-1)[offset : offset + length]
+        return local + block.reshape(-1)[offset : offset + self.shard[1]].to(local.dtype)
 
-    def add_lora_shard_gradients(self, weighted: torch.Tensor) -> None:
-        """ZeRO-3 LoRA: add ∂/∂A, ∂/∂B of ``Σ weighted ⊙ W_slice`` to A's and B's local gradient partitions.
+    def add_lora_shard_gradients(self, fisher: torch.Tensor, anchor: torch.Tensor, coefficient: float) -> None:
+        """ZeRO-3 LoRA: add ∂/∂A, ∂/∂B of ``(coefficient/2)·Σ F (W_slice − W*)²`` to A's and B's local gradient partitions.
 
-        A collective (gathers the factors, sums the partial gradients over the ranks).
+        A collective (gathers the factors once, sums the partial gradients over the ranks).
         """
         import torch.distributed as dist
 
         lora_a, lora_b = self.lora_factors()
         scale = float(self.layer.scaling[self.adapter])
         with zero3_gathered([lora_a, lora_b]):
+            weighted = coefficient * fisher * (self._merged_local_slice(lora_a, lora_b).float() - anchor.float())
             grad_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=weighted.device)
             grad_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=weighted.device)
             if self.shard[1]:
@@ -365,11 +365,10 @@ def add_ewc_gradients(
     for term in terms:
         if term.shard is None:
             raise CptError(f"ewc: {term.name} is not a ZeRO-3 partitioned parameter")
-        weighted = (scale * ewc_lambda) * fisher[term.name] * (term.value().float() - anchors[term.name].float())
         if term.is_lora:
-            term.add_lora_shard_gradients(weighted)
+            term.add_lora_shard_gradients(fisher[term.name], anchors[term.name], scale * ewc_lambda)
         elif term.leaf.requires_grad:
-            _add_to_local_grad(term.leaf, weighted)
+            _add_to_local_grad(term.leaf, (scale * ewc_lambda) * fisher[term.name] * (term.value().float() - anchors[term.name].float()))
 
 
 # ---------------------------------------------------------------------- the Fisher
