@@ -28,7 +28,7 @@ import yaml
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json, recover_dir
 from cpt.recipe import Recipe, TaskSpec
-from cpt.tensors import is_zero3, no_zero3_init, read_marker, save_model_folder
+from cpt.tensors import is_zero3, no_zero3_init, read_marker, release_deepspeed_engine, save_model_folder
 
 MANIFEST_FORMAT = 1
 VERSIONED_PACKAGES = ("cpt", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "deepspeed")
@@ -458,6 +458,7 @@ class TaskSequenceRunner:
             record["geometry_conflict_mean"] = diagnostics[0].report["aggregates"]["geometry_conflict"]["mean"]
             record["geometry_seconds"] = diagnostics[0].report["seconds"]
         self._live_state = trainer.model if strategy.state_is_expert and not is_zero3(trainer.model) else None
+        release_deepspeed_engine(trainer.accelerator)  # else every task's engine outlives it
         del trainer
 
     def _summarise(self, step: int, task: TaskSpec, record: dict, matrix: dict) -> None:

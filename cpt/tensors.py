@@ -207,6 +207,52 @@ def no_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
+def release_deepspeed_engine(accelerator) -> None:
+    """Free a finished trainer's DeepSpeed engine and ZeRO optimizer; the model stays usable.
+
+    One cpt run trains a model per task in one process, and DeepSpeed (0.19) keeps every
+    engine alive after its trainer is gone: measured +2.6 GiB a task for SmolLM2 under
+    ZeRO-3 on CPU, the whole previous model and optimizer state. The references, found
+    with ``gc.get_referrers`` from a dead task's optimizer:
+
+    * the gradient hooks on the parameters (ZeRO-2 and 3), held in C++ by autograd:
+      ``engine.destroy()`` removes them (called by ``accelerator.free_memory()``, which
+      also drops accelerate's own references);
+    * the forward hooks the engine puts on the model, which ``destroy()`` leaves: they
+      would keep the engine alive as long as the model, and run its forward prologue in
+      evaluation;
+    * ZeRO-3's root module in ``parameter_offload.FWD_MODULE_STACK``, a process-wide list
+      nothing pops it from;
+    * ZeRO-3's ``functools.lru_cache`` on the class method
+      ``PartitionedParameterCoordinator.__params_to_release``, keyed by the coordinator and
+      its modules and never cleared. Clearing it is safe for any live engine: the values
+      are recomputed on the next step.
+    """
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    engine = wrapped.engine if wrapped is not None else None
+    accelerator.free_memory()
+    if engine is None:
+        return
+    for hook_name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        hook = getattr(engine, hook_name, None)
+        if hook is not None:
+            hook.remove()
+            setattr(engine, hook_name, None)
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    engine_modules = {id(module) for module in engine.module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [
+        module for module in parameter_offload.FWD_MODULE_STACK if id(module) not in engine_modules
+    ]
+    cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    # DeepSpeed's nvtx decorator wraps the lru_cache without functools.wraps: look in its closure
+    for candidate in (cached, *(cell.cell_contents for cell in getattr(cached, "__closure__", None) or ())):
+        if callable(getattr(candidate, "cache_clear", None)):
+            candidate.cache_clear()
+            break
+
+
 def _is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 

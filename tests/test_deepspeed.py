@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-2/3 runs (CPU, DS_ACCELERATOR=cpu) give the plain run's results.
 
 Each case launches `accelerate launch --config_file recipes/accelerate/zeroN.yaml cpt/run.py`
-as users do; the first launch on a machine compiles DeepSpeed's CPU communication op once
-(cached in ~/.cache/torch_extensions).
+as users do (through tests/launch_and_count_engines.py, which then counts the DeepSpeed
+objects left alive); the first launch on a machine compiles DeepSpeed's CPU communication
+op once (cached in ~/.cache/torch_extensions).
 """
 
 import json
@@ -43,12 +44,16 @@ def recipe_file(root: Path, model: str, name: str, strategy: dict, peft: dict | 
     return path
 
 
-def launch(config: str, recipe: Path, processes: int = 1, extra: list[str] = ()) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def launch(config: str, recipe: Path, processes: int = 1, extra: list[str] = ()) -> list[dict]:
+    """Run the recipe under ``accelerate launch``; each rank's count of DeepSpeed objects alive at the end."""
+    counts_dir = recipe.parent / f"{recipe.stem}-live-objects"
+    counts_dir.mkdir(exist_ok=True)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CPT_LIVE_OBJECTS_DIR": str(counts_dir)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
-               "--num_processes", str(processes), "cpt/run.py", str(recipe), *extra]
+               "--num_processes", str(processes), "tests/launch_and_count_engines.py", str(recipe), *extra]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((counts_dir / f"rank{rank}.json").read_text()) for rank in range(processes)]
 
 
 def assert_same_run(reference: Path, other: Path) -> None:
@@ -87,7 +92,9 @@ def test_zero_matches_plain_run(setup, config, processes, strategy, peft):
     name = f"{config}-{processes}-{strategy['name']}" + ("-lora" if peft else "")
     path = recipe_file(root, model, name, strategy, peft)
     overrides = ["--set", "training.per_device_train_batch_size=2"] if processes == 2 else []
-    launch(config, path, processes, overrides)
+    live = launch(config, path, processes, overrides)
+    # each task's engine, ZeRO optimizer and (ZeRO-3) partitioned model are freed with its trainer
+    assert live == [{"engines": 0, "optimizers": 0, "partitioned_models": 0}] * processes
 
     plain = validate_recipe({**yaml.safe_load(path.read_text()), "name": f"plain-{name}"})
     if processes == 2:  # same global batch as 2 ranks × 2

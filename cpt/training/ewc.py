@@ -200,6 +200,7 @@ class PenalisedTensor:
         first, last = start // columns, (start + max(length, 1) - 1) // columns + 1
         return first, last, start - first * columns
 
+    @torch.no_grad()  # a value: no graph may hold the factors (it would keep the engine alive)
     def _merged_local_slice(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         """ZeRO-3 LoRA: the local slice of ``W₀ + s·B·A`` (factors gathered), from the rows of B it covers only."""
         local = self.leaf.ds_tensor.detach().view(-1)[: self.shard[1]]
@@ -209,6 +210,7 @@ class PenalisedTensor:
         block = (lora_b[first:last] @ lora_a) * float(self.layer.scaling[self.adapter])
         return local + block.reshape(-1)[offset : offset + self.shard[1]].to(local.dtype)
 
+    @torch.no_grad()
     def add_lora_shard_gradients(self, fisher: torch.Tensor, anchor: torch.Tensor, coefficient: float) -> None:
         """ZeRO-3 LoRA: add ∂/∂A, ∂/∂B of ``(coefficient/2)·Σ F (W_slice − W*)²`` to A's and B's local gradient partitions.
 
@@ -348,6 +350,7 @@ def sum_over_zero3_ranks(value: torch.Tensor, param: torch.nn.Parameter) -> torc
     return value
 
 
+@torch.no_grad()  # runs inside the engine's backward, where grad mode is on
 def add_ewc_gradients(
     terms: Sequence[PenalisedTensor],
     fisher: dict[str, torch.Tensor],
