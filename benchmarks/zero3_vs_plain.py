@@ -49,13 +49,20 @@ def launch(recipe: Path, processes: int, zero3: bool) -> float:
     return time.perf_counter() - started
 
 
-def max_state_difference(a: Path, b: Path) -> float:
+def state_difference(a: Path, b: Path) -> tuple[float, float]:
+    """Max |Δ| over all weights of two states, and ‖Δ‖_F / ‖θ‖_F over the whole state."""
     from cpt.tensors import SafetensorsWeights
 
     left, right = SafetensorsWeights(a), SafetensorsWeights(b)
     if set(left.names()) != set(right.names()):
         raise SystemExit(f"the states hold different tensors: {sorted(set(left.names()) ^ set(right.names()))[:3]}")
-    return max(float((left[name].double() - right[name].double()).abs().max()) for name in left.names())
+    worst, squared_difference, squared_norm = 0.0, 0.0, 0.0
+    for name in left.names():
+        difference = left[name].double() - right[name].double()
+        worst = max(worst, float(difference.abs().max()))
+        squared_difference += float(difference.square().sum())
+        squared_norm += float(left[name].double().square().sum())
+    return worst, (squared_difference / squared_norm) ** 0.5
 
 
 def max_geometry_difference(a: Path, b: Path) -> float:
@@ -79,7 +86,7 @@ def summary(run_dir: Path, wall: float) -> dict:
         "wall": wall,
         "train": sum(task.get("train_seconds", 0.0) for task in tasks),
         "integration": sum(task.get("integration_seconds", 0.0) for task in tasks),
-        "host": max(task.get("peak_host_rss_gib", float("nan")) for task in tasks),
+        "host_per_task": [task.get("peak_host_rss_gib", float("nan")) for task in tasks],
         "gpu": max((task["peak_gpu_memory_gib"] for task in tasks if "peak_gpu_memory_gib" in task), default=None),
         "acc": json.loads((run_dir / "eval" / "matrix.json").read_text())["metrics"]["acc"],
     }
@@ -110,7 +117,7 @@ def main() -> None:
         runs[kind] = summary(output / recipe["name"], wall)
 
     plain_dir, zero3_dir = output / f"{args.strategy}-plain", output / f"{args.strategy}-zero3"
-    state_diff = max_state_difference(plain_dir / "state", zero3_dir / "state")
+    state_diff, state_relative = state_difference(plain_dir / "state", zero3_dir / "state")
     geometry_diff = max_geometry_difference(plain_dir / "geometry", zero3_dir / "geometry")
     same_matrix = json.loads((plain_dir / "eval" / "matrix.json").read_text())["rows"] == json.loads((zero3_dir / "eval" / "matrix.json").read_text())["rows"]
 
@@ -118,7 +125,7 @@ def main() -> None:
         return "—" if value is None else f"{value:.2f}"
 
     rows = "\n".join(
-        f"| {label} | {run['acc']:.3f} | {run['wall']:.0f} | {run['train']:.0f} | {run['integration']:.1f} | {gib(run['host'])} | {gib(run['gpu'])} |"
+        f"| {label} | {run['acc']:.3f} | {run['wall']:.0f} | {run['train']:.0f} | {run['integration']:.1f} | {' / '.join(gib(value) for value in run['host_per_task'])} | {gib(run['gpu'])} |"
         for label, run in (("plain, 1 process", runs["plain"]), (f"ZeRO-3, {args.processes} process(es)", runs["zero3"]))
     )
     command = "python benchmarks/zero3_vs_plain.py " + " ".join(sys.argv[1:])
@@ -126,10 +133,10 @@ def main() -> None:
         f"`recipes/quickstart.yaml` with `strategy: {args.strategy}`, plain and under "
         f"`recipes/accelerate/zero3.yaml`.\n\n"
         f"- command: `{command}`\n- machine: {machine()}\n- date: {datetime.date.today().isoformat()}\n\n"
-        f"| run | ACC | wall s | train s | integration s | peak host RSS GiB (main process) | peak GPU GiB |\n"
+        f"| run | ACC | wall s | train s | integration s | peak host RSS GiB (main process) by the end of each task | peak GPU GiB |\n"
         f"|---|---|---|---|---|---|---|\n{rows}\n\n"
-        f"Same results: final state max |Δ| = {state_diff:.2e}, geometry reports max |Δ| = {geometry_diff:.2e}, "
-        f"accuracy matrix {'identical' if same_matrix else 'DIFFERENT'}.\n"
+        f"Same results: final state max |Δ| = {state_diff:.2e} (‖Δ‖_F / ‖θ‖_F = {state_relative:.1e}), "
+        f"geometry reports max |Δ| = {geometry_diff:.2e}, accuracy matrix {'identical' if same_matrix else 'DIFFERENT'}.\n"
     )
     print(body)
     if not args.no_record:
