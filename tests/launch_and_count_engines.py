@@ -36,15 +36,19 @@ def live_deepspeed_objects() -> dict[str, int]:
     }
 
 
-def count_after_each_task(counts: dict[str, int]) -> None:
+def record_live_objects(largest: dict[str, int]) -> None:
+    for key, value in live_deepspeed_objects().items():
+        largest[key] = max(largest.get(key, 0), value)
+
+
+def count_after_each_task(largest: dict[str, int]) -> None:
     from cpt.runner import TaskSequenceRunner
 
     train_and_integrate = TaskSequenceRunner._train_and_integrate
 
     def counted(self, *args, **kwargs):
         train_and_integrate(self, *args, **kwargs)
-        for key, value in live_deepspeed_objects().items():
-            counts[key] = max(counts.get(key, 0), value)
+        record_live_objects(largest)
 
     TaskSequenceRunner._train_and_integrate = counted
 
@@ -60,6 +64,5 @@ if __name__ == "__main__":
         if exit_.code not in (0, None):
             raise
     out = Path(os.environ["CPT_LIVE_OBJECTS_DIR"]) / f"rank{os.environ.get('RANK', '0')}.json"
-    for key, value in live_deepspeed_objects().items():
-        largest[key] = max(largest.get(key, 0), value)
+    record_live_objects(largest)
     out.write_text(json.dumps(largest))
