@@ -21,7 +21,10 @@ def _add_run(subparsers) -> None:
 def _run(args) -> int:
     from cpt.recipe import load_recipe
     from cpt.runner import TaskSequenceRunner
+    from cpt.threads import configure_cpu_threads
 
+    # Before any torch work: accelerate launch gives its child one thread unless told otherwise.
+    print(f"[cpt] {configure_cpu_threads().reason}", file=sys.stderr, flush=True)
     recipe = load_recipe(args.recipe, args.overrides)
     TaskSequenceRunner(recipe, overwrite=args.overwrite).run()
     return 0
