@@ -15,6 +15,8 @@ from cpt.training.ewc.penalty import DEFAULT_EWC_LAMBDA
 
 @dataclass
 class EWCParams:
+    """The ``ewc`` strategy's recipe keys (``strategy: {name: ewc, ...}``)."""
+
     ewc_lambda: Annotated[float, Field(ge=0)] = DEFAULT_EWC_LAMBDA
     """λ of METHOD §4 (see the :mod:`cpt.training.ewc` docstring for the default)."""
     gamma: Annotated[float, Field(ge=0, le=1)] = 1.0
