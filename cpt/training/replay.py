@@ -36,7 +36,7 @@ from pydantic import Field
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext, TaskContext
 from cpt.io import atomic_write_text
-from cpt.strategies import register_strategy
+from cpt.strategies import Strategy, register_strategy
 
 COLUMNS = ("prompt", "completion")
 
@@ -117,9 +117,9 @@ class ReplayBuffers:
     state_is_expert=True,
     description="sequential fine-tuning with a buffer of each task's examples replayed in later tasks",
 )
-class Replay:
+class Replay(Strategy):
     def __init__(self, params: ReplayParams):
-        self.params = params
+        super().__init__(params)
         self.mixture: dict[str, Any] = {}
         """What the last prepared training set holds: own examples and replayed ones per earlier task."""
 

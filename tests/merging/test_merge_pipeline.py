@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import cpt.merging.pipeline as pipeline
+import cpt.merging.batch_io as pipeline
 from cpt.integration import IntegrationContext
 from cpt.merging.average import Average, AverageParams
 from cpt.merging.pipeline import MergeResult, MergeStrategy, run_merge
