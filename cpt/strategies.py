@@ -166,7 +166,7 @@ def register_strategy(
     def decorate(strategy_class: type) -> type:
         if not (isinstance(strategy_class, type) and issubclass(strategy_class, Strategy)):
             raise TypeError(
-                f"strategy {name!r}: {getattr(strategy_class, '__qualname__', strategy_class)!r} must subclass "
+                f"strategy {name!r}: {getattr(strategy_class, '__qualname__', repr(strategy_class))} must subclass "
                 "cpt.strategies.Strategy (or cpt.merging.contract.MergeStrategy for a per-tensor merge rule)"
             )
         existing = _REGISTRY.get(name)
@@ -239,7 +239,7 @@ def _load(entry_point: importlib.metadata.EntryPoint) -> StrategyInfo:
     if loaded.name != entry_point.name:
         raise CptError(f"entry point {entry_point.name} = {entry_point.value!r} of group {ENTRY_POINT_GROUP!r} "
                        f"loads the strategy registered as {loaded.name!r}; name the entry point {loaded.name!r}")
-    return StrategyInfo.of(loaded)
+    return _REGISTRY.setdefault(entry_point.name, StrategyInfo.of(loaded))
 
 
 def strategy_names() -> list[str]:
