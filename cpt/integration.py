@@ -51,7 +51,9 @@ class IntegrationContext:
                 shutil.copytree(self.expert_dir, staged, dirs_exist_ok=True)
                 write_model_files(staged, tokenizer=self.tokenizer, marker=self.marker())
             else:
-                save_model_folder(model if model is not None else self.model, self.tokenizer, staged, marker=self.marker())
+                save_model_folder(
+                    model if model is not None else self.model, self.tokenizer, staged, marker=self.marker()
+                )
 
 
 @dataclass

@@ -181,8 +181,10 @@ class TaskSequenceRunner:
         self.base = self._resolve_base()
         self.tokenizer = self._load_tokenizer(self.base)
         self.task_names = [task.name for task in recipe.tasks]
-        log(f"run {recipe.name} → {self.rundir.root} ({len(self.task_names)} tasks, strategy {self.strategy.name}, "
-            f"experts from {self.train_from})")
+        log(
+            f"run {recipe.name} → {self.rundir.root} ({len(self.task_names)} tasks, strategy {self.strategy.name}, "
+            f"experts from {self.train_from})"
+        )
         self.task_data = [build_task_data(task, index, recipe.seed) for index, task in enumerate(recipe.tasks)]
         for index, data in enumerate(self.task_data):
             self.manifest["tasks"][index].update(train_examples=len(data.train), eval_examples=len(data.eval_examples))
@@ -199,8 +201,10 @@ class TaskSequenceRunner:
         marker = read_marker(self.rundir.state) if self.rundir.state.exists() else None
         held_step = marker["step"] if marker else 0
         if held_step not in (step - 1, step):
-            raise CptError(f"{self.rundir.state} holds step {held_step} but task {step} is next; the run directory "
-                           "is inconsistent: rerun with --overwrite")
+            raise CptError(
+                f"{self.rundir.state} holds step {held_step} but task {step} is next; the run directory "
+                "is inconsistent: rerun with --overwrite"
+            )
         if held_step == step - 1:
             live_state = self.train_task(step, task, data)
         else:
@@ -228,22 +232,30 @@ class TaskSequenceRunner:
         record = self.manifest["tasks"][step - 1]
         previous_state = self.rundir.state if step > 1 else None
         start_from = str(previous_state) if (self.train_from == "state" and previous_state is not None) else self.base
-        log(f"task {step}/{len(self.task_names)} {task.name}: training on {len(data.train)} task examples from "
-            f"{'θ_{t-1}' if start_from != self.base else 'θ0'}")
+        log(
+            f"task {step}/{len(self.task_names)} {task.name}: training on {len(data.train)} task examples from "
+            f"{'θ_{t-1}' if start_from != self.base else 'θ0'}"
+        )
         checkpoints = self._trainer_checkpoints(task)
 
         # Same seed for the same task whether or not the run was interrupted before it.
         # The SFTConfig comes before the model: with DeepSpeed ZeRO-3 and zero3_init_flag it
         # makes from_pretrained partition the weights while loading.
-        args = SFTConfig(output_dir=str(self.rundir.work(task.name)), seed=recipe.seed + step, **recipe.training_args(task))
+        args = SFTConfig(
+            output_dir=str(self.rundir.work(task.name)), seed=recipe.seed + step, **recipe.training_args(task)
+        )
         set_seed(recipe.seed + step)
         model = self._load_model(start_from)
 
         # A fresh strategy instance per task; its hooks see the task before the trainer exists.
         strategy = self.strategy.build(recipe.strategy.params)
         task_context = TaskContext(
-            step=step, task_name=task.name, task_names=self.task_names, train_dataset=data.train,
-            strategy_dir=self.rundir.strategy, seed=recipe.seed,
+            step=step,
+            task_name=task.name,
+            task_names=self.task_names,
+            train_dataset=data.train,
+            strategy_dir=self.rundir.strategy,
+            seed=recipe.seed,
         )
         train_dataset = strategy.prepare_train_dataset(task_context)
         strategy_callbacks = strategy.training_callbacks(task_context)
@@ -254,7 +266,8 @@ class TaskSequenceRunner:
             expert_dir=self.rundir.work(task.name) / "expert",
             expert_readers=[*diagnostics, integration],
             score_expert=(lambda expert: self._score_expert(step, task, data, expert))
-            if recipe.evaluation.evaluate_experts else None,
+            if recipe.evaluation.evaluate_experts
+            else None,
             load_model=self._load_eval_model,
             record_trained=lambda state: self._record_trained(record, state, stopwatch),
         )
@@ -308,8 +321,10 @@ class TaskSequenceRunner:
         if manifest is None and self.is_main:
             if self.rundir.root.exists() and any(self.rundir.root.iterdir()):
                 if not self.overwrite and not (self.rundir.root / "manifest.json").exists():
-                    raise CptError(f"{self.rundir.root} exists and is not a cpt run directory; pass --overwrite to "
-                                   "replace it or choose another 'name'")
+                    raise CptError(
+                        f"{self.rundir.root} exists and is not a cpt run directory; pass --overwrite to "
+                        "replace it or choose another 'name'"
+                    )
                 shutil.rmtree(self.rundir.root)
             self.rundir.root.mkdir(parents=True, exist_ok=True)
             manifest = {
@@ -322,8 +337,9 @@ class TaskSequenceRunner:
                 "versions": library_versions(),
                 "tasks": [{"name": task.name, "status": "pending"} for task in self.recipe.tasks],
             }
-            atomic_write_text(self.rundir.root / "recipe.yaml",
-                              yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+            atomic_write_text(
+                self.rundir.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+            )
             self.rundir.write_manifest(manifest)
         self.distributed.wait_for_everyone()
         if manifest is None:
@@ -351,7 +367,10 @@ class TaskSequenceRunner:
         try:
             return AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as exc:
-            raise CptError(f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}); use a local HF folder or an offline asset (`cpt assets list`)") from None
+            raise CptError(
+                f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}); "
+                "use a local HF folder or an offline asset (`cpt assets list`)"
+            ) from None
 
     def _load_tokenizer(self, path: str):
         from transformers import AutoTokenizer
@@ -360,7 +379,9 @@ class TaskSequenceRunner:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
         except OSError as exc:
-            raise CptError(f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(exc).splitlines()[0]})") from None
+            raise CptError(
+                f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(exc).splitlines()[0]})"
+            ) from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
@@ -381,9 +402,13 @@ class TaskSequenceRunner:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(base, revision=self.recipe.model.revision, allow_patterns=["*.json", "*.safetensors"]))
+            return Path(
+                snapshot_download(base, revision=self.recipe.model.revision, allow_patterns=["*.json", "*.safetensors"])
+            )
         except Exception as exc:
-            raise CptError(f"model.name_or_path: cannot download {base!r} ({type(exc).__name__}); use a local folder or an asset") from None
+            raise CptError(
+                f"model.name_or_path: cannot download {base!r} ({type(exc).__name__}); use a local folder or an asset"
+            ) from None
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, model, tokenizer, task: TaskSpec, data, desc: str) -> float:
@@ -395,14 +420,22 @@ class TaskSequenceRunner:
         with no_zero3_init():
             if data.eval_kind == "choice":
                 result = evaluate_choice(
-                    model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
-                    length_normalize=task.eval.length_normalize, desc=desc,
+                    model,
+                    tokenizer,
+                    data.eval_examples,
+                    batch_size=settings.batch_size,
+                    length_normalize=task.eval.length_normalize,
+                    desc=desc,
                 )
             else:
                 result = evaluate_generation(
-                    model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
+                    model,
+                    tokenizer,
+                    data.eval_examples,
+                    batch_size=settings.batch_size,
                     max_new_tokens=task.eval.max_new_tokens or settings.max_new_tokens,
-                    normalization=task.eval.normalize.model_dump(), desc=desc,
+                    normalization=task.eval.normalize.model_dump(),
+                    desc=desc,
                 )
         return float(result.score)
 
@@ -452,26 +485,37 @@ class TaskSequenceRunner:
         from callbacks import GeometryConflictCallback
         from cpt.diagnostics import GeometrySettings
 
-        return [GeometryConflictCallback(
-            base_dir=self._base_folder(self.base), output_dir=self.rundir.geometry, step=step, task_name=task.name,
-            state_dir=previous_state, update_from=self.train_from, targets=self.recipe.targets,
-            settings=GeometrySettings(geometry.rank, geometry.energy, geometry.eps, geometry.eig_floor),
-            keep_updates=geometry.keep_updates, top_k=geometry.top_k,
-        )]
+        return [
+            GeometryConflictCallback(
+                base_dir=self._base_folder(self.base),
+                output_dir=self.rundir.geometry,
+                step=step,
+                task_name=task.name,
+                state_dir=previous_state,
+                update_from=self.train_from,
+                targets=self.recipe.targets,
+                settings=GeometrySettings(geometry.rank, geometry.energy, geometry.eps, geometry.eig_floor),
+                keep_updates=geometry.keep_updates,
+                top_k=geometry.top_k,
+            )
+        ]
 
     # ------------------------------------------------------------------ one task's training and record
     def _trainer_checkpoints(self, task: TaskSpec) -> list[Path]:
         """The trainer checkpoints of an interrupted task (resumed from the last); a fresh
         start of the task removes any stale trainer output first."""
         work = self.rundir.work(task.name)
-        checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if work.exists() else []
+        checkpoints = (
+            sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if work.exists() else []
+        )
         if not checkpoints and work.exists() and self.is_main:
             shutil.rmtree(work)
         self.distributed.wait_for_everyone()
         return checkpoints
 
-    def _train(self, trainer, step: int, task: TaskSpec, record: dict, checkpoints: list[Path],
-               stopwatch: Stopwatch) -> None:
+    def _train(
+        self, trainer, step: int, task: TaskSpec, record: dict, checkpoints: list[Path], stopwatch: Stopwatch
+    ) -> None:
         """``trainer.train()``; its end runs the expert evaluation, geometry and integration callbacks."""
         record["status"] = "training"
         record["started"] = utc_now()
@@ -521,14 +565,18 @@ class TaskSequenceRunner:
             self.manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
             self._save_matrix(self.matrix)
             self.rundir.write_manifest(self.manifest)
-            log("base: " + "  ".join(f"{name}={score:.3f}" for name, score in zip(self.task_names, self.matrix["rows"][0])))
+            log(
+                "base: "
+                + "  ".join(f"{name}={score:.3f}" for name, score in zip(self.task_names, self.matrix["rows"][0]))
+            )
             del model
         self.distributed.wait_for_everyone()
 
     def _score_expert(self, step: int, task: TaskSpec, data, expert) -> None:
         """E_t on its own task (main process, at the end of its training)."""
-        self.matrix["expert_scores"][step - 1] = self._evaluate(expert, self.tokenizer, task, data,
-                                                                desc=f"eval expert {task.name}")
+        self.matrix["expert_scores"][step - 1] = self._evaluate(
+            expert, self.tokenizer, task, data, desc=f"eval expert {task.name}"
+        )
         self._save_matrix(self.matrix)
 
     def _evaluate_state(self, step: int, task: TaskSpec, model) -> None:
@@ -555,13 +603,18 @@ class TaskSequenceRunner:
 
             log(f"report: {write_report(self.rundir.root)}")
         except Exception as exc:  # noqa: BLE001
-            log(f"warning: no report written ({type(exc).__name__}: {' '.join(str(exc).split())}); "
-                f"try `cpt report {self.rundir.root}`")
+            log(
+                f"warning: no report written ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                f"try `cpt report {self.rundir.root}`"
+            )
 
     def _summarise(self, step: int, task: TaskSpec, record: dict, matrix: dict) -> None:
         row = matrix["rows"][step]
         expert = matrix["expert_scores"][step - 1]
         scores = "  ".join(f"{name}={score:.3f}" for name, score in zip(matrix["tasks"], row))
-        timing = f"train {record.get('train_seconds', 0):.0f}s, integrate {record.get('integration_seconds', 0):.1f}s, eval {record.get('eval_seconds', 0):.0f}s"
+        timing = (
+            f"train {record.get('train_seconds', 0):.0f}s, integrate {record.get('integration_seconds', 0):.1f}s, "
+            f"eval {record.get('eval_seconds', 0):.0f}s"
+        )
         expert_text = f"expert {expert:.3f}; " if expert is not None else ""
         log(f"task {step}/{len(self.recipe.tasks)} {task.name} done: {expert_text}state {scores} ({timing})")

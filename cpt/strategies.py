@@ -33,9 +33,10 @@ import difflib
 import functools
 import importlib.metadata
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -113,8 +114,14 @@ class StrategyInfo:
 
     @classmethod
     def of(cls, strategy_class: type[Strategy]) -> StrategyInfo:
-        return cls(strategy_class.name, strategy_class.params_class, strategy_class, strategy_class.train_from,
-                   strategy_class.state_is_expert, strategy_class.description)
+        return cls(
+            strategy_class.name,
+            strategy_class.params_class,
+            strategy_class,
+            strategy_class.train_from,
+            strategy_class.state_is_expert,
+            strategy_class.description,
+        )
 
     @property
     def integrator_class(self) -> type[Strategy]:
@@ -171,8 +178,10 @@ def register_strategy(
             )
         existing = _REGISTRY.get(name)
         if existing is not None and _qualified_name(existing.strategy_class) != _qualified_name(strategy_class):
-            raise ValueError(f"strategy {name!r} is registered twice: {_qualified_name(existing.strategy_class)} "
-                             f"and {_qualified_name(strategy_class)}")
+            raise ValueError(
+                f"strategy {name!r} is registered twice: {_qualified_name(existing.strategy_class)} "
+                f"and {_qualified_name(strategy_class)}"
+            )
         strategy_class.name = name
         strategy_class.params_class = params
         strategy_class.train_from = train_from
@@ -202,14 +211,18 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
             continue  # the checkout's pyproject.toml is the newer list of cpt's own
         other = found.get(entry_point.name)
         if other is not None and other.value != entry_point.value:
-            raise CptError(f"strategy {entry_point.name!r} has two entry points ({other.value} and "
-                           f"{entry_point.value}); uninstall one of the packages providing it")
+            raise CptError(
+                f"strategy {entry_point.name!r} has two entry points ({other.value} and "
+                f"{entry_point.value}); uninstall one of the packages providing it"
+            )
         found[entry_point.name] = entry_point
     for entry_point in (checkout or {}).values():
         other = found.get(entry_point.name)
         if other is not None and other.value != entry_point.value:
-            raise CptError(f"strategy {entry_point.name!r} is built into cpt; a package also provides it "
-                           f"({other.value}): rename that entry point")
+            raise CptError(
+                f"strategy {entry_point.name!r} is built into cpt; a package also provides it "
+                f"({other.value}): rename that entry point"
+            )
         found[entry_point.name] = entry_point
     return found
 
@@ -234,11 +247,15 @@ def _load(entry_point: importlib.metadata.EntryPoint) -> StrategyInfo:
     """Import an entry point's strategy; CptError when it is not the strategy it is named for."""
     loaded = entry_point.load()
     if not (isinstance(loaded, type) and issubclass(loaded, Strategy)) or "name" not in vars(loaded):
-        raise CptError(f"entry point {entry_point.name} = {entry_point.value!r} of group {ENTRY_POINT_GROUP!r} "
-                       "is not a strategy class registered with @register_strategy")
+        raise CptError(
+            f"entry point {entry_point.name} = {entry_point.value!r} of group {ENTRY_POINT_GROUP!r} "
+            "is not a strategy class registered with @register_strategy"
+        )
     if loaded.name != entry_point.name:
-        raise CptError(f"entry point {entry_point.name} = {entry_point.value!r} of group {ENTRY_POINT_GROUP!r} "
-                       f"loads the strategy registered as {loaded.name!r}; name the entry point {loaded.name!r}")
+        raise CptError(
+            f"entry point {entry_point.name} = {entry_point.value!r} of group {ENTRY_POINT_GROUP!r} "
+            f"loads the strategy registered as {loaded.name!r}; name the entry point {loaded.name!r}"
+        )
     return _REGISTRY.setdefault(entry_point.name, StrategyInfo.of(loaded))
 
 
@@ -259,8 +276,13 @@ def known_strategies() -> dict[str, StrategyInfo]:
         except CptError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken third-party package must not break cpt
-            logger.warning("cpt: skipping strategy %r (entry point %s): %s: %s", name, entry_point.value,
-                           type(exc).__name__, " ".join(str(exc).split()))
+            logger.warning(
+                "cpt: skipping strategy %r (entry point %s): %s: %s",
+                name,
+                entry_point.value,
+                type(exc).__name__,
+                " ".join(str(exc).split()),
+            )
     return dict(sorted(strategies.items()))
 
 
@@ -279,5 +301,6 @@ def get_strategy(name: str) -> StrategyInfo:
     except CptError:
         raise
     except Exception as exc:
-        raise CptError(f"strategy {name!r}: cannot import {entry_point.value} "
-                       f"({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+        raise CptError(
+            f"strategy {name!r}: cannot import {entry_point.value} ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        ) from exc

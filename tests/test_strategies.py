@@ -7,12 +7,12 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import pytest
+import tomllib
 import torch
 from safetensors.torch import load_file
 
@@ -40,8 +40,9 @@ def scratch_registry(monkeypatch):
 
 
 def test_decorator_sets_the_class_attributes_and_registers(scratch_registry):
-    @register_strategy("keep_state_test", params=NoParams, train_from="base", description="keeps θ_{t-1}",
-                       state_is_expert=False)
+    @register_strategy(
+        "keep_state_test", params=NoParams, train_from="base", description="keeps θ_{t-1}", state_is_expert=False
+    )
     class KeepState(Strategy):
         def integrate(self, context):
             return {}
@@ -58,10 +59,12 @@ def test_decorator_sets_the_class_attributes_and_registers(scratch_registry):
 
 def test_decorator_refuses_a_class_outside_the_contract(scratch_registry):
     with pytest.raises(TypeError, match=r"<locals>.Loose must subclass cpt\.strategies\.Strategy"):
+
         @register_strategy("loose_test", params=NoParams, train_from="state", description="")
         class Loose:
             def integrate(self, context):
                 return {}
+
     assert "loose_test" not in strategies._REGISTRY
     with pytest.raises(ValueError, match="train_from must be 'state' or 'base'"):
         register_strategy("bad_from_test", params=NoParams, train_from="theta0", description="")
@@ -70,6 +73,7 @@ def test_decorator_refuses_a_class_outside_the_contract(scratch_registry):
 def test_a_name_registered_by_two_classes_is_an_error(scratch_registry):
     get_strategy("sequential")  # the built-in first
     with pytest.raises(ValueError, match="'sequential' is registered twice"):
+
         @register_strategy("sequential", params=NoParams, train_from="state", description="")
         class Other(Strategy):
             def integrate(self, context):
@@ -105,9 +109,18 @@ def test_integration_callback_reads_train_from_off_the_strategy_class(tmp_path):
         instance = get_strategy(name).build({})
         callback = IntegrationCallback(instance, state_dir=tmp_path / "state", base_dir=tmp_path, step=1, task_name="a")
         assert callback.train_from == expected == type(instance).train_from
-        assert IntegrationCallback(name, state_dir=tmp_path / "s", base_dir=tmp_path, step=1, task_name="a").train_from == expected
-    explicit = IntegrationCallback(get_strategy("gcwm").build({}), state_dir=tmp_path / "s", base_dir=tmp_path, step=1,
-                                   task_name="a", train_from="state")
+        assert (
+            IntegrationCallback(name, state_dir=tmp_path / "s", base_dir=tmp_path, step=1, task_name="a").train_from
+            == expected
+        )
+    explicit = IntegrationCallback(
+        get_strategy("gcwm").build({}),
+        state_dir=tmp_path / "s",
+        base_dir=tmp_path,
+        step=1,
+        task_name="a",
+        train_from="state",
+    )
     assert explicit.train_from == "state"  # a recipe's override still wins
 
 
@@ -126,7 +139,9 @@ def test_every_builtin_is_an_entry_point_of_its_registered_name():
 
 
 def test_unknown_strategy_suggests_the_closest():
-    with pytest.raises(CptError, match=r"unknown strategy 'gcmw' \(did you mean 'gcwm'\?\); known strategies: .*sequential"):
+    with pytest.raises(
+        CptError, match=r"unknown strategy 'gcmw' \(did you mean 'gcwm'\?\); known strategies: .*sequential"
+    ):
         get_strategy("gcmw")
 
 
@@ -136,21 +151,26 @@ def fake_entry_points(monkeypatch, **values):
 
 
 def test_a_broken_entry_point_is_a_one_line_warning(monkeypatch, caplog):
-    fake_entry_points(monkeypatch, sequential="cpt.training.sequential:Sequential",
-                      broken="cpt_no_such_module_xyz:Thing")
+    fake_entry_points(
+        monkeypatch, sequential="cpt.training.sequential:Sequential", broken="cpt_no_such_module_xyz:Thing"
+    )
     with caplog.at_level(logging.WARNING, logger="cpt.strategies"):
         found = known_strategies()
     assert "sequential" in found and "broken" not in found
     [message] = [record.getMessage() for record in caplog.records]
     assert "\n" not in message
     assert "'broken'" in message and "cpt_no_such_module_xyz:Thing" in message and "ModuleNotFoundError" in message
-    with pytest.raises(CptError, match=r"strategy 'broken': cannot import cpt_no_such_module_xyz:Thing \(ModuleNotFoundError"):
+    with pytest.raises(
+        CptError, match=r"strategy 'broken': cannot import cpt_no_such_module_xyz:Thing \(ModuleNotFoundError"
+    ):
         get_strategy("broken")
 
 
 def test_an_entry_point_named_unlike_its_strategy_is_an_error(monkeypatch):
     fake_entry_points(monkeypatch, seq="cpt.training.sequential:Sequential")
-    with pytest.raises(CptError, match="loads the strategy registered as 'sequential'; name the entry point 'sequential'"):
+    with pytest.raises(
+        CptError, match="loads the strategy registered as 'sequential'; name the entry point 'sequential'"
+    ):
         get_strategy("seq")
     with pytest.raises(CptError, match="registered as 'sequential'"):
         known_strategies()
@@ -175,14 +195,30 @@ def save_perturbed(base: Path, folder: Path, seed: int) -> None:
 def test_example_package_installs_and_merges(tmp_path):
     """examples/cpt_strategy_example, installed like any package, is listed and merges through `cpt merge`."""
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(REPO / "examples" / "cpt_strategy_example")],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO / "examples" / "cpt_strategy_example"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "HF_HUB_OFFLINE": "1"}
 
     def cpt(*args):
-        return subprocess.run([sys.executable, "-m", "cpt.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-m", "cpt.cli", *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
 
     listing = cpt("strategies")
     assert listing.returncode == 0, listing.stderr
@@ -193,8 +229,18 @@ def test_example_package_installs_and_merges(tmp_path):
     base = Path(build_tiny_model(tmp_path / "base", seed=0))
     for seed in (1, 2):
         save_perturbed(base, tmp_path / f"expert{seed}", seed)
-    merged = cpt("merge", "--method", "targeted_task_arithmetic", str(base), str(tmp_path / "expert1"),
-                 str(tmp_path / "expert2"), "--output", str(tmp_path / "merged"), "--set", "scaling=0.5")
+    merged = cpt(
+        "merge",
+        "--method",
+        "targeted_task_arithmetic",
+        str(base),
+        str(tmp_path / "expert1"),
+        str(tmp_path / "expert2"),
+        "--output",
+        str(tmp_path / "merged"),
+        "--set",
+        "scaling=0.5",
+    )
     assert merged.returncode == 0, merged.stderr
 
     theta0, state = load_file(base / "model.safetensors"), {}
@@ -209,6 +255,15 @@ def test_example_package_installs_and_merges(tmp_path):
     stats = json.loads((tmp_path / "merged" / "merge_stats.json").read_text())
     assert stats["method"] == "targeted_task_arithmetic" and stats["params"] == {"scaling": 0.5}
 
-    refused = cpt("merge", "--method", "targeted_task_arithmetic", str(base), str(tmp_path / "expert1"),
-                  "--output", str(tmp_path / "bad"), "--set", "scaling=-1")
+    refused = cpt(
+        "merge",
+        "--method",
+        "targeted_task_arithmetic",
+        str(base),
+        str(tmp_path / "expert1"),
+        "--output",
+        str(tmp_path / "bad"),
+        "--set",
+        "scaling=-1",
+    )
     assert refused.returncode == 2 and "scaling: Input should be greater than 0" in refused.stderr

@@ -60,19 +60,23 @@ BATCH_BYTES = 128 * 2**20
 BATCH_MODEL_FRACTION = 1 / 64
 
 
-
 # ---------------------------------------------------------------------- tensor streaming
 class BatchSource:
     """Where the tensors of one integration step are, grouped into equal-shape batches."""
 
-    def __init__(self, context: IntegrationContext, device: torch.device,
-                 rows_separable: Callable[[bool], bool] | None = None):
+    def __init__(
+        self, context: IntegrationContext, device: torch.device, rows_separable: Callable[[bool], bool] | None = None
+    ):
         self.context = context
         self.device = device
         self.rows_separable = rows_separable or (lambda target: False)
         self.base = SafetensorsWeights(context.base_dir)
         previous = context.previous_state_dir
-        self.previous = SafetensorsWeights(previous) if previous is not None and (Path(previous) / STATE_MARKER).exists() else self.base
+        self.previous = (
+            SafetensorsWeights(previous)
+            if previous is not None and (Path(previous) / STATE_MARKER).exists()
+            else self.base
+        )
         self.start = self.previous if context.train_from == "state" else self.base
         if context.expert_dir is not None:  # an expert on disk: read lazily, like θ0
             self.expert = SafetensorsWeights(context.expert_dir)
@@ -82,7 +86,9 @@ class BatchSource:
         self.names = self.base.names()
         missing = [name for name in self.names if name not in self.expert]
         if missing:
-            raise ValueError(f"the expert has no tensor {missing[0]!r} of the base: is it a fine-tune of {context.base_dir}?")
+            raise ValueError(
+                f"the expert has no tensor {missing[0]!r} of the base: is it a fine-tune of {context.base_dir}?"
+            )
         self.shapes = {name: self.base.shape(name) for name in self.names}
         self.is_target = {name: len(self.shapes[name]) == 2 and is_target(name, patterns) for name in self.names}
 
@@ -107,7 +113,9 @@ class BatchSource:
             batches.extend((target, names[i : i + size], None) for i in range(0, len(names), size))
         return batches
 
-    def load(self, names: list[str], rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def load(
+        self, names: list[str], rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(θ0, θ_{t−1}, E_t, τ_t) for ``names`` (only ``rows`` of them if given), float32 on the merge device."""
 
         def stack(tensors):
@@ -119,12 +127,16 @@ class BatchSource:
         expert = stack(read_rows(self.expert, name, rows) for name in names)
         return base, state, expert, expert - start
 
-    def iterate(self, desc: str | None = None) -> Iterator[tuple[bool, list[str], slice | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def iterate(
+        self, desc: str | None = None
+    ) -> Iterator[tuple[bool, list[str], slice | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(target, names, rows, θ0, θ_{t−1}, E_t, τ_t)`` per batch, freeing each before the next."""
         from tqdm.auto import tqdm
 
         groups = self.groups()
-        for target, names, rows in tqdm(groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None):
+        for target, names, rows in tqdm(
+            groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None
+        ):
             yield (target, names, rows, *self.load(names, rows))
             self.release()
 
@@ -256,15 +268,26 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
         if scale is not None:
             _rescale_state(staged_state, source.base, scale)
         atomic_write_json(staged_history / "scalars.json", scalars)
-        write_model_files(staged_state, model=context.model, config_from=context.expert_dir,
-                          tokenizer=context.tokenizer, marker=context.marker())
+        write_model_files(
+            staged_state,
+            model=context.model,
+            config_from=context.expert_dir,
+            tokenizer=context.tokenizer,
+            marker=context.marker(),
+        )
     history.prune(keep=step)
     return {"summary": {**summary, "global_scale": scale}, "per_tensor": per_tensor}
 
 
-def _merge_batches(strategy: MergeStrategy, context: IntegrationContext, source: BatchSource,
-                   readers: dict[str, SafetensorsWeights | None], scalars: dict[str, Any],
-                   staged_state: Path, staged_history: Path) -> dict[str, dict]:
+def _merge_batches(
+    strategy: MergeStrategy,
+    context: IntegrationContext,
+    source: BatchSource,
+    readers: dict[str, SafetensorsWeights | None],
+    scalars: dict[str, Any],
+    staged_state: Path,
+    staged_history: Path,
+) -> dict[str, dict]:
     """Run the rule over every batch, writing θ_t and the kept tensors shard by shard;
     returns the per-tensor statistics."""
     step, device = context.step, source.device
@@ -274,8 +297,11 @@ def _merge_batches(strategy: MergeStrategy, context: IntegrationContext, source:
     row_stats: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for target, names, rows, base, state, expert, task_vector in source.iterate(desc=f"integrate {context.task_name}"):
         kept = {
-            key: (torch.stack([read_rows(reader, name, rows).to(device, torch.float32) for name in names])
-                  if reader is not None and all(name in reader for name in names) else None)
+            key: (
+                torch.stack([read_rows(reader, name, rows).to(device, torch.float32) for name in names])
+                if reader is not None and all(name in reader for name in names)
+                else None
+            )
             for key, reader in readers.items()
         }
         batch = TensorBatch(names, target, step, base, state, expert, task_vector, kept, scalars, rows)
@@ -307,8 +333,9 @@ def _merge_batches(strategy: MergeStrategy, context: IntegrationContext, source:
     return per_tensor
 
 
-def _write(writer: _ShardWriter, names: list[str], rows: slice | None, values: torch.Tensor,
-           shapes: dict[str, torch.Size]) -> None:
+def _write(
+    writer: _ShardWriter, names: list[str], rows: slice | None, values: torch.Tensor, shapes: dict[str, torch.Size]
+) -> None:
     if rows is None:
         writer.write({name: values[i] for i, name in enumerate(names)})
     else:
@@ -337,5 +364,3 @@ def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None
         save_file(tensors, file)
         del tensors
         release_freed_host_memory()
-
-

@@ -123,7 +123,9 @@ class RunningMergeStrategy(MergeStrategy):
     MERGED_KEY = "merged"
 
     @abc.abstractmethod
-    def combine(self, previous: torch.Tensor, task_vector: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def combine(
+        self, previous: torch.Tensor, task_vector: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(M_t, per-tensor statistics ``{name: [n]}``) from M_{t−1} and τ_t, batched."""
 
     def first_stats(self, task_vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,9 +151,12 @@ class RunningMergeStrategy(MergeStrategy):
         update = (new_state - batch.state).flatten(1).norm(dim=1)
         merged_norm = merged.flatten(1).norm(dim=1)
         stats = [
-            {"norm_update": float(update[i]), "norm_merged": float(merged_norm[i]),
-             **{key: float(values[i]) for key, values in extra.items()},
-             **({"merged_recovered_from_state": True} if recovered else {})}
+            {
+                "norm_update": float(update[i]),
+                "norm_merged": float(merged_norm[i]),
+                **{key: float(values[i]) for key, values in extra.items()},
+                **({"merged_recovered_from_state": True} if recovered else {}),
+            }
             for i in range(len(batch.names))
         ]
         return MergeResult(state=new_state, history={self.MERGED_KEY: merged}, stats=stats)

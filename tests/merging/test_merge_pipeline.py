@@ -227,6 +227,7 @@ def test_release_freed_host_memory_returns_freed_buffers(tmp_path):
     """The measured cause of merge memory growing with every tensor read: glibc keeps freed
     multi-MB buffers once interleaved with live allocations; release_freed_host_memory gives them back."""
     from safetensors.torch import save_file
+
     from cpt.tensors import _malloc_trim, release_freed_host_memory
 
     if _malloc_trim() is None:
