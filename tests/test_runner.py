@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_recipes import WORDS, make_recipe
 
 from cpt.errors import CptError, TrainingDivergedError
 from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.testing import build_tiny_model
+
+from tiny_recipes import WORDS, make_recipe
 
 
 @pytest.fixture(scope="module")

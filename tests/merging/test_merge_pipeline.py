@@ -135,10 +135,10 @@ def test_failure_leaves_previous_state_untouched(tmp_path, base):
 
 
 def test_runner_with_task_arithmetic(tmp_path, base):
-    from tiny_recipes import make_recipe
-
     from cpt.recipe import validate_recipe
     from cpt.runner import TaskSequenceRunner
+
+    from tiny_recipes import make_recipe
 
     data = make_recipe(tmp_path, str(base), steps=(3, 3))
     data["strategy"] = {"name": "task_arithmetic", "scaling": 0.5}
