@@ -149,6 +149,10 @@ class TaskSequenceRunner:
     Usage::
 
         TaskSequenceRunner(load_recipe("recipes/quickstart.yaml")).run()
+
+    :meth:`setup` sets what every task reads: ``manifest`` and ``matrix`` (the run's records,
+    saved by the main process), ``strategy_info`` and ``train_from``, ``base`` (θ0's path or
+    hub id) and its ``tokenizer``, ``task_names`` and ``task_data``.
     """
 
     def __init__(self, recipe: Recipe, *, overwrite: bool = False):
@@ -175,15 +179,15 @@ class TaskSequenceRunner:
 
         recipe = self.recipe
         self.manifest = self._prepare_run_dir()
-        self.strategy = get_strategy(recipe.strategy.name)
+        self.strategy_info = get_strategy(recipe.strategy.name)
         # What experts train from is declared by the strategy's class; a recipe may override it.
-        self.train_from = recipe.strategy.train_from or self.strategy.strategy_class.train_from
+        self.train_from = recipe.strategy.train_from or self.strategy_info.strategy_class.train_from
         self.base = self._resolve_base()
         self.tokenizer = self._load_tokenizer(self.base)
         self.task_names = [task.name for task in recipe.tasks]
         log(
-            f"run {recipe.name} → {self.rundir.root} ({len(self.task_names)} tasks, strategy {self.strategy.name}, "
-            f"experts from {self.train_from})"
+            f"run {recipe.name} → {self.rundir.root} ({len(self.task_names)} tasks, "
+            f"strategy {self.strategy_info.name}, experts from {self.train_from})"
         )
         self.task_data = [build_task_data(task, index, recipe.seed) for index, task in enumerate(recipe.tasks)]
         for index, data in enumerate(self.task_data):
@@ -248,7 +252,7 @@ class TaskSequenceRunner:
         model = self._load_model(start_from)
 
         # A fresh strategy instance per task; its hooks see the task before the trainer exists.
-        strategy = self.strategy.build(recipe.strategy.params)
+        strategy = self.strategy_info.build(recipe.strategy.params)
         task_context = TaskContext(
             step=step,
             task_name=task.name,
@@ -285,7 +289,7 @@ class TaskSequenceRunner:
 
         self._train(trainer, step, task, record, checkpoints, stopwatch)
         self._record_integrated(record, integration, diagnostics, task)
-        live_state = trainer.model if self.strategy.state_is_expert and not is_zero3(trainer.model) else None
+        live_state = trainer.model if self.strategy_info.state_is_expert and not is_zero3(trainer.model) else None
         release_deepspeed_engine(trainer.accelerator)  # else every task's engine outlives it
         del trainer
         return live_state
@@ -467,7 +471,7 @@ class TaskSequenceRunner:
             strategy,
             state_dir=self.rundir.state,
             # Strategies whose state is the expert never read θ0's tensors: no download for them.
-            base_dir=self._base_folder(self.base) if not self.strategy.state_is_expert else Path(self.base),
+            base_dir=self._base_folder(self.base) if not self.strategy_info.state_is_expert else Path(self.base),
             step=step,
             task_name=task.name,
             previous_state_dir=previous_state,
