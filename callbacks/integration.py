@@ -56,9 +56,8 @@ class IntegrationCallback(TrainerCallback):
         self.previous_state_dir = Path(previous_state_dir) if previous_state_dir else None
         self.history_dir = Path(history_dir) if history_dir else self.state_dir.parent / "history"
         self.targets = targets or list(DEFAULT_TARGETS)
-        if train_from is None:
-            info = get_strategy(strategy) if isinstance(strategy, str) else None
-            train_from = info.train_from if info is not None else "state"
+        if train_from is None:  # what the strategy's class declares (an instance's class too)
+            train_from = getattr(type(self.integrator), "train_from", "state")
         if train_from not in ("state", "base"):
             raise ValueError("train_from must be 'state' or 'base'")
         self.train_from = train_from

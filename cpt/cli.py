@@ -75,15 +75,18 @@ def _add_geometry(subparsers) -> None:
     geometry.add_argument("base", help="the common base: HF folder, asset name or hub id")
     geometry.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more fine-tunes of BASE")
     geometry.add_argument("--output", required=True, help="JSON file to write")
-    geometry.add_argument("--rank", type=int, default=32, help="right-basis rank cap (default 32)")
-    geometry.add_argument("--energy", type=float, default=0.95, help="energy threshold (default 0.95)")
-    geometry.add_argument("--eps", type=float, default=1e-6, help="covariance ridge (default 1e-6)")
+    # Defaults None: the analysis defaults are cpt.diagnostics.GeometrySettings's (read when the command runs).
+    geometry.add_argument("--rank", type=int, help="right-basis rank cap (default: GeometrySettings.rank)")
+    geometry.add_argument("--energy", type=float, help="energy threshold (default: GeometrySettings.energy)")
+    geometry.add_argument("--eps", type=float, help="covariance ridge (default: GeometrySettings.eps)")
     geometry.add_argument("--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)")
     geometry.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     geometry.set_defaults(handler=_geometry)
 
 
 def _geometry(args) -> int:
+    import dataclasses
+
     import torch
 
     from cpt.diagnostics import GeometrySettings, checkpoint_geometry
@@ -91,10 +94,12 @@ def _geometry(args) -> int:
 
     if len(args.checkpoints) < 2:
         raise CptError("geometry: give at least two checkpoints to compare")
-    if args.rank <= 0 or not 0 < args.energy <= 1:
+    given = {key: getattr(args, key) for key in ("rank", "energy", "eps") if getattr(args, key) is not None}
+    settings = dataclasses.replace(GeometrySettings(), **given)
+    if settings.rank <= 0 or not 0 < settings.energy <= 1:
         raise CptError("geometry: --rank must be > 0 and --energy in (0, 1]")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    report = checkpoint_geometry(args.base, args.checkpoints, GeometrySettings(args.rank, args.energy, args.eps), args.targets, device)
+    report = checkpoint_geometry(args.base, args.checkpoints, settings, args.targets, device)
     atomic_write_json(args.output, report)
     width = max(len(name) for name in args.checkpoints)
     print(f"{'a':{width}s}  {'b':{width}s}  conflict  SAR a→b  SAR b→a")

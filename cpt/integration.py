@@ -8,7 +8,6 @@ folder that records which step it holds.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 
 import torch
 
-from cpt.io import commit_dir, staging_dir
-from cpt.tensors import STATE_MARKER, save_model_folder
+from cpt.io import staged_dir
+from cpt.tensors import save_model_folder, write_model_files
 
 
 @dataclass
@@ -47,32 +46,21 @@ class IntegrationContext:
 
     def write_state_from_model(self, model: torch.nn.Module | None = None) -> None:
         """θ_t ← the weights of ``model`` (default: the expert), LoRA merged, atomically."""
-        staged = staging_dir(self.state_dir)
-        try:
+        with staged_dir(self.state_dir) as staged:
             if model is None and self.expert_dir is not None:  # the expert is already a folder
                 shutil.copytree(self.expert_dir, staged, dirs_exist_ok=True)
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(staged)
-                (staged / STATE_MARKER).write_text(json.dumps(self.marker(), indent=2) + "\n")
+                write_model_files(staged, tokenizer=self.tokenizer, marker=self.marker())
             else:
-                save_model_folder(model if model is not None else self.model, self.tokenizer, staged, marker=self.marker())
-            commit_dir(staged, self.state_dir)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
+                save_model_folder(
+                    model if model is not None else self.model, self.tokenizer, staged, marker=self.marker()
+                )
 
 
 @dataclass
 class TaskContext:
-    """What a strategy's optional training-time hooks see (replay buffers, EWC, ...).
-
-    A strategy's integrator may define, besides ``integrate``:
-
-    * ``prepare_train_dataset(context) -> datasets.Dataset`` — the examples task t trains
-      on (default: the task's own, ``context.train_dataset``);
-    * ``training_callbacks(context) -> list[TrainerCallback]`` — extra callbacks for task
-      t's trainer; a callback with ``loss_term(model)`` adds that term to the loss.
-    """
+    """What a strategy's training-time hooks see (replay buffers, EWC, ...):
+    :meth:`cpt.strategies.Strategy.prepare_train_dataset` and
+    :meth:`cpt.strategies.Strategy.training_callbacks`."""
 
     step: int
     task_name: str

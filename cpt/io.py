@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,26 @@ def commit_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(staged, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build folder ``final`` atomically: yields a fresh empty sibling folder to write into;
+    when the block ends without an error it replaces ``final`` (:func:`commit_dir`), on any
+    error (or interrupt) it is removed and ``final`` is left as it was.
+
+    Usage::
+
+        with staged_dir(run_dir / "state") as staged:
+            save_model_folder(model, tokenizer, staged)
+    """
+    staged = staging_dir(final)
+    try:
+        yield staged
+        commit_dir(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 def recover_dir(final: str | os.PathLike) -> None:

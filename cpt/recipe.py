@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from cpt.diagnostics import GeometrySettings
 from cpt.errors import CptError
 
 #: Regexes (``re.search`` on the parameter name) selecting the target tensors of METHOD §1:
@@ -86,10 +87,11 @@ class GeometrySpec(_Strict):
     """The end-of-task geometry-conflict diagnostics (METHOD §1)."""
 
     enabled: bool = True
-    rank: int = Field(32, gt=0)
-    energy: float = Field(0.95, gt=0, le=1)
-    eps: float = Field(1e-6, gt=0)
-    eig_floor: float = Field(0.0, ge=0)
+    # The analysis defaults are GeometrySettings's (defined once, beside the code that uses them).
+    rank: int = Field(GeometrySettings.rank, gt=0)
+    energy: float = Field(GeometrySettings.energy, gt=0, le=1)
+    eps: float = Field(GeometrySettings.eps, gt=0)
+    eig_floor: float = Field(GeometrySettings.eig_floor, ge=0)
     keep_updates: bool = Field(False, description="keep each task's update to also report conflict with earlier updates")
     top_k: int = Field(10, gt=0)
 

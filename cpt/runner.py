@@ -1,7 +1,10 @@
 """The task loop: train an expert per task, integrate it, evaluate the state on every task.
 
-The run directory (DESIGN.md) is the only state. A run killed at any moment and started
-again with the same command continues from the last completed task:
+Read :meth:`TaskSequenceRunner.run` first: ``setup → per task: model, callbacks, trainer,
+record → cleanup``, each a short method below.
+
+The run directory (DESIGN.md, :mod:`cpt.run_directory`) is the only state. A run killed at
+any moment and started again with the same command continues from the last completed task:
 
 * ``manifest.json`` marks a task ``done`` only after its evaluation row is saved;
 * ``state/`` is replaced atomically and records the step it holds (``cpt_state.json``),
@@ -13,35 +16,34 @@ again with the same command continues from the last completed task:
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json, recover_dir
 from cpt.recipe import Recipe, TaskSpec
+from cpt.run_directory import MANIFEST_FORMAT, VERSIONED_PACKAGES, RunDirectory, library_versions, utc_now
 from cpt.tensors import is_zero3, no_zero3_init, read_marker, release_deepspeed_engine, save_model_folder
 
-MANIFEST_FORMAT = 1
-VERSIONED_PACKAGES = ("cpt", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "deepspeed")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0]}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+__all__ = [
+    "MANIFEST_FORMAT",
+    "VERSIONED_PACKAGES",
+    "ExpertEvaluation",
+    "RunDirectory",
+    "RunResult",
+    "TaskSequenceRunner",
+    "library_versions",
+    "present_rows",
+]
 
 
 def present_rows(matrix: dict) -> list[list[float | None]]:
@@ -57,29 +59,6 @@ def log(message: str) -> None:
     print(f"[cpt] {message}", file=sys.stderr, flush=True)
 
 
-class RunDirectory:
-    """Paths and atomic records of ``runs/<name>/``."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.state = root / "state"
-        self.manifest_path = root / "manifest.json"
-        self.matrix_path = root / "eval" / "matrix.json"
-        self.geometry = root / "geometry"
-        self.history = root / "history"
-        self.integration = root / "integration"
-
-    def work(self, task: str) -> Path:
-        return self.root / "work" / task
-
-    def read_manifest(self) -> dict | None:
-        return read_json(self.manifest_path)
-
-    def write_manifest(self, manifest: dict) -> None:
-        manifest["updated"] = _now()
-        atomic_write_json(self.manifest_path, manifest)
-
-
 def _peak_memory() -> dict[str, float]:
     """This process's peak resident memory so far, and its peak CUDA allocation since the task began (GiB)."""
     import resource
@@ -91,10 +70,6 @@ def _peak_memory() -> dict[str, float]:
     return peak
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -104,8 +79,81 @@ class RunResult:
     task_names: list[str]
 
 
+class Stopwatch:
+    """Seconds since :meth:`start` (a task's training time, read by a callback at ``on_train_end``)."""
+
+    def __init__(self):
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started if self.started is not None else 0.0
+
+
+class ExpertEvaluation(TrainerCallback):
+    """The runner's own work when a task's training ends, before integration replaces E_t.
+
+    It must come after the strategy's callbacks and before the geometry and integration
+    callbacks in the trainer's list: it scores the expert while it still exists and, under
+    ZeRO-3, gathers it once into ``expert_dir`` so the callbacks after it read that folder
+    instead of gathering again.
+
+    Usage::
+
+        trainer = CptSFTTrainer(..., callbacks=[ExpertEvaluation(...), geometry, integration])
+
+    Args:
+        expert_dir: where a ZeRO-3-partitioned expert is gathered (module by module).
+        expert_readers: callbacks with an ``expert_dir`` attribute, pointed at the gathered folder.
+        score_expert: ``score_expert(model)`` scores E_t and records it (main process), or
+            ``None`` when experts are not evaluated.
+        load_model: ``load_model(folder)`` a whole model from an HF folder, for scoring a gathered expert.
+        record_trained: ``record_trained(state)`` records the task as trained (every process).
+    """
+
+    def __init__(
+        self,
+        *,
+        expert_dir: Path,
+        expert_readers: list[TrainerCallback],
+        score_expert: Callable[[torch.nn.Module], None] | None,
+        load_model: Callable[[str], torch.nn.Module],
+        record_trained: Callable[[Any], None],
+    ):
+        self.expert_dir = expert_dir
+        self.expert_readers = expert_readers
+        self.score_expert = score_expert
+        self.load_model = load_model
+        self.record_trained = record_trained
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        evaluate = state.is_world_process_zero and self.score_expert is not None
+        if is_zero3(model):
+            # ZeRO-3: gather the expert once, module by module, into a folder that
+            # evaluation, geometry and integration then read (no rank holds it all).
+            save_model_folder(model, None, self.expert_dir)  # a collective: every rank calls it
+            for callback in self.expert_readers:
+                callback.expert_dir = self.expert_dir
+            if evaluate:
+                model = self.load_model(str(self.expert_dir))
+        if evaluate:
+            self.score_expert(model)
+        self.record_trained(state)
+
+
 class TaskSequenceRunner:
-    """Runs a recipe's task sequence in its run directory (see module docstring)."""
+    """Runs a recipe's task sequence in its run directory (see module docstring).
+
+    Usage::
+
+        TaskSequenceRunner(load_recipe("recipes/quickstart.yaml")).run()
+
+    :meth:`setup` sets what every task reads: ``manifest`` and ``matrix`` (the run's records,
+    saved by the main process), ``strategy_info`` and ``train_from``, ``base`` (θ0's path or
+    hub id) and its ``tokenizer``, ``task_names`` and ``task_data``.
+    """
 
     def __init__(self, recipe: Recipe, *, overwrite: bool = False):
         from accelerate import PartialState
@@ -116,6 +164,152 @@ class TaskSequenceRunner:
         self.distributed = PartialState()
         self.is_main = self.distributed.is_main_process
 
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> RunResult:
+        self.setup()
+        for step, (task, data) in enumerate(zip(self.recipe.tasks, self.task_data), start=1):
+            if self.manifest["tasks"][step - 1]["status"] != "done":
+                self.run_task(step, task, data)
+        return self.cleanup()
+
+    def setup(self) -> None:
+        """The run directory, the strategy, θ0 and its tokenizer, every task's data, the base row."""
+        from cpt.data import build_task_data
+        from cpt.strategies import get_strategy
+
+        recipe = self.recipe
+        self.manifest = self._prepare_run_dir()
+        self.strategy_info = get_strategy(recipe.strategy.name)
+        # What experts train from is declared by the strategy's class; a recipe may override it.
+        self.train_from = recipe.strategy.train_from or self.strategy_info.strategy_class.train_from
+        self.base = self._resolve_base()
+        self.tokenizer = self._load_tokenizer(self.base)
+        self.task_names = [task.name for task in recipe.tasks]
+        log(
+            f"run {recipe.name} → {self.rundir.root} ({len(self.task_names)} tasks, "
+            f"strategy {self.strategy_info.name}, experts from {self.train_from})"
+        )
+        self.task_data = [build_task_data(task, index, recipe.seed) for index, task in enumerate(recipe.tasks)]
+        for index, data in enumerate(self.task_data):
+            self.manifest["tasks"][index].update(train_examples=len(data.train), eval_examples=len(data.eval_examples))
+        self.matrix = read_json(self.rundir.matrix_path) or {
+            "tasks": self.task_names,
+            "rows": [None] * (len(self.task_names) + 1),
+            "expert_scores": [None] * len(self.task_names),
+        }
+        if self.matrix["rows"][0] is None and recipe.evaluation.evaluate_base:
+            self._evaluate_base()
+
+    def run_task(self, step: int, task: TaskSpec, data) -> None:
+        """Train and integrate task ``step`` (unless a kill came after its integration), then evaluate θ_t."""
+        marker = read_marker(self.rundir.state) if self.rundir.state.exists() else None
+        held_step = marker["step"] if marker else 0
+        if held_step not in (step - 1, step):
+            raise CptError(
+                f"{self.rundir.state} holds step {held_step} but task {step} is next; the run directory "
+                "is inconsistent: rerun with --overwrite"
+            )
+        if held_step == step - 1:
+            live_state = self.train_task(step, task, data)
+        else:
+            log(f"task {step}/{len(self.task_names)} {task.name}: integrated before the interruption; evaluating")
+            live_state = None
+        if self.is_main:
+            self._evaluate_state(step, task, live_state)
+        del live_state
+        gc.collect()
+        self.distributed.wait_for_everyone()
+
+    def train_task(self, step: int, task: TaskSpec, data) -> torch.nn.Module | None:
+        """Task t's expert: model → callbacks → trainer → train (integration runs at its end) → record.
+
+        Returns the live state θ_t when it is exactly the expert and whole on this process
+        (evaluated without reloading), else ``None``.
+        """
+        from transformers import set_seed
+        from trl import SFTConfig
+
+        from cpt.integration import TaskContext
+        from cpt.training.trainer import CptSFTTrainer
+
+        recipe = self.recipe
+        record = self.manifest["tasks"][step - 1]
+        previous_state = self.rundir.state if step > 1 else None
+        start_from = str(previous_state) if (self.train_from == "state" and previous_state is not None) else self.base
+        log(
+            f"task {step}/{len(self.task_names)} {task.name}: training on {len(data.train)} task examples from "
+            f"{'θ_{t-1}' if start_from != self.base else 'θ0'}"
+        )
+        checkpoints = self._trainer_checkpoints(task)
+
+        # Same seed for the same task whether or not the run was interrupted before it.
+        # The SFTConfig comes before the model: with DeepSpeed ZeRO-3 and zero3_init_flag it
+        # makes from_pretrained partition the weights while loading.
+        args = SFTConfig(
+            output_dir=str(self.rundir.work(task.name)), seed=recipe.seed + step, **recipe.training_args(task)
+        )
+        set_seed(recipe.seed + step)
+        model = self._load_model(start_from)
+
+        # A fresh strategy instance per task; its hooks see the task before the trainer exists.
+        strategy = self.strategy_info.build(recipe.strategy.params)
+        task_context = TaskContext(
+            step=step,
+            task_name=task.name,
+            task_names=self.task_names,
+            train_dataset=data.train,
+            strategy_dir=self.rundir.strategy,
+            seed=recipe.seed,
+        )
+        train_dataset = strategy.prepare_train_dataset(task_context)
+        strategy_callbacks = strategy.training_callbacks(task_context)
+        stopwatch = Stopwatch()
+        integration = self._integration_callback(step, task, strategy, previous_state)
+        diagnostics = self._geometry_callbacks(step, task, previous_state)
+        expert_evaluation = ExpertEvaluation(
+            expert_dir=self.rundir.work(task.name) / "expert",
+            expert_readers=[*diagnostics, integration],
+            score_expert=(lambda expert: self._score_expert(step, task, data, expert))
+            if recipe.evaluation.evaluate_experts
+            else None,
+            load_model=self._load_eval_model,
+            record_trained=lambda state: self._record_trained(record, state, stopwatch),
+        )
+        trainer = CptSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=self.tokenizer,
+            peft_config=self._peft_config(),
+            # Order matters at on_train_end: score E_t, then measure geometry, then integrate.
+            callbacks=[*strategy_callbacks, expert_evaluation, *diagnostics, integration],
+        )
+        for callback in diagnostics:
+            callback.bind_trainer(trainer)
+
+        self._train(trainer, step, task, record, checkpoints, stopwatch)
+        self._record_integrated(record, integration, diagnostics, task)
+        live_state = trainer.model if self.strategy_info.state_is_expert and not is_zero3(trainer.model) else None
+        release_deepspeed_engine(trainer.accelerator)  # else every task's engine outlives it
+        del trainer
+        return live_state
+
+    def cleanup(self) -> RunResult:
+        """The continual metrics, the final manifest, the printed matrix and the report."""
+        from cpt.evaluation import continual_metrics, format_matrix_table
+
+        matrix = self.matrix if self.is_main else read_json(self.rundir.matrix_path)  # the main process saved it
+        rows = present_rows(matrix)
+        metrics = continual_metrics(rows, matrix["expert_scores"])
+        if self.is_main:
+            self.manifest["status"] = "complete"
+            self.manifest["metrics"] = metrics
+            self.rundir.write_manifest(self.manifest)
+            print(format_matrix_table(rows, self.task_names, matrix["expert_scores"], metrics))
+            print(f"run directory: {self.rundir.root}")
+            self._write_report()
+        return RunResult(self.rundir.root, matrix["rows"], matrix["expert_scores"], metrics, self.task_names)
+
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> dict:
         manifest = self.rundir.read_manifest()
@@ -123,27 +317,33 @@ class TaskSequenceRunner:
         if manifest is not None and manifest.get("recipe_fingerprint") != fingerprint:
             if not self.overwrite:
                 raise CptError(
-                    f"{self.rundir.root} holds a run of a different recipe (fingerprint {manifest.get('recipe_fingerprint')} != {fingerprint}); "
+                    f"{self.rundir.root} holds a run of a different recipe (fingerprint "
+                    f"{manifest.get('recipe_fingerprint')} != {fingerprint}); "
                     "pass --overwrite to start it again, or change 'name' or 'output_dir'"
                 )
             manifest = None
         if manifest is None and self.is_main:
             if self.rundir.root.exists() and any(self.rundir.root.iterdir()):
                 if not self.overwrite and not (self.rundir.root / "manifest.json").exists():
-                    raise CptError(f"{self.rundir.root} exists and is not a cpt run directory; pass --overwrite to replace it or choose another 'name'")
+                    raise CptError(
+                        f"{self.rundir.root} exists and is not a cpt run directory; pass --overwrite to "
+                        "replace it or choose another 'name'"
+                    )
                 shutil.rmtree(self.rundir.root)
             self.rundir.root.mkdir(parents=True, exist_ok=True)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "run_name": self.recipe.name,
                 "recipe_fingerprint": fingerprint,
-                "created": _now(),
+                "created": utc_now(),
                 "status": "running",
                 "strategy": self.recipe.strategy.name,
                 "versions": library_versions(),
                 "tasks": [{"name": task.name, "status": "pending"} for task in self.recipe.tasks],
             }
-            atomic_write_text(self.rundir.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+            atomic_write_text(
+                self.rundir.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+            )
             self.rundir.write_manifest(manifest)
         self.distributed.wait_for_everyone()
         if manifest is None:
@@ -171,7 +371,10 @@ class TaskSequenceRunner:
         try:
             return AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as exc:
-            raise CptError(f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}); use a local HF folder or an offline asset (`cpt assets list`)") from None
+            raise CptError(
+                f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}); "
+                "use a local HF folder or an offline asset (`cpt assets list`)"
+            ) from None
 
     def _load_tokenizer(self, path: str):
         from transformers import AutoTokenizer
@@ -180,7 +383,9 @@ class TaskSequenceRunner:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
         except OSError as exc:
-            raise CptError(f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(exc).splitlines()[0]})") from None
+            raise CptError(
+                f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(exc).splitlines()[0]})"
+            ) from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
@@ -201,9 +406,13 @@ class TaskSequenceRunner:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(base, revision=self.recipe.model.revision, allow_patterns=["*.json", "*.safetensors"]))
+            return Path(
+                snapshot_download(base, revision=self.recipe.model.revision, allow_patterns=["*.json", "*.safetensors"])
+            )
         except Exception as exc:
-            raise CptError(f"model.name_or_path: cannot download {base!r} ({type(exc).__name__}); use a local folder or an asset") from None
+            raise CptError(
+                f"model.name_or_path: cannot download {base!r} ({type(exc).__name__}); use a local folder or an asset"
+            ) from None
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, model, tokenizer, task: TaskSpec, data, desc: str) -> float:
@@ -215,14 +424,22 @@ class TaskSequenceRunner:
         with no_zero3_init():
             if data.eval_kind == "choice":
                 result = evaluate_choice(
-                    model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
-                    length_normalize=task.eval.length_normalize, desc=desc,
+                    model,
+                    tokenizer,
+                    data.eval_examples,
+                    batch_size=settings.batch_size,
+                    length_normalize=task.eval.length_normalize,
+                    desc=desc,
                 )
             else:
                 result = evaluate_generation(
-                    model, tokenizer, data.eval_examples, batch_size=settings.batch_size,
+                    model,
+                    tokenizer,
+                    data.eval_examples,
+                    batch_size=settings.batch_size,
                     max_new_tokens=task.eval.max_new_tokens or settings.max_new_tokens,
-                    normalization=task.eval.normalize.model_dump(), desc=desc,
+                    normalization=task.eval.normalize.model_dump(),
+                    desc=desc,
                 )
         return float(result.score)
 
@@ -239,232 +456,169 @@ class TaskSequenceRunner:
         matrix["metrics"] = continual_metrics(rows, matrix["expert_scores"]) if rows else {}
         atomic_write_json(self.rundir.matrix_path, matrix)
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> RunResult:
-        from transformers import set_seed
+    def _peft_config(self):
+        if self.recipe.peft is None:
+            return None
+        from peft import LoraConfig
 
-        from cpt.data import build_task_data
-        from cpt.evaluation import continual_metrics, format_matrix_table
-        from cpt.strategies import get_strategy
+        return LoraConfig(task_type="CAUSAL_LM", **self.recipe.peft.model_dump())
 
-        recipe = self.recipe
-        manifest = self._prepare_run_dir()
-        strategy = get_strategy(recipe.strategy.name)
-        train_from = recipe.strategy.train_from or strategy.train_from
-        base = self._resolve_base()
-        tokenizer = self._load_tokenizer(base)
-        task_names = [task.name for task in recipe.tasks]
-        num_tasks = len(task_names)
-
-        log(f"run {recipe.name} → {self.rundir.root} ({num_tasks} tasks, strategy {strategy.name}, experts from {train_from})")
-        task_data = [build_task_data(task, index, recipe.seed) for index, task in enumerate(recipe.tasks)]
-        for index, data in enumerate(task_data):
-            manifest["tasks"][index].update(train_examples=len(data.train), eval_examples=len(data.eval_examples))
-
-        matrix = read_json(self.rundir.matrix_path) or {
-            "tasks": task_names,
-            "rows": [None] * (num_tasks + 1),
-            "expert_scores": [None] * num_tasks,
-        }
-        if matrix["rows"][0] is None and recipe.evaluation.evaluate_base:
-            if self.is_main:
-                set_seed(recipe.seed)
-                model = self._load_eval_model(base)
-                started = time.perf_counter()
-                matrix["rows"][0] = self._evaluate_row(model, tokenizer, task_data, "base")
-                manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
-                self._save_matrix(matrix)
-                self.rundir.write_manifest(manifest)
-                log("base: " + "  ".join(f"{name}={score:.3f}" for name, score in zip(task_names, matrix["rows"][0])))
-                del model
-            self.distributed.wait_for_everyone()
-
-        for step, (task, data) in enumerate(zip(recipe.tasks, task_data), start=1):
-            record = manifest["tasks"][step - 1]
-            if record["status"] == "done":
-                continue
-            marker = read_marker(self.rundir.state) if self.rundir.state.exists() else None
-            held_step = marker["step"] if marker else 0
-            if held_step not in (step - 1, step):
-                raise CptError(f"{self.rundir.state} holds step {held_step} but task {step} is next; the run directory is inconsistent: rerun with --overwrite")
-            previous_state = self.rundir.state if step > 1 else None
-            if held_step == step - 1:
-                self._train_and_integrate(step, task, data, base, tokenizer, strategy, train_from, previous_state, manifest, matrix)
-                model_for_eval = self._live_state
-            else:
-                log(f"task {step}/{num_tasks} {task.name}: integrated before the interruption; evaluating")
-                model_for_eval = None
-
-            if self.is_main:
-                if model_for_eval is None:
-                    set_seed(recipe.seed)
-                    model_for_eval = self._load_eval_model(str(self.rundir.state))
-                started = time.perf_counter()
-                matrix["rows"][step] = self._evaluate_row(model_for_eval, tokenizer, task_data, f"after {task.name}")
-                record["eval_seconds"] = round(time.perf_counter() - started, 3)
-                record.update(_peak_memory())  # of the main process (it also evaluates)
-                record["status"] = "done"
-                record["finished"] = _now()
-                self._save_matrix(matrix)
-                self.rundir.write_manifest(manifest)
-                self._summarise(step, task, record, matrix)
-            self._live_state = None
-            del model_for_eval
-            gc.collect()
-            self.distributed.wait_for_everyone()
-
-        if not self.is_main:  # the main process evaluated and saved everything
-            matrix = read_json(self.rundir.matrix_path)
-        rows = present_rows(matrix)
-        metrics = continual_metrics(rows, matrix["expert_scores"])
-        if self.is_main:
-            manifest["status"] = "complete"
-            manifest["metrics"] = metrics
-            self.rundir.write_manifest(manifest)
-            print(format_matrix_table(rows, task_names, matrix["expert_scores"], metrics))
-            print(f"run directory: {self.rundir.root}")
-            try:  # a report problem never fails a finished run; `cpt report RUN_DIR` redoes it
-                from cpt.report import write_report
-
-                log(f"report: {write_report(self.rundir.root)}")
-            except Exception as exc:  # noqa: BLE001
-                log(f"warning: no report written ({type(exc).__name__}: {' '.join(str(exc).split())}); try `cpt report {self.rundir.root}`")
-        return RunResult(self.rundir.root, matrix["rows"], matrix["expert_scores"], metrics, task_names)
-
-    _live_state = None
-
-    def _train_and_integrate(self, step, task, data, base, tokenizer, strategy, train_from, previous_state, manifest, matrix) -> None:
-        from transformers import TrainerCallback, set_seed
-        from trl import SFTConfig
-
+    # ------------------------------------------------------------------ one task's callbacks
+    def _integration_callback(self, step: int, task: TaskSpec, strategy, previous_state: Path | None):
         from callbacks import IntegrationCallback
-        from cpt.integration import TaskContext
-        from cpt.training.trainer import CptSFTTrainer
 
-        recipe = self.recipe
-        num_tasks = len(recipe.tasks)
-        record = manifest["tasks"][step - 1]
-        start_from = str(previous_state) if (train_from == "state" and previous_state is not None) else base
-        log(f"task {step}/{num_tasks} {task.name}: training on {len(data.train)} task examples from {'θ_{t-1}' if start_from != base else 'θ0'}")
-
-        work = self.rundir.work(task.name)
-        checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if work.exists() else []
-        if not checkpoints and work.exists() and self.is_main:
-            shutil.rmtree(work)  # a fresh start of this task: no stale trainer output
-        self.distributed.wait_for_everyone()
-
-        # Same seed for the same task whether or not the run was interrupted before it.
-        # The SFTConfig comes first: with DeepSpeed ZeRO-3 and zero3_init_flag it makes
-        # from_pretrained partition the weights while loading.
-        args = SFTConfig(output_dir=str(work), seed=recipe.seed + step, **recipe.training_args(task))
-        set_seed(recipe.seed + step)
-        model = self._load_model(start_from)
-        peft_config = None
-        if recipe.peft is not None:
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(task_type="CAUSAL_LM", **recipe.peft.model_dump())
-
-        runner = self
-
-        class ExpertEvaluation(TrainerCallback):
-            """Scores E_t on its own task before integration replaces it (runner-internal)."""
-
-            def on_train_end(self, args, state, control, model=None, **kwargs):
-                if is_zero3(model):
-                    # ZeRO-3: gather the expert once, module by module, into a folder that
-                    # evaluation, geometry and integration then read (no rank holds it all).
-                    expert_dir = work / "expert"
-                    save_model_folder(model, None, expert_dir)
-                    for callback in (*diagnostics, integration):
-                        callback.expert_dir = expert_dir
-                    if state.is_world_process_zero and recipe.evaluation.evaluate_experts:
-                        model = runner._load_eval_model(str(expert_dir))
-                if state.is_world_process_zero and recipe.evaluation.evaluate_experts:
-                    score = runner._evaluate(model, tokenizer, task, data, desc=f"eval expert {task.name}")
-                    matrix["expert_scores"][step - 1] = score
-                    runner._save_matrix(matrix)
-                record["status"] = "trained"
-                record["train_seconds"] = round(time.perf_counter() - train_started, 3)
-                if state.log_history:
-                    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-                    record["final_loss"] = losses[-1] if losses else None
-                if state.is_world_process_zero:
-                    runner.rundir.write_manifest(manifest)
-
-        integrator = strategy.build(recipe.strategy.params)
-        task_context = TaskContext(
-            step=step, task_name=task.name, task_names=[t.name for t in recipe.tasks], train_dataset=data.train,
-            strategy_dir=self.rundir.root / "strategy", seed=recipe.seed,
-        )
-        train_dataset = integrator.prepare_train_dataset(task_context) if hasattr(integrator, "prepare_train_dataset") else data.train
-        strategy_callbacks = integrator.training_callbacks(task_context) if hasattr(integrator, "training_callbacks") else []
-        integration = IntegrationCallback(
-            integrator,
+        return IntegrationCallback(
+            strategy,
             state_dir=self.rundir.state,
-            base_dir=self._base_folder(base) if not strategy.state_is_expert else Path(base),
+            # Strategies whose state is the expert never read θ0's tensors: no download for them.
+            base_dir=self._base_folder(self.base) if not self.strategy_info.state_is_expert else Path(self.base),
             step=step,
             task_name=task.name,
             previous_state_dir=previous_state,
             history_dir=self.rundir.history,
-            targets=recipe.targets,
-            train_from=train_from,
-            tokenizer=tokenizer,
-            stats_path=self.rundir.integration / f"{step}_{task.name}.json",
+            targets=self.recipe.targets,
+            train_from=self.train_from,
+            tokenizer=self.tokenizer,
+            stats_path=self.rundir.integration_stats(step, task.name),
         )
-        diagnostics = []
-        if recipe.geometry.enabled:
-            from callbacks import GeometryConflictCallback
-            from cpt.diagnostics import GeometrySettings
 
-            geometry = recipe.geometry
-            diagnostics.append(GeometryConflictCallback(
-                base_dir=self._base_folder(base), output_dir=self.rundir.geometry, step=step, task_name=task.name,
-                state_dir=previous_state, update_from=train_from, targets=recipe.targets,
+    def _geometry_callbacks(self, step: int, task: TaskSpec, previous_state: Path | None) -> list:
+        geometry = self.recipe.geometry
+        if not geometry.enabled:
+            return []
+        from callbacks import GeometryConflictCallback
+        from cpt.diagnostics import GeometrySettings
+
+        return [
+            GeometryConflictCallback(
+                base_dir=self._base_folder(self.base),
+                output_dir=self.rundir.geometry,
+                step=step,
+                task_name=task.name,
+                state_dir=previous_state,
+                update_from=self.train_from,
+                targets=self.recipe.targets,
                 settings=GeometrySettings(geometry.rank, geometry.energy, geometry.eps, geometry.eig_floor),
-                keep_updates=geometry.keep_updates, top_k=geometry.top_k,
-            ))
-        trainer = CptSFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[*strategy_callbacks, ExpertEvaluation(), *diagnostics, integration],
+                keep_updates=geometry.keep_updates,
+                top_k=geometry.top_k,
+            )
+        ]
+
+    # ------------------------------------------------------------------ one task's training and record
+    def _trainer_checkpoints(self, task: TaskSpec) -> list[Path]:
+        """The trainer checkpoints of an interrupted task (resumed from the last); a fresh
+        start of the task removes any stale trainer output first."""
+        work = self.rundir.work(task.name)
+        checkpoints = (
+            sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if work.exists() else []
         )
-        for callback in diagnostics:
-            callback.bind_trainer(trainer)
+        if not checkpoints and work.exists() and self.is_main:
+            shutil.rmtree(work)
+        self.distributed.wait_for_everyone()
+        return checkpoints
+
+    def _train(
+        self, trainer, step: int, task: TaskSpec, record: dict, checkpoints: list[Path], stopwatch: Stopwatch
+    ) -> None:
+        """``trainer.train()``; its end runs the expert evaluation, geometry and integration callbacks."""
         record["status"] = "training"
-        record["started"] = _now()
+        record["started"] = utc_now()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         if self.is_main:
-            self.rundir.write_manifest(manifest)
-        train_started = time.perf_counter()
+            self.rundir.write_manifest(self.manifest)
+        stopwatch.start()
         try:
             trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
         except CptError as exc:
             record["status"] = "failed"
             record["error"] = str(exc)
             if self.is_main:
-                self.rundir.write_manifest(manifest)
+                self.rundir.write_manifest(self.manifest)
             raise type(exc)(f"task {step} ({task.name}): {exc}") from None
+
+    def _record_trained(self, record: dict, state, stopwatch: Stopwatch) -> None:
+        """At ``on_train_end``, before integration: the task is trained (time, final loss)."""
+        record["status"] = "trained"
+        record["train_seconds"] = round(stopwatch.seconds(), 3)
+        if state.log_history:
+            losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+            record["final_loss"] = losses[-1] if losses else None
+        if state.is_world_process_zero:
+            self.rundir.write_manifest(self.manifest)
+
+    def _record_integrated(self, record: dict, integration, diagnostics: list, task: TaskSpec) -> None:
         record["status"] = "integrated"
         record["integration_seconds"] = round(integration.seconds or 0.0, 3)
         if self.is_main:
-            self.rundir.write_manifest(manifest)
-            shutil.rmtree(work, ignore_errors=True)  # trainer checkpoints are only needed mid-task
+            self.rundir.write_manifest(self.manifest)
+            shutil.rmtree(self.rundir.work(task.name), ignore_errors=True)  # checkpoints are only needed mid-task
         if diagnostics and diagnostics[0].report is not None:
             record["geometry_conflict_mean"] = diagnostics[0].report["aggregates"]["geometry_conflict"]["mean"]
             record["geometry_seconds"] = diagnostics[0].report["seconds"]
-        self._live_state = trainer.model if strategy.state_is_expert and not is_zero3(trainer.model) else None
-        release_deepspeed_engine(trainer.accelerator)  # else every task's engine outlives it
-        del trainer
+
+    # ------------------------------------------------------------------ evaluation of the base, experts, states
+    def _evaluate_base(self) -> None:
+        from transformers import set_seed
+
+        if self.is_main:
+            set_seed(self.recipe.seed)
+            model = self._load_eval_model(self.base)
+            started = time.perf_counter()
+            self.matrix["rows"][0] = self._evaluate_row(model, self.tokenizer, self.task_data, "base")
+            self.manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
+            self._save_matrix(self.matrix)
+            self.rundir.write_manifest(self.manifest)
+            log(
+                "base: "
+                + "  ".join(f"{name}={score:.3f}" for name, score in zip(self.task_names, self.matrix["rows"][0]))
+            )
+            del model
+        self.distributed.wait_for_everyone()
+
+    def _score_expert(self, step: int, task: TaskSpec, data, expert) -> None:
+        """E_t on its own task (main process, at the end of its training)."""
+        self.matrix["expert_scores"][step - 1] = self._evaluate(
+            expert, self.tokenizer, task, data, desc=f"eval expert {task.name}"
+        )
+        self._save_matrix(self.matrix)
+
+    def _evaluate_state(self, step: int, task: TaskSpec, model) -> None:
+        """Row t of the accuracy matrix: θ_t on every task (main process); then the task is done."""
+        from transformers import set_seed
+
+        record = self.manifest["tasks"][step - 1]
+        if model is None:
+            set_seed(self.recipe.seed)
+            model = self._load_eval_model(str(self.rundir.state))
+        started = time.perf_counter()
+        self.matrix["rows"][step] = self._evaluate_row(model, self.tokenizer, self.task_data, f"after {task.name}")
+        record["eval_seconds"] = round(time.perf_counter() - started, 3)
+        record.update(_peak_memory())  # of the main process (it also evaluates)
+        record["status"] = "done"
+        record["finished"] = utc_now()
+        self._save_matrix(self.matrix)
+        self.rundir.write_manifest(self.manifest)
+        self._summarise(step, task, record, self.matrix)
+
+    def _write_report(self) -> None:
+        try:  # a report problem never fails a finished run; `cpt report RUN_DIR` redoes it
+            from cpt.report import write_report
+
+            log(f"report: {write_report(self.rundir.root)}")
+        except Exception as exc:  # noqa: BLE001
+            log(
+                f"warning: no report written ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                f"try `cpt report {self.rundir.root}`"
+            )
 
     def _summarise(self, step: int, task: TaskSpec, record: dict, matrix: dict) -> None:
         row = matrix["rows"][step]
         expert = matrix["expert_scores"][step - 1]
         scores = "  ".join(f"{name}={score:.3f}" for name, score in zip(matrix["tasks"], row))
-        timing = f"train {record.get('train_seconds', 0):.0f}s, integrate {record.get('integration_seconds', 0):.1f}s, eval {record.get('eval_seconds', 0):.0f}s"
+        timing = (
+            f"train {record.get('train_seconds', 0):.0f}s, integrate {record.get('integration_seconds', 0):.1f}s, "
+            f"eval {record.get('eval_seconds', 0):.0f}s"
+        )
         expert_text = f"expert {expert:.3f}; " if expert is not None else ""
         log(f"task {step}/{len(self.recipe.tasks)} {task.name} done: {expert_text}state {scores} ({timing})")

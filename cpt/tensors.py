@@ -267,22 +267,52 @@ def save_model_folder(model: torch.nn.Module, tokenizer, folder: str | os.PathLi
     """Write the model's full (LoRA-merged) weights as an HF safetensors folder + tokenizer.
 
     ``marker`` is written as ``cpt_state.json`` inside the folder, so a folder always says
-    which step it holds; call inside :func:`cpt.io.staging_dir` for an atomic replace.
+    which step it holds; call inside :func:`cpt.io.staged_dir` for an atomic replace.
     """
     folder = Path(folder)
-    hf_model = plain_model(model)
     if is_zero3(model):
         # Gathered module by module and written shard by shard by the main process:
         # no rank ever holds the whole model. Every rank must call this.
         _save_zero3_folder(model, folder)
         if not _is_main_process():
             return
+        write_model_files(folder, model=model, tokenizer=tokenizer, marker=marker)
+    else:
+        state_dict = {name: tensor.contiguous() for name, tensor in model_tensors(model)}
+        plain_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)  # + its config
+        write_model_files(folder, tokenizer=tokenizer, marker=marker)
+
+
+def write_model_files(
+    folder: str | os.PathLike,
+    *,
+    model: torch.nn.Module | None = None,
+    config_from: str | os.PathLike | None = None,
+    tokenizer=None,
+    marker: dict | None = None,
+) -> None:
+    """The files of an HF model folder besides the weights: the one place a state folder's
+    configuration, tokenizer and ``cpt_state.json`` marker are written.
+
+    Args:
+        folder: the (staging) folder, whose weights are written by the caller.
+        model: write its configuration (and generation configuration) files.
+        config_from: else copy ``config.json`` / ``generation_config.json`` from this HF folder.
+        tokenizer: saved with ``save_pretrained`` when given.
+        marker: written as ``cpt_state.json`` (which step the folder holds) when given.
+    """
+    folder = Path(folder)
+    if model is not None:
+        hf_model = plain_model(model)
         hf_model.config.save_pretrained(folder)
         if getattr(hf_model, "generation_config", None) is not None:
             hf_model.generation_config.save_pretrained(folder)
-    else:
-        state_dict = {name: tensor.contiguous() for name, tensor in model_tensors(model)}
-        hf_model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    elif config_from is not None:
+        import shutil
+
+        for name in ("config.json", "generation_config.json"):
+            if (Path(config_from) / name).exists():
+                shutil.copy2(Path(config_from) / name, folder / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if marker is not None:

@@ -17,7 +17,9 @@ from cpt.errors import CptError, TrainingDivergedError
 from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.testing import build_tiny_model
+
 from tiny_recipes import WORDS, make_recipe
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
@@ -90,7 +92,7 @@ def test_lora_run_writes_merged_state(tmp_path, tiny_model):
     assert set(weights) == set(base)
     for name in weights:
         differs = not torch.equal(weights[name], base[name])
-        assert differs == (("q_proj" in name or "v_proj" in name)), name
+        assert differs == ("q_proj" in name or "v_proj" in name), name
 
 
 def test_different_recipe_refused_unless_overwrite(tmp_path, tiny_model):

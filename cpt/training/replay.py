@@ -36,7 +36,7 @@ from pydantic import Field
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext, TaskContext
 from cpt.io import atomic_write_text
-from cpt.strategies import register_strategy
+from cpt.strategies import Strategy, register_strategy
 
 COLUMNS = ("prompt", "completion")
 
@@ -57,7 +57,11 @@ def round_half_up(value: float) -> int:
 
 def buffer_count(params: ReplayParams, available: int) -> int:
     """How many of a task's ``available`` examples its buffer keeps."""
-    wanted = params.buffer_size if params.buffer_fraction is None else max(1, round_half_up(params.buffer_fraction * available))
+    wanted = (
+        params.buffer_size
+        if params.buffer_fraction is None
+        else max(1, round_half_up(params.buffer_fraction * available))
+    )
     return min(wanted, available)
 
 
@@ -104,7 +108,8 @@ class ReplayBuffers:
         path = self.path(task_name)
         if not path.is_file():
             raise CptError(
-                f"replay: the buffer of task {task_name!r} ({path}) is missing; it is written when that task is prepared. "
+                f"replay: the buffer of task {task_name!r} ({path}) is missing; "
+                "it is written when that task is prepared. "
                 "The run directory is incomplete: rerun with --overwrite"
             )
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -117,9 +122,9 @@ class ReplayBuffers:
     state_is_expert=True,
     description="sequential fine-tuning with a buffer of each task's examples replayed in later tasks",
 )
-class Replay:
+class Replay(Strategy):
     def __init__(self, params: ReplayParams):
-        self.params = params
+        super().__init__(params)
         self.mixture: dict[str, Any] = {}
         """What the last prepared training set holds: own examples and replayed ones per earlier task."""
 
@@ -131,11 +136,17 @@ class Replay:
         own = context.train_dataset
         missing = [column for column in COLUMNS if column not in own.column_names]
         if missing:
-            raise CptError(f"replay: task {context.task_name!r} has no {', '.join(missing)} column(s); replay mixes prompt/completion rows")
+            raise CptError(
+                f"replay: task {context.task_name!r} has no {', '.join(missing)} column(s); "
+                "replay mixes prompt/completion rows"
+            )
         own_rows = own.select_columns(list(COLUMNS)).to_list()
         buffers = self.buffers(context)
         if not buffers.path(context.task_name).is_file():
-            buffers.write(context.task_name, sample_buffer(own_rows, buffer_count(self.params, len(own_rows)), context.seed, context.step))
+            buffers.write(
+                context.task_name,
+                sample_buffer(own_rows, buffer_count(self.params, len(own_rows)), context.seed, context.step),
+            )
 
         earlier = context.task_names[: context.step - 1]
         total = round_half_up(self.params.ratio * len(own_rows)) if earlier else 0
@@ -152,8 +163,9 @@ class Replay:
             if _is_conversational(row) != own_format:
                 kinds = {True: "conversational (chat)", False: "plain text"}
                 raise CptError(
-                    f"replay: task {context.task_name!r} is {kinds[own_format]} but a replayed example of an earlier task is "
-                    f"{kinds[not own_format]}; TRL trains one format per dataset, so give all tasks the same format (fields.chat)"
+                    f"replay: task {context.task_name!r} is {kinds[own_format]} but a replayed example of an "
+                    f"earlier task is {kinds[not own_format]}; TRL trains one format per dataset, so give all "
+                    "tasks the same format (fields.chat)"
                 )
         mixture = own_rows + replayed
         random.Random(f"cpt-replay-mix:{context.seed}:{context.step}").shuffle(mixture)

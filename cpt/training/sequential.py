@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cpt.integration import IntegrationContext
-from cpt.strategies import register_strategy
+from cpt.strategies import Strategy, register_strategy
 
 
 @dataclass
@@ -20,10 +20,7 @@ class SequentialParams:
     state_is_expert=True,
     description="fine-tune the current state on each task; the state becomes the expert",
 )
-class Sequential:
-    def __init__(self, params: SequentialParams):
-        self.params = params
-
+class Sequential(Strategy):
     def integrate(self, context: IntegrationContext) -> dict:
         context.write_state_from_model()
         return {}

@@ -34,10 +34,14 @@ class CptSFTTrainer(SFTTrainer):
     """
 
     def loss_terms(self) -> list:
-        return [callback for callback in self.callback_handler.callbacks if callable(getattr(callback, "loss_term", None))]
+        return [
+            callback for callback in self.callback_handler.callbacks if callable(getattr(callback, "loss_term", None))
+        ]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        sharded_terms = [callback for callback in self.loss_terms() if callable(getattr(callback, "add_sharded_gradients", None))]
+        sharded_terms = [
+            callback for callback in self.loss_terms() if callable(getattr(callback, "add_sharded_gradients", None))
+        ]
         wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
         if not sharded_terms or wrapped is None or not is_zero3(model):
             return super().training_step(model, inputs, num_items_in_batch)
@@ -59,7 +63,8 @@ class CptSFTTrainer(SFTTrainer):
             del engine.step  # back to the class's method
 
     def _micro_batches_if_loss_is_scaled(self, num_items_in_batch) -> int:
-        """The micro-batches of this optimizer step if ``Trainer.training_step`` will NOT divide the loss by them, else 1.
+        """The micro-batches of this optimizer step if ``Trainer.training_step`` will NOT divide the loss
+        by them, else 1.
 
         Mirrors ``transformers.Trainer.training_step`` (5.x): the loss counts as already
         scaled for gradient accumulation when it was normalised by ``num_items_in_batch``.
@@ -67,13 +72,19 @@ class CptSFTTrainer(SFTTrainer):
         if self.loss_is_scaled_for_ga is not None:
             scaled = self.loss_is_scaled_for_ga
         else:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
         if not scaled:
             return 1
-        return max(1, int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps))
+        return max(
+            1, int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps)
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         loss = result[0] if return_outputs else result
         terms = self.loss_terms() if model.training else []
         if terms:

@@ -156,7 +156,7 @@ ROW_SEPARABLE = {  # strategy: parameters (non-target rules chosen so non-target
 def test_row_blocks_give_the_whole_tensor_result(tmp_path, base, experts, name, monkeypatch):
     """A tensor larger than one batch is merged in row blocks (element-wise rules only) and
     the states, kept history and per-tensor stats equal those of whole-tensor batches."""
-    import cpt.merging.pipeline as pipeline
+    import cpt.merging.batch_io as pipeline
 
     monkeypatch.setattr(pipeline, "BATCH_MODEL_FRACTION", 1.0)  # batches up to 128 MiB: nothing split
     whole_states, whole_results = run_three(tmp_path / "whole", base, experts, name, ROW_SEPARABLE[name])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import cpt.merging.pipeline as pipeline
+import cpt.merging.batch_io as pipeline
 from cpt.integration import IntegrationContext
 from cpt.merging.average import Average, AverageParams
 from cpt.merging.pipeline import MergeResult, MergeStrategy, run_merge
@@ -135,10 +135,10 @@ def test_failure_leaves_previous_state_untouched(tmp_path, base):
 
 
 def test_runner_with_task_arithmetic(tmp_path, base):
-    from tiny_recipes import make_recipe
-
     from cpt.recipe import validate_recipe
     from cpt.runner import TaskSequenceRunner
+
+    from tiny_recipes import make_recipe
 
     data = make_recipe(tmp_path, str(base), steps=(3, 3))
     data["strategy"] = {"name": "task_arithmetic", "scaling": 0.5}
@@ -227,6 +227,7 @@ def test_release_freed_host_memory_returns_freed_buffers(tmp_path):
     """The measured cause of merge memory growing with every tensor read: glibc keeps freed
     multi-MB buffers once interleaved with live allocations; release_freed_host_memory gives them back."""
     from safetensors.torch import save_file
+
     from cpt.tensors import _malloc_trim, release_freed_host_memory
 
     if _malloc_trim() is None:

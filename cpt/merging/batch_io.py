@@ -1,0 +1,366 @@
+"""The file side of merging: stream a model's tensors in batches through a merge rule, write θ_t.
+
+A merge strategy is a per-tensor-batch rule (:mod:`cpt.merging.contract`); this module
+does everything else, the same way for every method, so comparisons are fair:
+
+* tensors are read lazily — θ0 and θ_{t−1} from safetensors, E_t from the live model
+  (LoRA merged on the fly) — and grouped by shape into batches of bounded size, so the
+  extra memory is one batch, whatever the model or the number of tasks;
+* a single tensor bigger than one batch (an embedding, say) is split into row blocks when
+  the strategy's rule for it is row-separable (:meth:`MergeStrategy.rows_separable`), so
+  no operand is ever larger than one batch;
+* each batch's new state θ_t is written at once as its own safetensors shard (an HF
+  sharded checkpoint with an index), so nothing model-sized is held;
+* freed buffers are handed back to the OS after every batch (:func:`release_freed_host_memory`):
+  without it glibc keeps them, and resident memory grows with every tensor read;
+* what a strategy keeps across steps (e.g. GCWM's previous merged delta, the task vectors
+  of ``all_history``) is stored per step in ``history/step-<t>/<key>/``, shard by shard;
+  step t reads ``step-<t−1>`` and older steps are dropped only after θ_t is committed,
+  so a kill at any moment resumes consistently;
+* scalars a strategy carries (OPCM's λ_t, norms) live in ``history/step-<t>/scalars.json``.
+
+The task vector given to a strategy is ``τ_t = E_t − start`` where ``start`` is the model
+the expert trained from: θ0 by default for merge strategies (METHOD's ``τ_t = E_t − θ0``),
+or θ_{t−1} when the recipe sets ``strategy.train_from: state`` (then τ_t is this task's
+own update, relative to the current state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from cpt.integration import IntegrationContext
+from cpt.io import atomic_write_json, staged_dir
+from cpt.merging.contract import MergeStrategy, TensorBatch, combine_row_stats
+from cpt.tensors import (
+    STATE_MARKER,
+    ModelWeights,
+    SafetensorsWeights,
+    compile_targets,
+    is_target,
+    release_freed_host_memory,
+    write_model_files,
+)
+
+#: Upper bound on the bytes of one batch of one operand (float32).
+BATCH_BYTES = 128 * 2**20
+#: A batch of one operand is also at most this fraction of the model (float32). A merge
+#: holds a few dozen batch-sized operands at once (θ0, θ_{t−1}, E_t, τ_t, kept tensors, and
+#: e.g. GCWM's whitened vectors and Adam states), so 1/64 keeps the working set well under
+#: one model's size whatever the model (see benchmarks/merge_memory.py).
+BATCH_MODEL_FRACTION = 1 / 64
+
+
+# ---------------------------------------------------------------------- tensor streaming
+class BatchSource:
+    """Where the tensors of one integration step are, grouped into equal-shape batches."""
+
+    def __init__(
+        self, context: IntegrationContext, device: torch.device, rows_separable: Callable[[bool], bool] | None = None
+    ):
+        self.context = context
+        self.device = device
+        self.rows_separable = rows_separable or (lambda target: False)
+        self.base = SafetensorsWeights(context.base_dir)
+        previous = context.previous_state_dir
+        self.previous = (
+            SafetensorsWeights(previous)
+            if previous is not None and (Path(previous) / STATE_MARKER).exists()
+            else self.base
+        )
+        self.start = self.previous if context.train_from == "state" else self.base
+        if context.expert_dir is not None:  # an expert on disk: read lazily, like θ0
+            self.expert = SafetensorsWeights(context.expert_dir)
+        else:  # references into the live model (no copy), LoRA adapters merged per tensor on access
+            self.expert = ModelWeights(context.model)
+        patterns = compile_targets(context.target_patterns)
+        self.names = self.base.names()
+        missing = [name for name in self.names if name not in self.expert]
+        if missing:
+            raise ValueError(
+                f"the expert has no tensor {missing[0]!r} of the base: is it a fine-tune of {context.base_dir}?"
+            )
+        self.shapes = {name: self.base.shape(name) for name in self.names}
+        self.is_target = {name: len(self.shapes[name]) == 2 and is_target(name, patterns) for name in self.names}
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The expert's precision for ``name`` (the new state keeps it)."""
+        return self.expert.dtype(name)
+
+    def groups(self) -> list[tuple[bool, list[str], slice | None]]:
+        """``(target, names, rows)`` batches: equal-shape tensors of one kind up to the batch
+        limit, or row blocks of one tensor above it when the rule is row-separable."""
+        grouped: dict[tuple, list[str]] = defaultdict(list)
+        for name in self.names:
+            grouped[(self.is_target[name], tuple(self.shapes[name]))].append(name)
+        limit = batch_limit(self.shapes.values())
+        batches = []
+        for (target, shape), names in grouped.items():
+            per_item = 4 * max(1, math.prod(shape))
+            if per_item > limit and len(shape) >= 2 and self.rows_separable(target):
+                batches.extend((target, [name], rows) for name in names for rows in row_blocks(shape, limit))
+                continue
+            size = max(1, limit // per_item)
+            batches.extend((target, names[i : i + size], None) for i in range(0, len(names), size))
+        return batches
+
+    def load(
+        self, names: list[str], rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(θ0, θ_{t−1}, E_t, τ_t) for ``names`` (only ``rows`` of them if given), float32 on the merge device."""
+
+        def stack(tensors):
+            return torch.stack([tensor.to(self.device, torch.float32) for tensor in tensors])
+
+        base = stack(read_rows(self.base, name, rows) for name in names)
+        state = base if self.previous is self.base else stack(read_rows(self.previous, name, rows) for name in names)
+        start = base if self.start is self.base else state
+        expert = stack(read_rows(self.expert, name, rows) for name in names)
+        return base, state, expert, expert - start
+
+    def iterate(
+        self, desc: str | None = None
+    ) -> Iterator[tuple[bool, list[str], slice | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(target, names, rows, θ0, θ_{t−1}, E_t, τ_t)`` per batch, freeing each before the next."""
+        from tqdm.auto import tqdm
+
+        groups = self.groups()
+        for target, names, rows in tqdm(
+            groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None
+        ):
+            yield (target, names, rows, *self.load(names, rows))
+            self.release()
+
+    def release(self) -> None:
+        """Unmap the weight files read for the last batch and return freed buffers to the OS."""
+        for weights in (self.base, self.previous, self.expert):
+            if isinstance(weights, SafetensorsWeights):
+                weights.release()
+        release_freed_host_memory()
+
+
+def read_rows(weights, name: str, rows: slice | None) -> torch.Tensor:
+    """``weights[name]`` or only its ``rows``, reading no more than those from disk."""
+    if rows is None:
+        return weights[name]
+    if isinstance(weights, SafetensorsWeights):
+        return weights.get_rows(name, rows)
+    return weights[name][rows]
+
+
+def row_blocks(shape, limit: int) -> list[slice]:
+    """Consecutive row slices of a tensor of ``shape`` (≥ 1-D), each at most ``limit`` float32 bytes."""
+    block = max(1, limit // (4 * max(1, math.prod(shape[1:]))))
+    return [slice(start, min(start + block, shape[0])) for start in range(0, shape[0], block)]
+
+
+def batch_limit(shapes) -> int:
+    """Bytes of one operand of one batch (float32): min(BATCH_BYTES, model · BATCH_MODEL_FRACTION)."""
+    model_bytes = sum(4 * math.prod(shape) for shape in shapes)
+    return max(1, min(BATCH_BYTES, int(model_bytes * BATCH_MODEL_FRACTION)))
+
+
+class _ShardWriter:
+    """Writes named tensors shard by shard into a folder, with an HF index file.
+
+    A tensor that arrives in row blocks (:meth:`write_rows`) is assembled in one buffer of
+    its own size and written as its own shard when its last block arrives.
+    """
+
+    def __init__(self, folder: Path, prefix: str):
+        self.folder = folder
+        self.prefix = prefix
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self._pending: dict[str, tuple[torch.Tensor, int]] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write_rows(self, name: str, rows: slice, block: torch.Tensor, shape: torch.Size) -> None:
+        buffer, filled = self._pending.get(name, (None, 0))
+        if buffer is None:
+            buffer = torch.empty(shape, dtype=block.dtype)
+        buffer[rows] = block
+        filled += rows.stop - rows.start
+        if filled < shape[0]:
+            self._pending[name] = (buffer, filled)
+            return
+        self._pending.pop(name, None)
+        self.write({name: buffer})
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        file = f"{self.prefix}-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, self.folder / file)
+        for name, tensor in tensors.items():
+            self.weight_map[name] = file
+            self.total += tensor.numel() * tensor.element_size()
+
+    def close(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"row blocks missing for {sorted(self._pending)[0]}")
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class _History:
+    """A strategy's kept tensors: ``history/step-<t>/<key>/`` sharded, plus scalars.json."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
+    def scalars(self, step: int) -> dict[str, Any]:
+        path = self.step_dir(step) / "scalars.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def reader(self, step: int, key: str) -> SafetensorsWeights | None:
+        folder = self.step_dir(step) / key
+        return _IndexedWeights(folder, key) if (folder / f"{key}.safetensors.index.json").exists() else None
+
+    def prune(self, keep: int) -> None:
+        for folder in self.root.glob("step-*"):
+            if folder.name != f"step-{keep}":
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class _IndexedWeights(SafetensorsWeights):
+    def __init__(self, folder: Path, prefix: str):
+        self.folder = folder
+        weight_map = json.loads((folder / f"{prefix}.safetensors.index.json").read_text())["weight_map"]
+        self._files = {name: folder / file for name, file in weight_map.items()}
+        self._handles = {}
+
+
+def _merge_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str, Any]:
+    """One integration step of a merge strategy: θ_t written atomically to ``context.state_dir``.
+
+    θ_t and the strategy's kept tensors are built in staging folders; the history of step t
+    is committed before θ_t (a kill between the two re-runs step t from θ_{t−1}, which still
+    reads step t−1's history), and older history is pruned only after θ_t is committed.
+    """
+    step = context.step
+    device = _merge_device()
+    source = BatchSource(context, device, rows_separable=strategy.rows_separable)
+    history = _History(context.history_dir)
+    scalars = history.scalars(step - 1)
+    keys = strategy.history_keys(step, scalars)
+    readers = {key: history.reader(step - 1, key) for key in keys}
+    strategy.begin_step(step, source, scalars)
+
+    with staged_dir(context.state_dir) as staged_state, staged_dir(history.step_dir(step)) as staged_history:
+        per_tensor = _merge_batches(strategy, context, source, readers, scalars, staged_state, staged_history)
+        summary = strategy.end_step(step, scalars)
+        scale = strategy.finalize_scale(step, scalars)
+        if scale is not None:
+            _rescale_state(staged_state, source.base, scale)
+        atomic_write_json(staged_history / "scalars.json", scalars)
+        write_model_files(
+            staged_state,
+            model=context.model,
+            config_from=context.expert_dir,
+            tokenizer=context.tokenizer,
+            marker=context.marker(),
+        )
+    history.prune(keep=step)
+    return {"summary": {**summary, "global_scale": scale}, "per_tensor": per_tensor}
+
+
+def _merge_batches(
+    strategy: MergeStrategy,
+    context: IntegrationContext,
+    source: BatchSource,
+    readers: dict[str, SafetensorsWeights | None],
+    scalars: dict[str, Any],
+    staged_state: Path,
+    staged_history: Path,
+) -> dict[str, dict]:
+    """Run the rule over every batch, writing θ_t and the kept tensors shard by shard;
+    returns the per-tensor statistics."""
+    step, device = context.step, source.device
+    state_writer = _ShardWriter(staged_state, "model")
+    history_writers: dict[str, _ShardWriter] = {}
+    per_tensor: dict[str, dict] = {}
+    row_stats: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    for target, names, rows, base, state, expert, task_vector in source.iterate(desc=f"integrate {context.task_name}"):
+        kept = {
+            key: (
+                torch.stack([read_rows(reader, name, rows).to(device, torch.float32) for name in names])
+                if reader is not None and all(name in reader for name in names)
+                else None
+            )
+            for key, reader in readers.items()
+        }
+        batch = TensorBatch(names, target, step, base, state, expert, task_vector, kept, scalars, rows)
+        result = strategy.merge(batch)
+        new_state = result.state.to(torch.float32)
+        if not torch.isfinite(new_state).all():
+            raise FloatingPointError(f"{strategy.__class__.__name__} produced non-finite values for {names[0]}")
+        out_dtype = source.dtype(names[0])
+        _write(state_writer, names, rows, new_state.to(out_dtype).cpu(), source.shapes)
+        for key, tensors in result.history.items():
+            writer = history_writers.setdefault(key, _ShardWriter(staged_history / key, key))
+            _write(writer, names, rows, tensors.to(torch.float32).cpu(), source.shapes)
+        for i, name in enumerate(names):
+            entry = result.stats[i] if result.stats else {}
+            if rows is None:
+                per_tensor[name] = {"target": target, **entry}
+            else:
+                per_tensor[name] = {"target": target}
+                row_stats[name].append((rows.stop - rows.start, entry))
+        del batch, result, new_state, kept
+        for reader in readers.values():
+            if reader is not None:
+                reader.release()
+    for name, blocks in row_stats.items():
+        per_tensor[name].update(row_blocks=len(blocks), **combine_row_stats(blocks))
+    state_writer.close()
+    for writer in history_writers.values():
+        writer.close()
+    return per_tensor
+
+
+def _write(
+    writer: _ShardWriter, names: list[str], rows: slice | None, values: torch.Tensor, shapes: dict[str, torch.Size]
+) -> None:
+    if rows is None:
+        writer.write({name: values[i] for i, name in enumerate(names)})
+    else:
+        writer.write_rows(names[0], rows, values[0], shapes[names[0]])
+
+
+def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None:
+    """θ_t ← θ0 + s·(θ_t − θ0), shard by shard (used by OPCM's norm-preserving rescale).
+
+    Each tensor is rescaled in row blocks of one batch (:func:`batch_limit`) into one
+    output buffer, so a shard holding one large tensor costs that tensor once, not four times.
+    """
+    staged = _IndexedWeights(folder, "model")
+    limit = batch_limit(staged.shape(name) for name in staged.names())
+    for file in sorted({path for path in staged._files.values()}):
+        names = [name for name, path in staged._files.items() if path == file]
+        tensors = {}
+        for name in names:
+            shape, dtype = staged.shape(name), staged.dtype(name)
+            out = torch.empty(shape, dtype=dtype)
+            for rows in row_blocks(shape, limit) if len(shape) else [None]:
+                value, theta0 = (read_rows(weights, name, rows).to(torch.float32) for weights in (staged, base))
+                out[... if rows is None else rows] = (theta0 + scale * (value - theta0)).to(dtype)
+            tensors[name] = out
+        staged.release()
+        save_file(tensors, file)
+        del tensors
+        release_freed_host_memory()
