@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 from cpt.assets.cache import ASSET_FORMAT, cache_dir
 from cpt.assets.registry import DATASET_SOURCES
 from cpt.errors import CptError
-from cpt.io import atomic_write_json, commit_dir, read_json, staging_dir
+from cpt.io import atomic_write_json, read_json, staged_dir
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -95,14 +94,9 @@ def write_dataset(final: Path, name: str, examples: list[dict], meta: dict) -> N
                   "method": "random.Random(seed).shuffle of the file order; the first "
                             "max(1, round(n * test_fraction)) go to test"},
     }
-    staged = staging_dir(final)
-    try:
+    with staged_dir(final) as staged:
         for split, rows in (("train", train), ("test", test)):
             with open(staged / f"{split}.jsonl", "w", encoding="utf-8") as handle:
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         atomic_write_json(staged / "meta.json", meta)
-        commit_dir(staged, final)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise

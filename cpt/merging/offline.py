@@ -14,7 +14,7 @@ from typing import Any
 
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext
-from cpt.io import atomic_write_json, commit_dir, staging_dir
+from cpt.io import atomic_write_json, staged_dir, staging_dir
 from cpt.merging.pipeline import MergeStrategy
 from cpt.recipe import DEFAULT_TARGETS, parse_overrides
 from cpt.strategies import get_strategy
@@ -70,9 +70,8 @@ def merge_checkpoints(
             steps.append({"step": step, "expert": name, "seconds": round(seconds, 3), **stats})
             print(f"[cpt] merged {name} (step {step}/{len(experts)}) in {seconds:.1f}s")
             if save_steps:
-                staged = staging_dir(output / f"step-{step}")
-                shutil.copytree(state_dir, staged, dirs_exist_ok=True)
-                commit_dir(staged, output / f"step-{step}")
+                with staged_dir(output / f"step-{step}") as staged:
+                    shutil.copytree(state_dir, staged, dirs_exist_ok=True)
         output.mkdir(parents=True, exist_ok=True)
         for file in state_dir.iterdir():
             shutil.copy2(file, output / file.name)

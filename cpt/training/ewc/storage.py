@@ -1,6 +1,6 @@
 """EWC's F and θ* on disk: ``<folder>/step_<t>/{fisher,anchors}.safetensors``, written atomically.
 
-Each finished task t writes one step folder through a staging folder + :func:`cpt.io.commit_dir`
+Each finished task t writes one step folder through a staging folder + :func:`cpt.io.staged_dir`
 (a kill leaves the previous state or the complete folder; :func:`stored_steps` recovers a
 folder left mid-commit). Steps older than t − 1 are removed. Under ZeRO-3 every rank
 writes its own shard in its own folder (chosen by :class:`callbacks.EWCCallback`).
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cpt.errors import CptError
-from cpt.io import commit_dir, recover_dir, staging_dir
+from cpt.io import recover_dir, staged_dir
 
 FISHER_FILE = "fisher.safetensors"
 ANCHORS_FILE = "anchors.safetensors"
@@ -53,14 +53,10 @@ def save_ewc_state(folder: str | Path, step: int, fisher: dict[str, torch.Tensor
 
     final = step_dir(folder, step)
     file_metadata = {key: str(value) for key, value in {**metadata, "step": step}.items()}
-    staged = staging_dir(final)
-    try:
-        save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in fisher.items()}, str(staged / FISHER_FILE), metadata=file_metadata)
-        save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in anchors.items()}, str(staged / ANCHORS_FILE), metadata=file_metadata)
-        commit_dir(staged, final)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    with staged_dir(final) as staged:
+        for file, tensors in ((FISHER_FILE, fisher), (ANCHORS_FILE, anchors)):
+            cpu_tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+            save_file(cpu_tensors, str(staged / file), metadata=file_metadata)
     for old in stored_steps(folder):
         if old < step - 1:
             shutil.rmtree(step_dir(folder, old), ignore_errors=True)

@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import Field
 
 from cpt.integration import IntegrationContext, TaskContext
-from cpt.strategies import register_strategy
+from cpt.strategies import Strategy, register_strategy
 from cpt.training.ewc.penalty import DEFAULT_EWC_LAMBDA
 
 
@@ -32,7 +32,7 @@ class EWCParams:
     state_is_expert=True,
     description="sequential fine-tuning with the (online) EWC penalty toward earlier tasks' weights",
 )
-class EWC:
+class EWC(Strategy):
     """Integration is sequential; the training-time work is :class:`callbacks.EWCCallback`."""
 
     def __init__(self, params: EWCParams):
