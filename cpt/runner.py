@@ -337,7 +337,7 @@ class TaskSequenceRunner:
         from transformers import TrainerCallback, set_seed
         from trl import SFTConfig
 
-        from callbacks import IntegrationCallback
+        from cpt.callbacks import IntegrationCallback
         from cpt.integration import TaskContext
         from cpt.training.trainer import CptSFTTrainer
 
@@ -414,7 +414,7 @@ class TaskSequenceRunner:
         )
         diagnostics = []
         if recipe.geometry.enabled:
-            from callbacks import GeometryConflictCallback
+            from cpt.callbacks import GeometryConflictCallback
             from cpt.diagnostics import GeometrySettings
 
             geometry = recipe.geometry

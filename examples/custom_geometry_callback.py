@@ -13,7 +13,7 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from callbacks import GeometryConflictCallback
+from cpt.callbacks import GeometryConflictCallback
 from cpt.recipe import default_training_args
 from cpt.testing import build_tiny_model
 

@@ -19,7 +19,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
-from callbacks import EWCCallback
+from cpt.callbacks import EWCCallback
 from cpt.recipe import (
     default_training_args,  # CPU-friendly SFTConfig defaults when there is no GPU
 )

@@ -19,7 +19,7 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from callbacks import GeometryConflictCallback, IntegrationCallback
+from cpt.callbacks import GeometryConflictCallback, IntegrationCallback
 from cpt.recipe import default_training_args  # CPU-friendly SFTConfig defaults when there is no GPU
 from cpt.strategies import get_strategy
 from cpt.testing import build_tiny_model

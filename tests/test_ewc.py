@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from callbacks import EWCCallback
+from cpt.callbacks import EWCCallback
 from cpt.errors import CptError
 from cpt.recipe import default_training_args, validate_recipe
 from cpt.runner import TaskSequenceRunner

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from callbacks import GeometryConflictCallback
+from cpt.callbacks import GeometryConflictCallback
 from cpt.diagnostics import tensor_depth, tensor_family
 from cpt.geometry import geometry_conflict, subspace_alignment_ratio, right_basis
 from cpt.testing import build_tiny_model

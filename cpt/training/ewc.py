@@ -562,7 +562,7 @@ class EWC:
         self.callback = None
 
     def training_callbacks(self, context: TaskContext) -> list:
-        from callbacks.ewc import EWCCallback
+        from cpt.callbacks.ewc import EWCCallback
 
         self.callback = EWCCallback(
             ewc_lambda=self.params.ewc_lambda,
