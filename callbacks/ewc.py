@@ -30,25 +30,31 @@ from cpt.training.ewc import (
 class EWCCallback(TrainerCallback):
     """Online EWC: ``L = L_task + (λ/2) Σ F (θ − θ*)²``, ``F ← γF + F_new`` after each task.
 
-    Use the same instance for a sequence of trainers (tasks); with
-    :class:`cpt.training.trainer.CptSFTTrainer` its :meth:`loss_term` is added to every
-    training step's loss::
+    One instance serves a whole sequence of trainers (tasks): it counts the tasks itself
+    (``step``) and keeps ``F`` and ``θ*`` between them. At ``on_train_end`` it computes the
+    diagonal empirical Fisher of the task just trained on ``fisher_examples`` of the
+    trainer's own tokenized training rows (a sample seeded by ``args.seed`` and the task's
+    step; see :func:`cpt.training.ewc.empirical_fisher`), folds it into ``F`` and sets the
+    anchors ``θ*`` to the current weights. What is penalised — every trainable parameter,
+    or under PEFT LoRA the merged weights of the target layers — is described in
+    :mod:`cpt.training.ewc`. With :class:`cpt.training.trainer.CptSFTTrainer` its
+    :meth:`loss_term` is added to every training step's loss.
 
-        ewc = EWCCallback(ewc_lambda=100.0)
+    Usage::
+
+        from cpt.callbacks import EWCCallback
+        from cpt.training.trainer import CptSFTTrainer
+
+        ewc = EWCCallback(ewc_lambda=100.0, output_dir="ewc")
         for dataset in tasks:
             trainer = CptSFTTrainer(model, args, train_dataset=dataset, callbacks=[ewc])
             trainer.train()          # task 1: no penalty; at its end: F, θ*
             model = trainer.model    # (merge a LoRA adapter here if you use one)
 
-    At ``on_train_end`` it computes the diagonal empirical Fisher of the task just trained
-    on ``fisher_examples`` of the trainer's own tokenized training rows (a sample seeded by
-    ``args.seed`` and the task's step; see :func:`cpt.training.ewc.empirical_fisher`), folds it
-    into ``F`` and sets the anchors ``θ*`` to the current weights. What is penalised — every
-    trainable parameter, or under PEFT LoRA the merged weights of the target layers — is
-    described in :mod:`cpt.training.ewc`.
-
     Args:
-        ewc_lambda: λ. gamma: online decay γ. fisher_examples: N.
+        ewc_lambda: λ, the penalty's weight.
+        gamma: online decay γ of the earlier tasks' Fisher.
+        fisher_examples: N, the training rows the Fisher is estimated on.
         output_dir: if given, ``F`` and ``θ*`` are saved there after each task as
             ``step_<t>/{fisher,anchors}.safetensors`` (atomically) and loaded back on
             construction, so a resumed run continues with them. Under DeepSpeed ZeRO-3
@@ -89,18 +95,19 @@ class EWCCallback(TrainerCallback):
 
         #: Created under a ZeRO-3 config: F and θ* hold this rank's shards (see cpt.training.ewc).
         self.sharded = _zero3_config_active()
-        self.state_dir = self.output_dir
+        #: Where F and θ* are stored: ``output_dir``, or this rank's folder in it under ZeRO-3.
+        self.storage_dir = self.output_dir
         if self.output_dir is not None and self.sharded:
             rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-            self.state_dir = self.output_dir / f"zero3-rank{rank:05d}-of-{world:05d}"
-        stored = stored_steps(self.state_dir) if self.state_dir is not None else []
+            self.storage_dir = self.output_dir / f"zero3-rank{rank:05d}-of-{world:05d}"
+        stored = stored_steps(self.storage_dir) if self.storage_dir is not None else []
         if step is None:
             step = (max(stored) + 1) if stored else 1
         if step < 1:
             raise CptError(f"ewc: step must be ≥ 1 (got {step})")
         self.step = step
-        if step > 1 and self.state_dir is not None:
-            self.fisher, self.anchors = load_ewc_state(self.state_dir, step - 1)
+        if step > 1 and self.storage_dir is not None:
+            self.fisher, self.anchors = load_ewc_state(self.storage_dir, step - 1)
 
     # ------------------------------------------------------------------ the penalty
     def _penalised(self, model: torch.nn.Module) -> list:
@@ -168,9 +175,9 @@ class EWCCallback(TrainerCallback):
             "penalised_tensors": len(self.fisher),
             "fisher_sum": float(fisher_sum),
         }
-        if self.state_dir is not None and (state.is_world_process_zero or self.sharded):
+        if self.storage_dir is not None and (state.is_world_process_zero or self.sharded):
             metadata = {"task": self.task_name or "", "gamma": self.gamma, "ewc_lambda": self.ewc_lambda, "fisher_examples": len(examples)}
-            save_ewc_state(self.state_dir, self.step, self.fisher, self.anchors, metadata)
+            save_ewc_state(self.storage_dir, self.step, self.fisher, self.anchors, metadata)
         self.step += 1
 
 
