@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from cpt.errors import CptError
-from cpt.tensors import is_zero3, unwrap_model
+from cpt.tensors import is_zero3, read_marker, unwrap_model
 from cpt.training.ewc import (
     DEFAULT_EWC_LAMBDA,
     add_ewc_gradients,
@@ -61,10 +61,18 @@ class EWCCallback(TrainerCallback):
             every rank stores its own shard in ``zero3-rank<r>-of-<n>/step_<t>/``; create
             the callback after the ``SFTConfig``/``TrainingArguments`` (which registers the
             ZeRO-3 config) and resume with the same number of processes.
-        step: the 1-based index of the task the next ``on_train_end`` finishes. With
-            ``output_dir``, the state of ``step − 1`` is loaded (it must exist for step > 1).
-            Default: one more than the newest stored step (or 1), then counting up.
-        task_name: recorded in the files' metadata.
+        state_dir: the state folder (as in the other callbacks), when the loop keeps one
+            (e.g. with an :class:`~cpt.callbacks.IntegrationCallback`): at every
+            ``on_train_begin`` the step is then one more than the step its
+            ``cpt_state.json`` marker says it holds, and F and θ* of the step before are
+            loaded from ``output_dir`` if the callback holds others (a task retrained).
+            Without a marker the callback keeps its own count.
+        step: the 1-based index of the task the next ``on_train_end`` finishes (an
+            override: it also turns off ``state_dir``'s marker). With ``output_dir``, the
+            state of ``step − 1`` is loaded (it must exist for step > 1). Default: from
+            ``state_dir``'s marker, else one more than the newest stored step (or 1), then
+            counting up.
+        task_name: recorded in the files' metadata (default: the trainer's ``args.run_name``).
     """
 
     loss_term_name = "ewc_penalty"
@@ -76,6 +84,7 @@ class EWCCallback(TrainerCallback):
         fisher_examples: int = 32,
         *,
         output_dir: str | Path | None = None,
+        state_dir: str | Path | None = None,
         step: int | None = None,
         task_name: str | None = None,
     ):
@@ -85,6 +94,8 @@ class EWCCallback(TrainerCallback):
         self.gamma = float(gamma)
         self.fisher_examples = int(fisher_examples)
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._step_given = step is not None
         self.task_name = task_name
         self.fisher: dict[str, torch.Tensor] | None = None
         """F per penalised tensor (float32); None before the first task ends."""
@@ -101,6 +112,8 @@ class EWCCallback(TrainerCallback):
             rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
             self.storage_dir = self.output_dir / f"zero3-rank{rank:05d}-of-{world:05d}"
         stored = stored_steps(self.storage_dir) if self.storage_dir is not None else []
+        if step is None:
+            step = self._step_in_state_folder()
         if step is None:
             step = (max(stored) + 1) if stored else 1
         if step < 1:
@@ -151,8 +164,29 @@ class EWCCallback(TrainerCallback):
         self.anchors = None  # free the old anchors before copying the new ones
         self.anchors = current_values(self._penalised(model))
 
+    def _step_in_state_folder(self) -> int | None:
+        """One more than the step ``state_dir``'s marker says it holds; None without a marker."""
+        marker = read_marker(self.state_dir) if self.state_dir is not None else None
+        return int(marker["step"]) + 1 if marker else None
+
+    def _move_to_step(self, step: int) -> None:
+        """Make ``step`` the task the next ``on_train_end`` finishes, with F and θ* of ``step − 1``."""
+        if step == 1:
+            self.fisher = self.anchors = None
+        elif self.storage_dir is not None:
+            self.fisher, self.anchors = load_ewc_state(self.storage_dir, step - 1)
+        else:
+            raise CptError(
+                f"EWCCallback: {self.state_dir} holds task {step - 1} but the callback has F and θ* of task {self.step - 1}; "
+                "give it output_dir= (F and θ* of every task are kept there) or an explicit step="
+            )
+        self.step = step
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._terms = None  # a new trainer may hold a new model (e.g. a fresh LoRA adapter)
+        step = None if self._step_given else self._step_in_state_folder()
+        if step is not None and step != self.step:  # e.g. a task retrained, or the state folder restored
+            self._move_to_step(step)
         if model is not None:
             self._penalised(model)  # an unsupported model fails now, not after the task has trained
 
@@ -176,7 +210,8 @@ class EWCCallback(TrainerCallback):
             "fisher_sum": float(fisher_sum),
         }
         if self.storage_dir is not None and (state.is_world_process_zero or self.sharded):
-            metadata = {"task": self.task_name or "", "gamma": self.gamma, "ewc_lambda": self.ewc_lambda, "fisher_examples": len(examples)}
+            task_name = self.task_name or getattr(args, "run_name", None) or ""
+            metadata = {"task": task_name, "gamma": self.gamma, "ewc_lambda": self.ewc_lambda, "fisher_examples": len(examples)}
             save_ewc_state(self.storage_dir, self.step, self.fisher, self.anchors, metadata)
         self.step += 1
 

@@ -49,7 +49,8 @@ def main() -> None:
                processing_class=tokenizer).train()
     state.save_pretrained(work / "state")
 
-    callback = MlpGeometry(base_dir=base, state_dir=work / "state", output_dir=work / "geometry", step=2, task_name="upper")
+    # The state was saved without cpt's step marker, so the step is given explicitly.
+    callback = MlpGeometry(base=base, state_dir=work / "state", output_dir=work / "geometry", step=2, task_name="upper")
     upper = [{"prompt": f"Upper case of {w}:", "completion": f" {w.upper()}"} for w in ("cat", "dog", "tree", "house")]
     model = AutoModelForCausalLM.from_pretrained(work / "state")
     trainer = SFTTrainer(model, SFTConfig(output_dir=str(work / "t2"), **args), train_dataset=datasets.Dataset.from_list(upper),
