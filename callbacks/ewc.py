@@ -89,7 +89,10 @@ class EWCCallback(TrainerCallback):
         task_name: str | None = None,
     ):
         if ewc_lambda < 0 or not 0 <= gamma <= 1 or fisher_examples <= 0:
-            raise CptError(f"ewc: need ewc_lambda ≥ 0, 0 ≤ gamma ≤ 1 and fisher_examples > 0 (got {ewc_lambda}, {gamma}, {fisher_examples})")
+            raise CptError(
+                "ewc: need ewc_lambda ≥ 0, 0 ≤ gamma ≤ 1 and fisher_examples > 0 "
+                f"(got {ewc_lambda}, {gamma}, {fisher_examples})"
+            )
         self.ewc_lambda = float(ewc_lambda)
         self.gamma = float(gamma)
         self.fisher_examples = int(fisher_examples)
@@ -130,8 +133,8 @@ class EWCCallback(TrainerCallback):
             if is_zero3(module) != self.sharded:
                 found, expected = ("not partitioned", "a") if self.sharded else ("partitioned", "no")
                 raise CptError(
-                    f"EWCCallback: the model is {found} by DeepSpeed ZeRO-3 but the callback was created with {expected} ZeRO-3 "
-                    "config registered; create it after this run's SFTConfig/TrainingArguments"
+                    f"EWCCallback: the model is {found} by DeepSpeed ZeRO-3 but the callback was created with "
+                    f"{expected} ZeRO-3 config registered; create it after this run's SFTConfig/TrainingArguments"
                 )
             terms = penalised_tensors(module)
             for term in terms:
@@ -177,8 +180,8 @@ class EWCCallback(TrainerCallback):
             self.fisher, self.anchors = load_ewc_state(self.storage_dir, step - 1)
         else:
             raise CptError(
-                f"EWCCallback: {self.state_dir} holds task {step - 1} but the callback has F and θ* of task {self.step - 1}; "
-                "give it output_dir= (F and θ* of every task are kept there) or an explicit step="
+                f"EWCCallback: {self.state_dir} holds task {step - 1} but the callback has F and θ* of task "
+                f"{self.step - 1}; give it output_dir= (F and θ* of every task are kept there) or an explicit step="
             )
         self.step = step
 
@@ -192,7 +195,10 @@ class EWCCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if train_dataloader is None:
-            raise CptError("EWCCallback: the trainer passed no train_dataloader; call consolidate(model, examples, collate_fn) yourself")
+            raise CptError(
+                "EWCCallback: the trainer passed no train_dataloader; "
+                "call consolidate(model, examples, collate_fn) yourself"
+            )
         dataset = train_dataloader.dataset
         if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
             indices = fisher_indices(len(dataset), self.fisher_examples, args.seed, self.step)
@@ -211,7 +217,12 @@ class EWCCallback(TrainerCallback):
         }
         if self.storage_dir is not None and (state.is_world_process_zero or self.sharded):
             task_name = self.task_name or getattr(args, "run_name", None) or ""
-            metadata = {"task": task_name, "gamma": self.gamma, "ewc_lambda": self.ewc_lambda, "fisher_examples": len(examples)}
+            metadata = {
+                "task": task_name,
+                "gamma": self.gamma,
+                "ewc_lambda": self.ewc_lambda,
+                "fisher_examples": len(examples),
+            }
             save_ewc_state(self.storage_dir, self.step, self.fisher, self.anchors, metadata)
         self.step += 1
 

@@ -120,7 +120,9 @@ class GeometryConflictCallback(TrainerCallback):
         self._base_dir = Path(base) if base_dir is not None else None  # the old name took a local folder as is
         self.state_dir = Path(state_dir) if state_dir else None
         self.output_dir = Path(output_dir)
-        self.train_from = check_train_from(name, renamed_keyword(name, "update_from", "train_from", update_from, train_from) or "state")
+        self.train_from = check_train_from(
+            name, renamed_keyword(name, "update_from", "train_from", update_from, train_from) or "state"
+        )
         self.targets = compile_targets(targets or DEFAULT_TARGETS)
         self.settings = settings
         self.keep_updates = keep_updates
@@ -129,8 +131,11 @@ class GeometryConflictCallback(TrainerCallback):
         #: An HF folder holding E_t (read lazily instead of the live model). Under ZeRO-3,
         #: when unset, the callback writes one itself (all ranks take part in the gathers).
         self.expert_dir = Path(expert_dir) if expert_dir else None
-        self._overrides = {"step": step, "task_name": task_name,
-                           "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None}
+        self._overrides = {
+            "step": step,
+            "task_name": task_name,
+            "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None,
+        }
         #: The task being measured (set at ``on_train_begin``, or from the overrides until then).
         self.step = step if step is not None else 1
         self.task_name = task_name if task_name is not None else f"task{self.step}"
@@ -236,17 +241,24 @@ class GeometryConflictCallback(TrainerCallback):
         self._marker_at_begin = read_marker(self.state_dir) if self.state_dir is not None else None
 
     def _check_state_unchanged(self) -> None:
-        if self.state_dir is not None and self.previous_state_dir == self.state_dir and read_marker(self.state_dir) != self._marker_at_begin:
+        if (
+            self.state_dir is not None
+            and self.previous_state_dir == self.state_dir
+            and read_marker(self.state_dir) != self._marker_at_begin
+        ):
             raise CptError(
-                f"{type(self).__name__}: {self.state_dir} changed while task {self.step} trained (an IntegrationCallback "
-                "ran first?); put GeometryConflictCallback before IntegrationCallback in callbacks=[...]"
+                f"{type(self).__name__}: {self.state_dir} changed while task {self.step} trained (an "
+                "IntegrationCallback ran first?); put GeometryConflictCallback before IntegrationCallback "
+                "in callbacks=[...]"
             )
 
     def _measure_and_report(self, state, model, expert_dir: Path | None) -> None:
         started = time.perf_counter()
         base = SafetensorsWeights(self.base_dir)
         previous_dir = self.previous_state_dir
-        previous = SafetensorsWeights(previous_dir) if previous_dir and (previous_dir / "config.json").exists() else base
+        previous = (
+            SafetensorsWeights(previous_dir) if previous_dir and (previous_dir / "config.json").exists() else base
+        )
         start = previous if self.train_from == "state" else base
         if expert_dir is not None:
             factors, expert = {}, SafetensorsWeights(expert_dir)
@@ -302,7 +314,9 @@ class GeometryConflictCallback(TrainerCallback):
         folder = self.output_dir / "bases"
         current = right_bases(targets, update, self.settings, self._device(), group_key)
         comparisons = {}
-        for file in sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0])) if folder.exists() else []:
+        for file in (
+            sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0])) if folder.exists() else []
+        ):
             earlier_step = int(file.stem.split("_")[0])
             if earlier_step >= self.step:
                 continue

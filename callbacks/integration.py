@@ -100,7 +100,9 @@ class IntegrationCallback(TrainerCallback):
         self._base_dir = Path(base) if base_dir is not None else None  # the old name took a local folder as is
         self.state_dir = Path(state_dir)
         self.output_dir = Path(output_dir) if output_dir else None
-        self.stats_path = Path(renamed_keyword(name, "stats_path", "output_dir", stats_path, None)) if stats_path else None
+        self.stats_path = (
+            Path(renamed_keyword(name, "stats_path", "output_dir", stats_path, None)) if stats_path else None
+        )
         self.history_dir = Path(history_dir) if history_dir else self.state_dir.parent / "history"
         self.targets = targets or list(DEFAULT_TARGETS)
         if train_from is None:
@@ -112,8 +114,11 @@ class IntegrationCallback(TrainerCallback):
         #: An HF folder holding E_t (read lazily instead of the live model). Under ZeRO-3,
         #: when unset, the callback writes one itself (all ranks take part in the gathers).
         self.expert_dir = Path(expert_dir) if expert_dir else None
-        self._overrides = {"step": step, "task_name": task_name,
-                           "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None}
+        self._overrides = {
+            "step": step,
+            "task_name": task_name,
+            "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None,
+        }
         #: The task being integrated (set at ``on_train_begin``, or from the overrides until then).
         self.step = step if step is not None else 1
         self.task_name = task_name if task_name is not None else f"task{self.step}"
@@ -157,7 +162,7 @@ class IntegrationCallback(TrainerCallback):
             atomic_write_json(path, stats)
 
     def log_metrics(self, stats: dict[str, Any]) -> dict[str, float]:
-        """``integration/<key>`` for every number in ``stats`` (nested keys joined with ``/``), per-tensor rows left out."""
+        """``integration/<key>`` for every number in ``stats`` (nested keys joined with ``/``), no per-tensor rows."""
         metrics: dict[str, float] = {}
 
         def add(prefix: str, values: dict[str, Any]) -> None:

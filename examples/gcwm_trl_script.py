@@ -39,24 +39,38 @@ def main() -> None:
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="cpt-gcwm-"))
     base = args.model or str(build_tiny_model(work / "tiny-model"))
     tokenizer = AutoTokenizer.from_pretrained(base)
-    training = {**default_training_args(), "max_steps": args.steps, "learning_rate": 1e-3, "per_device_train_batch_size": 4}
+    training = {
+        **default_training_args(),
+        "max_steps": args.steps,
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": 4,
+    }
 
     # --- GCWM in a TRL loop: these lines are all it takes --------------------------------------
-    geometry = GeometryConflictCallback(base=base, state_dir=work / "state", output_dir=work / "geometry", train_from="base")
+    geometry = GeometryConflictCallback(
+        base=base, state_dir=work / "state", output_dir=work / "geometry", train_from="base"
+    )
     gcwm = IntegrationCallback("gcwm", base=base, state_dir=work / "state", output_dir=work / "integration")
     for task, rows in TASKS.items():
         model = AutoModelForCausalLM.from_pretrained(base)  # GCWM merges experts trained from θ0
         config = SFTConfig(output_dir=str(work / "trainer" / task), run_name=task, seed=0, **training)
-        trainer = SFTTrainer(model, config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[geometry, gcwm])  # geometry first: it measures against θ_{t−1}
+        trainer = SFTTrainer(
+            model,
+            config,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[geometry, gcwm],
+        )  # geometry first: it measures against θ_{t−1}
         geometry.bind_trainer(trainer)  # metrics go through trainer.log (TensorBoard, W&B, ...)
         gcwm.bind_trainer(trainer)
         trainer.train()
-    # ---------------------------------------------------------------------------------------------
+        # ---------------------------------------------------------------------------------------------
 
         conflict = geometry.report["aggregates"]["geometry_conflict"]["mean"]
-        print(f"task {gcwm.step} {task}: merged in {gcwm.seconds:.1f}s; mean state-relative conflict "
-              + ("undefined (the state was θ0)" if conflict is None else f"{conflict:.3f}"))
+        print(
+            f"task {gcwm.step} {task}: merged in {gcwm.seconds:.1f}s; mean state-relative conflict "
+            + ("undefined (the state was θ0)" if conflict is None else f"{conflict:.3f}")
+        )
     marker = json.loads((work / "state" / "cpt_state.json").read_text())
     print(f"state: {work / 'state'} holds step {marker['step']} ({marker['task']})")
 

@@ -48,17 +48,32 @@ def main() -> None:
 
     # One instance of each callback for the whole sequence: both read the task's step from the
     # state folder's cpt_state.json and its name from SFTConfig(run_name=...).
-    geometry = GeometryConflictCallback(base=base, state_dir=state_dir, output_dir=work / "geometry", train_from=train_from)
+    geometry = GeometryConflictCallback(
+        base=base, state_dir=state_dir, output_dir=work / "geometry", train_from=train_from
+    )
     integration = IntegrationCallback(args.strategy, base=base, state_dir=state_dir, output_dir=work / "integration")
     for step, (task, rows) in enumerate(TASKS.items(), start=1):
         start = state_dir if (step > 1 and train_from == "state") else base
         model = AutoModelForCausalLM.from_pretrained(start)
-        config = SFTConfig(output_dir=str(work / "trainer" / task), run_name=task, **{
-            **default_training_args(), "max_steps": args.steps, "learning_rate": 1e-3,
-            "per_device_train_batch_size": 4, "logging_steps": 5, "seed": step,
-        })
-        trainer = SFTTrainer(model, config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[geometry, integration])  # geometry first: it measures against θ_{t−1}
+        config = SFTConfig(
+            output_dir=str(work / "trainer" / task),
+            run_name=task,
+            **{
+                **default_training_args(),
+                "max_steps": args.steps,
+                "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 5,
+                "seed": step,
+            },
+        )
+        trainer = SFTTrainer(
+            model,
+            config,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[geometry, integration],
+        )  # geometry first: it measures against θ_{t−1}
         geometry.bind_trainer(trainer)  # the aggregates go through trainer.log (TensorBoard, W&B, ...)
         integration.bind_trainer(trainer)  # and the strategy's statistics
         trainer.train()

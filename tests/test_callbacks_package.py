@@ -1,4 +1,4 @@
-"""cpt.callbacks as a package users drop into a TRL script: its import names, its vocabulary, one instance per sequence."""
+"""cpt.callbacks, the package users drop into a TRL script: import names, vocabulary, one instance per sequence."""
 
 import json
 import os
@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_python(code: str, cwd: Path, pythonpath: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(pythonpath)}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 # ---------------------------------------------------------------------- import names
@@ -59,8 +61,10 @@ def test_old_name_warns_and_is_the_same_package(tmp_path, new_first):
         from cpt.callbacks.integration import IntegrationCallback
         ours = [w for w in caught if "import callbacks" in str(w.message)]
         print(len(ours), ours[0].category.__name__, ours[0].filename)
-        print(callbacks is cpt.callbacks, OldGeometry is cpt.callbacks.GeometryConflictCallback, OldIntegration is IntegrationCallback)
-        print(all(sys.modules["callbacks." + n] is sys.modules["cpt.callbacks." + n] for n in ("ewc", "geometry", "integration")))
+        print(callbacks is cpt.callbacks, OldGeometry is cpt.callbacks.GeometryConflictCallback,
+              OldIntegration is IntegrationCallback)
+        names = ("ewc", "geometry", "integration")
+        print(all(sys.modules["callbacks." + n] is sys.modules["cpt.callbacks." + n] for n in names))
         """,
         cwd=tmp_path,
     )
@@ -107,8 +111,23 @@ def test_wheel_installs_cpt_callbacks_and_no_top_level_callbacks(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(REPO / "cpt", source / "cpt", ignore=ignore)
     shutil.copytree(REPO / "callbacks", source / "callbacks", ignore=ignore)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"),
-                             str(source)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     names = zipfile.ZipFile(next((tmp_path / "wheel").glob("cpt-*.whl"))).namelist()
     callbacks = sorted(Path(name).name for name in names if name.startswith("cpt/callbacks/"))
@@ -123,12 +142,16 @@ def test_deprecated_keywords_warn_and_keep_working(tmp_path):
 
     with pytest.warns(DeprecationWarning) as caught:
         geometry = GeometryConflictCallback(base_dir=tmp_path / "base", output_dir=tmp_path / "g", update_from="base")
-    assert [str(w.message) for w in caught] == ["GeometryConflictCallback(base_dir=...) is deprecated; use base=",
-                                                "GeometryConflictCallback(update_from=...) is deprecated; use train_from="]
+    assert [str(w.message) for w in caught] == [
+        "GeometryConflictCallback(base_dir=...) is deprecated; use base=",
+        "GeometryConflictCallback(update_from=...) is deprecated; use train_from=",
+    ]
     assert {w.filename for w in caught} == {__file__}, "the warning points at the caller"
     assert geometry.base_dir == tmp_path / "base" and geometry.train_from == "base" and geometry.update_from == "base"
     with pytest.warns(DeprecationWarning, match="stats_path"):
-        integration = IntegrationCallback("sequential", base=tmp_path / "base", state_dir=tmp_path / "state", stats_path=tmp_path / "s.json")
+        integration = IntegrationCallback(
+            "sequential", base=tmp_path / "base", state_dir=tmp_path / "state", stats_path=tmp_path / "s.json"
+        )
     assert integration.stats_path == tmp_path / "s.json" and integration.train_from == "state"
     assert IntegrationCallback("task_arithmetic", base=tmp_path, state_dir=tmp_path / "state").train_from == "base"
     with pytest.raises(CptError, match="pass base= only"):
@@ -153,7 +176,9 @@ def test_step_task_and_previous_state_come_from_the_state_marker(tmp_path):
     third = resolve_task(SimpleNamespace(run_name="copy"), state_dir=state)
     assert (third.step, third.task_name, third.previous_state_dir) == (3, "copy", state)
     override = resolve_task(args, state_dir=state, step=1, task_name="again")
-    assert (override.step, override.task_name, override.previous_state_dir) == (1, "again", None), "step 1 starts from θ0"
+    assert (override.step, override.task_name, override.previous_state_dir) == (1, "again", None), (
+        "step 1 starts from θ0"
+    )
     elsewhere = resolve_task(args, state_dir=state, previous_state_dir=tmp_path / "other")
     assert elsewhere.previous_state_dir == tmp_path / "other" and elsewhere.task_name == "task3"
 
@@ -173,18 +198,29 @@ def test_hub_id_as_base_resolves_to_the_cached_snapshot_offline(tmp_path, monkey
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert GeometryConflictCallback(base="org/tiny", output_dir=tmp_path / "g").base_dir == snapshot
     missing = IntegrationCallback("sequential", base="org/missing", state_dir=tmp_path / "state")
-    with pytest.raises(CptError, match=r"IntegrationCallback: base: 'org/missing' is not a local folder .* download it first"):
-        missing.base_dir
+    with pytest.raises(
+        CptError, match=r"IntegrationCallback: base: 'org/missing' is not a local folder .* download it first"
+    ):
+        _ = missing.base_dir
 
 
 def test_integration_statistics_are_flat_scalar_metrics(tmp_path):
     from cpt.callbacks import IntegrationCallback
 
     callback = IntegrationCallback("sequential", base=tmp_path, state_dir=tmp_path / "state")
-    stats = {"step": 2, "task": "upper", "seconds": 1.5, "summary": {"step_coef": 0.2, "global_scale": None, "skipped": True},
-             "per_tensor": {"w": {"alpha": 0.3}}, "note": "text"}
-    assert callback.log_metrics(stats) == {"integration/seconds": 1.5, "integration/summary/step_coef": 0.2,
-                                           "integration/summary/skipped": 1.0}
+    stats = {
+        "step": 2,
+        "task": "upper",
+        "seconds": 1.5,
+        "summary": {"step_coef": 0.2, "global_scale": None, "skipped": True},
+        "per_tensor": {"w": {"alpha": 0.3}},
+        "note": "text",
+    }
+    assert callback.log_metrics(stats) == {
+        "integration/seconds": 1.5,
+        "integration/summary/step_coef": 0.2,
+        "integration/summary/skipped": 1.0,
+    }
 
 
 # ---------------------------------------------------------------------- one instance for a whole TRL loop
@@ -198,19 +234,38 @@ def _loop(work: Path, base: str, strategy: str, train_from: str, steps: int = 2)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     words = ["cat", "dog", "tree", "house", "river", "stone"]
-    tasks = {"plural": [{"prompt": f"Plural of {w}:", "completion": f" {w}s"} for w in words],
-             "upper": [{"prompt": f"Upper case of {w}:", "completion": f" {w.upper()}"} for w in words]}
-    geometry = GeometryConflictCallback(base=base, state_dir=work / "state", output_dir=work / "geometry", train_from=train_from)
+    tasks = {
+        "plural": [{"prompt": f"Plural of {w}:", "completion": f" {w}s"} for w in words],
+        "upper": [{"prompt": f"Upper case of {w}:", "completion": f" {w.upper()}"} for w in words],
+    }
+    geometry = GeometryConflictCallback(
+        base=base, state_dir=work / "state", output_dir=work / "geometry", train_from=train_from
+    )
     integration = IntegrationCallback(strategy, base=base, state_dir=work / "state", output_dir=work / "integration")
     logs = []
     for task, rows in tasks.items():
         start = work / "state" if train_from == "state" and (work / "state").exists() else base
         model = AutoModelForCausalLM.from_pretrained(start)
-        config = SFTConfig(output_dir=str(work / "trainer" / task), run_name=task, use_cpu=True, bf16=False, max_steps=steps,
-                           learning_rate=5e-3, per_device_train_batch_size=2, report_to="none", save_strategy="no",
-                           disable_tqdm=True, seed=0)
-        trainer = SFTTrainer(model, config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[geometry, integration])
+        config = SFTConfig(
+            output_dir=str(work / "trainer" / task),
+            run_name=task,
+            use_cpu=True,
+            bf16=False,
+            max_steps=steps,
+            learning_rate=5e-3,
+            per_device_train_batch_size=2,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = SFTTrainer(
+            model,
+            config,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[geometry, integration],
+        )
         geometry.bind_trainer(trainer)
         integration.bind_trainer(trainer)
         trainer.train()
@@ -229,7 +284,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_one_gcwm_instance_in_a_trl_loop_equals_the_offline_merge(tmp_path):
-    """The TRL loop's θ_2 is bit-identical to ``cpt merge gcwm`` of the same two experts; steps, names and metrics line up."""
+    """The TRL loop's θ_2 is bit-identical to ``cpt merge gcwm`` of the same experts; steps, names, metrics line up."""
     from cpt.geometry import geometry_conflict
     from cpt.merging.offline import merge_checkpoints
     from cpt.testing import build_tiny_model
@@ -248,8 +303,9 @@ def test_one_gcwm_instance_in_a_trl_loop_equals_the_offline_merge(tmp_path):
         assert logged[0]["integration/summary/step_coef"] == pytest.approx(stats["summary"]["step_coef"])
         assert not any(key.startswith("integration/per_tensor") for key in logged[0])
 
-    merged = merge_checkpoints("gcwm", base, [str(tmp_path / "experts" / "plural"), str(tmp_path / "experts" / "upper")],
-                               tmp_path / "offline")
+    merged = merge_checkpoints(
+        "gcwm", base, [str(tmp_path / "experts" / "plural"), str(tmp_path / "experts" / "upper")], tmp_path / "offline"
+    )
     assert merged["steps"][1]["summary"]["step_coef"] == pytest.approx(0.2)
     ours, offline = _weights(tmp_path / "state"), _weights(tmp_path / "offline")
     assert ours.keys() == offline.keys()
@@ -259,9 +315,15 @@ def test_one_gcwm_instance_in_a_trl_loop_equals_the_offline_merge(tmp_path):
     # The geometry instance measured task 2 against θ_1 (read from the state folder), the update from θ0.
     report = json.loads((tmp_path / "geometry" / "2_upper.json").read_text())
     assert (report["step"], report["task"], report["update_from"]) == (2, "upper", "base")
-    theta0, theta1, expert2 = _weights(Path(base)), _weights(tmp_path / "states" / "plural"), _weights(tmp_path / "experts" / "upper")
+    theta0, theta1, expert2 = (
+        _weights(Path(base)),
+        _weights(tmp_path / "states" / "plural"),
+        _weights(tmp_path / "experts" / "upper"),
+    )
     name = "model.layers.1.mlp.down_proj.weight"
-    expected = float(geometry_conflict(theta1[name].float() - theta0[name].float(), expert2[name].float() - theta0[name].float()))
+    expected = float(
+        geometry_conflict(theta1[name].float() - theta0[name].float(), expert2[name].float() - theta0[name].float())
+    )
     assert report["per_tensor"][name]["geometry_conflict"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
     first = json.loads((tmp_path / "geometry" / "1_plural.json").read_text())
     assert first["aggregates"]["geometry_conflict"]["mean"] is None, "at t = 1 the state is θ0: no conflict"
@@ -270,8 +332,21 @@ def test_one_gcwm_instance_in_a_trl_loop_equals_the_offline_merge(tmp_path):
 @pytest.mark.slow
 def test_gcwm_trl_script_example_runs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(REPO / "examples" / "gcwm_trl_script.py"), "--steps", "2", "--output-dir",
-                             str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "gcwm_trl_script.py"),
+            "--steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "task 1 plural: merged in" in result.stdout and "undefined (the state was θ0)" in result.stdout
     assert "task 2 upper: merged in" in result.stdout
