@@ -329,26 +329,44 @@ def test_one_gcwm_instance_in_a_trl_loop_equals_the_offline_merge(tmp_path):
     assert first["aggregates"]["geometry_conflict"]["mean"] is None, "at t = 1 the state is θ0: no conflict"
 
 
+def _run_example(tmp_path: Path, name: str, launcher: list[str]) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        *launcher,
+        str(REPO / "examples" / "gcwm_trl_script.py"),
+        "--steps",
+        "2",
+        "--output-dir",
+        str(tmp_path / name),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 @pytest.mark.slow
-def test_gcwm_trl_script_example_runs(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "examples" / "gcwm_trl_script.py"),
-            "--steps",
-            "2",
-            "--output-dir",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "task 1 plural: merged in" in result.stdout and "undefined (the state was θ0)" in result.stdout
-    assert "task 2 upper: merged in" in result.stdout
-    assert f"{tmp_path / 'out' / 'state'} holds step 2 (upper)" in result.stdout
-    assert json.loads((tmp_path / "out" / "state" / "cpt_state.json").read_text()) == {"step": 2, "task": "upper"}
+def test_gcwm_trl_script_example_runs_plain_and_under_zero3(tmp_path):
+    """The example as users run it; under DeepSpeed ZeRO-3 both callbacks gather E_t themselves, to the same state."""
+    plain = _run_example(tmp_path, "plain", [sys.executable])
+    assert "task 1 plural: merged in" in plain.stdout and "undefined (the state was θ0)" in plain.stdout
+    assert "task 2 upper: merged in" in plain.stdout
+    assert f"{tmp_path / 'plain' / 'state'} holds step 2 (upper)" in plain.stdout
+    assert json.loads((tmp_path / "plain" / "state" / "cpt_state.json").read_text()) == {"step": 2, "task": "upper"}
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/zero3.yaml"]
+    _run_example(tmp_path, "zero3", [*launch, "--num_processes", "1"])
+    ours, reference = _weights(tmp_path / "zero3" / "state"), _weights(tmp_path / "plain" / "state")
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-5, msg=name)
+    a, b = (json.loads((tmp_path / run / "geometry" / "2_upper.json").read_text()) for run in ("plain", "zero3"))
+    for tensor, row in a["per_tensor"].items():
+        assert b["per_tensor"][tensor]["geometry_conflict"] == pytest.approx(row["geometry_conflict"], abs=1e-5), tensor
+    leftovers = [*(tmp_path / "zero3").glob(".expert-*"), *(tmp_path / "zero3" / "geometry").glob(".expert-*")]
+    assert not leftovers, "the gathered expert folders are temporary"
