@@ -359,8 +359,42 @@ def test_gcwm_trl_script_example_runs_plain_and_under_zero3(tmp_path):
     assert f"{tmp_path / 'plain' / 'state'} holds step 2 (upper)" in plain.stdout
     assert json.loads((tmp_path / "plain" / "state" / "cpt_state.json").read_text()) == {"step": 2, "task": "upper"}
 
+    # Under accelerate + ZeRO-3, through a driver that records what the callbacks' gathers returned.
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        textwrap.dedent(
+            f"""
+            import json, runpy
+            import cpt.callbacks.geometry, cpt.callbacks.integration
+            from cpt.tensors import gather_expert_folder
+
+            gathered = []
+            def recording_gather(model, folder):
+                result = gather_expert_folder(model, folder)
+                gathered.append(None if result is None else str(result))
+                return result
+            cpt.callbacks.geometry.gather_expert_folder = recording_gather
+            cpt.callbacks.integration.gather_expert_folder = recording_gather
+            runpy.run_path({str(REPO / "examples" / "gcwm_trl_script.py")!r}, run_name="__main__")
+            open({str(tmp_path / "gathered.json")!r}, "w").write(json.dumps(gathered))
+            """
+        )
+    )
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/zero3.yaml"]
-    _run_example(tmp_path, "zero3", [*launch, "--num_processes", "1"])
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [*launch, "--num_processes", "1", str(driver), "--steps", "2", "--output-dir", str(tmp_path / "zero3")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    gathered = json.loads((tmp_path / "gathered.json").read_text())
+    zero3 = tmp_path / "zero3"
+    expected = [str(folder / f".expert-{step}") for step in (1, 2) for folder in (zero3 / "geometry", zero3)]
+    assert gathered == expected, "each callback gathered E_t itself, geometry first"
     ours, reference = _weights(tmp_path / "zero3" / "state"), _weights(tmp_path / "plain" / "state")
     assert ours.keys() == reference.keys()
     for name in ours:
