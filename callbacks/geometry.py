@@ -14,10 +14,22 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from cpt.diagnostics import GeometrySettings, basis_conflict, pair_geometry, right_bases, summarize
+from cpt.errors import CptError
 from cpt.geometry import LowRankDelta
 from cpt.io import atomic_save_safetensors, atomic_write_json
 from cpt.recipe import DEFAULT_TARGETS
-from cpt.tensors import ModelWeights, SafetensorsWeights, compile_targets, is_target, is_zero3, lora_factors, save_model_folder
+from cpt.tensors import (
+    ModelWeights,
+    SafetensorsWeights,
+    compile_targets,
+    gather_expert_folder,
+    is_target,
+    local_model_folder,
+    lora_factors,
+    read_marker,
+)
+
+from ._common import TaskPosition, check_train_from, renamed_keyword, resolve_task
 
 
 class GeometryConflictCallback(TrainerCallback):
@@ -29,14 +41,52 @@ class GeometryConflictCallback(TrainerCallback):
     state, θ0 when they train from the base; for LoRA, the adapter's ``scale·B·A``, never
     formed densely). Writes ``<output_dir>/<t>_<task>.json`` (per tensor + aggregates:
     mean, attention vs MLP, per depth, the ``top_k`` most conflicting tensors) and logs
-    the aggregates through the trainer's logging (TensorBoard/W&B/trackio see them) when
-    the callback is bound to a trainer (``CptSFTTrainer`` binds it; with a plain
-    ``SFTTrainer`` call ``callback.bind_trainer(trainer)``), otherwise into
+    the aggregates through ``trainer.log`` (TensorBoard/W&B/trackio see them) once the
+    callback is bound to its trainer with :meth:`bind_trainer`, otherwise into
     ``state.log_history``.
+
+    One instance serves a whole sequence of tasks: at every ``on_train_begin`` it reads
+    the step t from ``state_dir``'s ``cpt_state.json`` marker (one more than the step the
+    folder holds; 1 when there is no state yet) and measures against the state in that
+    folder (θ0 at t = 1). Put it before :class:`~cpt.callbacks.IntegrationCallback` in
+    ``callbacks=[...]``: the state must still be θ_{t−1} when it measures.
 
     With ``keep_updates=True`` each task's update is also kept as its right bases
     (``<output_dir>/bases/<t>_<task>.safetensors``, rank ≤ ``settings.rank``: small) and
     the conflict of Δ_t with every earlier task's update is reported too.
+
+    Usage::
+
+        from cpt.callbacks import GeometryConflictCallback, IntegrationCallback
+
+        geometry = GeometryConflictCallback(base="HuggingFaceTB/SmolLM2-135M", state_dir="state", output_dir="geometry")
+        for name, dataset in tasks.items():
+            trainer = SFTTrainer(model, SFTConfig(output_dir=name, run_name=name), train_dataset=dataset,
+                                 callbacks=[geometry, IntegrationCallback("sequential", base=..., state_dir="state")])
+            geometry.bind_trainer(trainer)  # the aggregates go through trainer.log
+            trainer.train()                 # geometry/<t>_<name>.json
+
+    Args:
+        base: θ0, a local HF folder or a hub id (a cached snapshot of its ``*.json`` and
+            ``*.safetensors`` files is used; fetched once if online).
+        output_dir: where ``<t>_<task>.json`` (and ``bases/``) are written.
+        state_dir: the state folder: θ_{t−1} while task t trains (see above). None: the
+            previous state is θ0 and t = 1 unless ``step`` says otherwise.
+        train_from: ``"state"`` when experts train from θ_{t−1} (sequential, replay, EWC),
+            ``"base"`` when they train from θ0 (merge strategies): Δ_t is measured from it.
+        targets: regexes of the tensors to measure (default ``cpt.recipe.DEFAULT_TARGETS``).
+        settings: rank, energy and numerical floors of the bases (METHOD §1).
+        keep_updates: also compare Δ_t with every earlier task's kept update.
+        top_k: how many of the most conflicting tensors the report lists.
+        device: where the math runs (default: CUDA when available).
+        expert_dir: an HF folder holding E_t, read instead of the live model. Under
+            DeepSpeed ZeRO-3, when unset, the callback gathers one itself (all ranks take part).
+        step: override the step read from the marker (then use one instance per task).
+        task_name: the task's name in file names and the report; default the trainer's
+            ``args.run_name`` when set, else ``task<t>``.
+        previous_state_dir: θ_{t−1} when it is not in ``state_dir``.
+        base_dir: deprecated name of ``base`` (a local folder). update_from: deprecated
+            name of ``train_from``.
 
     Subclass hooks: :meth:`select_targets` (which tensors), :meth:`measure` (what is
     computed per tensor), :meth:`aggregate` (the summary), :meth:`write` (where it goes),
@@ -46,27 +96,33 @@ class GeometryConflictCallback(TrainerCallback):
     def __init__(
         self,
         *,
-        base_dir: str | Path,
+        base: str | Path | None = None,
         output_dir: str | Path,
-        step: int = 1,
-        task_name: str = "task",
         state_dir: str | Path | None = None,
-        update_from: str = "state",
+        train_from: str | None = None,
         targets: list[str] | None = None,
         settings: GeometrySettings = GeometrySettings(),
         keep_updates: bool = False,
         top_k: int = 10,
         device: str | torch.device | None = None,
         expert_dir: str | Path | None = None,
+        step: int | None = None,
+        task_name: str | None = None,
+        previous_state_dir: str | Path | None = None,
+        base_dir: str | Path | None = None,
+        update_from: str | None = None,
     ):
-        if update_from not in ("state", "base"):
-            raise ValueError("update_from must be 'state' or 'base'")
-        self.base_dir = Path(base_dir)
+        name = type(self).__name__
+        base = renamed_keyword(name, "base_dir", "base", base_dir, base)
+        if base is None:
+            raise CptError(f"{name}: pass base= (θ0: a local HF folder or a hub id)")
+        self.base = base
+        self._base_dir = Path(base) if base_dir is not None else None  # the old name took a local folder as is
         self.state_dir = Path(state_dir) if state_dir else None
         self.output_dir = Path(output_dir)
-        self.step = step
-        self.task_name = task_name
-        self.update_from = update_from
+        self.train_from = check_train_from(
+            name, renamed_keyword(name, "update_from", "train_from", update_from, train_from) or "state"
+        )
         self.targets = compile_targets(targets or DEFAULT_TARGETS)
         self.settings = settings
         self.keep_updates = keep_updates
@@ -75,8 +131,31 @@ class GeometryConflictCallback(TrainerCallback):
         #: An HF folder holding E_t (read lazily instead of the live model). Under ZeRO-3,
         #: when unset, the callback writes one itself (all ranks take part in the gathers).
         self.expert_dir = Path(expert_dir) if expert_dir else None
+        self._overrides = {
+            "step": step,
+            "task_name": task_name,
+            "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None,
+        }
+        #: The task being measured (set at ``on_train_begin``, or from the overrides until then).
+        self.step = step if step is not None else 1
+        self.task_name = task_name if task_name is not None else f"task{self.step}"
+        self.previous_state_dir: Path | None = self._overrides["previous_state_dir"]
+        self._position: TaskPosition | None = None
+        self._marker_at_begin: dict | None = None
         self.trainer = None
         self.report: dict[str, Any] | None = None
+
+    @property
+    def base_dir(self) -> Path:
+        """θ0's local folder (a hub id is resolved to its cached snapshot on first use)."""
+        if self._base_dir is None:
+            self._base_dir = local_model_folder(self.base, field=f"{type(self).__name__}: base")
+        return self._base_dir
+
+    @property
+    def update_from(self) -> str:
+        """Deprecated name of :attr:`train_from`."""
+        return self.train_from
 
     # ------------------------------------------------------------------ hooks
     def bind_trainer(self, trainer) -> None:
@@ -128,27 +207,59 @@ class GeometryConflictCallback(TrainerCallback):
             metrics[f"geometry/conflict_with_{earlier}"] = summary["mean_geometry_conflict"]
         return {key: value for key, value in metrics.items() if value is not None}
 
-    # ------------------------------------------------------------------ event
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_task(args)
+        if state.is_world_process_zero:
+            self.base_dir  # a hub id that cannot be fetched fails now, not after training  # noqa: B018
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
-        expert_dir, temporary = self.expert_dir, False
-        if expert_dir is None and is_zero3(model):
-            expert_dir, temporary = self.output_dir / f".expert-{self.step}", True
-            save_model_folder(model, None, expert_dir)  # a collective: every rank gathers
-        if not state.is_world_process_zero:
-            return
+        if self._position is None:  # on_train_begin was not called (e.g. a hand-driven callback)
+            self._start_task(args)
         try:
-            self._measure_and_report(state, model, expert_dir)
+            expert_dir, temporary = self.expert_dir, False
+            if expert_dir is None:
+                expert_dir = gather_expert_folder(model, self.output_dir / f".expert-{self.step}")  # every rank
+                temporary = expert_dir is not None
+            if not state.is_world_process_zero:
+                return
+            try:
+                self._check_state_unchanged()
+                self._measure_and_report(state, model, expert_dir)
+            finally:
+                if temporary:
+                    shutil.rmtree(expert_dir, ignore_errors=True)
         finally:
-            if temporary:
-                shutil.rmtree(expert_dir, ignore_errors=True)
+            self._position = None  # the next task reads the marker again
+
+    def _start_task(self, args) -> None:
+        self._position = resolve_task(args, state_dir=self.state_dir, **self._overrides)
+        self.step, self.task_name = self._position.step, self._position.task_name
+        self.previous_state_dir = self._position.previous_state_dir
+        self._marker_at_begin = read_marker(self.state_dir) if self.state_dir is not None else None
+
+    def _check_state_unchanged(self) -> None:
+        if (
+            self.state_dir is not None
+            and self.previous_state_dir == self.state_dir
+            and read_marker(self.state_dir) != self._marker_at_begin
+        ):
+            raise CptError(
+                f"{type(self).__name__}: {self.state_dir} changed while task {self.step} trained (an "
+                "IntegrationCallback ran first?); put GeometryConflictCallback before IntegrationCallback "
+                "in callbacks=[...]"
+            )
 
     def _measure_and_report(self, state, model, expert_dir: Path | None) -> None:
         started = time.perf_counter()
         base = SafetensorsWeights(self.base_dir)
-        previous = SafetensorsWeights(self.state_dir) if self.state_dir and (self.state_dir / "config.json").exists() else base
-        start = previous if self.update_from == "state" else base
+        previous_dir = self.previous_state_dir
+        previous = (
+            SafetensorsWeights(previous_dir) if previous_dir and (previous_dir / "config.json").exists() else base
+        )
+        start = previous if self.train_from == "state" else base
         if expert_dir is not None:
             factors, expert = {}, SafetensorsWeights(expert_dir)
         else:
@@ -182,7 +293,7 @@ class GeometryConflictCallback(TrainerCallback):
         report: dict[str, Any] = {
             "step": self.step,
             "task": self.task_name,
-            "update_from": self.update_from,
+            "update_from": self.train_from,  # the report's key keeps its name (run directories stay comparable)
             "settings": dataclasses.asdict(self.settings),
             "num_tensors": len(per_tensor),
             "aggregates": self.aggregate(per_tensor),
@@ -203,7 +314,9 @@ class GeometryConflictCallback(TrainerCallback):
         folder = self.output_dir / "bases"
         current = right_bases(targets, update, self.settings, self._device(), group_key)
         comparisons = {}
-        for file in sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0])) if folder.exists() else []:
+        for file in (
+            sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0])) if folder.exists() else []
+        ):
             earlier_step = int(file.stem.split("_")[0])
             if earlier_step >= self.step:
                 continue

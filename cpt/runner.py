@@ -32,7 +32,7 @@ from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json, recover_dir
 from cpt.recipe import Recipe, TaskSpec
 from cpt.run_directory import MANIFEST_FORMAT, VERSIONED_PACKAGES, RunDirectory, library_versions, utc_now
-from cpt.tensors import is_zero3, no_zero3_init, read_marker, release_deepspeed_engine, save_model_folder
+from cpt.tensors import gather_expert_folder, is_zero3, no_zero3_init, read_marker, release_deepspeed_engine
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -130,14 +130,14 @@ class ExpertEvaluation(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         evaluate = state.is_world_process_zero and self.score_expert is not None
-        if is_zero3(model):
-            # ZeRO-3: gather the expert once, module by module, into a folder that
-            # evaluation, geometry and integration then read (no rank holds it all).
-            save_model_folder(model, None, self.expert_dir)  # a collective: every rank calls it
+        # ZeRO-3: gather the expert once, module by module, into a folder that evaluation,
+        # geometry and integration then read (no rank holds it all). A collective: every rank calls it.
+        gathered = gather_expert_folder(model, self.expert_dir)
+        if gathered is not None:
             for callback in self.expert_readers:
-                callback.expert_dir = self.expert_dir
+                callback.expert_dir = gathered
             if evaluate:
-                model = self.load_model(str(self.expert_dir))
+                model = self.load_model(str(gathered))
         if evaluate:
             self.score_expert(model)
         self.record_trained(state)
@@ -284,7 +284,7 @@ class TaskSequenceRunner:
             # Order matters at on_train_end: score E_t, then measure geometry, then integrate.
             callbacks=[*strategy_callbacks, expert_evaluation, *diagnostics, integration],
         )
-        for callback in diagnostics:
+        for callback in (*diagnostics, integration):  # their metrics go through trainer.log
             callback.bind_trainer(trainer)
 
         self._train(trainer, step, task, record, checkpoints, stopwatch)
@@ -465,13 +465,13 @@ class TaskSequenceRunner:
 
     # ------------------------------------------------------------------ one task's callbacks
     def _integration_callback(self, step: int, task: TaskSpec, strategy, previous_state: Path | None):
-        from callbacks import IntegrationCallback
+        from cpt.callbacks import IntegrationCallback
 
         return IntegrationCallback(
             strategy,
             state_dir=self.rundir.state,
             # Strategies whose state is the expert never read θ0's tensors: no download for them.
-            base_dir=self._base_folder(self.base) if not self.strategy_info.state_is_expert else Path(self.base),
+            base=self._base_folder(self.base) if not self.strategy_info.state_is_expert else self.base,
             step=step,
             task_name=task.name,
             previous_state_dir=previous_state,
@@ -479,24 +479,25 @@ class TaskSequenceRunner:
             targets=self.recipe.targets,
             train_from=self.train_from,
             tokenizer=self.tokenizer,
-            stats_path=self.rundir.integration_stats(step, task.name),
+            output_dir=self.rundir.integration,  # <t>_<task>.json
         )
 
     def _geometry_callbacks(self, step: int, task: TaskSpec, previous_state: Path | None) -> list:
         geometry = self.recipe.geometry
         if not geometry.enabled:
             return []
-        from callbacks import GeometryConflictCallback
+        from cpt.callbacks import GeometryConflictCallback
         from cpt.diagnostics import GeometrySettings
 
         return [
             GeometryConflictCallback(
-                base_dir=self._base_folder(self.base),
+                base=self._base_folder(self.base),
                 output_dir=self.rundir.geometry,
                 step=step,
                 task_name=task.name,
-                state_dir=previous_state,
-                update_from=self.train_from,
+                state_dir=self.rundir.state,
+                previous_state_dir=previous_state,
+                train_from=self.train_from,
                 targets=self.recipe.targets,
                 settings=GeometrySettings(geometry.rank, geometry.energy, geometry.eps, geometry.eig_floor),
                 keep_updates=geometry.keep_updates,

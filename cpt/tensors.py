@@ -446,3 +446,40 @@ class SafetensorsWeights:
     def get_rows(self, name: str, rows: slice) -> torch.Tensor:
         """Rows ``rows`` of one tensor, reading only those bytes from disk."""
         return self._handle(name).get_slice(name)[rows]
+
+
+# ---------------------------------------------------------------------- folders the callbacks read
+def gather_expert_folder(model: torch.nn.Module | None, folder: str | os.PathLike) -> Path | None:
+    """Under DeepSpeed ZeRO-3, write the expert's full weights to ``folder`` and return it; else None.
+
+    A ZeRO-3 model's parameters are partitioned across ranks, so whoever reads the expert
+    E_t after training (its evaluation, the geometry callback, the integration callback)
+    reads this HF folder instead of the live module. It is gathered module by module and
+    written shard by shard by the main process (:func:`save_model_folder`): no rank ever
+    holds the whole model. A collective: every rank must call it. Without ZeRO-3 (or with
+    no model) nothing is written and the caller reads the live model.
+    """
+    if model is None or not is_zero3(model):
+        return None
+    save_model_folder(model, None, folder)
+    return Path(folder)
+
+
+def local_model_folder(name_or_path: str | os.PathLike, revision: str | None = None, *, field: str = "base") -> Path:
+    """A local HF folder of a model's weights: ``name_or_path`` itself, or a hub id's cached snapshot.
+
+    Only the ``*.json`` and ``*.safetensors`` files are fetched (what :class:`SafetensorsWeights`
+    and a model's config need). With ``HF_HUB_OFFLINE=1`` a snapshot already in the cache is
+    used; anything else that fails becomes a one-line :class:`CptError` naming ``field``.
+    """
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as exc:  # noqa: BLE001 - every failure means the same thing to the user
+        raise CptError(
+            f"{field}: {str(name_or_path)!r} is not a local folder and cannot be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}); pass a local HF folder, or download it first while online"
+        ) from None

@@ -19,7 +19,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
-from callbacks import EWCCallback
+from cpt.callbacks import EWCCallback
 from cpt.recipe import (
     default_training_args,  # CPU-friendly SFTConfig defaults when there is no GPU
 )
@@ -51,10 +51,17 @@ def main() -> None:
     # One callback for the whole sequence: it counts the tasks (step 1, 2, ...) and keeps F and θ*.
     ewc = EWCCallback(ewc_lambda=args.ewc_lambda, gamma=args.gamma, fisher_examples=32, output_dir=work / "ewc", step=1)
     for name, rows in TASKS.items():
-        config = SFTConfig(output_dir=str(work / name), **{
-            **default_training_args(), "max_steps": args.steps, "learning_rate": 1e-3,
-            "per_device_train_batch_size": 4, "logging_steps": 5, "seed": 0,
-        })
+        config = SFTConfig(
+            output_dir=str(work / name),
+            **{
+                **default_training_args(),
+                "max_steps": args.steps,
+                "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 5,
+                "seed": 0,
+            },
+        )
         trainer = CptSFTTrainer(
             model=model,
             args=config,

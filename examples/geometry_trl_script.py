@@ -7,7 +7,8 @@ Each task trains with TRL's own ``SFTTrainer``. When it ends, ``GeometryConflict
 measures where the task's update conflicts with what earlier tasks changed (METHOD §1)
 and writes ``<output-dir>/geometry/<t>_<task>.json``; ``IntegrationCallback`` then folds
 the expert into ``<output-dir>/state`` with the chosen strategy (sequential by default:
-the state becomes the expert; try ``--strategy task_arithmetic``).
+the state becomes the expert; try ``--strategy task_arithmetic``) and writes its statistics
+to ``<output-dir>/integration/<t>_<task>.json``.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from callbacks import GeometryConflictCallback, IntegrationCallback
+from cpt.callbacks import GeometryConflictCallback, IntegrationCallback
 from cpt.recipe import default_training_args  # CPU-friendly SFTConfig defaults when there is no GPU
 from cpt.strategies import get_strategy
 from cpt.testing import build_tiny_model
@@ -33,7 +34,7 @@ TASKS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a local HF folder (default: a tiny random Llama built offline)")
+    parser.add_argument("--model", help="a local HF folder or hub id (default: a tiny random Llama built offline)")
     parser.add_argument("--output-dir", help="default: a temporary folder")
     parser.add_argument("--strategy", default="sequential", help="any strategy of `cpt strategies`")
     parser.add_argument("--steps", type=int, default=10, help="training steps per task")
@@ -45,24 +46,36 @@ def main() -> None:
     train_from = get_strategy(args.strategy).train_from  # merge strategies train each expert from θ0
     state_dir = work / "state"
 
+    # One instance of each callback for the whole sequence: both read the task's step from the
+    # state folder's cpt_state.json and its name from SFTConfig(run_name=...).
+    geometry = GeometryConflictCallback(
+        base=base, state_dir=state_dir, output_dir=work / "geometry", train_from=train_from
+    )
+    integration = IntegrationCallback(args.strategy, base=base, state_dir=state_dir, output_dir=work / "integration")
     for step, (task, rows) in enumerate(TASKS.items(), start=1):
         start = state_dir if (step > 1 and train_from == "state") else base
         model = AutoModelForCausalLM.from_pretrained(start)
-        geometry = GeometryConflictCallback(
-            base_dir=base, state_dir=state_dir if step > 1 else None, output_dir=work / "geometry",
-            step=step, task_name=task, update_from=train_from,
+        config = SFTConfig(
+            output_dir=str(work / "trainer" / task),
+            run_name=task,
+            **{
+                **default_training_args(),
+                "max_steps": args.steps,
+                "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 5,
+                "seed": step,
+            },
         )
-        integration = IntegrationCallback(
-            args.strategy, state_dir=state_dir, base_dir=base, step=step, task_name=task,
-            previous_state_dir=state_dir if step > 1 else None, tokenizer=tokenizer,
-        )
-        config = SFTConfig(output_dir=str(work / "trainer" / task), **{
-            **default_training_args(), "max_steps": args.steps, "learning_rate": 1e-3,
-            "per_device_train_batch_size": 4, "logging_steps": 5, "seed": step,
-        })
-        trainer = SFTTrainer(model, config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[geometry, integration])
+        trainer = SFTTrainer(
+            model,
+            config,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[geometry, integration],
+        )  # geometry first: it measures against θ_{t−1}
         geometry.bind_trainer(trainer)  # the aggregates go through trainer.log (TensorBoard, W&B, ...)
+        integration.bind_trainer(trainer)  # and the strategy's statistics
         trainer.train()
 
         summary = geometry.report["aggregates"]["geometry_conflict"]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from callbacks import EWCCallback
+from cpt.callbacks import EWCCallback
 from cpt.errors import CptError
 from cpt.recipe import default_training_args, validate_recipe
 from cpt.runner import TaskSequenceRunner
@@ -220,6 +220,45 @@ def test_online_accumulation_and_persistence(model, tokenizer, tmp_path):
     assert stored_steps(tmp_path / "ewc") == [2, 3], "only the previous step is kept"
     with pytest.raises(CptError, match="no Fisher/anchors of task 1"):
         EWCCallback(output_dir=tmp_path / "ewc", step=2)
+
+
+def test_state_folder_marker_sets_the_step(model, tokenizer, tmp_path):
+    """With state_dir, one callback follows the state folder's cpt_state.json: a retrained task gets the F, θ* before it."""
+    state = tmp_path / "state"
+    rows = tokenized_rows(tokenizer, WORDS[:3])
+    ewc = EWCCallback(ewc_lambda=2.0, fisher_examples=4, output_dir=tmp_path / "ewc", state_dir=state)
+
+    def begin(callback):
+        callback.on_train_begin(SimpleNamespace(run_name=None), SimpleNamespace(is_world_process_zero=True), None)
+
+    def mark(step):
+        state.mkdir(exist_ok=True)
+        (state / "cpt_state.json").write_text(json.dumps({"step": step, "task": f"task{step}"}))
+
+    begin(ewc)
+    assert ewc.step == 1 and ewc.fisher is None, "no marker yet: the callback keeps its own count"
+    fake_end_of_task(ewc, model, rows, tokenizer)
+    first = {name: value.clone() for name, value in ewc.fisher.items()}
+    mark(1)
+    begin(ewc)
+    assert ewc.step == 2
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    fake_end_of_task(ewc, model, tokenized_rows(tokenizer, WORDS[3:6]), tokenizer)
+    assert ewc.step == 3 and not torch.equal(ewc.fisher[next(iter(first))], first[next(iter(first))])
+    begin(ewc)  # the state still holds task 1 (task 2 is trained again): back to F, θ* of task 1
+    assert ewc.step == 2 and all(torch.equal(ewc.fisher[name], first[name]) for name in first)
+    assert EWCCallback(output_dir=tmp_path / "ewc", state_dir=state).step == 2, "a new callback starts from the marker"
+    pinned = EWCCallback(output_dir=tmp_path / "ewc", state_dir=state, step=3)
+    begin(pinned)
+    assert pinned.step == 3, "an explicit step overrides the marker"
+
+    unstored = EWCCallback(state_dir=state)
+    assert unstored.step == 2 and unstored.fisher is None
+    fake_end_of_task(unstored, model, rows, tokenizer)
+    with pytest.raises(CptError, match="give it output_dir="):
+        begin(unstored)
 
 
 # ---------------------------------------------------------------------- the loss the optimizer sees

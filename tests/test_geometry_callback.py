@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from callbacks import GeometryConflictCallback
+from cpt.callbacks import GeometryConflictCallback
 from cpt.diagnostics import tensor_depth, tensor_family
 from cpt.geometry import geometry_conflict, subspace_alignment_ratio, right_basis
 from cpt.testing import build_tiny_model
@@ -52,7 +52,7 @@ def load(folder):
 
 def test_full_finetune_matches_direct_geometry(tmp_path, folders):
     root, base, state = folders
-    callback = GeometryConflictCallback(base_dir=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="plural")
+    callback = GeometryConflictCallback(base=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="plural")
     trainer = train(state, callback)
     report = json.loads((tmp_path / "geometry" / "2_plural.json").read_text())
     assert report["num_tensors"] == 14 and len(report["per_tensor"]) == 14
@@ -83,7 +83,7 @@ def test_lora_update_uses_factors_and_matches_dense(tmp_path, folders):
     from peft import LoraConfig
 
     root, base, state = folders
-    callback = GeometryConflictCallback(base_dir=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="lora")
+    callback = GeometryConflictCallback(base=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="lora")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", init_lora_weights="gaussian")
     trainer = train(state, callback, peft_config=lora)
     report = json.loads((tmp_path / "geometry" / "2_lora.json").read_text())
@@ -104,13 +104,13 @@ def test_lora_update_uses_factors_and_matches_dense(tmp_path, folders):
 
 def test_first_step_conflict_undefined_and_keep_updates(tmp_path, folders):
     root, base, state = folders
-    first = GeometryConflictCallback(base_dir=base, output_dir=tmp_path / "g", step=1, task_name="a", keep_updates=True)
+    first = GeometryConflictCallback(base=base, output_dir=tmp_path / "g", step=1, task_name="a", keep_updates=True)
     train(base, first)
     report = json.loads((tmp_path / "g" / "1_a.json").read_text())
     assert all(row["geometry_conflict"] is None for row in report["per_tensor"].values())
     assert report["aggregates"]["geometry_conflict"]["mean"] is None
     assert report["earlier_updates"] == {}
-    second = GeometryConflictCallback(base_dir=base, state_dir=state, output_dir=tmp_path / "g", step=2, task_name="b", keep_updates=True)
+    second = GeometryConflictCallback(base=base, state_dir=state, output_dir=tmp_path / "g", step=2, task_name="b", keep_updates=True)
     train(state, second)
     report = json.loads((tmp_path / "g" / "2_b.json").read_text())
     earlier = report["earlier_updates"]["1_a"]

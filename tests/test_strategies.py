@@ -103,7 +103,7 @@ def test_default_hooks_and_abstract_integrate(tmp_path):
 
 def test_integration_callback_reads_train_from_off_the_strategy_class(tmp_path):
     """An instance of a merge strategy trains from θ0, never silently from θ_{t−1}."""
-    from callbacks import IntegrationCallback
+    from cpt.callbacks import IntegrationCallback
 
     for name, expected in [("gcwm", "base"), ("task_arithmetic", "base"), ("sequential", "state")]:
         instance = get_strategy(name).build({})

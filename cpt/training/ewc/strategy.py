@@ -40,7 +40,7 @@ class EWC(Strategy):
         self.callback = None
 
     def training_callbacks(self, context: TaskContext) -> list:
-        from callbacks.ewc import EWCCallback
+        from cpt.callbacks.ewc import EWCCallback
 
         self.callback = EWCCallback(
             ewc_lambda=self.params.ewc_lambda,
