@@ -137,7 +137,7 @@ def _adam_update_(
 
 def adam_displacement(
     vectors: Sequence[Tensor], coef: Tensor, lr: float, iters: int, dtype: torch.dtype,
-    fused: bool | None = None, loop_tf32: bool = False,
+    fused: bool | None = None, loop_tf32: bool = False, skip_stationary: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Adam on ``L(m) = Σ_i w_i ‖(m − u_i) u_iᵀ‖_F² / ‖u_i‖_F²`` from ``m_0 = Σ u_i``
     (METHOD §2.6), batched.
@@ -164,6 +164,15 @@ def adam_displacement(
     ``tests/merging/test_gcwm_fidelity.py`` stay at 8e-7 relative (3.8e-7 in float32)
     and a 512×256 low-rank-plus-noise merge changes by 1.4e-7 relative. Not yet measured
     on a GPU. Everything outside the loop stays in strict float32/float64.
+
+    ``skip_stationary`` (default): a batch element whose start gradient ``g_0`` is exactly
+    zero is left out of the loop, its ``Δ`` is exactly 0. This is what Adam computes for it
+    anyway: with ``g_0 = 0`` the first moments stay 0, the update ``0/(0 + eps)`` is 0, so
+    ``Δ`` stays 0 and the gradient ``g_0 + 2ΔG`` stays 0 at every step. It happens whenever
+    the set holds one vector (``m_0 − u_1 = 0``; step 1 of a continual run) or vectors with
+    mutually orthogonal row spaces. Adam is element-wise and the loop's product is per batch
+    element, so the other elements follow the same trajectory (to float rounding, since a
+    sub-batch may take another matmul kernel). ``False`` runs the loop on every element.
     """
     start = vectors[0].clone()
     for vector in vectors[1:]:
@@ -186,6 +195,20 @@ def adam_displacement(
         return start, delta
     gram_sum = gram_sum.to(dtype)
     start_gradient = start_gradient.to(dtype)
+    if skip_stationary:
+        moving = start_gradient.flatten(1).ne(0).any(1)
+        if not bool(moving.any()):
+            return start, delta  # every element stationary: Adam never moves (see above)
+        if not bool(moving.all()):
+            delta[moving] = _adam_solve(start_gradient[moving], gram_sum[moving], lr, iters, fused, loop_tf32)
+            return start, delta
+    return start, _adam_solve(start_gradient, gram_sum, lr, iters, fused, loop_tf32)
+
+
+def _adam_solve(start_gradient: Tensor, gram_sum: Tensor, lr: float, iters: int, fused: bool | None,
+                loop_tf32: bool) -> Tensor:
+    """The Adam displacement ``Δ`` from 0 with ``∇ = g_0 + 2 Δ G`` (METHOD §2.6)."""
+    delta = torch.zeros_like(start_gradient)
     grad = start_gradient.clone()
     exp_avg = torch.zeros_like(delta)
     exp_avg_sq = torch.zeros_like(delta)
@@ -193,7 +216,7 @@ def adam_displacement(
     step_t = torch.zeros((), dtype=torch.float32, device=delta.device)
     with _cuda_tf32(loop_tf32 and delta.is_cuda):
         _adam_loop(delta, grad, start_gradient, gram_sum, exp_avg, exp_avg_sq, step_t, lr, iters, use_fused)
-    return start, delta
+    return delta
 
 
 def _adam_loop(delta, grad, start_gradient, gram_sum, exp_avg, exp_avg_sq, step_t, lr, iters, use_fused):

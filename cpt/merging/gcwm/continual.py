@@ -26,6 +26,7 @@ def gcwm_continual_step(
     *,
     adam_dtype: torch.dtype = torch.float32,
     loop_tf32: bool = False,
+    exact_shortcuts: bool = True,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One continual GCWM step for one (batched) target tensor (METHOD §2.8).
 
@@ -41,7 +42,7 @@ def gcwm_continual_step(
             ``memory_size > 0``; a longer list is cut to the window). Ignored by
             ``current_anchor``.
         params: :class:`GCWMParams`.
-        adam_dtype, loop_tf32: as in :func:`gcwm_merge`.
+        adam_dtype, loop_tf32, exact_shortcuts: as in :func:`gcwm_merge`.
 
     Active sets: ``current_anchor`` — ``[m_{t−1}, τ_t]`` with weights
     ``(old_weight, new_weight)``, or ``[τ_1]`` (weight ``new_weight``) at t = 1;
@@ -83,7 +84,8 @@ def gcwm_continual_step(
         active = earlier[len(earlier) - needed:] + [task_vector]
         weights = [1.0] * len(active)
 
-    merged, stats = gcwm_merge(active, weights, params, adam_dtype=adam_dtype, loop_tf32=loop_tf32)
+    merged, stats = gcwm_merge(active, weights, params, adam_dtype=adam_dtype, loop_tf32=loop_tf32,
+                               exact_shortcuts=exact_shortcuts)
     c_t = step_coefficient(step, params)
     if previous_merged is None:
         increment = c_t * merged

@@ -117,8 +117,13 @@ class GCWMGeometry:
     branch: Tensor
 
 
-def _geometry(deltas: list[Tensor], weights: list[float], params: GCWMParams) -> GCWMGeometry:
-    """METHOD §2 steps 1–4 on flattened deltas ``v_i [B, d_out, d_in]``."""
+def _geometry(deltas: list[Tensor], weights: list[float], params: GCWMParams,
+              exact_shortcuts: bool = True) -> GCWMGeometry:
+    """METHOD §2 steps 1–4 on flattened deltas ``v_i [B, d_out, d_in]``.
+
+    ``exact_shortcuts``: for an element with one active delta ``B*`` is that ``B_i`` itself
+    (the barycenter of one covariance, exactly the weighted mean) with ``bary_iters`` 0, and
+    the fixed point is not run at all when no element has two active deltas."""
     f64 = torch.float64
     batch_size, count = deltas[0].shape[0], len(deltas)
     device = deltas[0].device
@@ -135,18 +140,21 @@ def _geometry(deltas: list[Tensor], weights: list[float], params: GCWMParams) ->
     # 2. Shared metric B* (METHOD §2.2), weights normalised (ŵ = w/Σw) in both modes.
     has_active = active_weights.sum(-1) > 0
     metric_weights = torch.where(has_active.unsqueeze(-1), active_weights, torch.ones_like(active_weights))
+    # One active delta: B* is that B_i itself (exactly the weighted mean), no fixed point needed.
+    single = (active_weights > 0).sum(-1) <= 1 if exact_shortcuts else torch.zeros_like(has_active)
+    bary_used = torch.zeros(batch_size, dtype=torch.long, device=device)
     if max_rank == 0:
         shared_metric = torch.zeros(batch_size, 0, 0, dtype=f64, device=device)
-        bary_used = torch.zeros(batch_size, dtype=torch.long, device=device)
-    elif params.metric == "barycenter":
-        shared_metric, bary_used = wasserstein_barycenter(
-            covariances, metric_weights, iters=params.bary_iters, tol=params.bary_tol, eps=params.eps,
-            eig_floor=params.eig_floor, dims=union_rank,
-        )
     else:
         normalised = metric_weights / metric_weights.sum(-1, keepdim=True)
         shared_metric = (normalised[..., None, None] * covariances).sum(-3)
-        bary_used = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if params.metric == "barycenter" and not bool(single.all()):
+            barycenter, bary_iters = wasserstein_barycenter(
+                covariances, metric_weights, iters=params.bary_iters, tol=params.bary_tol, eps=params.eps,
+                eig_floor=params.eig_floor, dims=union_rank,
+            )
+            shared_metric = torch.where(single[:, None, None], shared_metric, barycenter)
+            bary_used = torch.where(single, bary_used, bary_iters.to(torch.long))
 
     # 3. Layer conflict, 4. gate, 7. branch choice.
     conflict = _layer_conflict(covariances, active_weights, union_rank, params.eig_floor)
@@ -182,6 +190,7 @@ def gcwm_merge(
     *,
     adam_dtype: torch.dtype = torch.float32,
     loop_tf32: bool = False,
+    exact_shortcuts: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Merge one active set of deltas by GCWM (METHOD §2, steps 1–7).
 
@@ -193,6 +202,8 @@ def gcwm_merge(
         adam_dtype: precision of the inner Adam loop (float32 by default).
         loop_tf32: CUDA only, opt-in: TF32 for the loop's per-step product (see
             :func:`cpt.merging.inner_solver.adam_displacement`).
+        exact_shortcuts: skip what is known exactly (default; ``False`` computes the long
+            way, for tests and benchmarks), see below.
 
     Per batch element:
 
@@ -221,6 +232,17 @@ def gcwm_merge(
     gets ``m = 0``, ``c = 0``. A zero weight removes that delta from the active set of
     every element (at least one weight must be positive).
 
+    Exact shortcuts (issue 19; results equal the long path to float rounding): an element
+    with one active delta ``u`` (step 1 of a continual run in either memory mode, a window
+    of one) gets ``m = u`` without any solve or metric map. The long path computes the
+    same: ``m_0 = u`` makes the start gradient ``2 c (m_0 − u) uᵀu`` exactly zero, so Adam
+    never moves (``m_plain = u``), and ``recolor(whiten(u)) = u`` (``B*^{1/2} B*^{-1/2} = I``
+    on the union basis: ``B* = B_1`` has eigenvalues ≥ ε, so the floor does not bite), hence
+    ``m_rel = u`` and ``α m_rel + (1−α) m_plain = u``. Its barycenter is not run when no
+    element has two active deltas. Inside each solve, elements whose start gradient is
+    exactly zero skip the Adam loop (:func:`cpt.merging.inner_solver.adam_displacement`).
+    A branch of weight 0 is never computed (``α ≤ skip_tol`` or ``α ≥ 1 − skip_tol``).
+
     ``recolor(Σ_i whiten(v_i))`` is evaluated as
     ``Σ v_i + (Σ v_i) Q (B*^{1/2} B*^{-1/2} − I) Qᵀ`` (an identity), so that ``m_0`` never
     passes through the float32 whitened space; only the Adam displacement does.
@@ -244,7 +266,7 @@ def gcwm_merge(
     kept = [i for i in range(count) if weights[i] > 0]  # weight 0: not in the active set
     flat = [deltas[i].reshape(-1, d_out, d_in).to(work_dtype) for i in kept]
     f64 = torch.float64
-    geo = _geometry(flat, [weights[i] for i in kept], params)
+    geo = _geometry(flat, [weights[i] for i in kept], params, exact_shortcuts)
     active_weights, squared_norms = geo.weights, geo.squared_norms
     union, union_rank = geo.basis, geo.union_rank
     shared_metric, conflict, alpha, branch = geo.metric, geo.conflict, geo.alpha, geo.branch
@@ -255,8 +277,11 @@ def gcwm_merge(
     for delta in flat[1:]:
         plain_sum.add_(delta)
     merged = torch.zeros_like(plain_sum)
-    need_plain = branch != BRANCH_RELATION
-    need_relation = branch != BRANCH_PLAIN
+    # One active delta (or none): the merge is that delta (or 0), exactly; see the docstring.
+    single = (active_weights > 0).sum(-1) <= 1
+    solve = ~single if exact_shortcuts else torch.ones_like(single)
+    need_plain = (branch != BRANCH_RELATION) & solve
+    need_relation = (branch != BRANCH_PLAIN) & solve
     coef_plain = torch.where(active_weights > 0, active_weights / squared_norms.clamp_min(torch.finfo(f64).tiny),
                              torch.zeros_like(active_weights))
 
@@ -271,10 +296,14 @@ def gcwm_merge(
         else:
             merged[mask] += values
 
+    if exact_shortcuts and bool(single.any()):
+        put(select(plain_sum, single), single, None)
+
     if bool(need_plain.any()):
         selected = [select(delta, need_plain) for delta in flat]
         start_plain, displacement_plain = adam_displacement(
-            selected, select(coef_plain, need_plain), params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32)
+            selected, select(coef_plain, need_plain), params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32,
+            skip_stationary=exact_shortcuts)
         m_plain = start_plain.add_(displacement_plain.to(work_dtype))
         del selected, displacement_plain
         alpha_sel = select(alpha, need_plain)
@@ -311,7 +340,8 @@ def gcwm_merge(
         coef_relation = torch.where(weights_sel > 0, weights_sel / squared_whitened.clamp_min(torch.finfo(f64).tiny),
                                     torch.zeros_like(weights_sel))
         _, displacement_relation = adam_displacement(
-            whitened, coef_relation, params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32)
+            whitened, coef_relation, params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32,
+            skip_stationary=exact_shortcuts)
         del whitened
         start_relation = select(plain_sum, need_relation)
         # recolor(Σ u_i + Δ) = Σ v_i + (Σ v_i) Q (B^{1/2}B^{-1/2} − I) Qᵀ + recolor(Δ)
