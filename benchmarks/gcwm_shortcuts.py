@@ -18,6 +18,7 @@ path every run took before):
 The maximum relative difference between the two paths' merged deltas is printed too.
 
     python benchmarks/gcwm_shortcuts.py --blocks 1
+    python benchmarks/gcwm_shortcuts.py --shapes q_proj k_proj --one-active-only  # a short run
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from merge_speed import make_deltas  # noqa: E402
+from merge_speed import make_deltas
 
-from cpt.merging.gcwm import GCWMParams, gcwm_continual_step  # noqa: E402
+from cpt.merging.gcwm import GCWMParams, gcwm_continual_step
 
 SMOLLM2_SHAPES = {
     "q_proj": (576, 576),
@@ -58,15 +59,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shapes", nargs="+", choices=list(SMOLLM2_SHAPES), default=list(SMOLLM2_SHAPES),
+                        help="projections to time (default: all seven)")
+    parser.add_argument("--one-active-only", action="store_true",
+                        help="time only the cases with one active vector (skip step 2)")
     args = parser.parse_args()
     cases = {
         "step 1": (1, GCWMParams()),
         "window of 1 (all_history, memory_size 1, step 3)": (3, GCWMParams(memory="all_history", memory_size=1)),
         "step 2 (current_anchor, 2 active)": (2, GCWMParams()),
     }
+    if args.one_active_only:
+        cases.pop("step 2 (current_anchor, 2 active)")
     totals = {(case, flag): 0.0 for case in cases for flag in (True, False)}
     worst = dict.fromkeys(cases, 0.0)
-    for name, (d_out, d_in) in SMOLLM2_SHAPES.items():
+    for name in args.shapes:
+        d_out, d_in = SMOLLM2_SHAPES[name]
         previous, task_vector = make_deltas(2, args.blocks, d_out, d_in, "cpu", args.seed)
         for case, (step, params) in cases.items():
             prev = None if step == 1 else previous

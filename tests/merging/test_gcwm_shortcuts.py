@@ -91,6 +91,7 @@ def test_mixed_batch_solves_only_the_elements_with_two_deltas(solve_calls):
     short, short_stats = gcwm_merge([first, second], [1.0, 1.0], params)
     assert solve_calls and all(size == 1 for size in solve_calls)  # only element 0 is solved
     assert torch.equal(short[1], first[1])
+    assert torch.equal(short_stats["alpha"], long_stats["alpha"])  # the same geometry either way
     assert rel(short[1], long_path[1]) < 1e-12
     assert rel(short[0], long_path[0]) < 1e-12
     assert rel(short[0], first[0] + second[0]) > 1e-6  # element 0 did move: a real merge
@@ -102,7 +103,7 @@ def test_continual_step_one_skips_every_solve(memory, solve_calls):
     params = GCWMParams(memory=memory, iters=25)
     merged_long, inc_long, _ = gcwm_continual_step(1, tau, None, None, params, exact_shortcuts=False)
     solve_calls.clear()
-    merged, increment, stats = gcwm_continual_step(1, tau, None, None, params)
+    merged, increment, _ = gcwm_continual_step(1, tau, None, None, params)
     assert solve_calls == []
     assert torch.equal(merged, tau)
     assert torch.equal(increment, 0.2 * tau)

@@ -13,7 +13,7 @@ Where things are:
 """
 
 from ..inner_solver import adam_merge, inner_gradient, inner_objective
-from .continual import gcwm_continual_step, gcwm_non_target_step, step_coefficient
+from .continual import gcwm_continual_step, gcwm_non_target_step, norm_step_coefficient, step_coefficient
 from .merge import BRANCH_BOTH, BRANCH_PLAIN, BRANCH_RELATION, GCWMGeometry, gcwm_geometry, gcwm_merge
 from .params import GCWMParams
 from .strategy import GCWM
@@ -32,5 +32,6 @@ __all__ = [
     "gcwm_non_target_step",
     "inner_gradient",
     "inner_objective",
+    "norm_step_coefficient",
     "step_coefficient",
 ]

@@ -3,18 +3,39 @@ and the rule for non-target tensors. Tensor-in, tensor-out."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from .merge import gcwm_merge
 from .params import GCWMParams
 
-__all__ = ["gcwm_continual_step", "gcwm_non_target_step", "step_coefficient"]
+__all__ = ["gcwm_continual_step", "gcwm_non_target_step", "norm_step_coefficient", "step_coefficient"]
 
 
 def step_coefficient(step: int, params: GCWMParams) -> float:
-    """``c_t = step_coef · decay^{t−1}`` (METHOD §2.8)."""
+    """``c_t = step_coef · decay^{t−1}`` (METHOD §2.8). For ``step_coef: norm`` use
+    :func:`norm_step_coefficient` (it needs whole-model norms)."""
+    if params.step_coef == "norm":
+        raise ValueError("step_coef 'norm' depends on whole-model norms: use norm_step_coefficient")
     return params.step_coef * params.decay ** (step - 1)
+
+
+def norm_step_coefficient(task_vector_norms: Sequence[float], merged_norm: float) -> tuple[float, float]:
+    """``(c_t, n̄_t)`` of ``step_coef: norm`` (METHOD §2.9): ``c_t = n̄_t / ‖m_t‖``.
+
+    ``task_vector_norms``: ``‖τ_1‖ … ‖τ_t‖``; ``merged_norm``: ``‖m_t‖``; all whole-model
+    Frobenius norms over the target tensors. ``θ_t = θ0 + c_t m_t`` then has the norm
+    ``n̄_t`` of a mean task vector. ``c_t = 0`` when ``m_t = 0`` (every ``c`` gives θ0)."""
+    norms = [float(norm) for norm in task_vector_norms]
+    if not norms or any(not math.isfinite(norm) or norm < 0 for norm in norms):
+        raise ValueError(f"need the finite norms of τ_1..τ_t, got {norms}")
+    if not math.isfinite(merged_norm) or merged_norm < 0:
+        raise ValueError(f"‖m_t‖ must be finite and >= 0, got {merged_norm}")
+    mean_norm = sum(norms) / len(norms)
+    return (mean_norm / merged_norm if merged_norm > 0 else 0.0), mean_norm
 
 
 def gcwm_continual_step(
@@ -27,6 +48,8 @@ def gcwm_continual_step(
     adam_dtype: torch.dtype = torch.float32,
     loop_tf32: bool = False,
     exact_shortcuts: bool = True,
+    coefficient: float | None = None,
+    diagnostics: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One continual GCWM step for one (batched) target tensor (METHOD §2.8).
 
@@ -42,7 +65,11 @@ def gcwm_continual_step(
             ``memory_size > 0``; a longer list is cut to the window). Ignored by
             ``current_anchor``.
         params: :class:`GCWMParams`.
-        adam_dtype, loop_tf32, exact_shortcuts: as in :func:`gcwm_merge`.
+        adam_dtype, loop_tf32, exact_shortcuts, diagnostics: as in :func:`gcwm_merge`.
+        coefficient: ``c_t`` to use instead of :func:`step_coefficient`; required for
+            ``step_coef: norm``, whose ``c_t = n̄_t/‖m_t‖`` (:func:`norm_step_coefficient`)
+            needs every target tensor's ``m_t`` first — the strategy merges with
+            ``coefficient=1`` and rescales the state once all tensors are done.
 
     Active sets: ``current_anchor`` — ``[m_{t−1}, τ_t]`` with weights
     ``(old_weight, new_weight)``, or ``[τ_1]`` (weight ``new_weight``) at t = 1;
@@ -85,8 +112,10 @@ def gcwm_continual_step(
         weights = [1.0] * len(active)
 
     merged, stats = gcwm_merge(active, weights, params, adam_dtype=adam_dtype, loop_tf32=loop_tf32,
-                               exact_shortcuts=exact_shortcuts)
-    c_t = step_coefficient(step, params)
+                               exact_shortcuts=exact_shortcuts, diagnostics=diagnostics)
+    if coefficient is None and params.step_coef == "norm":
+        raise ValueError("step_coef 'norm': pass coefficient= (c_t = n̄_t/‖m_t‖ needs whole-model norms)")
+    c_t = step_coefficient(step, params) if coefficient is None else float(coefficient)
     if previous_merged is None:
         increment = c_t * merged
     else:

@@ -34,6 +34,8 @@ from ...geometry import (
     wasserstein_barycenter,
 )
 from ..inner_solver import adam_displacement, check_deltas, check_weights
+from ..merge_diagnostics import plain_sum as weighted_plain_sum
+from ..merge_diagnostics import relative_change, relative_norm
 from .params import GCWMParams
 
 __all__ = [
@@ -191,6 +193,7 @@ def gcwm_merge(
     adam_dtype: torch.dtype = torch.float32,
     loop_tf32: bool = False,
     exact_shortcuts: bool = True,
+    diagnostics: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Merge one active set of deltas by GCWM (METHOD §2, steps 1–7).
 
@@ -204,6 +207,7 @@ def gcwm_merge(
             :func:`cpt.merging.inner_solver.adam_displacement`).
         exact_shortcuts: skip what is known exactly (default; ``False`` computes the long
             way, for tests and benchmarks), see below.
+        diagnostics: add what the merge did (METHOD §2.10) to ``stats``, see Returns.
 
     Per batch element:
 
@@ -253,7 +257,12 @@ def gcwm_merge(
         element ``[...]``: ``conflict`` (float64), ``alpha`` (the gate value, float64),
         ``union_rank`` (long), ``branch`` (0 plain, 1 relation, 2 both), ``norm_merged``
         (float64), ``norm_inputs`` (``[..., n]`` float64), ``bary_iters`` (long; 0 for
-        ``metric="mean"``), ``active`` (long, number of deltas kept).
+        ``metric="mean"``), ``active`` (long, number of deltas kept). With ``diagnostics``,
+        what the merge did (METHOD §2.10, float64, NaN where undefined or not computed): ``dev_sum``
+        ``‖m − s‖/‖s‖`` with ``s = Σ w_i v_i``, ``dev_sum_plain`` / ``dev_sum_relation`` the
+        same for each computed branch, ``displacement_plain`` / ``displacement_relation``
+        the inner solve's ``‖Δ‖/‖m_0‖`` (the relation branch's in the whitened space where
+        it runs). An element taking the one-delta shortcut computes no branch.
     """
     params = params if params is not None else GCWMParams()
     deltas = list(deltas)
@@ -277,6 +286,12 @@ def gcwm_merge(
     for delta in flat[1:]:
         plain_sum.add_(delta)
     merged = torch.zeros_like(plain_sum)
+    # What the merge did (METHOD §2.10): NaN where a branch was not computed.
+    record = diagnostics  # the keyword; branch_records holds the per-branch values
+    weighted_sum = weighted_plain_sum(flat, [weights[i] for i in kept]) if record else None  # s = Σ w_i v_i
+    not_computed = torch.full((plain_sum.shape[0],), math.nan, dtype=f64, device=plain_sum.device)
+    branch_records = {key: not_computed.clone() for key in (
+        "dev_sum_plain", "dev_sum_relation", "displacement_plain", "displacement_relation")} if record else {}
     # One active delta (or none): the merge is that delta (or 0), exactly; see the docstring.
     single = (active_weights > 0).sum(-1) <= 1
     solve = ~single if exact_shortcuts else torch.ones_like(single)
@@ -304,7 +319,11 @@ def gcwm_merge(
         start_plain, displacement_plain = adam_displacement(
             selected, select(coef_plain, need_plain), params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32,
             skip_stationary=exact_shortcuts)
+        if record:
+            branch_records["displacement_plain"][need_plain] = relative_norm(displacement_plain, start_plain)
         m_plain = start_plain.add_(displacement_plain.to(work_dtype))
+        if record:
+            branch_records["dev_sum_plain"][need_plain] = relative_change(m_plain, select(weighted_sum, need_plain))
         del selected, displacement_plain
         alpha_sel = select(alpha, need_plain)
         branch_sel = select(branch, need_plain)
@@ -339,10 +358,13 @@ def gcwm_merge(
         weights_sel = select(active_weights, need_relation)
         coef_relation = torch.where(weights_sel > 0, weights_sel / squared_whitened.clamp_min(torch.finfo(f64).tiny),
                                     torch.zeros_like(weights_sel))
-        _, displacement_relation = adam_displacement(
+        start_whitened, displacement_relation = adam_displacement(
             whitened, coef_relation, params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32,
             skip_stationary=exact_shortcuts)
-        del whitened
+        if record:
+            branch_records["displacement_relation"][need_relation] = relative_norm(
+                displacement_relation, start_whitened)
+        del whitened, start_whitened
         start_relation = select(plain_sum, need_relation)
         # recolor(Σ u_i + Δ) = Σ v_i + (Σ v_i) Q (B^{1/2}B^{-1/2} − I) Qᵀ + recolor(Δ)
         m_relation = torch.baddbmm(start_relation, start_relation @ union_work, identity_fix)
@@ -350,6 +372,9 @@ def gcwm_merge(
         m_relation.add_(torch.baddbmm(displacement_relation, displacement_relation @ union_work, recolor_in,
                                       beta=sqrt_eps))
         del displacement_relation
+        if record:
+            branch_records["dev_sum_relation"][need_relation] = relative_change(
+                m_relation, select(weighted_sum, need_relation))
         alpha_sel = select(alpha, need_relation)
         branch_sel = select(branch, need_relation)
         put(m_relation, need_relation, torch.where(branch_sel == BRANCH_BOTH, alpha_sel, torch.ones_like(alpha_sel)))
@@ -371,7 +396,10 @@ def gcwm_merge(
         "norm_inputs": norm_inputs,
         "bary_iters": geo.bary_iters,
         "active": (active_weights > 0).sum(-1),
+        **({"dev_sum": relative_change(merged, weighted_sum)} if record else {}),
+        **branch_records,
     }
+    del weighted_sum
     stats = {
         name: (value.reshape(*batch_shape, count) if name == "norm_inputs" else value.reshape(batch_shape))
         for name, value in stats.items()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal, get_args, get_type_hints
+from typing import Literal, get_args, get_origin, get_type_hints
 
 __all__ = ["GCWMParams"]
 
@@ -45,7 +45,15 @@ class GCWMParams:
         old_weight: weight of ``m_{t−1}`` in ``current_anchor`` (1.0; 0 removes it from
             the active set).
         new_weight: weight of ``τ_t`` in ``current_anchor`` (1.0; must be positive).
-        step_coef: ``c_t = step_coef · decay^{t−1}`` (§2.8; reference scripts 0.2).
+        step_coef: a number: ``c_t = step_coef · decay^{t−1}`` and
+            ``θ_t = θ_{t−1} + c_t (m_t − m_{t−1})`` (§2.8; reference scripts 0.2, the
+            default, so runs stay comparable with the paper). ``"norm"`` (cpt's extension,
+            §2.9): ``θ_t = θ0 + c_t m_t`` with ``c_t = n̄_t / ‖m_t‖``, ``n̄_t`` the mean of
+            ``‖τ_1‖ … ‖τ_t‖`` and all norms whole-model Frobenius norms over the target
+            tensors, so the state keeps the size of one mean task vector however long the
+            sequence (0.2 sizes it for five tasks and under-applies every task of a shorter
+            sequence). Needs ``decay = 1`` and ``non_target: base`` (the coefficient is
+            known only once every target tensor is merged).
         decay: see ``step_coef`` (1.0).
         non_target: what non-target tensors (embeddings, norms, biases, lm_head) become
             (§2.8), applied by :func:`gcwm_non_target_step`:
@@ -78,7 +86,7 @@ class GCWMParams:
     memory_size: int = -1
     old_weight: float = 1.0
     new_weight: float = 1.0
-    step_coef: float = 0.2
+    step_coef: float | Literal["norm"] = 0.2
     decay: float = 1.0
     non_target: Literal["base", "task_arithmetic", "average"] = "base"
     history_rank: int = -1
@@ -87,7 +95,10 @@ class GCWMParams:
         hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
-            options = get_args(hints[f.name])
+            hint = hints[f.name]
+            options = get_args(hint) if get_origin(hint) is Literal else ()
+            if f.name == "step_coef" and isinstance(value, str):
+                options = ("norm",)
             if options and value not in options:
                 raise ValueError(f"GCWMParams.{f.name} must be one of {options}, got {value!r}")
         problems = []
@@ -98,7 +109,7 @@ class GCWMParams:
 
         for name in ("energy", "eps", "bary_tol", "gate_threshold", "gate_sharpness",
                      "alpha_min", "alpha_max", "skip_tol", "lr", "eig_floor",
-                     "old_weight", "new_weight", "step_coef", "decay"):
+                     "old_weight", "new_weight", "decay"):
             need(math.isfinite(float(getattr(self, name))), f"{name} must be finite")
         need(self.rank >= 1, "rank must be >= 1")
         need(0.0 < self.energy <= 1.0, "energy must be in (0, 1]")
@@ -116,6 +127,12 @@ class GCWMParams:
         need(self.old_weight >= 0.0, "old_weight must be >= 0 (0 drops m_{t-1})")
         need(self.new_weight > 0.0, "new_weight must be > 0")
         need(self.decay >= 0.0, "decay must be >= 0")
+        if self.step_coef == "norm":
+            need(self.decay == 1.0, "decay must be 1 with step_coef 'norm' (c_t = n̄_t / ‖m_t‖ has no decay)")
+            need(self.non_target == "base",
+                 "step_coef 'norm' needs non_target 'base' (c_t is known only after every target tensor)")
+        else:
+            need(math.isfinite(float(self.step_coef)), "step_coef must be finite or 'norm'")
         if problems:
             raise ValueError("invalid GCWMParams: " + "; ".join(problems))
 
