@@ -81,6 +81,8 @@ def test_norm_mode_through_the_pipeline(tmp_path, base):
     mean_norm = sum(task_norms) / 2
     merged_norm = _norm(merged.values())
     c_2 = mean_norm / merged_norm
+    assert summaries[0]["step_coef"] == pytest.approx(1.0, rel=1e-9)
+    assert summaries[0]["global_scale"] is None  # c_1 = 1: no rescale pass
     summary = summaries[1]
     assert summary["step_coef_mode"] == "norm"
     assert summary["mean_task_norm"] == pytest.approx(mean_norm, rel=1e-6)

@@ -160,7 +160,9 @@ class GCWM(MergeStrategy):
         if self.params.step_coef == "norm":
             coefficient, mean_norm = norm_step_coefficient(norms, merged_norm)
             state_scale = coefficient  # θ_t − θ0 = c_t m_t
-            self._scale = None if coefficient == 1.0 else coefficient
+            # c_1 = ‖τ_1‖/‖m_1‖ with m_1 = τ_1 is 1 up to the norms' summation order: a factor within
+            # 1e-9 of 1 changes no float32 weight, so the model-sized rescale pass is skipped.
+            self._scale = None if abs(coefficient - 1.0) <= 1e-9 else coefficient
         else:
             coefficient, mean_norm = step_coefficient(step, self.params), sum(norms) / len(norms)
             state_scale = 1.0  # the written state is θ_t already
