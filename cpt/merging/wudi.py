@@ -31,7 +31,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from cpt.merging.gcwm import adam_merge
+from cpt.merging.inner_solver import adam_merge
 from cpt.merging.pipeline import MergeResult, MergeStrategy, TensorBatch
 from cpt.strategies import register_strategy
 

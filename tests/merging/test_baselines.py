@@ -17,7 +17,7 @@ import pytest
 import torch
 from peft.utils.merge_utils import ties as peft_ties
 
-from cpt.merging.gcwm import adam_merge
+from cpt.merging.inner_solver import adam_merge
 from cpt.merging.magmax import MagMax, MagMaxParams
 from cpt.merging.nufilt import Nufilt, NufiltParams, top_right_vectors
 from cpt.merging.opcm import OPCM, OPCMParams, opcm_project

@@ -92,7 +92,7 @@ def test_adam_loop_has_torch_optim_adam_iterates(iters, lr):
 def test_fused_and_op_by_op_adam_agree():
     """The fused kernel (torch.optim.Adam(fused=True)) and the op-by-op fallback
     (torch.optim.Adam's single-tensor path) are the same update rule."""
-    from cpt.merging.gcwm import _adam_displacement
+    from cpt.merging.inner_solver import adam_displacement as _adam_displacement
 
     us = [delta((2, 12, 8), rank=r, seed=s) for r, s in ((2, 14), (4, 15))]
     coef = torch.stack([1.0 / u.square().sum((-2, -1)) for u in us], -1)
