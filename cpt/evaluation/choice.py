@@ -25,6 +25,7 @@ from cpt.evaluation.generation import (
     _pad_id,
     _progress,
     eval_mode,
+    example_ids,
     tokenize_prompt,
 )
 
@@ -36,12 +37,14 @@ class ChoiceExample:
     ``label`` is the index of the correct choice. ``prompt`` is a string (used as is) or a
     list of chat messages (rendered with the chat template and a generation prompt); each
     choice is appended to the rendered prompt text verbatim (include a leading space if
-    the answer follows a word, e.g. ``" Paris"``).
+    the answer follows a word, e.g. ``" Paris"``). ``id`` names the example in its eval
+    set (the source's id where it has one); ``None`` means its index in the eval set.
     """
 
     prompt: str | list[dict]
     choices: list[str]
     label: int
+    id: str | int | None = None
 
 
 def _is_index(value) -> bool:
@@ -353,16 +356,20 @@ def evaluate_choice(
     length_normalize: bool = False,
     progress: bool = True,
     desc: str | None = None,
+    method: str = "auto",
 ) -> EvalResult:
     """Predict each example's choice by maximum log-likelihood; score with ``choice_accuracy``.
 
-    Ties go to the lowest index. ``EvalResult.scores`` holds the per-choice scores.
+    Ties go to the lowest index. ``EvalResult.scores`` holds the per-choice scores and
+    ``correct`` whether each prediction is the label; ``method`` is
+    :func:`choice_log_likelihoods`'s.
     """
     from cpt.evaluation.metrics import load_metric
 
     examples = list(examples)
     if not examples:
         raise CptError("evaluate_choice got no examples; the task's eval set is empty")
+    ids = example_ids(examples)
     scores = choice_log_likelihoods(
         model,
         tokenizer,
@@ -371,6 +378,7 @@ def evaluate_choice(
         length_normalize=length_normalize,
         progress=progress,
         desc=desc,
+        method=method,
     )
     predictions = [max(range(len(s)), key=lambda c, s=s: (s[c], -c)) for s in scores]
     references = [int(ex.label) for ex in examples]
@@ -381,7 +389,12 @@ def evaluate_choice(
         predictions=predictions,
         references=references,
         scores=scores,
+        kind="choice",
+        example_ids=ids,
+        prompts=[ex.prompt for ex in examples],
+        correct=[prediction == reference for prediction, reference in zip(predictions, references)],
+        choices=[list(ex.choices) for ex in examples],
     )
 
 
-__all__ = ["ChoiceExample", "choice_log_likelihoods", "encode_choice", "evaluate_choice"]
+__all__ = ["CHOICE_METHODS", "ChoiceExample", "choice_log_likelihoods", "encode_choice", "evaluate_choice"]
