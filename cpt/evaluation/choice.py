@@ -7,6 +7,14 @@ completion, see :mod:`cpt.evaluation.generation`) and the continuation tokens ar
 after the prompt's tokens: after the longest common prefix of the tokenised prompt and
 the tokenised prompt+continuation, which is the prompt's own tokens unless a token merges
 across the boundary (the same rule TRL uses for the completion mask).
+
+Two paths compute these scores (``method`` of :func:`choice_log_likelihoods`): the plain
+one runs prompt+choice through the model once per choice with logits at every position;
+the shared-prefix one (the default where the model supports it) runs each prompt once,
+continues every choice from the prompt's cached keys/values and projects onto the
+vocabulary only the positions that are scored. They feed the model the same tokens at
+the same positions, so their scores agree to float rounding; the second costs about one
+prompt pass per example instead of one per choice (measured in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -189,7 +197,7 @@ class _NoPrefixSharing(Exception):
 def _shared_prefix_scores(
     runner: _PrefixModel, pairs: list[_Pair], scores, *, pad_id, batch_size, length_normalize, progress, desc
 ):
-    """Score each example's choices from one pass over its prompt (METHOD §6, "Evaluation cost").
+    """Score each example's choices from one pass over its prompt.
 
     For example ``e`` the shared prefix is its first ``L = min_c start_c`` tokens — the
     prompt's tokens up to the earliest place a choice merges into it, so every choice's
