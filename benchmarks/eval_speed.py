@@ -35,9 +35,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from cpt.evaluation import ChoiceExample, choice_log_likelihoods, tokenize_prompt  # noqa: E402
+from cpt.evaluation import ChoiceExample, choice_log_likelihoods, tokenize_prompt
 
 SMOLLM2_SHAPES = dict(
     vocab_size=49152,
@@ -50,11 +50,12 @@ SMOLLM2_SHAPES = dict(
     max_position_embeddings=8192,
 )
 
-_TEXT = (
-    "Learning continues after training: new tasks arrive, and the model should not forget the old ones. "
-    "She said that the weather would be sunny tomorrow, but it rained all day and the game was cancelled. "
-    "The user asks a question and the assistant gives a helpful, honest and short answer. "
-).split()
+_SENTENCES = (
+    "Learning continues after training: new tasks arrive, and the model should not forget the old ones.",
+    "She said that the weather would be sunny tomorrow, but it rained all day and the game was cancelled.",
+    "The user asks a question and the assistant gives a helpful, honest and short answer.",
+)
+_TEXT = " ".join(_SENTENCES).split()
 _CHOICES = [" yes", " no", " the weather", " the game was cancelled", " sunny", " it rained all day", " a short answer"]
 
 
@@ -84,7 +85,8 @@ def load_model(args):
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
-    return model, tokenizer, f"random Llama, SmolLM2-135M shapes ({args.layers} layers, {model.num_parameters() / 1e6:.1f}M params)"
+    millions = model.num_parameters() / 1e6
+    return model, tokenizer, f"random Llama, SmolLM2-135M shapes ({args.layers} layers, {millions:.1f}M params)"
 
 
 def make_examples(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[ChoiceExample]:
@@ -109,7 +111,9 @@ def make_examples(tokenizer, count: int, prompt_tokens: int, seed: int) -> list[
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="local Hugging Face folder (default: SmolLM2 asset if cached, else random)")
+    parser.add_argument(
+        "--model", default=None, help="local Hugging Face folder (default: SmolLM2 asset if cached, else random)"
+    )
     parser.add_argument("--layers", type=int, default=30, help="layers of the random SmolLM2-shaped model")
     parser.add_argument("--examples", type=int, default=40)
     parser.add_argument("--prompt-tokens", type=int, default=100)
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
     )
     ratios = [f / s for f, s in zip(times["full"], times["shared_prefix"])]
     print(
-        f"median: full {statistics.median(times['full']):.2f}s  shared_prefix {statistics.median(times['shared_prefix']):.2f}s  "
+        f"median: full {statistics.median(times['full']):.2f}s  "
+        f"shared_prefix {statistics.median(times['shared_prefix']):.2f}s  "
         f"ratio {statistics.median(ratios):.2f}× (per-round {', '.join(f'{r:.2f}' for r in ratios)})"
     )
     print(f"max |score difference| {diff:.2e}; predictions agree: {agree}")

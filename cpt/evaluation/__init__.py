@@ -16,7 +16,12 @@ Prompts are tokenised as TRL's ``SFTTrainer`` tokenises the prompt of prompt/com
 data (:func:`tokenize_prompt`), so evaluation sees the prompt tokens training saw.
 """
 
-from cpt.evaluation.choice import ChoiceExample, choice_log_likelihoods, encode_choice, evaluate_choice
+from cpt.evaluation.choice import (
+    ChoiceExample,
+    choice_log_likelihoods,
+    encode_choice,
+    evaluate_choice,
+)
 from cpt.evaluation.continual import continual_metrics, format_matrix_table
 from cpt.evaluation.generation import (
     EvalResult,

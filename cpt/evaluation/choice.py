@@ -300,7 +300,8 @@ def _shared_prefix_scores(
                 steps = prefix_logits[row : row + 1]
                 if last > 0:
                     steps = torch.cat([steps, suffix_logits[(pair.example, pair.choice)][:last]], dim=0)
-                scores[pair.example][pair.choice] = _score(steps[first : last + 1], pair.ids[pair.start :], length_normalize)
+                targets = pair.ids[pair.start :]
+                scores[pair.example][pair.choice] = _score(steps[first : last + 1], targets, length_normalize)
 
 
 def choice_log_likelihoods(
@@ -336,7 +337,13 @@ def choice_log_likelihoods(
     pairs = _encode_pairs(tokenizer, examples)
     scores: list[list[float]] = [[0.0] * len(ex.choices) for ex in examples]
     pad_id = _pad_id(model, tokenizer, _eos_ids(model, tokenizer))
-    options = dict(pad_id=pad_id, batch_size=batch_size, length_normalize=length_normalize, progress=progress, desc=desc or "choice")
+    options = {
+        "pad_id": pad_id,
+        "batch_size": batch_size,
+        "length_normalize": length_normalize,
+        "progress": progress,
+        "desc": desc or "choice",
+    }
     runner = _prefix_model(model) if method != "full" else None
     if method == "shared_prefix" and runner is None:
         raise CptError(
@@ -350,7 +357,9 @@ def choice_log_likelihoods(
                 return scores
             except _NoPrefixSharing as exc:
                 if method == "shared_prefix":
-                    raise CptError(f"method='shared_prefix' cannot score with {type(model).__name__}: {exc}; use method='full'") from None
+                    raise CptError(
+                        f"method='shared_prefix' cannot score with {type(model).__name__}: {exc}; use method='full'"
+                    ) from None
         _full_sequence_scores(model, pairs, scores, **options)
     return scores
 

@@ -105,7 +105,10 @@ def example_ids(examples: Sequence) -> list:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise CptError(f"eval example {index}: id must be a string or an integer, got {type(value).__name__}")
         if value in seen:
-            raise CptError(f"eval examples {seen[value]} and {index} share the id {value!r}; ids must be unique in a task's eval set")
+            raise CptError(
+                f"eval examples {seen[value]} and {index} share the id {value!r}; "
+                "ids must be unique in a task's eval set"
+            )
         seen[value] = index
     return ids
 

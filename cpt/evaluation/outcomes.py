@@ -29,8 +29,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from cpt.errors import CptError
 
@@ -60,7 +60,8 @@ def outcome_records(result) -> list[dict]:
         columns.update(scores=result.scores, choices=result.choices)
     for name, column in columns.items():
         if column is None or len(column) != count:
-            raise CptError(f"the evaluation result's {name} has {0 if column is None else len(column)} entries, not {count}")
+            size = 0 if column is None else len(column)
+            raise CptError(f"the evaluation result's {name} has {size} entries, not {count}")
     records = []
     for i in range(count):
         record = {
@@ -94,7 +95,7 @@ def _file_safe(task: str) -> str:
 
 
 def outcomes_path(eval_dir: str | os.PathLike, row: int | str, task: str) -> Path:
-    """``eval_dir/<row>_<task>.jsonl`` (row 0 base, t after task t, ``"expert"``; unsafe characters of task → ``_``)."""
+    """``eval_dir/<row>_<task>.jsonl``: row 0 base, t after task t, ``"expert"``; unsafe task characters → ``_``."""
     return Path(eval_dir) / f"{_row_name(row)}_{_file_safe(task)}.jsonl"
 
 
@@ -139,7 +140,9 @@ def read_outcomes(path: str | os.PathLike) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CptError(f"{path}:{number}: not a JSON line ({exc.msg}); the file is damaged: evaluate again") from None
+                raise CptError(
+                    f"{path}:{number}: not a JSON line ({exc.msg}); the file is damaged: evaluate again"
+                ) from None
             if not isinstance(record, dict) or any(field not in record for field in OUTCOME_FIELDS):
                 raise CptError(f"{path}:{number}: an outcome needs the fields {', '.join(OUTCOME_FIELDS)}")
             records.append(record)

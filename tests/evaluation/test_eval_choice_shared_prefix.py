@@ -17,7 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt.errors import CptError
-from cpt.evaluation import ChoiceExample, choice_log_likelihoods, evaluate_choice, tokenize_prompt
+from cpt.evaluation import (
+    ChoiceExample,
+    choice_log_likelihoods,
+    evaluate_choice,
+    tokenize_prompt,
+)
 from cpt.evaluation.choice import _common_prefix_length, _prefix_model
 from cpt.testing import build_tiny_model
 
@@ -111,7 +116,8 @@ class LmHeadRows:
 
 def test_single_token_choices_need_one_pass_and_one_position_per_prompt(tiny):
     model, tokenizer = tiny
-    examples = [ChoiceExample(prompt, [" the", " and", " to", " of"], 0) for prompt in ("Q: one? A:", "Q: two, three? A:", "Hi")]
+    prompts = ("Q: one? A:", "Q: two, three? A:", "Hi")
+    examples = [ChoiceExample(prompt, [" the", " and", " to", " of"], 0) for prompt in prompts]
     for ex in examples:  # each choice adds exactly one token after the whole prompt
         prompt_ids = tokenize_prompt(tokenizer, ex.prompt)
         for choice in ex.choices:

@@ -66,7 +66,8 @@ def test_choice_result_carries_outcomes(tiny, tmp_path):
 def test_generation_result_carries_outcomes(tiny, tmp_path):
     model, tokenizer = tiny
     prompts = ["Hello", "Q: What is the capital of France? A:", [{"role": "user", "content": "Hi"}]]
-    first = evaluate_generation(model, tokenizer, [GenerationExample(p, "x") for p in prompts], max_new_tokens=4, progress=False)
+    placeholders = [GenerationExample(p, "x") for p in prompts]
+    first = evaluate_generation(model, tokenizer, placeholders, max_new_tokens=4, progress=False)
     # make example 1 right: its target is what the model generates
     targets = ["never said", first.predictions[1], "nor this"]
     examples = [GenerationExample(p, t, id=f"src-{i}") for i, (p, t) in enumerate(zip(prompts, targets))]
@@ -102,7 +103,8 @@ def test_metric_matches_follow_normalization(tiny):
 def test_duplicate_and_bad_ids_are_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(CptError, match="share the id 'a'"):
-        evaluate_generation(model, tokenizer, [GenerationExample("Hi", "x", id="a"), GenerationExample("Yo", "y", id="a")])
+        same = [GenerationExample("Hi", "x", id="a"), GenerationExample("Yo", "y", id="a")]
+        evaluate_generation(model, tokenizer, same)
     with pytest.raises(CptError, match="id must be"):
         evaluate_choice(model, tokenizer, [ChoiceExample("Hi", [" a", " b"], 0, id=1.5)])
     # a source id equal to another example's index is still a duplicate
@@ -152,7 +154,8 @@ def test_paths_and_damaged_files(tmp_path):
     with pytest.raises(CptError, match="no such outcomes file"):
         read_outcomes(tmp_path / "missing.jsonl")
     damaged = tmp_path / "1_qa.jsonl"
-    damaged.write_text(json.dumps({"id": 0, "kind": "choice", "prompt": "p", "prediction": 0, "reference": 0, "correct": True}) + "\n{\"id\": 1, \"kin")
+    good = {"id": 0, "kind": "choice", "prompt": "p", "prediction": 0, "reference": 0, "correct": True}
+    damaged.write_text(json.dumps(good) + '\n{"id": 1, "kin')
     with pytest.raises(CptError, match=r"1_qa.jsonl:2: not a JSON line"):
         read_outcomes(damaged)
     damaged.write_text(json.dumps({"id": 0}) + "\n")
