@@ -2,8 +2,10 @@
 
 Both paths of :func:`cpt.evaluation.choice_log_likelihoods` score the same examples in
 one process, alternating (full, shared, full, shared, ...), so a machine shared with
-other jobs slows both alike and the per-round ratio stays meaningful. Reported: each
-path's seconds per round, the median ratio full/shared, and the largest absolute score
+other jobs slows both alike. Reported: each path's wall and process CPU seconds per
+round (CPU seconds are what the process itself computed, so they move far less than wall
+time when other jobs share the cores; run with ``--threads 1`` so idle OpenMP threads do
+not spin into them), the median ratios full/shared, and the largest absolute score
 difference between the paths (float rounding only) with whether the predictions agree.
 
 Examples mimic the issue's measurement: ``--examples`` four-option examples with
@@ -137,17 +139,22 @@ def main(argv=None) -> int:
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()}")
 
     times = {"full": [], "shared_prefix": []}
+    cpu = {"full": [], "shared_prefix": []}
     scores = {}
     for round_index in range(args.rounds):
         for method in ("full", "shared_prefix"):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             scores[method] = choice_log_likelihoods(
                 model, tokenizer, examples, batch_size=args.batch_size, method=method, progress=False
             )
             times[method].append(time.perf_counter() - start)
+            cpu[method].append(time.process_time() - start_cpu)
         print(
-            f"round {round_index + 1}: full {times['full'][-1]:.2f}s  shared_prefix {times['shared_prefix'][-1]:.2f}s  "
-            f"ratio {times['full'][-1] / times['shared_prefix'][-1]:.2f}×",
+            f"round {round_index + 1}: wall full {times['full'][-1]:.2f}s  "
+            f"shared_prefix {times['shared_prefix'][-1]:.2f}s "
+            f"(ratio {times['full'][-1] / times['shared_prefix'][-1]:.2f}×); "
+            f"CPU full {cpu['full'][-1]:.2f}s  shared_prefix {cpu['shared_prefix'][-1]:.2f}s "
+            f"(ratio {cpu['full'][-1] / cpu['shared_prefix'][-1]:.2f}×); load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     diff = max(abs(a - b) for ra, rb in zip(scores["full"], scores["shared_prefix"]) for a, b in zip(ra, rb))
@@ -155,12 +162,13 @@ def main(argv=None) -> int:
         max(range(4), key=lambda c, r=ra: (r[c], -c)) == max(range(4), key=lambda c, r=rb: (r[c], -c))
         for ra, rb in zip(scores["full"], scores["shared_prefix"])
     )
-    ratios = [f / s for f, s in zip(times["full"], times["shared_prefix"])]
-    print(
-        f"median: full {statistics.median(times['full']):.2f}s  "
-        f"shared_prefix {statistics.median(times['shared_prefix']):.2f}s  "
-        f"ratio {statistics.median(ratios):.2f}× (per-round {', '.join(f'{r:.2f}' for r in ratios)})"
-    )
+    for name, measured in (("wall", times), ("CPU", cpu)):
+        ratios = [f / s for f, s in zip(measured["full"], measured["shared_prefix"])]
+        print(
+            f"median {name}: full {statistics.median(measured['full']):.2f}s  "
+            f"shared_prefix {statistics.median(measured['shared_prefix']):.2f}s  "
+            f"ratio {statistics.median(ratios):.2f}× (per-round {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
     print(f"max |score difference| {diff:.2e}; predictions agree: {agree}")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     return 0
