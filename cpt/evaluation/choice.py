@@ -218,7 +218,8 @@ def _shared_prefix_scores(
     for pair in pairs:
         by_example.setdefault(pair.example, []).append(pair)
     prefix_len = {e: min(p.start for p in group) for e, group in by_example.items()}
-    # Examples longest prefix first; a batch holds at most batch_size prompts and batch_size choice rows.
+    # Examples longest prefix first; a batch holds at most batch_size prompts and batch_size choice rows
+    # (more only when one example alone has more choices to continue).
     order = sorted(by_example, key=lambda e: (-prefix_len[e], e))
     batches: list[list[int]] = []
     current: list[int] = []
@@ -329,7 +330,8 @@ def choice_log_likelihoods(
             Both score the same tokens; log-softmax is taken in float32; the scores agree
             to float rounding.
         batch_size: rows per forward pass (``"full"``: pairs; ``"shared_prefix"``: at most
-            ``batch_size`` prompts and ``batch_size`` choice continuations).
+            ``batch_size`` prompts and ``batch_size`` choice continuations, unless one example
+            alone has more choices).
     """
     _check_batch_size(batch_size)
     if method not in CHOICE_METHODS:
