@@ -9,22 +9,38 @@ Importing this package is cheap (torch, transformers and evaluate load on first 
 - :func:`continual_metrics`, :func:`format_matrix_table` — ACC/BWT/FWT/forgetting of an
   accuracy matrix and a text table of it.
 - :func:`load_metric` — the metric modules cpt ships, loaded by path with ``evaluate``.
+- :func:`write_outcomes`, :func:`read_outcomes`, :func:`wrong_answers` — per-example
+  outcomes of an evaluation as JSON lines (``eval/<row>_<task>.jsonl``, METHOD §6).
 
 Prompts are tokenised as TRL's ``SFTTrainer`` tokenises the prompt of prompt/completion
 data (:func:`tokenize_prompt`), so evaluation sees the prompt tokens training saw.
 """
 
-from cpt.evaluation.choice import ChoiceExample, choice_log_likelihoods, encode_choice, evaluate_choice
+from cpt.evaluation.choice import (
+    ChoiceExample,
+    choice_log_likelihoods,
+    encode_choice,
+    evaluate_choice,
+)
 from cpt.evaluation.continual import continual_metrics, format_matrix_table
 from cpt.evaluation.generation import (
     EvalResult,
     GenerationExample,
     evaluate_generation,
+    example_ids,
     generate_greedy,
     render_prompt,
     tokenize_prompt,
 )
 from cpt.evaluation.metrics import available_metrics, load_metric
+from cpt.evaluation.outcomes import (
+    format_wrong_answers,
+    outcome_records,
+    outcomes_path,
+    read_outcomes,
+    write_outcomes,
+    wrong_answers,
+)
 
 __all__ = [
     "ChoiceExample",
@@ -36,9 +52,16 @@ __all__ = [
     "encode_choice",
     "evaluate_choice",
     "evaluate_generation",
+    "example_ids",
     "format_matrix_table",
+    "format_wrong_answers",
     "generate_greedy",
     "load_metric",
+    "outcome_records",
+    "outcomes_path",
+    "read_outcomes",
     "render_prompt",
     "tokenize_prompt",
+    "write_outcomes",
+    "wrong_answers",
 ]

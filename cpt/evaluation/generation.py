@@ -39,21 +39,36 @@ class GenerationExample:
     """One generation example: the model continues ``prompt``; the answer is compared to ``target``.
 
     ``prompt`` is a plain string (used as is) or a list of chat messages (rendered with the
-    tokenizer's chat template and a generation prompt).
+    tokenizer's chat template and a generation prompt). ``id`` names the example in its
+    eval set (the source's id where it has one); ``None`` means its index in the eval set.
     """
 
     prompt: str | list[dict]
     target: str
+    id: str | int | None = None
 
 
 @dataclass
 class EvalResult:
-    """The outcome of evaluating one task's eval set.
+    """The outcome of evaluating one task's eval set, overall and per example (METHOD §6).
 
-    ``predictions`` and ``references`` are in the input order of the examples (generated
-    texts and targets for generation; chosen and correct choice indices for choice tasks).
-    ``scores`` holds per-example details where the evaluator has them (for choice tasks,
-    the log-likelihood score of each choice); ``None`` otherwise.
+    All per-example lists are in the input order of the examples.
+
+    Attributes:
+        score: the task's metric (exact match or choice accuracy), in [0, 1].
+        num_examples: how many examples were evaluated.
+        predictions: generated texts (generation) or chosen choice indices (choice).
+        references: target texts (generation) or correct choice indices (choice).
+        scores: per example, the log-likelihood score of each choice (choice tasks);
+            ``None`` for generation.
+        kind: ``"generation"`` or ``"choice"``.
+        example_ids: per example, its ``id`` or, when it has none, its index in the eval set.
+        prompts: per example, the prompt as given (a string or a list of chat messages).
+        correct: per example, whether the prediction was right (its metric term: the
+            mean of ``correct`` is ``score``).
+        choices: per example, the choice texts (choice tasks); ``None`` for generation.
+
+    :mod:`cpt.evaluation.outcomes` writes the per-example part as JSON lines.
     """
 
     score: float
@@ -61,6 +76,11 @@ class EvalResult:
     predictions: list
     references: list
     scores: list | None = None
+    kind: str | None = None
+    example_ids: list | None = None
+    prompts: list | None = None
+    correct: list[bool] | None = None
+    choices: list[list[str]] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -69,7 +89,28 @@ class EvalResult:
             "predictions": list(self.predictions),
             "references": list(self.references),
             "scores": self.scores,
+            "kind": self.kind,
+            "example_ids": self.example_ids,
+            "prompts": self.prompts,
+            "correct": self.correct,
+            "choices": self.choices,
         }
+
+
+def example_ids(examples: Sequence) -> list:
+    """Each example's ``id``, or its index in the eval set where it has none; :class:`CptError` on duplicates."""
+    ids = [index if getattr(ex, "id", None) is None else ex.id for index, ex in enumerate(examples)]
+    seen: dict = {}
+    for index, value in enumerate(ids):
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise CptError(f"eval example {index}: id must be a string or an integer, got {type(value).__name__}")
+        if value in seen:
+            raise CptError(
+                f"eval examples {seen[value]} and {index} share the id {value!r}; "
+                "ids must be unique in a task's eval set"
+            )
+        seen[value] = index
+    return ids
 
 
 def _is_conversation(prompt: Any) -> bool:
@@ -269,6 +310,7 @@ def evaluate_generation(
     for i, ex in enumerate(examples):
         if not isinstance(ex.target, str):
             raise CptError(f"generation example {i}: target must be a string, got {type(ex.target).__name__}")
+    ids = example_ids(examples)
     predictions = generate_greedy(
         model,
         tokenizer,
@@ -279,12 +321,18 @@ def evaluate_generation(
         desc=desc,
     )
     references = [ex.target for ex in examples]
-    result = load_metric("exact_match").compute(predictions=predictions, references=references, **options)
+    result = load_metric("exact_match").compute(
+        predictions=predictions, references=references, return_matches=True, **options
+    )
     return EvalResult(
         score=float(result["exact_match"]),
         num_examples=len(examples),
         predictions=predictions,
         references=references,
+        kind="generation",
+        example_ids=ids,
+        prompts=[ex.prompt for ex in examples],
+        correct=list(result["matches"]),
     )
 
 
@@ -294,6 +342,7 @@ __all__ = [
     "GenerationExample",
     "eval_mode",
     "evaluate_generation",
+    "example_ids",
     "generate_greedy",
     "render_prompt",
     "tokenize_prompt",

@@ -38,8 +38,10 @@ Args:
     strip (bool): strip leading/trailing whitespace. Default True.
     collapse_whitespace (bool): collapse whitespace runs into one space. Default True.
     first_line (bool): compare only the prediction's first line. Default False.
+    return_matches (bool): also return the per-example matches. Default False.
 Returns:
     exact_match (float): mean of per-example matches, in [0, 1].
+    matches (list of bool): whether each prediction matched (only with ``return_matches``).
 Examples:
     >>> m = evaluate.load("path/to/exact_match")
     >>> m.compute(predictions=[" Paris\\nmore", "4"], references=["paris", "5"], ignore_case=True, first_line=True)
@@ -92,6 +94,7 @@ class ExactMatch(evaluate.Metric):
         strip=True,
         collapse_whitespace=True,
         first_line=False,
+        return_matches=False,
     ):
         if isinstance(regexes_to_ignore, str):
             regexes_to_ignore = [regexes_to_ignore]
@@ -110,4 +113,7 @@ class ExactMatch(evaluate.Metric):
                     prediction = prediction.lstrip()
                 prediction = prediction.split("\n", 1)[0]
             matches.append(_normalize(prediction, **options) == _normalize(reference, **options))
-        return {"exact_match": float(sum(matches) / len(matches)) if matches else 0.0}
+        result = {"exact_match": float(sum(matches) / len(matches)) if matches else 0.0}
+        if return_matches:
+            result["matches"] = [bool(match) for match in matches]
+        return result
