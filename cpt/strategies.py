@@ -85,6 +85,7 @@ def register_strategy(
 def _load_builtin_strategies() -> None:
     # Importing the modules runs their @register_strategy decorators.
     import cpt.merging.average  # noqa: F401
+    import cpt.merging.dare  # noqa: F401
     import cpt.merging.gcwm  # noqa: F401
     import cpt.merging.magmax  # noqa: F401
     import cpt.merging.nufilt  # noqa: F401
