@@ -38,25 +38,28 @@ def _locate(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     return counts.numel() - 1 - index, rank - above
 
 
-def kth_largest_magnitudes(stream: Callable[[], Iterable[Sequence[torch.Tensor]]], ranks: Sequence[int]) -> list[float]:
+def kth_largest_magnitudes(stream: Callable[[], Iterable[Sequence[torch.Tensor]]],
+                           ranks: Sequence[int | Callable[[int], int]]) -> list[float]:
     """The ``ranks[c]``-th largest ``|x|`` (1-based) of each channel ``c`` over a stream.
 
     ``stream()`` is called twice and must yield the same tensors both times: per chunk one
-    tensor per channel (any shapes). A rank of 0 gives ``inf`` (nothing is that large); a
-    rank above the channel's size gives ``0.0`` (everything is at least that large).
+    tensor per channel (any shapes). A rank may be a function of the channel's total size
+    (known after the first pass), e.g. ``lambda size: int(0.1 * size)``. A rank of 0 gives
+    ``inf`` (nothing is that large); a rank above the channel's size gives ``0.0``
+    (everything is at least that large).
     """
     channels = len(ranks)
-    high = [None] * channels
+    high = [torch.zeros(_HIGH_BINS, dtype=torch.long) for _ in range(channels)]
     sizes = [0] * channels
     for chunk in stream():
         for c, values in enumerate(chunk):
             bits = _bits(values)
             sizes[c] += bits.numel()
-            counts = torch.bincount(bits >> 16, minlength=_HIGH_BINS)
-            high[c] = counts if high[c] is None else high[c] + counts
+            high[c] += torch.bincount(bits >> 16, minlength=_HIGH_BINS).cpu()
+    ranks = [rank(sizes[c]) if callable(rank) else int(rank) for c, rank in enumerate(ranks)]
     located: list[tuple[int, int] | None] = []
     for c, rank in enumerate(ranks):
-        located.append(_locate(high[c].cpu(), rank) if 0 < rank <= sizes[c] else None)
+        located.append(_locate(high[c], rank) if 0 < rank <= sizes[c] else None)
     if all(entry is None for entry in located):
         return [float("inf") if rank <= 0 else 0.0 for rank in ranks]
     low = [torch.zeros(_LOW_BINS, dtype=torch.long) for _ in range(channels)]

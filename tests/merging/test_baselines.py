@@ -59,7 +59,8 @@ def run_steps(strategy, base: dict, experts: list[dict], targets: set[str]):
         strategy.begin_step(step, _Source(groups), scalars)
         new_state, new_kept, step_stats = {}, defaultdict(dict), {}
         for target, names, _rows, b, s, e, tv in groups:
-            history = {key: (torch.stack([kept[key][n] for n in names]) if key in kept else None) for key in keys}
+            history = {key: (torch.stack([kept[key][n] for n in names])
+                             if key in kept and all(n in kept[key] for n in names) else None) for key in keys}
             result = strategy.merge(TensorBatch(names, target, step, b, s, e, tv, history, scalars))
             for i, name in enumerate(names):
                 new_state[name] = result.state[i].float()
