@@ -87,6 +87,7 @@ def _load_builtin_strategies() -> None:
     import cpt.merging.average  # noqa: F401
     import cpt.merging.dare  # noqa: F401
     import cpt.merging.gcwm  # noqa: F401
+    import cpt.merging.lines  # noqa: F401
     import cpt.merging.localize_stitch  # noqa: F401
     import cpt.merging.magmax  # noqa: F401
     import cpt.merging.nufilt  # noqa: F401
