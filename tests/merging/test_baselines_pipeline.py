@@ -222,6 +222,26 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, base, experts, name, 
     assert block_states[2][embed].shape == whole_states[2][embed].shape
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_ties_fusionbench_through_run_merge(tmp_path, base, experts, split, monkeypatch):
+    """``form: fusionbench`` on disk (whole-model thresholds streamed; the embedding in row
+    blocks when ``split``) equals the transcription of FusionBench's continual TIES."""
+    import cpt.merging.pipeline as pipeline
+    from test_ties_fusionbench import fusionbench_continual_ties
+
+    monkeypatch.setattr(pipeline, "BATCH_MODEL_FRACTION", 1.0)  # whole tensors ...
+    if split:
+        monkeypatch.setattr(pipeline, "BATCH_BYTES", 4096)  # ... or the embedding in 4 KiB row blocks
+    states, results = run_three(tmp_path, base, experts, "ties", {"form": "fusionbench"})
+    theta0 = weights(base)
+    expected = fusionbench_continual_ties(theta0, [m.state_dict() for m in experts], 0.3, 0.2)
+    embed = "model.embed_tokens.weight"
+    assert ("row_blocks" in results[1]["per_tensor"][embed]) == split
+    for step in range(3):
+        for n, v in expected[step].items():
+            torch.testing.assert_close(states[step][n], v, rtol=0, atol=1e-6)
+
+
 def test_combine_row_stats_hand_worked():
     from cpt.merging.pipeline import combine_row_stats
 
