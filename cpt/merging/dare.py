@@ -38,8 +38,8 @@ weights).
 Stats per target tensor and step: realized ``density`` (``nnz(m)/numel``), ``rescale``
 (r), ``norm_task_vector`` (‖τ‖_F), ``norm_sparsified`` (‖D(τ)‖_F) and the generator seed
 ``mask_seed`` (h); for ``dare_ties`` also ``sign_conflicts`` (both inputs non-zero with
-opposite signs) and ``dropped_by_election`` (the share of the inputs' non-zero entries the
-elected sign drops).
+opposite signs) and ``dropped_by_election`` (the non-zero input entries the elected sign
+drops, per entry of the tensor).
 """
 
 from __future__ import annotations
@@ -107,10 +107,10 @@ def ties_prime(previous: torch.Tensor, sparsified: torch.Tensor) -> tuple[torch.
     stacked = torch.stack([previous, sparsified])
     agree = calculate_majority_sign_mask(stacked, method="total")
     merged = disjoint_merge(stacked, agree)
-    nonzero = (stacked != 0).flatten(2).sum(dim=(0, 2)).float()
-    dropped = ((stacked != 0) & ~agree).flatten(2).sum(dim=(0, 2)).float()
+    # per entry of the tensor (not per non-zero input), so the stat is row-additive in row blocks
+    dropped = ((stacked != 0) & ~agree).flatten(2).sum(dim=(0, 2)).float() / previous[0].numel()
     conflict = (previous * sparsified < 0).flatten(1).float().mean(dim=1)
-    return merged, {"sign_conflicts": conflict, "dropped_by_election": dropped / nonzero.clamp_min(1)}
+    return merged, {"sign_conflicts": conflict, "dropped_by_election": dropped}
 
 
 @dataclass

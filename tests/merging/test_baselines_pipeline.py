@@ -194,6 +194,7 @@ def test_recipe_is_the_quickstart_with_this_strategy(name):
 ROW_SEPARABLE = {  # strategy: parameters (non-target rules chosen so non-target tensors change)
     "task_arithmetic": {}, "average": {}, "magmax": {}, "opcm": {},
     "wudi": FAST["wudi"], "nufilt": FAST["nufilt"], "gcwm": {"iters": 5, "non_target": "task_arithmetic"},
+    "dare_ta": {}, "dare_ties": {}, "localize_stitch": {"non_target": "average"}, "lines": {},
 }
 
 
@@ -209,7 +210,8 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, base, experts, name, 
     block_states, block_results = run_three(tmp_path / "blocks", base, experts, name, ROW_SEPARABLE[name])
     embed = "model.embed_tokens.weight"
     strategy = get_strategy(name).build(ROW_SEPARABLE[name])
-    assert strategy.rows_separable(False) and not (name in ("opcm", "wudi", "nufilt", "gcwm") and strategy.rows_separable(True))
+    assert strategy.rows_separable(False) and not (name in ("opcm", "wudi", "nufilt", "gcwm", "dare_ta", "dare_ties",
+                                                          "localize_stitch") and strategy.rows_separable(True))
     for step in range(3):
         for tensor_name, value in whole_states[step].items():
             # OPCM's global rescale sums ‖D_t‖² in another order: float rounding only

@@ -78,7 +78,7 @@ def test_ties_prime_hand_worked():
     # sums (1.3, −0.3, −0.2, 0) → signs (+, −, −, +) → (mean(0.5, 0.8), −0.4, −0.2, 0)
     close(merged[0], [0.65, -0.4, -0.2, 0])
     assert float(extra["sign_conflicts"][0]) == pytest.approx(0.25)       # entry 1: 0.1 vs −0.4
-    assert float(extra["dropped_by_election"][0]) == pytest.approx(1 / 5)  # 0.1, of the 5 non-zeros
+    assert float(extra["dropped_by_election"][0]) == pytest.approx(1 / 4)  # 0.1 dropped, per entry of the 4-entry tensor
 
 
 def test_dare_ties_two_steps(monkeypatch):
