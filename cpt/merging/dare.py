@@ -44,6 +44,7 @@ drops, per entry of the tensor).
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -149,11 +150,16 @@ class _DareMixin:
         n = len(batch.names)
         if not batch.target:
             return task_vector, [{} for _ in range(n)]
+        if p.density >= 1:  # the identity: no mask to draw
+            norms = task_vector.flatten(1).norm(dim=1)
+            return task_vector, [{"density": 1.0, "rescale": 1.0, "norm_task_vector": float(norms[i]),
+                                  "norm_sparsified": float(norms[i]), "mask_seed": mask_seed(p.seed, batch.step, name)}
+                                 for i, name in enumerate(batch.names)]
         shape = task_vector.shape[1:]
         mask = torch.stack([dare_mask(shape, p.density, p.seed, batch.step, name) for name in batch.names])
         mask = mask.to(task_vector.device)
         sparsified, factor = dare_sparsify(task_vector, mask, p.density, p.rescale)
-        kept = mask.flatten(1).float().mean(dim=1) if p.density < 1 else torch.ones(n)
+        kept = mask.flatten(1).float().mean(dim=1)
         task_norm, sparse_norm = task_vector.flatten(1).norm(dim=1), sparsified.flatten(1).norm(dim=1)
         stats = [{"density": float(kept[i]), "rescale": float(factor[i]), "norm_task_vector": float(task_norm[i]),
                   "norm_sparsified": float(sparse_norm[i]), "mask_seed": mask_seed(p.seed, batch.step, name)}
@@ -183,14 +189,10 @@ class DareTies(_DareMixin, RunningMergeStrategy):
         return not target and self.params.trim_k is None
 
     def merge(self, batch: TensorBatch) -> MergeResult:
-        sparsified, self._sparse_stats = self.sparsify(batch)
-        dense = batch.task_vector
-        batch.task_vector = sparsified  # RunningMergeStrategy combines M_{t−1} with D_t(τ_t)
-        try:
-            result = super().merge(batch)
-        finally:
-            batch.task_vector = dense
-        for entry, extra in zip(result.stats, self._sparse_stats):
+        sparsified, sparse_stats = self.sparsify(batch)
+        # RunningMergeStrategy combines M_{t−1} with the task vector it is given: D_t(τ_t)
+        result = super().merge(dataclasses.replace(batch, task_vector=sparsified))
+        for entry, extra in zip(result.stats, sparse_stats):
             entry.update(extra)
         return result
 

@@ -198,3 +198,13 @@ def test_same_expectation_as_peft_random_pruning():
     assert bool(((ours.mean(0) - tau).abs() <= 5 * sigma + 1e-7).all())
     assert bool(((peft_mean - tau).abs() <= 5 * sigma + 1e-7).all())
     assert abs(float(masks.float().mean()) - density) < 0.005
+
+
+def test_density_one_is_task_arithmetic():
+    generator = torch.Generator().manual_seed(6)
+    tau = torch.randn(2, 4, 3, generator=generator)
+    state = torch.randn(2, 4, 3, generator=generator)
+    batch = TensorBatch(["a", "b"], True, 3, torch.zeros_like(state), state, tau, tau, {}, {})
+    result = DareTaskArithmetic(DareTaParams(density=1.0)).merge(batch)
+    torch.testing.assert_close(result.state, state + 0.3 * tau, rtol=0, atol=0)
+    assert all(s["density"] == 1.0 and s["rescale"] == 1.0 for s in result.stats)
