@@ -53,7 +53,12 @@ import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from pydantic import Field
 
-from cpt.merging.pipeline import MergeResult, MergeStrategy, RunningMergeStrategy, TensorBatch
+from cpt.merging.pipeline import (
+    MergeResult,
+    MergeStrategy,
+    RunningMergeStrategy,
+    TensorBatch,
+)
 from cpt.merging.ties import ties_merge
 from cpt.strategies import register_strategy
 

@@ -151,7 +151,7 @@ class Ties(RunningMergeStrategy):
             for _target, _names, _rows, base, state, _expert, task_vector in batches.iterate():
                 yield state - base, task_vector
 
-        rank = lambda size: int(density * size) + 1  # noqa: E731 - kthvalue(d − k) = the (k+1)-th largest
+        rank = lambda size: int(density * size) + 1
         self._thresholds = tuple(kth_largest_magnitudes(vectors, [rank, rank]))
         sign_sum = 0.0
         for previous, task_vector in vectors():

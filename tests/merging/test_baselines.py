@@ -9,6 +9,7 @@ through the real pipeline and runner in ``test_baselines_pipeline.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -187,7 +188,7 @@ def test_magmax_ties_keep_the_later_task_as_the_reference():
     taus = [torch.randint(-2, 3, (3, 4), generator=generator).float() for _ in range(4)]
     base = {"w": torch.zeros(3, 4)}
     states, _, _ = run_steps(MagMax(MagMaxParams(scaling=1.0)), base, [{"w": tau} for tau in taus], {"w"})
-    ties = sum(int(((a.abs() == b.abs()) & (a != b)).sum()) for a, b in zip(taus, taus[1:]))
+    ties = sum(int(((a.abs() == b.abs()) & (a != b)).sum()) for a, b in itertools.pairwise(taus))
     assert ties > 0  # the case distinguishes > from >=
     close(states[-1]["w"], _fusionbench_magmax(taus))
 

@@ -228,8 +228,9 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, base, experts, name, 
 def test_ties_fusionbench_through_run_merge(tmp_path, base, experts, split, monkeypatch):
     """``form: fusionbench`` on disk (whole-model thresholds streamed; the embedding in row
     blocks when ``split``) equals the transcription of FusionBench's continual TIES."""
-    import cpt.merging.pipeline as pipeline
     from test_ties_fusionbench import fusionbench_continual_ties
+
+    from cpt.merging import pipeline
 
     monkeypatch.setattr(pipeline, "BATCH_MODEL_FRACTION", 1.0)  # whole tensors ...
     if split:

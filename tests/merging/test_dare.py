@@ -7,7 +7,7 @@ import torch
 from peft.utils import merge_utils
 from test_baselines import close, run_steps, t
 
-import cpt.merging.dare as dare
+from cpt.merging import dare
 from cpt.merging.dare import (
     DareTaParams,
     DareTaskArithmetic,

@@ -9,7 +9,14 @@ import torch
 from test_baselines import close, run_steps, t
 
 from cpt.errors import CptError
-from cpt.merging.lines import DEFAULT_LAYER_REGEX, Lines, LinesParams, layer_index, lines_scale, multitask_alpha
+from cpt.merging.lines import (
+    DEFAULT_LAYER_REGEX,
+    Lines,
+    LinesParams,
+    layer_index,
+    lines_scale,
+    multitask_alpha,
+)
 from cpt.strategies import get_strategy
 
 NAMES = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)]

@@ -7,7 +7,12 @@ import pytest
 import torch
 from test_baselines import close, run_steps, t
 
-from cpt.merging.localize_stitch import LocalizeStitch, LocalizeStitchParams, stitch, stitch_update
+from cpt.merging.localize_stitch import (
+    LocalizeStitch,
+    LocalizeStitchParams,
+    stitch,
+    stitch_update,
+)
 from cpt.merging.magnitude import kth_largest_magnitudes
 from cpt.strategies import get_strategy
 
@@ -40,7 +45,7 @@ def test_two_tasks_hand_worked(rule, merged):
 def test_scope_hand_worked(scope, merged_a, merged_b):
     base = {"a": torch.zeros(2), "b": torch.zeros(2)}
     expert = {"a": t(0.9, 0.1), "b": t(0.05, 0.02)}
-    states, stats, _ = run_steps(LocalizeStitch(LocalizeStitchParams(sparsity=0.5, scope=scope)), base, [expert], {"a", "b"})
+    states, _, _ = run_steps(LocalizeStitch(LocalizeStitchParams(sparsity=0.5, scope=scope)), base, [expert], {"a", "b"})
     close(states[0]["a"], merged_a)
     close(states[0]["b"], merged_b)
 

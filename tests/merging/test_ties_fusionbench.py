@@ -37,7 +37,7 @@ def _vector_to_state_dict(vector, reference):
 def _topk_values_mask(M, K):
     if K > 1:
         K /= 100
-    n, d = M.shape
+    _, d = M.shape
     k = d - int(d * K)
     kth_values, _ = M.abs().kthvalue(k, dim=1, keepdim=True)
     return M * (M.abs() >= kth_values)
