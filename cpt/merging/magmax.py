@@ -3,10 +3,11 @@
 An unscaled running vector ``M_t`` is kept as pipeline history (``M_1 = τ_1``); per
 entry it is whichever of ``M_{t−1}`` and ``τ_t`` has the larger magnitude::
 
-    M_t[i] = τ_t[i] if |τ_t[i]| > |M_{t−1}[i]| else M_{t−1}[i],      θ_t = θ0 + λ M_t
+    M_t[i] = τ_t[i] if |τ_t[i]| ≥ |M_{t−1}[i]| else M_{t−1}[i],      θ_t = θ0 + λ M_t
 
-Equal magnitudes keep ``M_{t−1}`` (the earlier task — what an argmax over the stacked
-``[τ_1 … τ_t]`` in task order gives). Applied to every tensor. If the kept ``M`` of a
+Equal magnitudes keep ``τ_t`` (the later task), as the reference does (FusionBench
+``fusion_bench/method/magmax``: ``mask = current.abs() >= running.abs()``); an argmax
+over the stacked ``[τ_1 … τ_t]`` would keep the earlier one. Applied to every tensor. If the kept ``M`` of a
 tensor is missing at t ≥ 2, it is recovered as ``(θ_{t−1} − θ0)/λ``.
 """
 
@@ -27,9 +28,9 @@ class MagMaxParams:
 
 
 def magmax_merge(previous: torch.Tensor, task_vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per entry the larger-magnitude of the two (ties keep ``previous``), and the mask of
-    entries taken from ``task_vector``."""
-    take_new = task_vector.abs() > previous.abs()
+    """Per entry the larger-magnitude of the two (equal magnitudes take ``task_vector``, the
+    reference's ``>=``), and the mask of entries taken from ``task_vector``."""
+    take_new = task_vector.abs() >= previous.abs()
     return torch.where(take_new, task_vector, previous), take_new
 
 

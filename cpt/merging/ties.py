@@ -25,10 +25,35 @@ against ``peft.utils.merge_utils.ties`` (weights 1) in the tests.
 Applied to every tensor (target or not), as the original TIES does. If the kept ``M``
 of a tensor is missing at t ≥ 2 (history lost), it is recovered from the state,
 ``M_{t−1} = (θ_{t−1} − θ0)/λ``, and the tensor's stats say so.
+
+``form: fusionbench`` is FusionBench's continual TIES, the OPCM paper's baseline
+(``fusion_bench/method/opcm/ties_merging.py``, ``ContinualTiesMergingForCLIP``, with
+``fusion_bench/method/ties_merging/ties_merging_utils.py``), a different recursion::
+
+    θ_1 = θ0 + λ τ_1,      θ_t = θ_{t−1} + λ · TIES_fb(θ_{t−1} − θ0, τ_t)
+
+where ``TIES_fb`` works on each vector flattened over the *whole model* (every tensor):
+
+1. **trim** — each vector keeps its entries with ``|x| ≥`` its ``(k+1)``-th largest
+   magnitude, ``k = int(density · d)`` (``topk_values_mask``: ``kthvalue(d − k)`` and
+   ``>=``, so ``k + 1`` entries without ties);
+2. **elect** — ``sign`` of the sum of the trimmed vectors; where it is 0 the sign of the
+   sum of all elected signs (the global majority, ``resolve_zero_signs``) — 0 too if that
+   sum is 0;
+3. **disjoint sum** — the sum of the trimmed entries whose sign matches (``merge_func:
+   sum``, FusionBench's default config; where the elected sign is 0 the negative entries
+   match, as its ``torch.where(sign > 0, v > 0, v < 0)`` does).
+
+The whole-model thresholds are found exactly in two streamed passes
+(:func:`cpt.merging.magnitude.kth_largest_magnitudes`) and the global majority in a third,
+before the merge; the merge itself is then element-wise (row blocks allowed) and keeps no
+history. ``majority_sign`` must be ``total``. FusionBench's config uses λ = 0.5
+(``config/method/opcm/ties_merging.yaml``); cpt's default stays METHOD's 0.3 for both forms.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -36,7 +61,8 @@ import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from pydantic import Field
 
-from cpt.merging.pipeline import RunningMergeStrategy
+from cpt.merging.magnitude import kth_largest_magnitudes
+from cpt.merging.pipeline import MergeResult, RunningMergeStrategy
 from cpt.strategies import register_strategy
 
 
@@ -48,7 +74,14 @@ class TiesParams:
     """λ in θ_t = θ0 + λ M_t (0.3)."""
     majority_sign: Literal["total", "frequency"] = "total"
     """Sign election: ``total`` = sign of the sum (METHOD, TIES); ``frequency`` = sign of
-    the majority count (peft's alternative, for ablation)."""
+    the majority count (peft's alternative, for ablation; ``form: running`` only)."""
+    form: Literal["running", "fusionbench"] = "running"
+    """``running``: M_t = TIES(M_{t−1}, τ_t), θ_t = θ0 + λ M_t (METHOD §3, per-tensor trim, mean);
+    ``fusionbench``: θ_t = θ_{t−1} + λ·TIES(θ_{t−1} − θ0, τ_t) with whole-model trim and disjoint sum."""
+
+    def __post_init__(self):
+        if self.form == "fusionbench" and self.majority_sign != "total":
+            raise ValueError("majority_sign: form fusionbench elects by the sign of the sum; use majority_sign total")
 
 
 def trim_top_k(stacked: torch.Tensor, density: float) -> torch.Tensor:
@@ -82,9 +115,70 @@ def ties_merge(previous: torch.Tensor, task_vector: torch.Tensor, density: float
     return merged, conflict
 
 
+def fusionbench_ties_step(previous: torch.Tensor, task_vector: torch.Tensor, thresholds: tuple[float, float],
+                          majority: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TIES_fb(θ_{t−1} − θ0, τ_t)`` on a batch, given the whole-model trim thresholds
+    ``(q_prev, q_task)`` and the global majority sign (see the module docstring).
+
+    Returns the merged vector and, per tensor, the fraction of sign conflicts of the trimmed vectors.
+    """
+    trimmed = torch.stack([previous * (previous.abs() >= thresholds[0]), task_vector * (task_vector.abs() >= thresholds[1])])
+    elected = torch.sign(trimmed.sum(dim=0))
+    elected = torch.where(elected == 0, torch.full_like(elected, majority), elected)
+    keep = torch.where(elected > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * keep).sum(dim=0)
+    conflict = (trimmed[0] * trimmed[1] < 0).flatten(1).float().mean(dim=1)
+    return merged, conflict
+
+
 @register_strategy("ties", params=TiesParams, train_from="base",
-                   description="continual TIES: M_t = TIES(M_{t-1}, τ_t) (trim, elect sign, disjoint mean), θ_t = θ0 + λ·M_t (METHOD §3)")
+                   description="continual TIES: M_t = TIES(M_{t-1}, τ_t) (trim, elect sign, disjoint mean), θ_t = θ0 + λ·M_t;"
+                               " form fusionbench: θ_t = θ_{t-1} + λ·TIES(θ_{t-1}−θ0, τ_t) (METHOD §3)")
 class Ties(RunningMergeStrategy):
+    def history_keys(self, step, scalars):
+        return [] if self.params.form == "fusionbench" else super().history_keys(step, scalars)
+
+    def rows_separable(self, target):
+        return self.params.form == "fusionbench"  # element-wise once the whole-model thresholds are known
+
+    def begin_step(self, step, batches, scalars):
+        self._summary = {}
+        if self.params.form != "fusionbench" or step == 1:
+            return
+        density = self.params.density
+
+        def vectors():
+            for _target, _names, _rows, base, state, _expert, task_vector in batches.iterate():
+                yield state - base, task_vector
+
+        rank = lambda size: int(density * size) + 1
+        self._thresholds = tuple(kth_largest_magnitudes(vectors, [rank, rank]))
+        sign_sum = 0.0
+        for previous, task_vector in vectors():
+            trimmed = (previous * (previous.abs() >= self._thresholds[0])
+                       + task_vector * (task_vector.abs() >= self._thresholds[1]))
+            sign_sum += float(torch.sign(trimmed).double().sum())
+        self._majority = float(math.copysign(1.0, sign_sum)) if sign_sum != 0 else 0.0
+        self._summary = {"threshold_previous": self._thresholds[0], "threshold_task": self._thresholds[1],
+                         "majority_sign": self._majority}
+
+    def merge(self, batch):
+        if self.params.form != "fusionbench":
+            return super().merge(batch)
+        if batch.step == 1:
+            merged, conflict = batch.task_vector, torch.zeros(len(batch.names))
+        else:
+            merged, conflict = fusionbench_ties_step(batch.state_delta, batch.task_vector, self._thresholds, self._majority)
+        update = self.params.scaling * merged
+        norms = update.flatten(1).norm(dim=1)
+        density = (merged != 0).flatten(1).float().mean(dim=1)
+        return MergeResult(state=batch.state + update, stats=[
+            {"norm_update": float(norms[i]), "merged_density": float(density[i]), "sign_conflicts": float(conflict[i])}
+            for i in range(len(batch.names))])
+
+    def end_step(self, step, scalars):
+        return dict(self._summary)
+
     def first_stats(self, task_vector):
         nonzero = (task_vector != 0).flatten(1).float().mean(dim=1)
         return {"merged_density": nonzero, "sign_conflicts": torch.zeros(task_vector.shape[0])}

@@ -13,10 +13,16 @@ equal-shape tensors), not a copy of it.
   term is ``0/0``; it is dropped from the objective (``adam_merge``'s rule for zero
   vectors). With ``τ_1`` alone, ``m_0 = τ_1`` is already the minimiser (zero gradient),
   so ``θ_1 = E_1`` on target tensors.
-* **Non-target tensors** (embeddings, norms, biases, lm_head): task arithmetic
-  ``θ_t = θ_{t−1} + non_target_scaling · τ_t``, default 1 — the WUDI reference keeps the
-  plain sum of the task vectors for tensors it does not optimise (its ``m_0``), which in
-  continual form is λ = 1. Set it to 0.3 for METHOD's task-arithmetic default.
+* **Non-target tensors** (embeddings, norms, biases, lm_head), ``non_target``:
+
+  - ``average`` (default): the mean of the active set,
+    ``θ_t = θ0 + ((θ_{t−1} − θ0) + τ_t)/2`` for t ≥ 2 and ``θ_1 = E_1`` (at t = 1 the
+    active set is ``τ_1`` alone, as for the target tensors). The WUDI reference averages
+    the task vectors of every tensor it does not optimise (FusionBench
+    ``fusion_bench/method/wudi/wudi.py``, ``new_vector[key] / num_tvs``);
+  - ``sum``: task arithmetic ``θ_t = θ_{t−1} + non_target_scaling · τ_t`` — with the
+    default λ = 1 the plain sum of the task vectors (the optimised tensors' ``m_0``);
+    0.3 gives METHOD's task-arithmetic default.
 
 Stats per tensor: ``norm_update``; on target tensors also ``norm_merged`` (‖m‖), the
 Adam displacement ``‖m − m_0‖``, the objective at ``m_0`` and at ``m``, and the number of
@@ -26,7 +32,7 @@ active vectors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -42,8 +48,11 @@ class WudiParams:
     """Adam learning rate of the inner solve (1e-5)."""
     iters: Annotated[int, Field(ge=0)] = 50
     """Adam steps (50): the early stop is part of the method."""
+    non_target: Literal["average", "sum"] = "average"
+    """Non-target tensors: ``average`` = θ0 + (θ_{t−1} − θ0 + τ_t)/2, the reference's mean of the
+    active set; ``sum`` = θ_{t−1} + non_target_scaling·τ_t."""
     non_target_scaling: float = 1.0
-    """λ of task arithmetic on non-target tensors: θ_t = θ_{t−1} + λ τ_t (1.0, the reference's sum)."""
+    """λ of ``non_target: sum``: θ_t = θ_{t−1} + λ τ_t (1.0, the plain sum)."""
 
 
 def wudi_objective(merged: torch.Tensor, vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -80,7 +89,11 @@ class Wudi(MergeStrategy):
                 extra[i] = {"norm_merged": float(merged_norm[i]), "norm_displacement": float(moved[i]),
                             "objective_before": float(before[i]), "objective_after": float(after[i]),
                             "active_vectors": int(active[i])}
-        else:
+        elif p.non_target == "sum":
             new_state = batch.state + p.non_target_scaling * batch.task_vector
+        elif batch.step == 1:  # the active set is τ_1 alone
+            new_state = batch.base + batch.task_vector
+        else:
+            new_state = batch.base + (batch.state_delta + batch.task_vector) / 2
         norms = (new_state - batch.state).flatten(1).norm(dim=1)
         return MergeResult(state=new_state, stats=[{"norm_update": float(norms[i]), **extra[i]} for i in range(n)])

@@ -9,6 +9,7 @@ through the real pipeline and runner in ``test_baselines_pipeline.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -59,7 +60,8 @@ def run_steps(strategy, base: dict, experts: list[dict], targets: set[str]):
         strategy.begin_step(step, _Source(groups), scalars)
         new_state, new_kept, step_stats = {}, defaultdict(dict), {}
         for target, names, _rows, b, s, e, tv in groups:
-            history = {key: (torch.stack([kept[key][n] for n in names]) if key in kept else None) for key in keys}
+            history = {key: (torch.stack([kept[key][n] for n in names])
+                             if key in kept and all(n in kept[key] for n in names) else None) for key in keys}
             result = strategy.merge(TensorBatch(names, target, step, b, s, e, tv, history, scalars))
             for i, name in enumerate(names):
                 new_state[name] = result.state[i].float()
@@ -89,7 +91,7 @@ def close(actual, expected, atol=1e-5):
 @pytest.mark.parametrize("name,values,expected", [
     ("ties", {}, {"density": 0.2, "scaling": 0.3, "majority_sign": "total"}),
     ("magmax", {}, {"scaling": 0.5}),
-    ("wudi", {}, {"lr": 1e-5, "iters": 50, "non_target_scaling": 1.0}),
+    ("wudi", {}, {"lr": 1e-5, "iters": 50, "non_target": "average", "non_target_scaling": 1.0}),
     ("opcm", {}, {"alpha": 0.5}),
     ("nufilt", {}, {"projection_rank": 128, "lora_rank": 64, "task_rank": 8, "lr": 1e-3, "iters": 50}),
     ("ties", {"density": "0.5"}, {"density": 0.5}),
@@ -161,14 +163,34 @@ def test_magmax_hand_worked():
     e3 = {"w": 1 + t([0.5, 4, 0]), "b": t(0.0, 0.0)}
     states, stats, _ = run_steps(MagMax(MagMaxParams()), base, [e1, e2, e3], {"w"})
     close(states[0]["w"], 1 + 0.5 * t([1, -3, 2]))
-    # M_2 = (-2 [|−2|>|1|], -3 [|1|<|−3|], 2 [|−2| = |2|: the earlier one stays])
-    close(states[1]["w"], 1 + 0.5 * t([-2, -3, 2]))
+    # M_2 = (-2 [|−2|>|1|], -3 [|1|<|−3|], -2 [|−2| = |2|: the later task's entry, the reference's >=])
+    close(states[1]["w"], 1 + 0.5 * t([-2, -3, -2]))
     close(states[1]["b"], 0.5 * t(1.0, 2.0))               # b: M_2 = (1, 2)
-    # M_3 = (-2, 4, 2)
-    close(states[2]["w"], 1 + 0.5 * t([-2, 4, 2]))
+    # M_3 = (-2, 4, -2): τ_3's 0 loses to every non-zero entry
+    close(states[2]["w"], 1 + 0.5 * t([-2, 4, -2]))
     close(states[2]["b"], 0.5 * t(1.0, 2.0))               # τ_3 = 0 changes nothing
-    assert stats[1]["w"]["fraction_from_new"] == pytest.approx(1 / 3)
+    assert stats[1]["w"]["fraction_from_new"] == pytest.approx(2 / 3)
     assert stats[2]["b"]["norm_update"] == 0
+
+
+def _fusionbench_magmax(task_vectors):
+    """FusionBench's MagMax fold, transcribed (``fusion_bench/method/magmax``): a later task
+    vector replaces the running selection where ``current.abs() >= running.abs()``."""
+    merged = task_vectors[0].clone()
+    for current in task_vectors[1:]:
+        merged = torch.where(current.abs() >= merged.abs(), current, merged)
+    return merged
+
+
+def test_magmax_ties_keep_the_later_task_as_the_reference():
+    # Quantised values make equal magnitudes (of both signs) common.
+    generator = torch.Generator().manual_seed(2)
+    taus = [torch.randint(-2, 3, (3, 4), generator=generator).float() for _ in range(4)]
+    base = {"w": torch.zeros(3, 4)}
+    states, _, _ = run_steps(MagMax(MagMaxParams(scaling=1.0)), base, [{"w": tau} for tau in taus], {"w"})
+    ties = sum(int(((a.abs() == b.abs()) & (a != b)).sum()) for a, b in itertools.pairwise(taus))
+    assert ties > 0  # the case distinguishes > from >=
+    close(states[-1]["w"], _fusionbench_magmax(taus))
 
 
 def test_magmax_recovers_lost_history_from_state():
@@ -177,7 +199,7 @@ def test_magmax_recovers_lost_history_from_state():
     state = 0.5 * t(1.0, -3.0, 2.0)[None]
     task = t(-2.0, 1.0, -2.0)[None]
     result = strategy.merge(TensorBatch(["x"], False, 2, base, state, base + task, task, {"merged": None}, {}))
-    close(result.state, 0.5 * t(-2.0, -3.0, 2.0)[None])
+    close(result.state, 0.5 * t(-2.0, -3.0, -2.0)[None])   # equal magnitudes: the new entry
     assert result.stats[0]["merged_recovered_from_state"] is True
 
 
@@ -276,7 +298,8 @@ def test_wudi_hand_worked():
     base = {"w": t([0.0, 0.0]), "b": t(1.0)}
     e1 = {"w": t([1.0, 0.0]), "b": t(3.0)}
     e2 = {"w": t([1.0, 1.0]), "b": t(2.0)}
-    states, stats, _ = run_steps(Wudi(WudiParams(lr=0.1, iters=1, non_target_scaling=0.5)), base, [e1, e2], {"w"})
+    states, stats, _ = run_steps(Wudi(WudiParams(lr=0.1, iters=1, non_target="sum", non_target_scaling=0.5)),
+                                 base, [e1, e2], {"w"})
     # t = 1: θ_1 − θ0 = 0 is dropped; L(m) = ((m − u1)·u1)², m_0 = u1 has zero gradient → θ_1 = E_1.
     close(states[0]["w"], t([1.0, 0.0]))
     close(states[0]["b"], t(2.0))                                 # 1 + 0.5·2
@@ -289,6 +312,21 @@ def test_wudi_hand_worked():
     assert stats[1]["w"]["objective_before"] == pytest.approx(1.5)
     assert stats[1]["w"]["objective_after"] == pytest.approx(1.13, rel=1e-5)
     assert stats[1]["w"]["active_vectors"] == 2
+
+
+def test_wudi_non_target_tensors_average_by_default():
+    # b: θ0 = 1, τ_1 = 2, τ_2 = 4, τ_3 = −2. average: θ_1 = E_1 = 3; θ_2 = 1 + (2 + 4)/2 = 4;
+    # θ_3 = 1 + (3 − 2)/2 = 1.5. sum (λ = 1): 3, 7, 5 — the two rules differ from step 2 on.
+    base = {"w": t([0.0, 0.0]), "b": t(1.0)}
+    experts = [{"w": t([1.0, 0.0]), "b": t(3.0)}, {"w": t([0.0, 1.0]), "b": t(5.0)}, {"w": t([1.0, 1.0]), "b": t(-1.0)}]
+    averaged, _, _ = run_steps(Wudi(WudiParams(iters=0)), base, experts, {"w"})
+    summed, _, _ = run_steps(Wudi(WudiParams(iters=0, non_target="sum")), base, experts, {"w"})
+    assert [float(s["b"]) for s in averaged] == pytest.approx([3.0, 4.0, 1.5])
+    assert [float(s["b"]) for s in summed] == pytest.approx([3.0, 7.0, 5.0])
+    # FusionBench's batch rule on two tasks, mean of the task vectors, is the continual step 2.
+    assert float(averaged[1]["b"]) == pytest.approx(1 + (2.0 + 4.0) / 2)
+    # iters = 0 keeps m_0 = Σ u_i on the target tensors: both rules agree there.
+    close(averaged[2]["w"], summed[2]["w"])
 
 
 def _torch_adam_wudi(vectors, lr, iters):
