@@ -284,8 +284,9 @@ class TaskSequenceRunner:
             # Order matters at on_train_end: score E_t, then measure geometry, then integrate.
             callbacks=[*strategy_callbacks, expert_evaluation, *diagnostics, integration],
         )
-        for callback in diagnostics:
-            callback.bind_trainer(trainer)
+        for callback in [*strategy_callbacks, *diagnostics]:
+            if callable(getattr(callback, "bind_trainer", None)):  # log through trainer.log, use its tokenization
+                callback.bind_trainer(trainer)
 
         self._train(trainer, step, task, record, checkpoints, stopwatch)
         self._record_integrated(record, integration, diagnostics, task)
