@@ -73,7 +73,7 @@ from pydantic import Field
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext, TaskContext
 from cpt.io import commit_dir, recover_dir, staging_dir
-from cpt.strategies import register_strategy
+from cpt.strategies import Strategy, register_strategy
 from cpt.tensors import _lora_layers, is_peft_model, is_zero3, unwrap_model, zero3_gathered
 
 DEFAULT_EWC_LAMBDA = 100.0
@@ -554,7 +554,7 @@ def load_ewc_state(folder: str | Path, step: int) -> tuple[dict[str, torch.Tenso
     state_is_expert=True,
     description="sequential fine-tuning with the (online) EWC penalty toward earlier tasks' weights",
 )
-class EWC:
+class EWC(Strategy):
     """Integration is sequential; the training-time work is :class:`callbacks.EWCCallback`."""
 
     def __init__(self, params: EWCParams):
