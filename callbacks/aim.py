@@ -115,7 +115,7 @@ class AIMMergingCallback(TrainerCallback):
         self.trainer = None
         self.enabled = False
         self.steps: list[dict[str, Any]] = []
-        """Per step: g, the probe loss, the phase, δ, f (and the train loss when logged)."""
+        """Per step: g, the probe loss, the phase, δ, f, and the training loss at logging steps."""
         self.merges: list[dict[str, Any]] = []
         """Per merge: see :meth:`cpt.training.aim.AIMSchedule.finish_merge`, plus ‖Δ_in‖₁, ‖Δ_out‖₁, the outer loss."""
         self._prepared_memory = None
@@ -169,14 +169,20 @@ class AIMMergingCallback(TrainerCallback):
             "threshold": self.schedule.threshold,
             "flags": self.schedule.flags,
         }
-        history = state.log_history
-        if history and history[-1].get("step") == step and "loss" in history[-1]:
-            record["train_loss"] = history[-1]["loss"]
         self.steps.append(record)
         if self.schedule.should_merge(step):  # §4.B step 3
             self.merge(model, optimizer, args, state)
         elif getattr(args, "logging_steps", 0) and step % max(1, int(args.logging_steps)) == 0:
-            self._log(args, state, {"aim/probe_loss": probe, "aim/threshold": record["threshold"], "aim/flags": record["flags"]})
+            self._log(
+                args,
+                state,
+                {"aim/probe_loss": probe, "aim/threshold": record["threshold"], "aim/flags": record["flags"]},
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The trainer logs the step's training loss after on_step_end: attach it to that step's record.
+        if self.enabled and logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
+            self.steps[-1]["train_loss"] = logs["loss"]
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.record_path is not None and (getattr(state, "is_world_process_zero", True)):
@@ -208,7 +214,9 @@ class AIMMergingCallback(TrainerCallback):
 
     def outer_step(self, model: torch.nn.Module, optimizer, args) -> float:
         """One outer step (§4.B step 3, L2536-2627): backward (loss / GA), clip, optimizer step, zero grads."""
-        loss = self.memory_loss(model, self.memory_batch()) / max(1, int(getattr(args, "gradient_accumulation_steps", 1)))
+        loss = self.memory_loss(model, self.memory_batch()) / max(
+            1, int(getattr(args, "gradient_accumulation_steps", 1))
+        )
         if self.trainer is not None:
             self.trainer.accelerator.backward(loss)
         else:
@@ -296,7 +304,9 @@ class AIMMergingCallback(TrainerCallback):
         prepared = self.trainer._prepare_dataset(
             memory, self.trainer.processing_class, self.trainer.args, False, None, "aim_memory"
         )
-        keep = [column for column in prepared.column_names if column not in ("prompt", "completion", "text", "messages")]
+        keep = [
+            column for column in prepared.column_names if column not in ("prompt", "completion", "text", "messages")
+        ]
         return prepared.select_columns(keep)
 
     def _log(self, args, state, metrics: dict[str, float]) -> None:

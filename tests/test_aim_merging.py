@@ -47,12 +47,19 @@ def test_weight_table_and_merge_arithmetic(flags, interval, weights, expected):
     merged = merge_tensor(torch.tensor([1.0]), torch.tensor([1.4]), torch.tensor([1.2]), *weights)
     assert merged.item() == pytest.approx(expected, abs=1e-6)
     # The table's edges: K = 70 is still "new task important"; f = 3 is "history important".
-    assert merge_weights(1, 70) == (0.6, 0.4) and merge_weights(1, 71) == (0.5, 0.5) and merge_weights(3, 71) == (0.4, 0.6)
+    assert (
+        merge_weights(1, 70) == (0.6, 0.4) and merge_weights(1, 71) == (0.5, 0.5) and merge_weights(3, 71) == (0.4, 0.6)
+    )
 
 
 def test_merge_tensor_keeps_dtype():
-    merged = merge_tensor(torch.ones(3, dtype=torch.bfloat16), torch.full((3,), 1.5, dtype=torch.bfloat16),
-                          torch.full((3,), 1.25, dtype=torch.bfloat16), 0.5, 0.5)
+    merged = merge_tensor(
+        torch.ones(3, dtype=torch.bfloat16),
+        torch.full((3,), 1.5, dtype=torch.bfloat16),
+        torch.full((3,), 1.25, dtype=torch.bfloat16),
+        0.5,
+        0.5,
+    )
     assert merged.dtype == torch.bfloat16 and torch.equal(merged, torch.full((3,), 1.125, dtype=torch.bfloat16))
 
 
@@ -110,7 +117,12 @@ def test_three_flags_merge_before_outer_begin():
     schedule = AIMSchedule(inner_iterations=16)
     merges = run_schedule(schedule, {12: 9.0, 13: 9.0, 14: 9.0}, 14)
     assert [(merge["step"], merge["flags"]) for merge in merges] == [(14, 3)]
-    assert schedule.outer_begin == 14 + 16 and schedule.flags == 0 and schedule.calibration == [] and schedule.threshold == 0
+    assert (
+        schedule.outer_begin == 14 + 16
+        and schedule.flags == 0
+        and schedule.calibration == []
+        and schedule.threshold == 0
+    )
 
 
 def test_no_flag_can_grow_while_calibrating_after_a_merge():
@@ -223,7 +235,11 @@ def test_merging_touches_only_the_trainable_set_and_follows_the_rule():
     assert merge["learning_signal"] == pytest.approx(merge["inner_l1"] / 2)
     assert model.frozen.item() == 3.0 and model.buffer.item() == 5.0, "only P changes"
     logged = [row for row in state.log_history if "aim/merge_step" in row]
-    assert len(logged) == 1 and logged[0]["aim/w_in"] == 0.6 and logged[0]["aim/outer_l1"] == pytest.approx(merge["outer_l1"])
+    assert (
+        len(logged) == 1
+        and logged[0]["aim/w_in"] == 0.6
+        and logged[0]["aim/outer_l1"] == pytest.approx(merge["outer_l1"])
+    )
 
 
 def test_anchor_moves_to_the_merged_weights():
@@ -254,7 +270,47 @@ def test_separate_outer_optimizer_leaves_the_task_optimizer_alone():
     callback = InjectedLosses({}, inner_iterations=2, outer_iterations=3, outer_optimizer="separate", outer_lr=1e-3)
     drive(callback, model, task_optimizer, 4)
     assert task_optimizer.state == {} or not task_optimizer.state[model.trainable], "the task optimizer never stepped"
-    assert callback.merges[0]["outer_l1"] == pytest.approx(2 * 3 * 1e-3, rel=2e-2), "three AdamW steps of ≈ lr each entry"
+    assert callback.merges[0]["outer_l1"] == pytest.approx(2 * 3 * 1e-3, rel=2e-2), (
+        "three AdamW steps of ≈ lr each entry"
+    )
+
+
+def test_lora_factors_are_merged_separately_and_the_base_is_untouched(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32))
+    model = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    frozen = {name: param.detach().clone() for name, param in model.named_parameters() if not param.requires_grad}
+
+    class LoraLosses(InjectedLosses):
+        def memory_loss(self, model, rows):
+            return sum((param**2).sum() for name, param in model.named_parameters() if param.requires_grad)
+
+    callback = LoraLosses({}, inner_iterations=2, outer_iterations=1)
+    args = SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=0.0, logging_steps=0)
+    state = SimpleNamespace(global_step=0, log_history=[], is_world_process_zero=True)
+    optimizer = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=0.1)
+    callback.on_train_begin(args, state, None, model=model, train_dataloader=SimpleNamespace(collate_fn=list))
+    names = [name for name, _ in callback._params]
+    assert names and all("lora_A" in name or "lora_B" in name for name in names), (
+        "P = the LoRA factors, A and B separately"
+    )
+    anchors = {name: param.detach().clone() for name, param in callback._params}
+    for step in range(1, 5):
+        with torch.no_grad():
+            for _, param in callback._params:
+                param += 0.01
+        state.global_step = step
+        inner = {name: param.detach().clone() for name, param in callback._params}
+        callback.on_step_end(args, state, None, model=model, optimizer=optimizer)
+    assert [merge["step"] for merge in callback.merges] == [4]
+    for name, param in callback._params:  # one SGD step on Σ p²: θ_M = θ_k − 0.1 · 2 θ_k, per factor
+        expected = anchors[name] + 0.6 * (inner[name] - anchors[name]) + 0.4 * (-0.2 * inner[name])
+        assert torch.allclose(param.detach(), expected, atol=1e-6), name
+    assert all(torch.equal(param, frozen[name]) for name, param in model.named_parameters() if name in frozen)
 
 
 def test_no_memory_means_no_merges_and_plain_training():
@@ -291,8 +347,14 @@ def test_strategy_persists_memories_and_builds_the_callback(tmp_path):
 
     def context(step):
         rows = [{"prompt": f"{names[step - 1]}-{i}:", "completion": f" {i % 2}"} for i in range(100)]
-        return TaskContext(step=step, task_name=names[step - 1], task_names=names,
-                           train_dataset=datasets.Dataset.from_list(rows), strategy_dir=tmp_path, seed=5)
+        return TaskContext(
+            step=step,
+            task_name=names[step - 1],
+            task_names=names,
+            train_dataset=datasets.Dataset.from_list(rows),
+            strategy_dir=tmp_path,
+            seed=5,
+        )
 
     strategy = get_strategy("aim_merging").build({"memory_ratio": 4})
     [first] = strategy.training_callbacks(context(1))
@@ -315,8 +377,12 @@ def test_parameters_defaults_and_bad_values():
     assert (params.max_step_len, params.min_step_len, params.threshold_factor) == (128, 2, 2.0)
     assert math.isclose(params.calib_frac, 2 / 3) and params.memory_ratio == 2.0 and params.outer_batch_size == 32
     assert get_strategy("aim_merging").train_from == "state"
-    for bad, message in [({"inner_iterations": 0}, "inner_iterations"), ({"outer_optimizer": "sgd"}, "outer_optimizer"),
-                         ({"memory_ratio": 0}, "memory_ratio"), ({"inner_iteration": 4}, "did you mean 'inner_iterations'")]:
+    for bad, message in [
+        ({"inner_iterations": 0}, "inner_iterations"),
+        ({"outer_optimizer": "sgd"}, "outer_optimizer"),
+        ({"memory_ratio": 0}, "memory_ratio"),
+        ({"inner_iteration": 4}, "did you mean 'inner_iterations'"),
+    ]:
         with pytest.raises(CptError, match=message):
             get_strategy("aim_merging").make_params(bad)
 
@@ -330,21 +396,49 @@ def test_two_task_aim_run_merges_with_outer_steps(tmp_path):
     plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in words))
     upper = tmp_path / "upper.jsonl"
     upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in words))
-    recipe = validate_recipe({
-        "name": "aim", "output_dir": str(tmp_path / "runs"), "seed": 3, "model": {"name_or_path": tiny},
-        "strategy": {"name": "aim_merging", "inner_iterations": 2, "outer_iterations": 2, "memory_ratio": 50,
-                     "outer_batch_size": 2},
-        "training": {"max_steps": 9, "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
-                     "disable_tqdm": True},
-        "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False}, "geometry": {"enabled": False},
-        "tasks": [
-            {"name": "plural", "train": {"path": str(plural)},
-             "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"}, "eval": {"held_out": 4}},
-            {"name": "upper", "train": {"path": str(upper)},
-             "fields": {"prompt": "word", "completion": "answer", "prompt_template": "Upper case of {prompt}:",
-                        "completion_template": " {completion}"}, "eval": {"held_out": 4}},
-        ],
-    })
+    recipe = validate_recipe(
+        {
+            "name": "aim",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 3,
+            "model": {"name_or_path": tiny},
+            "strategy": {
+                "name": "aim_merging",
+                "inner_iterations": 2,
+                "outer_iterations": 2,
+                "memory_ratio": 50,
+                "outer_batch_size": 2,
+            },
+            "training": {
+                "max_steps": 9,
+                "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 1,
+                "disable_tqdm": True,
+            },
+            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
+            "geometry": {"enabled": False},
+            "tasks": [
+                {
+                    "name": "plural",
+                    "train": {"path": str(plural)},
+                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
+                    "eval": {"held_out": 4},
+                },
+                {
+                    "name": "upper",
+                    "train": {"path": str(upper)},
+                    "fields": {
+                        "prompt": "word",
+                        "completion": "answer",
+                        "prompt_template": "Upper case of {prompt}:",
+                        "completion_template": " {completion}",
+                    },
+                    "eval": {"held_out": 4},
+                },
+            ],
+        }
+    )
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3
     strategy_dir = recipe.run_dir / "strategy"
@@ -357,6 +451,7 @@ def test_two_task_aim_run_merges_with_outer_steps(tmp_path):
     assert stats["aim_memory_examples"] == 4
     record = json.loads((strategy_dir / "aim" / "2_upper.json").read_text())
     assert len(record["steps"]) == 9 and all(math.isfinite(row["probe_loss"]) for row in record["steps"])
+    assert all(math.isfinite(row["train_loss"]) for row in record["steps"]), "logging_steps = 1: every step's loss"
     assert stats["aim_merges"] == len(record["merges"]) >= 2 and stats["aim_merge_steps"][0] in (3, 4)
     for merge in record["merges"]:
         assert merge["outer_steps"] == 2 and math.isfinite(merge["outer_loss"])

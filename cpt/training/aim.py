@@ -133,7 +133,9 @@ def merge_weights(flags: int, interval: int, important_k: int = 70) -> tuple[flo
     return (0.6, 0.4) if new_task_important else (0.5, 0.5)
 
 
-def merge_tensor(anchor: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, w_in: float, w_out: float) -> torch.Tensor:
+def merge_tensor(
+    anchor: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, w_in: float, w_out: float
+) -> torch.Tensor:
     """``A + w_in·(θ_k − A) + w_out·(θ_M − θ_k)`` in float32, cast back to the anchor's dtype (§4.B step 3)."""
     anchor32 = anchor.float()
     inner32 = inner.float()
@@ -237,7 +239,7 @@ class AIMSchedule:
         return math.floor(self.calib_frac * self.interval)
 
     def observe(self, step: int, loss: float) -> str:
-        """Step 2 (the signal, reference L2476-2500) for the probe loss ``L_g`` at global step ``g``; returns the phase."""
+        """Step 2 (the signal, reference L2476-2500) for the probe loss ``L_g`` at step ``g``; returns the phase."""
         count = self.calibration_count
         if len(self.calibration) < count:
             self.calibration.append(float(loss))
