@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from cpt.errors import CptError
 from cpt.io import atomic_write_json
@@ -47,8 +47,9 @@ class AIMMergingCallback(TrainerCallback):
 
     Without :meth:`bind_trainer` the memory must already be tokenized (``input_ids``; it is
     collated with the trainer's collator) and the statistics go to ``state.log_history``.
-    Metrics logged through ``trainer.log``: ``aim/probe_loss``, ``aim/threshold``,
-    ``aim/flags`` (at logging steps) and, at each merge, ``aim/merge_step``, ``aim/interval``,
+    Metrics logged through the trainer (with its next training log, so its own log line stays
+    intact): ``aim/probe_loss`` (mean since the previous log), ``aim/threshold``, ``aim/flags``
+    and, for each merge, ``aim/merge_step``, ``aim/interval``,
     ``aim/next_interval``, ``aim/outer_steps``, ``aim/w_in``, ``aim/w_out``,
     ``aim/inner_l1``, ``aim/outer_l1``, ``aim/learning_signal``, ``aim/gamma``,
     ``aim/outer_loss``, ``aim/forced``.
@@ -119,6 +120,8 @@ class AIMMergingCallback(TrainerCallback):
         self.merges: list[dict[str, Any]] = []
         """Per merge: see :meth:`cpt.training.aim.AIMSchedule.finish_merge`, plus ‖Δ_in‖₁, ‖Δ_out‖₁, the outer loss."""
         self._prepared_memory = None
+        self._pending: list[dict[str, float]] = []
+        self._flushed_steps = 0
         self._collate = None
         self._params: list[tuple[str, torch.nn.Parameter]] = []
         self._anchor: list[torch.Tensor] = []
@@ -132,12 +135,14 @@ class AIMMergingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.steps, self.merges = [], []
+        self._pending, self._flushed_steps = [], 0
         self.schedule.reset()
         self._rng = random.Random(f"cpt-aim-batches:{self.seed}")
         self.enabled = self.memory is not None and len(self.memory) > 0
         if not self.enabled:  # task 1: plain fine-tuning (§4.B)
             return
-        if getattr(args, "deepspeed", None) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        deepspeed = bool(getattr(args, "deepspeed", None)) or bool(getattr(self.trainer, "is_deepspeed_enabled", False))
+        if deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise CptError(
                 "aim_merging: runs on a single process without DeepSpeed (its outer steps are not yet "
                 "implemented for distributed training); launch without accelerate/deepspeed"
@@ -172,19 +177,19 @@ class AIMMergingCallback(TrainerCallback):
         self.steps.append(record)
         if self.schedule.should_merge(step):  # §4.B step 3
             self.merge(model, optimizer, args, state)
-        elif getattr(args, "logging_steps", 0) and step % max(1, int(args.logging_steps)) == 0:
-            self._log(
-                args,
-                state,
-                {"aim/probe_loss": probe, "aim/threshold": record["threshold"], "aim/flags": record["flags"]},
-            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # The trainer logs the step's training loss after on_step_end: attach it to that step's record.
-        if self.enabled and logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
+        if not self.enabled or not logs or "loss" not in logs:
+            return
+        # The trainer's own training log of this step (it comes after on_step_end): attach the
+        # loss to the step's record and emit what AIM has to log since the previous one.
+        if self.steps and self.steps[-1]["step"] == state.global_step:
             self.steps[-1]["train_loss"] = logs["loss"]
+        self._flush(state)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.enabled:
+            self._flush(state)
         if self.record_path is not None and (getattr(state, "is_world_process_zero", True)):
             atomic_write_json(self.record_path, {"summary": self.summary(), "merges": self.merges, "steps": self.steps})
         self._anchor = []  # free the copy of P
@@ -310,7 +315,34 @@ class AIMMergingCallback(TrainerCallback):
         return prepared.select_columns(keep)
 
     def _log(self, args, state, metrics: dict[str, float]) -> None:
+        """Queue metrics for the next :meth:`_flush` (bound) or write them to ``state.log_history`` (unbound)."""
         if self.trainer is not None:
-            self.trainer.log(metrics)
+            self._pending.append(metrics)
         else:
             state.log_history.append({**metrics, "step": state.global_step})
+
+    def _flush(self, state) -> None:
+        """Emit the probe statistics since the last flush and the queued merge metrics through the trainer.
+
+        Logging from ``on_step_end`` would cancel the trainer's own log of that step (the
+        callback handler's ``on_log`` clears ``control.should_log``), so metrics wait for the
+        trainer's next training log (or the end of training). ``transformers.Trainer.log`` is
+        called, not TRL's ``SFTTrainer.log``: that override folds its running training metrics
+        (entropy, token accuracy) into whatever is logged and resets them.
+        """
+        if self.trainer is None:
+            return
+        fresh = self.steps[self._flushed_steps :]
+        self._flushed_steps = len(self.steps)
+        if fresh:
+            self._pending.insert(
+                0,
+                {
+                    "aim/probe_loss": sum(row["probe_loss"] for row in fresh) / len(fresh),
+                    "aim/threshold": self.schedule.threshold,
+                    "aim/flags": self.schedule.flags,
+                },
+            )
+        pending, self._pending = self._pending, []
+        for metrics in pending:
+            Trainer.log(self.trainer, metrics)
