@@ -313,6 +313,30 @@ def test_lora_factors_are_merged_separately_and_the_base_is_untouched(tmp_path):
     assert all(torch.equal(param, frozen[name]) for name, param in model.named_parameters() if name in frozen)
 
 
+def test_probe_and_outer_losses_are_divided_by_gradient_accumulation():
+    model = TinyLM()
+
+    class ConstantLoss(InjectedLosses):
+        def memory_loss(self, model, rows):
+            return 3.0 * model.trainable.sum()  # gradient 3 per entry
+
+    callback = ConstantLoss({})
+    callback.on_train_begin(
+        SimpleNamespace(gradient_accumulation_steps=2),
+        None,
+        None,
+        model=model,
+        train_dataloader=SimpleNamespace(collate_fn=list),
+    )
+    args = SimpleNamespace(gradient_accumulation_steps=2, max_grad_norm=0.0)
+    assert AIMMergingCallback.probe_loss(callback, model, args) == pytest.approx(3.0 * 0.0 / 2)
+    with torch.no_grad():
+        model.trainable.copy_(torch.tensor([1.0, 1.0]))
+    assert AIMMergingCallback.probe_loss(callback, model, args) == pytest.approx(6.0 / 2)
+    callback.outer_step(model, torch.optim.SGD([model.trainable], lr=0.1), args)
+    assert torch.allclose(model.trainable.detach(), torch.tensor([1.0, 1.0]) - 0.1 * 3.0 / 2), "loss / GA, no clip"
+
+
 def test_no_memory_means_no_merges_and_plain_training():
     model = TinyLM()
     callback = AIMMergingCallback(None, inner_iterations=2, outer_iterations=1)
@@ -389,15 +413,18 @@ def test_parameters_defaults_and_bad_values():
 
 # ---------------------------------------------------------------------------- a real run
 @pytest.mark.slow
-def test_two_task_aim_run_merges_with_outer_steps(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_task_aim_run_merges_with_outer_steps(tmp_path, lora):
     tiny = build_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32)
     words = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
     plural = tmp_path / "plural.jsonl"
     plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in words))
     upper = tmp_path / "upper.jsonl"
     upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in words))
+    data = {"peft": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
     recipe = validate_recipe(
         {
+            **data,
             "name": "aim",
             "output_dir": str(tmp_path / "runs"),
             "seed": 3,
