@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,7 +137,8 @@ class AIMMergingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.steps, self.merges = [], []
         self._pending, self._flushed_steps = [], 0
-        self.schedule.reset()
+        # A task resumed from a trainer checkpoint restarts the schedule at the resumed step.
+        self.schedule.reset(start_step=int(getattr(state, "global_step", 0) or 0))
         self._rng = random.Random(f"cpt-aim-batches:{self.seed}")
         self.enabled = self.memory is not None and len(self.memory) > 0
         if not self.enabled:  # task 1: plain fine-tuning (§4.B)
@@ -206,8 +208,10 @@ class AIMMergingCallback(TrainerCallback):
         """The model's loss on a memory batch (the token-mean completion NLL of the collated batch)."""
         batch = self._collate(rows)
         device = next(model.parameters()).device
-        inputs = {key: value.to(device) for key, value in batch.items() if key in MODEL_INPUTS}
-        context = self.trainer.autocast_smart_context_manager() if self.trainer is not None else torch.enable_grad()
+        inputs = {
+            key: value.to(device) for key, value in batch.items() if key in MODEL_INPUTS and torch.is_tensor(value)
+        }
+        context = self.trainer.autocast_smart_context_manager() if self.trainer is not None else nullcontext()
         with context:
             return model(**inputs, use_cache=False).loss
 

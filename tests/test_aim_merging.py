@@ -37,6 +37,15 @@ def run_schedule(schedule: AIMSchedule, losses: dict[int, float], steps: int, in
     return merges
 
 
+def run_schedule_from(schedule: AIMSchedule, first: int, last: int) -> list[dict]:
+    merges = []
+    for step in range(first, last + 1):
+        schedule.observe(step, 1.0)
+        if schedule.should_merge(step):
+            merges.append(schedule.finish_merge(step, 8.0))
+    return merges
+
+
 # ---------------------------------------------------------------------------- §4.B test 1: weights and arithmetic
 @pytest.mark.parametrize(
     ("flags", "interval", "weights", "expected"),
@@ -89,6 +98,10 @@ def test_timeline_without_signal_merges_every_2k_forced_and_adapts_from_the_fift
     assert merges[0]["steps_since_previous_merge"] == 16 and merges[1]["steps_since_previous_merge"] == 16
     # The 5th merge adapts (Λ_list had 4 > cold_start_step = 3 values): equal Λ → γ = 1 → K stays 8.
     assert merges[4]["gamma"] == 1.0 and merges[4]["next_interval"] == 8
+    # A task resumed at g = 100 restarts the schedule there: the first forced merge at 116.
+    resumed = AIMSchedule(inner_iterations=8)
+    resumed.reset(start_step=100)
+    assert [merge["step"] for merge in run_schedule_from(resumed, 101, 132)] == [116, 132]
     # Monitoring starts at g = 7 (six calibration values at g = 1..6).
     fresh = AIMSchedule(inner_iterations=8)
     assert [fresh.observe(step, 1.0) for step in range(1, 8)] == ["calibrating"] * 6 + ["monitoring"]
@@ -317,7 +330,10 @@ def test_probe_and_outer_losses_are_divided_by_gradient_accumulation():
     model = TinyLM()
 
     class ConstantLoss(InjectedLosses):
+        grad_enabled: list[bool] = []
+
         def memory_loss(self, model, rows):
+            self.grad_enabled.append(torch.is_grad_enabled())
             return 3.0 * model.trainable.sum()  # gradient 3 per entry
 
     callback = ConstantLoss({})
@@ -335,6 +351,28 @@ def test_probe_and_outer_losses_are_divided_by_gradient_accumulation():
     assert AIMMergingCallback.probe_loss(callback, model, args) == pytest.approx(6.0 / 2)
     callback.outer_step(model, torch.optim.SGD([model.trainable], lr=0.1), args)
     assert torch.allclose(model.trainable.detach(), torch.tensor([1.0, 1.0]) - 0.1 * 3.0 / 2), "loss / GA, no clip"
+    assert callback.grad_enabled == [False, False, True], "the probe runs without grad, the outer step with it"
+
+
+def test_probe_on_a_real_model_is_the_collated_batch_loss_without_grad(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+    path = build_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32)
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = [{"input_ids": tokenizer(text)["input_ids"]} for text in ["cats are", "the dog runs home", "a tree"]]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    callback = AIMMergingCallback(datasets.Dataset.from_list(rows), outer_batch_size=8)
+    args = SimpleNamespace(gradient_accumulation_steps=2)
+    callback.on_train_begin(
+        args, SimpleNamespace(global_step=0), None, model=model, train_dataloader=SimpleNamespace(collate_fn=collator)
+    )
+    model.config.attention_dropout = 0.0
+    probe = callback.probe_loss(model, args)
+    with torch.no_grad():  # the whole memory is one batch (3 < 8); the loss does not depend on the order here
+        expected = model(**collator(rows)).loss.item() / 2
+    assert probe == pytest.approx(expected, rel=1e-4)
+    assert all(param.grad is None for param in model.parameters())
 
 
 def test_no_memory_means_no_merges_and_plain_training():

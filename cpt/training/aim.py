@@ -56,7 +56,8 @@ Where cpt departs from the reference code, and why (each is listed in METHOD §4
   multi-process runs (their outer steps would need ``accelerator.backward`` over gathered
   parameters and synchronised memory batches); this is not implemented yet.
 * **Mid-task resume.** A task resumed from a trainer checkpoint restarts the AIM state at the
-  resumed step (anchor = the resumed weights, interval K0); resuming between tasks is exact
+  resumed step (anchor = the resumed weights, interval K0, the first merge K0 + n_c + 1 or
+  more steps later, as at a task's start); resuming between tasks is exact
   (the memory of earlier tasks is persisted in the strategy folder).
 """
 
@@ -220,18 +221,18 @@ class AIMSchedule:
             )
         self.reset()
 
-    def reset(self) -> None:
-        """The state at train begin (§4.B "State", reference L784-789)."""
+    def reset(self, start_step: int = 0) -> None:
+        """The state at train begin (§4.B "State", reference L784-789); ``start_step`` > 0 for a resumed task."""
         self.interval = self.inner_iterations
         self.outer_steps = self.outer_iterations
         self.ratio = self.outer_iterations / self.inner_iterations
-        self.outer_begin = self.inner_iterations
+        self.outer_begin = start_step + self.inner_iterations
         self.calibration = []
         self.threshold = 0.0
         self.flags = 0
         self.forced = False
         self.learning_signals = []
-        self.last_merge_step = 0
+        self.last_merge_step = start_step
 
     @property
     def calibration_count(self) -> int:
