@@ -2,7 +2,7 @@
 
 Import them as ``cpt.callbacks``::
 
-    from cpt.callbacks import EWCCallback, GeometryConflictCallback, IntegrationCallback
+    from cpt.callbacks import AIMMergingCallback, EWCCallback, GeometryConflictCallback, IntegrationCallback
 
 The code lives in the repository's top-level ``callbacks/`` folder, installed as
 ``cpt.callbacks`` (see setup.py). The old top-level name ``import callbacks`` (a source
@@ -27,8 +27,9 @@ if __name__ != "cpt.callbacks":  # imported under the deprecated top-level name
         sys.modules[f"{__name__}.{_info.name}"] = importlib.import_module(f"cpt.callbacks.{_info.name}")
     sys.modules[__name__] = _package  # the import statement returns what sys.modules holds after this runs
 else:
+    from .aim import AIMMergingCallback
     from .ewc import EWCCallback
     from .geometry import GeometryConflictCallback
     from .integration import IntegrationCallback
 
-    __all__ = ["EWCCallback", "GeometryConflictCallback", "IntegrationCallback"]
+    __all__ = ["AIMMergingCallback", "EWCCallback", "GeometryConflictCallback", "IntegrationCallback"]

@@ -284,8 +284,10 @@ class TaskSequenceRunner:
             # Order matters at on_train_end: score E_t, then measure geometry, then integrate.
             callbacks=[*strategy_callbacks, expert_evaluation, *diagnostics, integration],
         )
-        for callback in (*diagnostics, integration):  # their metrics go through trainer.log
-            callback.bind_trainer(trainer)
+        # Metrics go through trainer.log (and its report_to trackers); strategy callbacks may also use its tokenization.
+        for callback in [*strategy_callbacks, *diagnostics, integration]:
+            if callable(getattr(callback, "bind_trainer", None)):
+                callback.bind_trainer(trainer)
 
         self._train(trainer, step, task, record, checkpoints, stopwatch)
         self._record_integrated(record, integration, diagnostics, task)

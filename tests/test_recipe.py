@@ -75,7 +75,7 @@ def test_strategy_shorthand_and_task_override(tmp_path):
         (lambda d: d.update(targets=["(unclosed"]), "targets: '(unclosed' is not a valid regular expression"),
         (lambda d: d.update(peft={"r": -1}), "peft.r: Input should be greater than 0"),
         (lambda d: d["model"].update(dtype="int3"), "model.dtype: Input should be"),
-        (lambda d: d.update(strategy={"name": "magic"}), "r.yaml: strategy: unknown strategy 'magic'; known strategies: average, dare_ta, dare_ties, ewc, gcwm, lines, localize_stitch, magmax, nufilt, opcm, replay, sequential, task_arithmetic, ties, wudi"),
+        (lambda d: d.update(strategy={"name": "magic"}), "r.yaml: strategy: unknown strategy 'magic'; known strategies: aim_merging, average, dare_ta, dare_ties, ewc, gcwm, lines, localize_stitch, magmax, nufilt, opcm, replay, sequential, task_arithmetic, ties, wudi"),
         (lambda d: d.update(strategy={"name": "sequential", "step_coef": 1}), "strategy: step_coef: unknown parameter of strategy 'sequential'"),
         (lambda d: d["training"].update(learning_rat=1e-4), "r.yaml: training.learning_rat: not an SFTConfig field; did you mean learning_rate"),
         (lambda d: d["training"].update(learning_rate="fast"), "training.learning_rate: 'fast' is not a valid float"),
