@@ -1,4 +1,4 @@
-"""``cpt`` command line: ``cpt run``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``,
+"""``cpt`` command line: ``cpt run``, ``cpt check``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``,
 ``cpt report``, ``cpt compare``."""
 
 from __future__ import annotations
@@ -23,7 +23,28 @@ def _run(args) -> int:
     from cpt.runner import TaskSequenceRunner
 
     recipe = load_recipe(args.recipe, args.overrides)
+    # [reliability] preflight: check everything before the run directory is created, resumed or replaced.
+    from cpt.preflight import announce_plan, check_recipe
+
+    announce_plan(check_recipe(recipe, overwrite=args.overwrite))
     TaskSequenceRunner(recipe, overwrite=args.overwrite).run()
+    return 0
+
+
+def _add_check(subparsers) -> None:
+    check = subparsers.add_parser("check", help="check a recipe (model, data, training arguments, strategy) and print the plan; trains nothing")
+    check.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, as for `cpt run` (repeatable)")
+    check.add_argument("--overwrite", action="store_true", help="check as `cpt run --overwrite` would run")
+    check.set_defaults(handler=_check)
+
+
+def _check(args) -> int:
+    from cpt.preflight import check_recipe
+    from cpt.recipe import load_recipe
+
+    print(check_recipe(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite).format())
     return 0
 
 
@@ -158,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual post-training of LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
+    _add_check(subparsers)
     _add_assets(subparsers)
     _add_strategies(subparsers)
     _add_geometry(subparsers)
