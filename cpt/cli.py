@@ -23,11 +23,14 @@ def _run(args) -> int:
     from cpt.runner import TaskSequenceRunner
 
     recipe = load_recipe(args.recipe, args.overrides)
-    # [reliability] preflight: check everything before the run directory is created, resumed or replaced.
+    # [reliability] one run per run directory (cpt/lock.py), then the preflight (cpt/preflight.py):
+    # everything is checked before the run directory is created, resumed or replaced.
+    from cpt.lock import run_lock
     from cpt.preflight import announce_plan, check_recipe
 
-    announce_plan(check_recipe(recipe, overwrite=args.overwrite))
-    TaskSequenceRunner(recipe, overwrite=args.overwrite).run()
+    with run_lock(recipe.run_dir):
+        announce_plan(check_recipe(recipe, overwrite=args.overwrite))
+        TaskSequenceRunner(recipe, overwrite=args.overwrite).run()
     return 0
 
 
