@@ -303,6 +303,7 @@ def optimizer_steps(args, examples: int, world_size: int) -> int:
 def run_dir_action(recipe: Recipe, overwrite: bool) -> tuple[str, str]:
     """What ``cpt run`` will do with the run directory: (action, one-line detail); refusals raise."""
     from cpt.io import read_json
+    from cpt.recovery import manifest_owner
 
     root = recipe.run_dir
     if root.exists() and not root.is_dir():
@@ -312,6 +313,9 @@ def run_dir_action(recipe: Recipe, overwrite: bool) -> tuple[str, str]:
     except ValueError:
         manifest = {"recipe_fingerprint": None}
     fingerprint = recipe.fingerprint()
+    if manifest is None and manifest_owner(root) != root:  # an --overwrite interrupted before the new run started
+        root = manifest_owner(root)
+        manifest = read_json(root / "manifest.json")
     if manifest is not None and manifest.get("recipe_fingerprint") == fingerprint:
         if manifest.get("status") == "complete":
             return "complete", "complete (same recipe); nothing left to run"

@@ -118,6 +118,11 @@ class TaskSequenceRunner:
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> dict:
+        from cpt.recovery import clean_staging, drop_previous, move_aside, recover_interrupted_overwrite  # [reliability]
+
+        if self.is_main:  # [reliability] an --overwrite killed before the new run started: the old run comes back
+            recover_interrupted_overwrite(self.rundir.root)
+        self.distributed.wait_for_everyone()
         manifest = self.rundir.read_manifest()
         fingerprint = self.recipe.fingerprint()
         if manifest is not None and manifest.get("recipe_fingerprint") != fingerprint:
@@ -131,7 +136,7 @@ class TaskSequenceRunner:
             if self.rundir.root.exists() and any(self.rundir.root.iterdir()):
                 if not self.overwrite and not (self.rundir.root / "manifest.json").exists():
                     raise CptError(f"{self.rundir.root} exists and is not a cpt run directory; pass --overwrite to replace it or choose another 'name'")
-                shutil.rmtree(self.rundir.root)
+                move_aside(self.rundir.root)  # [reliability] kept as <name>.previous until the new run has started
             self.rundir.root.mkdir(parents=True, exist_ok=True)
             manifest = {
                 "format": MANIFEST_FORMAT,
@@ -145,11 +150,13 @@ class TaskSequenceRunner:
             }
             atomic_write_text(self.rundir.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
             self.rundir.write_manifest(manifest)
+            drop_previous(self.rundir.root)  # [reliability] the new run has started: the replaced one goes
         self.distributed.wait_for_everyone()
         if manifest is None:
             manifest = self.rundir.read_manifest()
         if self.is_main:
             recover_dir(self.rundir.state)
+            clean_staging(self.rundir.root, manifest)  # [reliability] staging folders a killed run left behind
         self.distributed.wait_for_everyone()
         return manifest
 
