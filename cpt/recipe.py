@@ -94,6 +94,23 @@ class GeometrySpec(_Strict):
     top_k: int = Field(10, gt=0)
 
 
+class DivergenceSpec(_Strict):
+    """``divergence:`` — stop a task whose training stalled or exploded without a NaN loss.
+
+    Checked at every logged step (``training.logging_steps``) by
+    :class:`cpt.training.divergence.DivergenceMonitor`; the task stops, its expert is not
+    integrated, the last good state stays, and the run exits with status 1 and one line
+    saying which rule tripped. The defaults never trip on healthy training: they need an
+    exact stall (gradient norm 0, the same loss to 6 digits) or a 100-fold weight norm.
+    """
+
+    enabled: bool = True
+    patience: int = Field(3, gt=0, description="consecutive logged steps, after the first, that a stall must last")
+    grad_norm_floor: float = Field(0.0, ge=0, description="a logged gradient norm at or below this counts as zero")
+    loss_rtol: float = Field(1e-6, ge=0, description="a logged loss within this relative distance of the previous one has not moved")
+    max_weight_growth: float = Field(100.0, gt=1, description="stop when the trained weights' norm exceeds this multiple of its value at the task's start")
+
+
 class EvaluationSpec(_Strict):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
@@ -221,6 +238,7 @@ class Recipe(_Strict):
     targets: list[str] = Field(DEFAULT_TARGETS, min_length=1, description="regexes selecting target tensors")
     geometry: GeometrySpec = GeometrySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    divergence: DivergenceSpec = DivergenceSpec()
     tasks: list[TaskSpec] = Field(min_length=1)
 
     @field_validator("name")
@@ -260,8 +278,13 @@ class Recipe(_Strict):
         return Path(self.output_dir) / self.name
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results; a run directory belongs to one fingerprint."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of everything that changes results; a run directory belongs to one fingerprint.
+
+        ``divergence`` thresholds are left out: they only decide whether a task stops, so a run
+        may be resumed with other thresholds (and runs made before the section existed keep
+        their fingerprint).
+        """
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"divergence"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def training_args(self, task: TaskSpec) -> dict[str, Any]:

@@ -431,13 +431,16 @@ class TaskSequenceRunner:
                 settings=GeometrySettings(geometry.rank, geometry.energy, geometry.eps, geometry.eig_floor),
                 keep_updates=geometry.keep_updates, top_k=geometry.top_k,
             ))
+        from cpt.training.divergence import DivergenceMonitor  # [reliability] stalled/exploding training stops the task
+
+        monitors = [monitor for monitor in [DivergenceMonitor.from_spec(recipe.divergence)] if monitor is not None]
         trainer = CptSFTTrainer(
             model=model,
             args=args,
             train_dataset=train_dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[*strategy_callbacks, ExpertEvaluation(), *diagnostics, integration],
+            callbacks=[*monitors, *strategy_callbacks, ExpertEvaluation(), *diagnostics, integration],  # [reliability] monitors
         )
         for callback in diagnostics:
             callback.bind_trainer(trainer)
