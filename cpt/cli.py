@@ -114,6 +114,13 @@ def _geometry(args) -> int:
         raise CptError("geometry: give at least two checkpoints to compare")
     if args.rank <= 0 or not 0 < args.energy <= 1:
         raise CptError("geometry: --rank must be > 0 and --energy in (0, 1]")
+    from cpt.preflight import check_device, check_output_path, check_target_patterns  # [reliability] one-line errors
+
+    if not args.eps > 0:
+        raise CptError(f"geometry: --eps must be > 0 (got {args.eps})")
+    check_target_patterns(args.targets)
+    check_device(args.device)
+    check_output_path(args.output, folder=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = checkpoint_geometry(args.base, args.checkpoints, GeometrySettings(args.rank, args.energy, args.eps), args.targets, device)
     atomic_write_json(args.output, report)
@@ -142,7 +149,10 @@ def _add_merge(subparsers) -> None:
 
 def _merge(args) -> int:
     from cpt.merging.offline import merge_checkpoints
+    from cpt.preflight import check_checkpoint_set, check_output_path  # [reliability] refuse before merging
 
+    check_output_path(args.output, folder=True)
+    check_checkpoint_set(args.base, args.experts, args.targets)
     merge_checkpoints(args.method, args.base, args.experts, args.output, args.overrides, args.save_steps, args.targets)
     print(f"state written to {args.output}")
     return 0
@@ -171,8 +181,10 @@ def _add_compare(subparsers) -> None:
 def _compare(args) -> int:
     from pathlib import Path
 
+    from cpt.preflight import check_output_path  # [reliability]
     from cpt.report import compare_runs
 
+    check_output_path(args.output, folder=True)
     print(compare_runs(args.run_dirs, args.output))
     print(f"written to {Path(args.output) / 'compare.md'} and {Path(args.output) / 'compare.png'}")
     return 0

@@ -115,7 +115,10 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; raise :class:`RunLockedError` when it is held."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CptError(f"output_dir: cannot create {str(self.path.parent)!r} ({exc.strerror or type(exc).__name__})") from None
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -127,6 +130,8 @@ class RunLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except PermissionError:
+                raise CptError(f"output_dir: cannot write the run lock {self.path} (permission denied)") from None
             except FileExistsError:
                 holder = self.read_holder()
                 if holder is None:

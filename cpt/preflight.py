@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -118,13 +119,16 @@ def check_model(recipe: Recipe, path: str) -> tuple[Any, list[str], dict[str, tu
         raise CptError(f"model.name_or_path: {path!r} is a file; give a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise CptError(f"model.name_or_path: {path!r} has no config.json; give a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+    if not folder.exists() and (path.startswith((".", "~")) or folder.is_absolute() or path.count("/") > 1):
+        raise CptError(f"model.name_or_path: folder {path!r} not found (relative paths are taken from the current directory)")
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision and not folder.is_dir():
         kwargs["revision"] = spec.revision
     try:
-        AutoConfig.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as exc:  # OSError, ValueError (unknown model_type), JSON errors...
         raise CptError(f"model.name_or_path: cannot load the config of {path!r} ({_first_line(exc)}); use a local HF folder or an offline asset (`cpt assets list`)") from None
+    check_model_build(recipe, config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as exc:
@@ -135,6 +139,25 @@ def check_model(recipe: Recipe, path: str) -> tuple[Any, list[str], dict[str, tu
         raise CptError(f"model.name_or_path: the tokenizer of {path!r} has neither a pad nor an eos token")
     files = _safetensors_files(path, spec.revision)
     return tokenizer, files, _tensor_shapes(files)
+
+
+def check_model_build(recipe: Recipe, config) -> None:
+    """Build the model on the meta device (no memory, no weights) with the recipe's dtype and attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = recipe.model
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, spec.dtype)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - unknown architecture, attention kernel not installed...
+        field = "model.attn_implementation" if spec.attn_implementation and "attention" in str(exc).lower() else "model.name_or_path"
+        raise CptError(f"{field}: cannot build a causal LM from {spec.name_or_path!r} ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _safetensors_files(path: str, revision: str | None) -> list[str]:
@@ -249,6 +272,45 @@ def build_sft_config(recipe: Recipe, task: TaskSpec, index: int, output_dir: str
         raise CptError(f"tasks[{index}].training: SFTConfig refused these settings ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
+def check_training(args, recipe: Recipe, index: int) -> None:
+    """What ``SFTTrainer``/``Trainer`` would refuse only when training starts: batch sizes, the
+    optimizer and scheduler (built on a dummy parameter), trackers, eval and padding settings."""
+    import torch
+    from transformers import Trainer, get_scheduler
+
+    where = f"tasks[{index}].training"
+    if args.per_device_train_batch_size < 1:
+        raise CptError(f"{where}.per_device_train_batch_size: {args.per_device_train_batch_size} must be at least 1")
+    if args.gradient_accumulation_steps < 1:
+        raise CptError(f"{where}.gradient_accumulation_steps: {args.gradient_accumulation_steps} must be at least 1")
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise CptError(f"{where}.num_train_epochs: {args.num_train_epochs} trains no step; give a positive number (or max_steps)")
+    if args.eval_strategy != "no" or args.load_best_model_at_end:
+        raise CptError(f"{where}.eval_strategy: {_name(args.eval_strategy)!r} needs a trainer eval set, which cpt does not pass; "
+                       "cpt evaluates every task itself (recipe 'evaluation:'), so leave eval_strategy at 'no'")
+    if args.fp16 and not torch.cuda.is_available():
+        raise CptError(f"{where}.fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or float32 on this machine")
+    if args.padding_free and not args.packing and args.max_length is not None:
+        raise CptError(f"{where}.padding_free: without packing, padding_free does not enforce max_length; set packing: true or max_length: null")
+    try:
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        get_reporting_integration_callbacks(args.report_to)
+    except Exception as exc:  # noqa: BLE001 - unknown or uninstalled tracker
+        raise CptError(f"{where}.report_to: {args.report_to!r} ({_first_line(exc)})") from None
+    dummy = torch.nn.Parameter(torch.zeros(2))
+    try:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        optimizer = optimizer_class([dummy], **optimizer_kwargs)
+    except Exception as exc:  # noqa: BLE001 - bad learning rate, betas, optimizer package missing
+        raise CptError(f"{where}: the optimizer {_name(args.optim)!r} refused these settings ({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
+        get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(100),
+                      num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise CptError(f"{where}: the learning-rate scheduler {_name(args.lr_scheduler_type)!r} refused these settings ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
 def collate_check_batch(args, tokenizer, dataset, where: str) -> tuple[int, int]:
     """Tokenize the first examples the way ``SFTTrainer`` prepares its dataset, collate them; return the batch shape."""
     import types
@@ -306,6 +368,12 @@ def run_dir_action(recipe: Recipe, overwrite: bool) -> tuple[str, str]:
     from cpt.recovery import manifest_owner
 
     root = recipe.run_dir
+    blocking = next((parent for parent in root.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise CptError(f"output_dir: {str(blocking)!r} is a file, not a folder; choose another 'output_dir'")
+    existing = next(parent for parent in (root, *root.parents) if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CptError(f"output_dir: cannot create {str(root)!r}: {str(existing)!r} is not writable")
     if root.exists() and not root.is_dir():
         raise CptError(f"output_dir/name: {root} is a file, not a run directory; choose another 'name' or 'output_dir'")
     try:
@@ -377,6 +445,7 @@ def check_recipe(recipe: Recipe, *, overwrite: bool = False, world_size: int | N
             if not data.eval_examples:
                 raise CptError(f"{where}.eval: no eval examples")
             args = build_sft_config(recipe, task, index, scratch)
+            check_training(args, recipe, index)
             shape = collate_check_batch(args, tokenizer, data.train, where)
             first = data.train[0]
             completion = first["completion"]
@@ -418,6 +487,11 @@ def _restore_progress_bars(enabled: bool):
             datasets.enable_progress_bars()
 
 
+def _name(value: Any) -> str:
+    """An enum's value (``OptimizerNames.ADAMW_TORCH`` → ``adamw_torch``), anything else as text."""
+    return str(getattr(value, "value", value))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
@@ -433,3 +507,58 @@ def announce_plan(plan: RunPlan) -> None:
     if PartialState().is_main_process:
         tasks = ", ".join(f"{task.name} ({task.train_examples} ex, {task.optimizer_steps} steps)" for task in plan.tasks)
         print(f"[cpt] preflight OK: {plan.run_dir} {plan.action_detail}; tasks {tasks}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- cpt merge / cpt geometry inputs
+def check_target_patterns(patterns: list[str] | None, where: str = "--targets") -> None:
+    for pattern in patterns or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise CptError(f"{where}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def check_output_path(output: str | os.PathLike, *, folder: bool, where: str = "--output") -> None:
+    """``output`` can be written: a folder (``folder=True``) or a file, with no file in the way."""
+    output = Path(output)
+    if folder and output.exists() and not output.is_dir():
+        raise CptError(f"{where}: {str(output)!r} is a file; give a folder to write to")
+    if not folder and output.is_dir():
+        raise CptError(f"{where}: {str(output)!r} is a folder; give a file name")
+    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise CptError(f"{where}: {str(blocking)!r} is a file, not a folder")
+
+
+def check_device(device: str | None, where: str = "--device") -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CptError(f"{where}: {device!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CptError(f"{where}: {device!r} asked for, but no CUDA GPU is available here; use --device cpu")
+
+
+def check_checkpoint_set(base: str, checkpoints: list[str], targets: list[str] | None) -> None:
+    """Before ``cpt merge`` writes anything: every checkpoint holds the base's tensors, same shapes, and ``targets`` select some."""
+    from cpt.diagnostics import checkpoint_folder
+    from cpt.recipe import DEFAULT_TARGETS
+    from cpt.tensors import SafetensorsWeights, compile_targets, is_target
+
+    check_target_patterns(targets)
+    base_weights = SafetensorsWeights(checkpoint_folder(base))
+    names = base_weights.names()
+    patterns = compile_targets(targets or DEFAULT_TARGETS)
+    if not any(len(base_weights.shape(name)) == 2 and is_target(name, patterns) for name in names):
+        raise CptError(f"--targets: {targets or DEFAULT_TARGETS} select no 2-D tensor of {base} (a name looks like {names[0]!r})")
+    for path in checkpoints:
+        weights = SafetensorsWeights(checkpoint_folder(path))
+        for name in names:
+            if name not in weights:
+                raise CptError(f"{path}: has no tensor {name} of the base; is it a fine-tune of {base}?")
+            if weights.shape(name) != base_weights.shape(name):
+                raise CptError(f"{path}: {name} has shape {tuple(weights.shape(name))}, the base {tuple(base_weights.shape(name))}; is it a fine-tune of {base}?")

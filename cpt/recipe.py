@@ -186,6 +186,16 @@ class NormalizeSpec(_Strict):
     first_line: bool = True
     regexes_to_ignore: list[str] = []
 
+    @field_validator("regexes_to_ignore")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+        return patterns
+
 
 class EvalSpec(_Strict):
     kind: Literal["generate", "choice"] = "generate"
@@ -371,7 +381,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise CptError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
-        parsed.append((key.strip().split("."), _yaml_load(raw) if raw.strip() else None))
+        try:
+            value = _yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise CptError(f"--set {key.strip()}: {raw!r} is not a valid YAML value ({problem}); quote it, e.g. --set '{key.strip()}=\"{raw}\"'") from None
+        parsed.append((key.strip().split("."), value))
     return parsed
 
 
@@ -380,14 +395,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node: Any = data
         for depth, part in enumerate(path[:-1]):
             if isinstance(node, list):
-                node = node[_list_index(part, path, depth)]
-            else:
+                node = node[_list_index(part, path, depth, len(node))]
+            elif isinstance(node, dict):
                 if isinstance(node.get(part), str) and part == "strategy":
                     node[part] = {"name": node[part]}
-                node = node.setdefault(part, {})
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[:depth])} is not a section")
         last = path[-1]
         if isinstance(node, list):
-            node[_list_index(last, path, len(path) - 1)] = value
+            node[_list_index(last, path, len(path) - 1, len(node))] = value
         elif isinstance(node, dict):
             node[last] = value
         else:
@@ -395,10 +414,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _list_index(part: str, path: list[str], depth: int) -> int:
+def _list_index(part: str, path: list[str], depth: int, length: int) -> int:
     if not part.isdigit():
         raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[:depth + 1])} must be a list index")
-    return int(part)
+    index = int(part)
+    if index >= length:
+        where = ".".join(path[:depth])
+        raise CptError(f"--set {'.'.join(path)}: {where} has {length} item(s), so the index must be 0 to {length - 1} (got {index})"
+                       if length else f"--set {'.'.join(path)}: {where} is empty")
+    return index
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -93,7 +93,9 @@ class DivergenceMonitor(TrainerCallback):
         grad_norm = logs.get("grad_norm")
         if self.model is not None and self.start_norm:
             growth = self.weight_norm(self.model) / self.start_norm
-            if not growth <= self.max_weight_growth:  # also catches a non-finite norm
+            if not math.isfinite(growth):
+                self._stop(f"the weights became non-finite (norm {growth}) by step {step}")
+            if growth > self.max_weight_growth:
                 self._stop(f"the weights' norm grew {growth:.3g}-fold since the task began (step {step}; limit {self.max_weight_growth:g})")
         if self.logged > 1 and grad_norm is not None:
             self.zero_grad_run = self.zero_grad_run + 1 if float(grad_norm) <= self.grad_norm_floor else 0
