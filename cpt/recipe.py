@@ -390,7 +390,18 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     return parsed
 
 
+def _unshared(node: Any) -> Any:
+    """A copy of YAML data in which no two places share a dict or list (YAML anchors/aliases
+    load as one shared object, so ``--set tasks.2.fields...`` would also change every alias)."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = _unshared(data) if overrides else data
     for path, value in parse_overrides(overrides):
         node: Any = data
         for depth, part in enumerate(path[:-1]):
