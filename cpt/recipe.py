@@ -401,7 +401,8 @@ def _unshared(node: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = _unshared(data) if overrides else data
+    if overrides:  # in place: callers keep using ``data``
+        data.update({key: _unshared(value) for key, value in data.items()})
     for path, value in parse_overrides(overrides):
         node: Any = data
         for depth, part in enumerate(path[:-1]):
