@@ -126,3 +126,42 @@ def test_resume_cleans_leftovers_of_a_killed_run(finished_run):
     after = tree_digest(recipe.run_dir)
     assert {k: v for k, v in after.items() if not k.startswith(rewritten)} == {k: v for k, v in before.items() if not k.startswith(rewritten)}
     assert "state/model.safetensors" in after
+
+
+@pytest.mark.slow
+def test_kill_during_gcwm_integration_leaves_nothing_after_resume(tmp_path, tiny_model):
+    """kill -9 while GCWM writes its history staging folder; the resumed run completes with no leftover."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_recipe(tmp_path, tiny_model, steps=(1, 1), strategy={"name": "gcwm", "iters": 3000, "skip_tol": 0.0},
+                       geometry={"enabled": False})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)])}
+    process = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    staged = []
+    while time.time() < deadline and process.poll() is None:
+        staged = list((run_dir / "history").glob(".step-*.tmp")) if (run_dir / "history").is_dir() else []
+        if staged:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    assert staged, "the kill point (GCWM writing history) was never reached"
+    assert list((run_dir / "history").glob(".step-*.tmp")), "the kill left the staging folder"
+    assert (run_dir / ".tiny.lock").exists() is False and (tmp_path / "runs" / ".tiny.lock").exists(), "and a stale lock"
+
+    finished = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    leftovers = [str(p) for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".old"))]
+    assert leftovers == []
+    assert not (run_dir / "work").exists() or not any((run_dir / "work").iterdir())
+    assert not (tmp_path / "runs" / ".tiny.lock").exists()
