@@ -118,7 +118,9 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CptError(f"output_dir: cannot create {str(self.path.parent)!r} ({exc.strerror or type(exc).__name__})") from None
+            raise CptError(
+                f"output_dir: cannot create {str(self.path.parent)!r} ({exc.strerror or type(exc).__name__})"
+            ) from None
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -137,10 +139,13 @@ class RunLock:
                 if holder is None:
                     continue  # released in between: try again
                 if holder == {} and not self._older_than(60):
-                    raise RunLockedError(f"{self.run_dir} is being locked by another process right now ({self.path}); try again")
+                    raise RunLockedError(
+                        f"{self.run_dir} is being locked by another process right now ({self.path}); try again"
+                    )
                 if holder and not holder_is_stale(holder):
                     raise RunLockedError(
-                        f"{self.run_dir} is in use by another cpt run ({describe_holder(holder)}); wait for it to finish, "
+                        f"{self.run_dir} is in use by another cpt run ({describe_holder(holder)}); wait for it to "
+                        f"finish, "
                         f"or delete {self.path} if that process is gone"
                     )
                 self._take_over_stale()
@@ -151,7 +156,9 @@ class RunLock:
                 os.fsync(handle.fileno())
             self.held = True
             return
-        raise RunLockedError(f"{self.run_dir}: could not take the run lock {self.path} (another process keeps taking it); try again")
+        raise RunLockedError(
+            f"{self.run_dir}: could not take the run lock {self.path} (another process keeps taking it); try again"
+        )
 
     def _older_than(self, seconds: float) -> bool:
         import time

@@ -79,7 +79,8 @@ class RunPlan:
         params = ", ".join(f"{key}={value!r}" for key, value in self.strategy_params.items()) or "no parameters"
         lines = [
             f"recipe {recipe.name}: OK",
-            f"model      {recipe.model.name_or_path}" + (f" → {self.model_path}" if self.model_path != recipe.model.name_or_path else ""),
+            f"model      {recipe.model.name_or_path}"
+            + (f" → {self.model_path}" if self.model_path != recipe.model.name_or_path else ""),
             f"strategy   {self.strategy} (experts from {self.train_from}; {params})",
         ]
         if self.target_tensors is not None:
@@ -90,7 +91,8 @@ class RunPlan:
         width = max(len(task.name) for task in self.tasks)
         for index, task in enumerate(self.tasks, start=1):
             lines.append(
-                f"  {index}. {task.name:{width}s}  train {task.train_examples:5d}  eval {task.eval_examples:4d} ({task.eval_kind})"
+                f"  {index}. {task.name:{width}s}  train {task.train_examples:5d}  eval {task.eval_examples:4d} "
+                f"({task.eval_kind})"
                 f"  optimizer steps {task.optimizer_steps}"
             )
             lines.append(f"     prompt:     {task.sample_prompt}")
@@ -116,18 +118,29 @@ def check_model(recipe: Recipe, path: str) -> tuple[Any, list[str], dict[str, tu
     spec = recipe.model
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise CptError(f"model.name_or_path: {path!r} is a file; give a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+        raise CptError(
+            f"model.name_or_path: {path!r} is a file; give a Hugging Face model folder (config.json, *.safetensors, "
+            f"tokenizer files)"
+        )
     if folder.is_dir() and not (folder / "config.json").is_file():
-        raise CptError(f"model.name_or_path: {path!r} has no config.json; give a Hugging Face model folder (config.json, *.safetensors, tokenizer files)")
+        raise CptError(
+            f"model.name_or_path: {path!r} has no config.json; give a Hugging Face model folder (config.json, "
+            f"*.safetensors, tokenizer files)"
+        )
     if not folder.exists() and (path.startswith((".", "~")) or folder.is_absolute() or path.count("/") > 1):
-        raise CptError(f"model.name_or_path: folder {path!r} not found (relative paths are taken from the current directory)")
+        raise CptError(
+            f"model.name_or_path: folder {path!r} not found (relative paths are taken from the current directory)"
+        )
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision and not folder.is_dir():
         kwargs["revision"] = spec.revision
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as exc:  # OSError, ValueError (unknown model_type), JSON errors...
-        raise CptError(f"model.name_or_path: cannot load the config of {path!r} ({_first_line(exc)}); use a local HF folder or an offline asset (`cpt assets list`)") from None
+        raise CptError(
+            f"model.name_or_path: cannot load the config of {path!r} ({_first_line(exc)}); use a local HF folder or an "
+            f"offline asset (`cpt assets list`)"
+        ) from None
     check_model_build(recipe, config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -156,8 +169,14 @@ def check_model_build(recipe: Recipe, config) -> None:
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(config, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unknown architecture, attention kernel not installed...
-        field = "model.attn_implementation" if spec.attn_implementation and "attention" in str(exc).lower() else "model.name_or_path"
-        raise CptError(f"{field}: cannot build a causal LM from {spec.name_or_path!r} ({type(exc).__name__}: {_first_line(exc)})") from None
+        field = (
+            "model.attn_implementation"
+            if spec.attn_implementation and "attention" in str(exc).lower()
+            else "model.name_or_path"
+        )
+        raise CptError(
+            f"{field}: cannot build a causal LM from {spec.name_or_path!r} ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
 
 
 def _safetensors_files(path: str, revision: str | None) -> list[str]:
@@ -172,11 +191,16 @@ def _safetensors_files(path: str, revision: str | None) -> list[str]:
             files = sorted({str(folder / name) for name in weight_map.values()})
             missing = [name for name in files if not Path(name).is_file()]
             if missing:
-                raise CptError(f"model.name_or_path: {index.name} names {Path(missing[0]).name}, which is missing from {path!r}")
+                raise CptError(
+                    f"model.name_or_path: {index.name} names {Path(missing[0]).name}, which is missing from {path!r}"
+                )
             return files
         files = sorted(str(name) for name in folder.glob("*.safetensors"))
         if not files:
-            raise CptError(f"model.name_or_path: {path!r} has no *.safetensors weights; cpt reads safetensors only (save the model with save_pretrained)")
+            raise CptError(
+                f"model.name_or_path: {path!r} has no *.safetensors weights; cpt reads safetensors only (save the "
+                f"model with save_pretrained)"
+            )
         return files
     from huggingface_hub import hf_hub_download
 
@@ -189,7 +213,10 @@ def _safetensors_files(path: str, revision: str | None) -> list[str]:
             return [local]
         weight_map = json.loads(Path(local).read_text())["weight_map"]
         return [hf_hub_download(path, shard, revision=revision) for shard in sorted(set(weight_map.values()))]
-    raise CptError(f"model.name_or_path: no safetensors weights found for {path!r} (locally or on the hub); use a local folder or an asset")
+    raise CptError(
+        f"model.name_or_path: no safetensors weights found for {path!r} (locally or on the hub); use a local folder or "
+        f"an asset"
+    )
 
 
 def _tensor_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
@@ -202,7 +229,9 @@ def _tensor_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
                 for name in handle.keys():
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-            raise CptError(f"model.name_or_path: cannot read the safetensors header of {file} ({_first_line(exc)})") from None
+            raise CptError(
+                f"model.name_or_path: cannot read the safetensors header of {file} ({_first_line(exc)})"
+            ) from None
     return shapes
 
 
@@ -230,7 +259,8 @@ def check_targets(recipe: Recipe, shapes: dict[str, tuple[int, ...]]) -> int:
             users.append("the geometry diagnostics")
         example = next((name for name, shape in shapes.items() if len(shape) == 2), "")
         raise CptError(
-            f"targets: {recipe.targets} select no 2-D tensor of the base model, which {' and '.join(users) or 'the run'} needs; "
+            f"targets: {recipe.targets} select no 2-D tensor of the base model, which "
+            f"{' and '.join(users) or 'the run'} needs; "
             f"a tensor name looks like {example!r}"
         )
     return matched
@@ -242,7 +272,10 @@ def check_lora_modules(recipe: Recipe, shapes: dict[str, tuple[int, ...]]) -> No
     modules = {part for name in shapes for part in name.split(".")}
     unknown = [module for module in recipe.peft.target_modules if module not in modules]
     if unknown:
-        raise CptError(f"peft.target_modules: {unknown} name no module of the model; e.g. {sorted(m for m in modules if m.endswith('proj'))[:7]}")
+        raise CptError(
+            f"peft.target_modules: {unknown} name no module of the model; e.g. "
+            f"{sorted(m for m in modules if m.endswith('proj'))[:7]}"
+        )
 
 
 # ---------------------------------------------------------------------- data and training
@@ -252,7 +285,11 @@ def _render(value: Any, tokenizer: Any, *, prompt: bool) -> str:
         text = None
         if getattr(tokenizer, "chat_template", None):
             try:
-                text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=prompt) if prompt else None
+                text = (
+                    tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=prompt)
+                    if prompt
+                    else None
+                )
             except Exception:  # noqa: BLE001 - show the raw messages instead
                 text = None
         if text is None:
@@ -269,7 +306,9 @@ def build_sft_config(recipe: Recipe, task: TaskSpec, index: int, output_dir: str
     try:
         return SFTConfig(output_dir=output_dir, seed=recipe.seed + index + 1, **recipe.training_args(task))
     except Exception as exc:  # noqa: BLE001 - TrainingArguments raise ValueError, TypeError, ImportError...
-        raise CptError(f"tasks[{index}].training: SFTConfig refused these settings ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CptError(
+            f"tasks[{index}].training: SFTConfig refused these settings ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
 
 
 def check_training(args, recipe: Recipe, index: int) -> None:
@@ -284,14 +323,21 @@ def check_training(args, recipe: Recipe, index: int) -> None:
     if args.gradient_accumulation_steps < 1:
         raise CptError(f"{where}.gradient_accumulation_steps: {args.gradient_accumulation_steps} must be at least 1")
     if args.max_steps <= 0 and not args.num_train_epochs > 0:
-        raise CptError(f"{where}.num_train_epochs: {args.num_train_epochs} trains no step; give a positive number (or max_steps)")
+        raise CptError(
+            f"{where}.num_train_epochs: {args.num_train_epochs} trains no step; give a positive number (or max_steps)"
+        )
     if args.eval_strategy != "no" or args.load_best_model_at_end:
-        raise CptError(f"{where}.eval_strategy: {_name(args.eval_strategy)!r} needs a trainer eval set, which cpt does not pass; "
-                       "cpt evaluates every task itself (recipe 'evaluation:'), so leave eval_strategy at 'no'")
+        raise CptError(
+            f"{where}.eval_strategy: {_name(args.eval_strategy)!r} needs a trainer eval set, which cpt does not pass; "
+            "cpt evaluates every task itself (recipe 'evaluation:'), so leave eval_strategy at 'no'"
+        )
     if args.fp16 and not torch.cuda.is_available():
         raise CptError(f"{where}.fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or float32 on this machine")
     if args.padding_free and not args.packing and args.max_length is not None:
-        raise CptError(f"{where}.padding_free: without packing, padding_free does not enforce max_length; set packing: true or max_length: null")
+        raise CptError(
+            f"{where}.padding_free: without packing, padding_free does not enforce max_length; set packing: true or "
+            f"max_length: null"
+        )
     try:
         from transformers.integrations import get_reporting_integration_callbacks
 
@@ -303,12 +349,23 @@ def check_training(args, recipe: Recipe, index: int) -> None:
         optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
         optimizer = optimizer_class([dummy], **optimizer_kwargs)
     except Exception as exc:  # noqa: BLE001 - bad learning rate, betas, optimizer package missing
-        raise CptError(f"{where}: the optimizer {_name(args.optim)!r} refused these settings ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CptError(
+            f"{where}: the optimizer {_name(args.optim)!r} refused these settings ({type(exc).__name__}: "
+            f"{_first_line(exc)})"
+        ) from None
     try:
-        get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(100),
-                      num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        get_scheduler(
+            args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=args.get_warmup_steps(100),
+            num_training_steps=100,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        )
     except Exception as exc:  # noqa: BLE001
-        raise CptError(f"{where}: the learning-rate scheduler {_name(args.lr_scheduler_type)!r} refused these settings ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CptError(
+            f"{where}: the learning-rate scheduler {_name(args.lr_scheduler_type)!r} refused these settings "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
 
 
 def collate_check_batch(args, tokenizer, dataset, where: str) -> tuple[int, int]:
@@ -321,7 +378,10 @@ def collate_check_batch(args, tokenizer, dataset, where: str) -> tuple[int, int]
     sample = dataset.select(range(min(COLLATE_EXAMPLES, len(dataset))))
     conversational = isinstance(sample[0]["prompt"], list)
     if conversational and not getattr(tokenizer, "chat_template", None):
-        raise CptError(f"{where}.fields: the examples are chat messages but the tokenizer has no chat template; set fields.chat: false or use a chat model")
+        raise CptError(
+            f"{where}.fields: the examples are chat messages but the tokenizer has no chat template; set fields.chat: "
+            f"false or use a chat model"
+        )
     # SFTTrainer._prepare_dataset reads these three attributes of the trainer.
     trainer_view = types.SimpleNamespace(
         _tokenizer=tokenizer,
@@ -331,7 +391,9 @@ def collate_check_batch(args, tokenizer, dataset, where: str) -> tuple[int, int]
     try:
         prepared = SFTTrainer._prepare_dataset(trainer_view, sample, tokenizer, args, args.packing, None, "preflight")
     except Exception as exc:  # noqa: BLE001 - tokenization of user data and settings
-        raise CptError(f"{where}: tokenizing the first examples failed ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CptError(
+            f"{where}: tokenizing the first examples failed ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     if len(prepared) == 0:
         raise CptError(
             f"{where}: none of the first {len(sample)} examples keeps a completion token after truncation to "
@@ -339,16 +401,25 @@ def collate_check_batch(args, tokenizer, dataset, where: str) -> tuple[int, int]
         )
     padding_free = bool(args.padding_free or (args.packing and args.packing_strategy == "bfd"))
     collator = DataCollatorForLanguageModeling(
-        pad_token_id=tokenizer.pad_token_id, padding_free=padding_free, pad_to_multiple_of=args.pad_to_multiple_of,
+        pad_token_id=tokenizer.pad_token_id,
+        padding_free=padding_free,
+        pad_to_multiple_of=args.pad_to_multiple_of,
     )
     keys = [key for key in ("input_ids", "labels", "seq_lengths") if key in prepared.column_names]
-    rows = [{key: row[key] for key in keys} for row in prepared.select(range(min(args.per_device_train_batch_size, len(prepared))))]
+    rows = [
+        {key: row[key] for key in keys}
+        for row in prepared.select(range(min(args.per_device_train_batch_size, len(prepared))))
+    ]
     try:
         batch = collator(rows)
     except Exception as exc:  # noqa: BLE001
-        raise CptError(f"{where}: the data collator failed on the first batch ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CptError(
+            f"{where}: the data collator failed on the first batch ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     if not bool((batch["labels"] != -100).any()):
-        raise CptError(f"{where}: the first batch has no token to learn from (every label is masked); check fields and max_length")
+        raise CptError(
+            f"{where}: the first batch has no token to learn from (every label is masked); check fields and max_length"
+        )
     return tuple(batch["input_ids"].shape)
 
 
@@ -356,8 +427,14 @@ def optimizer_steps(args, examples: int, world_size: int) -> int:
     """Optimizer steps of a task, as ``transformers.Trainer`` counts them (``set_initial_training_values``)."""
     if args.max_steps > 0:
         return int(args.max_steps)
-    batches = math.ceil(examples / (args.per_device_train_batch_size * world_size)) if not args.dataloader_drop_last else examples // (args.per_device_train_batch_size * world_size)
-    per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1)
+    batches = (
+        math.ceil(examples / (args.per_device_train_batch_size * world_size))
+        if not args.dataloader_drop_last
+        else examples // (args.per_device_train_batch_size * world_size)
+    )
+    per_epoch = max(
+        batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1
+    )
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
@@ -392,14 +469,24 @@ def run_dir_action(recipe: Recipe, overwrite: bool) -> tuple[str, str]:
     if manifest is not None:
         if not overwrite:
             raise CptError(
-                f"{root} holds a run of a different recipe (fingerprint {manifest.get('recipe_fingerprint')} != {fingerprint}); "
+                f"{root} holds a run of a different recipe (fingerprint {manifest.get('recipe_fingerprint')} != "
+                f"{fingerprint}); "
                 "pass --overwrite to start it again, or change 'name' or 'output_dir'"
             )
-        return "overwrite", f"holds another recipe's run: --overwrite moves it to {root.name}.previous, deleted once this run has started"
+        return (
+            "overwrite",
+            f"holds another recipe's run: --overwrite moves it to {root.name}.previous, deleted once this run has "
+            f"started",
+        )
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
-            raise CptError(f"{root} exists and is not a cpt run directory; pass --overwrite to replace it or choose another 'name'")
-        return "overwrite", f"is not a run directory: --overwrite moves it to {root.name}.previous, deleted once this run has started"
+            raise CptError(
+                f"{root} exists and is not a cpt run directory; pass --overwrite to replace it or choose another 'name'"
+            )
+        return (
+            "overwrite",
+            f"is not a run directory: --overwrite moves it to {root.name}.previous, deleted once this run has started",
+        )
     return "fresh", "new run"
 
 
@@ -449,16 +536,22 @@ def check_recipe(recipe: Recipe, *, overwrite: bool = False, world_size: int | N
             shape = collate_check_batch(args, tokenizer, data.train, where)
             first = data.train[0]
             completion = first["completion"]
-            plans.append(TaskPlan(
-                name=task.name,
-                train_examples=len(data.train),
-                eval_examples=len(data.eval_examples),
-                eval_kind=data.eval_kind,
-                optimizer_steps=optimizer_steps(args, len(data.train), world_size),
-                batch_tokens=shape,
-                sample_prompt=_render(first["prompt"], tokenizer, prompt=True),
-                sample_completion=_render(completion[0]["content"] if isinstance(completion, list) else completion, tokenizer, prompt=False),
-            ))
+            plans.append(
+                TaskPlan(
+                    name=task.name,
+                    train_examples=len(data.train),
+                    eval_examples=len(data.eval_examples),
+                    eval_kind=data.eval_kind,
+                    optimizer_steps=optimizer_steps(args, len(data.train), world_size),
+                    batch_tokens=shape,
+                    sample_prompt=_render(first["prompt"], tokenizer, prompt=True),
+                    sample_completion=_render(
+                        completion[0]["content"] if isinstance(completion, list) else completion,
+                        tokenizer,
+                        prompt=False,
+                    ),
+                )
+            )
     import dataclasses
 
     return RunPlan(
@@ -505,7 +598,9 @@ def announce_plan(plan: RunPlan) -> None:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        tasks = ", ".join(f"{task.name} ({task.train_examples} ex, {task.optimizer_steps} steps)" for task in plan.tasks)
+        tasks = ", ".join(
+            f"{task.name} ({task.train_examples} ex, {task.optimizer_steps} steps)" for task in plan.tasks
+        )
         print(f"[cpt] preflight OK: {plan.run_dir} {plan.action_detail}; tasks {tasks}", file=sys.stderr, flush=True)
 
 
@@ -544,7 +639,8 @@ def check_device(device: str | None, where: str = "--device") -> None:
 
 
 def check_checkpoint_set(base: str, checkpoints: list[str], targets: list[str] | None) -> None:
-    """Before ``cpt merge`` writes anything: every checkpoint holds the base's tensors, same shapes, and ``targets`` select some."""
+    """Before ``cpt merge`` writes anything: every checkpoint holds the base's tensors with the
+    same shapes, and ``targets`` select some of them."""
     from cpt.diagnostics import checkpoint_folder
     from cpt.recipe import DEFAULT_TARGETS
     from cpt.tensors import SafetensorsWeights, compile_targets, is_target
@@ -554,11 +650,16 @@ def check_checkpoint_set(base: str, checkpoints: list[str], targets: list[str] |
     names = base_weights.names()
     patterns = compile_targets(targets or DEFAULT_TARGETS)
     if not any(len(base_weights.shape(name)) == 2 and is_target(name, patterns) for name in names):
-        raise CptError(f"--targets: {targets or DEFAULT_TARGETS} select no 2-D tensor of {base} (a name looks like {names[0]!r})")
+        raise CptError(
+            f"--targets: {targets or DEFAULT_TARGETS} select no 2-D tensor of {base} (a name looks like {names[0]!r})"
+        )
     for path in checkpoints:
         weights = SafetensorsWeights(checkpoint_folder(path))
         for name in names:
             if name not in weights:
                 raise CptError(f"{path}: has no tensor {name} of the base; is it a fine-tune of {base}?")
             if weights.shape(name) != base_weights.shape(name):
-                raise CptError(f"{path}: {name} has shape {tuple(weights.shape(name))}, the base {tuple(base_weights.shape(name))}; is it a fine-tune of {base}?")
+                raise CptError(
+                    f"{path}: {name} has shape {tuple(weights.shape(name))}, the base "
+                    f"{tuple(base_weights.shape(name))}; is it a fine-tune of {base}?"
+                )

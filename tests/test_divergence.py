@@ -25,7 +25,9 @@ def feed(monitor: DivergenceMonitor, logs: list[dict]) -> None:
 
 def test_zero_gradient_after_the_first_logged_step():
     # The first logged step does not count; then 3 zero norms in a row trip it.
-    with pytest.raises(TrainingDivergedError, match=r"gradient norm was 0 for 3 logged steps in a row \(up to step 4\)"):
+    with pytest.raises(
+        TrainingDivergedError, match=r"gradient norm was 0 for 3 logged steps in a row \(up to step 4\)"
+    ):
         feed(DivergenceMonitor(patience=3), [{"loss": 5.0 - i, "grad_norm": 0.0} for i in range(4)])
     feed(DivergenceMonitor(patience=3), [{"loss": 5.0 - i, "grad_norm": 0.0} for i in range(3)])  # one short
     # A non-zero norm in between restarts the count.
@@ -34,12 +36,19 @@ def test_zero_gradient_after_the_first_logged_step():
 
 
 def test_flat_loss():
-    with pytest.raises(TrainingDivergedError, match=r"loss stayed at 6.23832 for 4 logged steps in a row \(up to step 5\)"):
-        feed(DivergenceMonitor(patience=3), [{"loss": 6.3, "grad_norm": 1.0}] + [{"loss": 6.238325, "grad_norm": 1.0}] * 4)
+    with pytest.raises(
+        TrainingDivergedError, match=r"loss stayed at 6.23832 for 4 logged steps in a row \(up to step 5\)"
+    ):
+        feed(
+            DivergenceMonitor(patience=3),
+            [{"loss": 6.3, "grad_norm": 1.0}] + [{"loss": 6.238325, "grad_norm": 1.0}] * 4,
+        )
     # Healthy noise of 1e-4 relative is movement.
     feed(DivergenceMonitor(patience=3), [{"loss": 2.0 + 2e-4 * (i % 2), "grad_norm": 1.0} for i in range(10)])
     # Eval logs and the end-of-training summary are not training steps.
-    feed(DivergenceMonitor(patience=1), [{"eval_loss": 1.0}, {"train_loss": 1.0}, {"loss": 1.0}, {"train_runtime": 1.0}])
+    feed(
+        DivergenceMonitor(patience=1), [{"eval_loss": 1.0}, {"train_loss": 1.0}, {"loss": 1.0}, {"train_runtime": 1.0}]
+    )
 
 
 def test_weight_growth():

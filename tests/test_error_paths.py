@@ -78,7 +78,10 @@ def _bounds(field) -> tuple[float | None, float | None]:
 def _leaf_type(annotation) -> typing.Any:
     """``X | None`` → X."""
     args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if (
+        typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+        and len(args) == 1
+    ):
         return args[0]
     return annotation
 
@@ -97,7 +100,10 @@ def _wrong_values(annotation) -> list[tuple[str, str]]:
         return [("[1, 2]", "wrong type")]
     if origin is typing.Literal:
         return [("bogus_choice", "not a choice")]
-    if origin is list or (origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and list in map(typing.get_origin, typing.get_args(leaf))):
+    if origin is list or (
+        origin in (typing.Union, getattr(__import__("types"), "UnionType", None))
+        and list in map(typing.get_origin, typing.get_args(leaf))
+    ):
         return [("5", "wrong type")]
     if origin is dict or leaf is dict:
         return [("not_a_mapping", "wrong type")]
@@ -116,8 +122,12 @@ def _schema_cases() -> list[tuple[str, str, str]]:
         for name, field in model.model_fields.items():
             path = f"{prefix}{name}"
             leaf = _leaf_type(field.annotation)
-            if typing.get_origin(leaf) is list and typing.get_args(leaf) and isinstance(typing.get_args(leaf)[0], type) \
-                    and issubclass(typing.get_args(leaf)[0], BaseModel):
+            if (
+                typing.get_origin(leaf) is list
+                and typing.get_args(leaf)
+                and isinstance(typing.get_args(leaf)[0], type)
+                and issubclass(typing.get_args(leaf)[0], BaseModel)
+            ):
                 cases.append((f"{path}=not_a_list", name, "wrong type"))
                 walk(typing.get_args(leaf)[0], f"{path}.0.")  # the first task
                 continue
@@ -143,10 +153,25 @@ SCHEMA_CASES = _schema_cases()
 def test_the_walk_covers_the_schema():
     paths = {case[0].split("=")[0] for case in SCHEMA_CASES}
     # Spot checks across every section: the walk reaches nested models and the task list.
-    for expected in ("name", "seed", "model.dtype", "peft.r", "peft.lora_dropout", "training", "strategy.train_from", "targets",
-                     "geometry.energy", "evaluation.batch_size", "divergence.patience", "tasks.0.train.path",
-                     "tasks.0.fields.prompt_template", "tasks.0.eval.normalize.ignore_case", "tasks.0.eval.held_out",
-                     "tasks.0.max_examples", "tasks.0.eval.data.split"):
+    for expected in (
+        "name",
+        "seed",
+        "model.dtype",
+        "peft.r",
+        "peft.lora_dropout",
+        "training",
+        "strategy.train_from",
+        "targets",
+        "geometry.energy",
+        "evaluation.batch_size",
+        "divergence.patience",
+        "tasks.0.train.path",
+        "tasks.0.fields.prompt_template",
+        "tasks.0.eval.normalize.ignore_case",
+        "tasks.0.eval.held_out",
+        "tasks.0.max_examples",
+        "tasks.0.eval.data.split",
+    ):
         assert expected in paths, expected
     assert len(SCHEMA_CASES) > 100
 
@@ -223,7 +248,12 @@ def test_run_refuses_before_touching_anything(workspace, capsys, monkeypatch):
     """``cpt run`` goes through the same checks (here an IndexError before the fix, then a late data error)."""
     monkeypatch.chdir(workspace)
     expect_one_line_error(["run", "recipe.yaml", "--set", "tasks.7.max_examples=3"], capsys, workspace, "tasks.7")
-    expect_one_line_error(["run", "recipe.yaml", "--set", "tasks.2.fields.completion=nope"], capsys, workspace, "tasks[2].fields.completion")
+    expect_one_line_error(
+        ["run", "recipe.yaml", "--set", "tasks.2.fields.completion=nope"],
+        capsys,
+        workspace,
+        "tasks[2].fields.completion",
+    )
     assert not list((workspace / "runs").glob(".*.lock")), "the run lock is released"
 
 
@@ -301,7 +331,15 @@ def test_compare_output_is_a_file(workspace, capsys, monkeypatch, tmp_path):
     from cpt.recipe import validate_recipe
     from cpt.runner import TaskSequenceRunner
 
-    recipe = validate_recipe(make_recipe(tmp_path, str(workspace / "base"), steps=(1, 1), evaluation={"batch_size": 4, "max_new_tokens": 2, "evaluate_base": False, "evaluate_experts": False}, geometry={"enabled": False}))
+    recipe = validate_recipe(
+        make_recipe(
+            tmp_path,
+            str(workspace / "base"),
+            steps=(1, 1),
+            evaluation={"batch_size": 4, "max_new_tokens": 2, "evaluate_base": False, "evaluate_experts": False},
+            geometry={"enabled": False},
+        )
+    )
     TaskSequenceRunner(recipe).run()
     capsys.readouterr()
     monkeypatch.chdir(workspace)

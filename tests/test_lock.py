@@ -43,11 +43,25 @@ def test_second_process_is_refused_naming_the_holder(tmp_path):
         recorded = json.loads(lock_path(run_dir).read_text())
         assert recorded["pid"] == holder.pid and recorded["host"] == socket.gethostname()
         # A second real process trying the same lock.
-        second = subprocess.run([sys.executable, "-c", "import sys; from cpt.lock import RunLock; RunLock(sys.argv[1]).acquire()", str(run_dir)],
-                                env=_env(), capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from cpt.lock import RunLock; RunLock(sys.argv[1]).acquire()",
+                str(run_dir),
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode != 0 and "RunLockedError" in second.stderr
         assert f"pid {holder.pid} on {socket.gethostname()}, started {recorded['started']}" in second.stderr
-        with pytest.raises(RunLockedError, match=rf"in use by another cpt run \(pid {holder.pid} on .*\); wait for it to finish, or delete .*\.tiny\.lock"):
+        with pytest.raises(
+            RunLockedError,
+            match=rf"in use by another cpt run \(pid {holder.pid} on .*\); wait for it to finish, or delete "
+            rf".*\.tiny\.lock",
+        ):
             RunLock(run_dir).acquire()
     finally:
         holder.kill()
@@ -69,7 +83,9 @@ def test_reused_pid_and_other_hosts(tmp_path):
     run_dir = tmp_path / "tiny"
     path = lock_path(run_dir)
     # Our own (alive) pid, but recorded with another process start time: the pid was reused.
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then", "process_start": 1}))
+    path.write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then", "process_start": 1})
+    )
     with RunLock(run_dir):
         pass
     # A holder on another host cannot be checked from here: refused, with the file to delete.
@@ -90,7 +106,13 @@ def test_cpt_run_refused_while_another_run_holds_the_directory(tmp_path):
     holder = _hold(run_dir)
     try:
         started = time.perf_counter()
-        second = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env=_env(), capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [sys.executable, "-m", "cpt.cli", "run", str(recipe_path)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         holder.kill()
         holder.wait()

@@ -1,4 +1,4 @@
-"""``cpt check`` / the preflight of ``cpt run``: a broken recipe fails with one line before the run directory changes."""
+"""``cpt check`` and the preflight of ``cpt run``: a broken recipe fails with one line, the run directory untouched."""
 
 import json
 import shutil
@@ -51,10 +51,18 @@ def test_check_prints_the_plan(tmp_path, tiny_model, capsys):
 def test_optimizer_steps_follow_the_trainer():
     from types import SimpleNamespace as Args
 
-    base = dict(max_steps=-1, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_train_epochs=1.0, dataloader_drop_last=False)
+    base = dict(
+        max_steps=-1,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1.0,
+        dataloader_drop_last=False,
+    )
     assert optimizer_steps(Args(**base), 192, 1) == 12
     assert optimizer_steps(Args(**base), 193, 1) == 13  # the last short batch is a step
-    assert optimizer_steps(Args(**{**base, "gradient_accumulation_steps": 5}), 192, 1) == 3  # 12 batches → 2 full + 1 partial
+    assert (
+        optimizer_steps(Args(**{**base, "gradient_accumulation_steps": 5}), 192, 1) == 3
+    )  # 12 batches → 2 full + 1 partial
     assert optimizer_steps(Args(**{**base, "num_train_epochs": 2.5}), 192, 2) == 15  # 6 per epoch on 2 processes
     assert optimizer_steps(Args(**{**base, "max_steps": 7}), 192, 1) == 7
 
@@ -63,7 +71,11 @@ def test_run_plan_resume_complete_and_refusal(tmp_path, tiny_model):
     recipe = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(1, 1)))
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True)
-    manifest = {"recipe_fingerprint": recipe.fingerprint(), "status": "running", "tasks": [{"status": "done"}, {"status": "pending"}]}
+    manifest = {
+        "recipe_fingerprint": recipe.fingerprint(),
+        "status": "running",
+        "tasks": [{"status": "done"}, {"status": "pending"}],
+    }
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     assert check_recipe(recipe).action == "resume"
     assert "1/2 tasks done" in check_recipe(recipe).action_detail
@@ -167,7 +179,12 @@ def _asset_cache_for_recipes(root: Path, model: str) -> Path:
 def _real_assets_cached() -> bool:
     from cpt.assets import _dataset_ready, _model_ready, cache_dir
 
-    names = {task["train"]["asset"] for path in RECIPES for task in yaml.safe_load(path.read_text())["tasks"] if "asset" in task["train"]}
+    names = {
+        task["train"]["asset"]
+        for path in RECIPES
+        for task in yaml.safe_load(path.read_text())["tasks"]
+        if "asset" in task["train"]
+    }
     return _model_ready(cache_dir() / "models" / "smollm2-135m-instruct") and all(
         _dataset_ready(cache_dir() / "datasets" / "bigbench" / name.split(":", 1)[1]) for name in names
     )

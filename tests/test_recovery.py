@@ -30,7 +30,11 @@ def finished_run(tmp_path_factory, tiny_model):
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_overwrite_with_a_broken_recipe_keeps_the_finished_run(finished_run, tmp_path, capsys):
@@ -64,7 +68,10 @@ def test_interrupted_overwrite_brings_the_old_run_back(tmp_path):
     run_dir.mkdir()
     (run_dir / "manifest.json").write_text('{"recipe_fingerprint": "new"}')
     assert recover_interrupted_overwrite(run_dir) == "dropped"
-    assert not previous_path(run_dir).exists() and json.loads((run_dir / "manifest.json").read_text())["recipe_fingerprint"] == "new"
+    assert (
+        not previous_path(run_dir).exists()
+        and json.loads((run_dir / "manifest.json").read_text())["recipe_fingerprint"] == "new"
+    )
 
 
 def test_overwrite_replaces_the_run_once_the_new_one_started(tmp_path, tiny_model):
@@ -85,7 +92,7 @@ def _make_leftovers(run_dir: Path) -> None:
     (run_dir / "history" / "step-3.old").mkdir()  # its final folder is missing: restored
     (run_dir / "history" / "step-3.old" / "scalars.json").write_text("{}")
     (run_dir / "strategy" / "ewc" / ".step_2.ab.tmp").mkdir(parents=True)
-    (run_dir / "strategy" / "replay" ).mkdir(parents=True)
+    (run_dir / "strategy" / "replay").mkdir(parents=True)
     (run_dir / "strategy" / "replay" / ".plural.jsonl.x1.tmp").write_text("half")
     (run_dir / ".manifest.json.zz.tmp").write_text("{")
     (run_dir / "geometry").mkdir(exist_ok=True)
@@ -107,8 +114,19 @@ def test_clean_staging_removes_every_leftover(tmp_path):
     assert len(cleaned) == 10
     remaining = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
     assert remaining == [
-        "eval", "eval/matrix.json", "geometry", "history", "history/step-1", "history/step-3", "history/step-3/scalars.json",
-        "strategy", "strategy/ewc", "strategy/replay", "work", "work/upper", "work/upper/checkpoint-2",
+        "eval",
+        "eval/matrix.json",
+        "geometry",
+        "history",
+        "history/step-1",
+        "history/step-3",
+        "history/step-3/scalars.json",
+        "strategy",
+        "strategy/ewc",
+        "strategy/replay",
+        "work",
+        "work/upper",
+        "work/upper/checkpoint-2",
     ]
 
 
@@ -120,11 +138,15 @@ def test_resume_cleans_leftovers_of_a_killed_run(finished_run):
     TaskSequenceRunner(recipe).run()
     leftovers = [p for p in recipe.run_dir.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert leftovers == []
-    assert not (recipe.run_dir / "work" / "plural").exists() and not (recipe.run_dir / "work" / "upper").exists(), "both tasks are done"
+    assert not (recipe.run_dir / "work" / "plural").exists() and not (recipe.run_dir / "work" / "upper").exists(), (
+        "both tasks are done"
+    )
     # Everything else is as the finished run left it (the manifest's time stamp and the report are rewritten).
     rewritten = ("manifest.json", "report.md", "plots/", "history/step-3/scalars.json")
     after = tree_digest(recipe.run_dir)
-    assert {k: v for k, v in after.items() if not k.startswith(rewritten)} == {k: v for k, v in before.items() if not k.startswith(rewritten)}
+    assert {k: v for k, v in after.items() if not k.startswith(rewritten)} == {
+        k: v for k, v in before.items() if not k.startswith(rewritten)
+    }
     assert "state/model.safetensors" in after
 
 
@@ -137,14 +159,27 @@ def test_kill_during_gcwm_integration_leaves_nothing_after_resume(tmp_path, tiny
     import sys
     import time
 
-    data = make_recipe(tmp_path, tiny_model, steps=(1, 1), strategy={"name": "gcwm", "iters": 3000, "skip_tol": 0.0},
-                       geometry={"enabled": False})
+    data = make_recipe(
+        tmp_path,
+        tiny_model,
+        steps=(1, 1),
+        strategy={"name": "gcwm", "iters": 3000, "skip_tol": 0.0},
+        geometry={"enabled": False},
+    )
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "runs" / "tiny"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)])}
-    process = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cpt.cli", "run", str(recipe_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     staged = []
     while time.time() < deadline and process.poll() is None:
@@ -156,9 +191,13 @@ def test_kill_during_gcwm_integration_leaves_nothing_after_resume(tmp_path, tiny
     process.wait()
     assert staged, "the kill point (GCWM writing history) was never reached"
     assert list((run_dir / "history").glob(".step-*.tmp")), "the kill left the staging folder"
-    assert (run_dir / ".tiny.lock").exists() is False and (tmp_path / "runs" / ".tiny.lock").exists(), "and a stale lock"
+    assert (run_dir / ".tiny.lock").exists() is False and (tmp_path / "runs" / ".tiny.lock").exists(), (
+        "and a stale lock"
+    )
 
-    finished = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env=env, capture_output=True, text=True, timeout=900)
+    finished = subprocess.run(
+        [sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
     leftovers = [str(p) for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".old"))]

@@ -43,7 +43,14 @@ from cpt.tensors import is_zero3
 
 
 class DivergenceMonitor(TrainerCallback):
-    def __init__(self, *, patience: int = 3, grad_norm_floor: float = 0.0, loss_rtol: float = 1e-6, max_weight_growth: float = 100.0):
+    def __init__(
+        self,
+        *,
+        patience: int = 3,
+        grad_norm_floor: float = 0.0,
+        loss_rtol: float = 1e-6,
+        max_weight_growth: float = 100.0,
+    ):
         if patience < 1 or grad_norm_floor < 0 or loss_rtol < 0 or max_weight_growth <= 1:
             raise ValueError("patience ≥ 1, grad_norm_floor ≥ 0, loss_rtol ≥ 0 and max_weight_growth > 1 are required")
         self.patience = patience
@@ -57,8 +64,12 @@ class DivergenceMonitor(TrainerCallback):
         """The monitor for a recipe's ``divergence:`` section (None when disabled)."""
         if not spec.enabled:
             return None
-        return cls(patience=spec.patience, grad_norm_floor=spec.grad_norm_floor, loss_rtol=spec.loss_rtol,
-                   max_weight_growth=spec.max_weight_growth)
+        return cls(
+            patience=spec.patience,
+            grad_norm_floor=spec.grad_norm_floor,
+            loss_rtol=spec.loss_rtol,
+            max_weight_growth=spec.max_weight_growth,
+        )
 
     def _reset(self) -> None:
         self.logged = 0
@@ -96,16 +107,25 @@ class DivergenceMonitor(TrainerCallback):
             if not math.isfinite(growth):
                 self._stop(f"the weights became non-finite (norm {growth}) by step {step}")
             if growth > self.max_weight_growth:
-                self._stop(f"the weights' norm grew {growth:.3g}-fold since the task began (step {step}; limit {self.max_weight_growth:g})")
+                self._stop(
+                    f"the weights' norm grew {growth:.3g}-fold since the task began (step {step}; limit "
+                    f"{self.max_weight_growth:g})"
+                )
         if self.logged > 1 and grad_norm is not None:
             self.zero_grad_run = self.zero_grad_run + 1 if float(grad_norm) <= self.grad_norm_floor else 0
             if self.zero_grad_run >= self.patience:
-                self._stop(f"the gradient norm was {float(grad_norm):g} for {self.zero_grad_run} logged steps in a row (up to step {step})")
+                self._stop(
+                    f"the gradient norm was {float(grad_norm):g} for {self.zero_grad_run} logged steps in a row (up to "
+                    f"step {step})"
+                )
         if self.previous_loss is not None and math.isfinite(loss):
             moved = abs(loss - self.previous_loss) > self.loss_rtol * abs(self.previous_loss)
             self.flat_loss_run = 0 if moved else self.flat_loss_run + 1
             if self.flat_loss_run >= self.patience:
-                self._stop(f"the loss stayed at {loss:.6g} for {self.flat_loss_run + 1} logged steps in a row (up to step {step})")
+                self._stop(
+                    f"the loss stayed at {loss:.6g} for {self.flat_loss_run + 1} logged steps in a row (up to step "
+                    f"{step})"
+                )
         self.previous_loss = loss
 
     def on_train_end(self, args, state, control, **kwargs):
