@@ -1,4 +1,4 @@
-"""``cpt`` command line: ``cpt run``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``,
+"""``cpt`` command line: ``cpt run``, ``cpt check``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``,
 ``cpt report``, ``cpt compare``."""
 
 from __future__ import annotations
@@ -19,14 +19,37 @@ def _add_run(subparsers) -> None:
 
 
 def _run(args) -> int:
+    from cpt.lock import run_lock
+    from cpt.preflight import announce_plan, check_recipe
     from cpt.recipe import load_recipe
     from cpt.runner import TaskSequenceRunner
     from cpt.threads import configure_cpu_threads
 
-    # Before any torch work: accelerate launch gives its child one thread unless told otherwise.
-    print(f"[cpt] {configure_cpu_threads().reason}", file=sys.stderr, flush=True)
     recipe = load_recipe(args.recipe, args.overrides)
-    TaskSequenceRunner(recipe, overwrite=args.overwrite).run()
+    # One run per run directory (cpt/lock.py), then the preflight (cpt/preflight.py): everything
+    # is checked before the run directory is created, resumed or replaced.
+    with run_lock(recipe.run_dir):
+        announce_plan(check_recipe(recipe, overwrite=args.overwrite))
+        # Before training: accelerate launch gives its child one thread unless the user chose a count.
+        print(f"[cpt] {configure_cpu_threads().reason}", file=sys.stderr, flush=True)
+        TaskSequenceRunner(recipe, overwrite=args.overwrite).run()
+    return 0
+
+
+def _add_check(subparsers) -> None:
+    check = subparsers.add_parser("check", help="check a recipe (model, data, training arguments, strategy) and print the plan; trains nothing")
+    check.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, as for `cpt run` (repeatable)")
+    check.add_argument("--overwrite", action="store_true", help="check as `cpt run --overwrite` would run")
+    check.set_defaults(handler=_check)
+
+
+def _check(args) -> int:
+    from cpt.preflight import check_recipe
+    from cpt.recipe import load_recipe
+
+    print(check_recipe(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite).format())
     return 0
 
 
@@ -98,6 +121,13 @@ def _geometry(args) -> int:
     settings = dataclasses.replace(GeometrySettings(), **given)
     if settings.rank <= 0 or not 0 < settings.energy <= 1:
         raise CptError("geometry: --rank must be > 0 and --energy in (0, 1]")
+    from cpt.preflight import check_device, check_output_path, check_target_patterns  # [reliability] one-line errors
+
+    if not args.eps > 0:
+        raise CptError(f"geometry: --eps must be > 0 (got {args.eps})")
+    check_target_patterns(args.targets)
+    check_device(args.device)
+    check_output_path(args.output, folder=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = checkpoint_geometry(args.base, args.checkpoints, settings, args.targets, device)
     atomic_write_json(args.output, report)
@@ -126,7 +156,10 @@ def _add_merge(subparsers) -> None:
 
 def _merge(args) -> int:
     from cpt.merging.offline import merge_checkpoints
+    from cpt.preflight import check_checkpoint_set, check_output_path  # [reliability] refuse before merging
 
+    check_output_path(args.output, folder=True)
+    check_checkpoint_set(args.base, args.experts, args.targets)
     merge_checkpoints(args.method, args.base, args.experts, args.output, args.overrides, args.save_steps, args.targets)
     print(f"state written to {args.output}")
     return 0
@@ -155,8 +188,10 @@ def _add_compare(subparsers) -> None:
 def _compare(args) -> int:
     from pathlib import Path
 
+    from cpt.preflight import check_output_path  # [reliability]
     from cpt.report import compare_runs
 
+    check_output_path(args.output, folder=True)
     print(compare_runs(args.run_dirs, args.output))
     print(f"written to {Path(args.output) / 'compare.md'} and {Path(args.output) / 'compare.png'}")
     return 0
@@ -166,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual post-training of LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
+    _add_check(subparsers)
     _add_assets(subparsers)
     _add_strategies(subparsers)
     _add_geometry(subparsers)

@@ -96,6 +96,23 @@ class GeometrySpec(_Strict):
     top_k: int = Field(10, gt=0)
 
 
+class DivergenceSpec(_Strict):
+    """``divergence:`` — stop a task whose training stalled or exploded without a NaN loss.
+
+    Checked at every logged step (``training.logging_steps``) by
+    :class:`cpt.training.divergence.DivergenceMonitor`; the task stops, its expert is not
+    integrated, the last good state stays, and the run exits with status 1 and one line
+    saying which rule tripped. The defaults never trip on healthy training: they need an
+    exact stall (gradient norm 0, the same loss to 6 digits) or a 100-fold weight norm.
+    """
+
+    enabled: bool = True
+    patience: int = Field(3, gt=0, description="consecutive logged steps, after the first, that a stall must last")
+    grad_norm_floor: float = Field(0.0, ge=0, description="a logged gradient norm at or below this counts as zero")
+    loss_rtol: float = Field(1e-6, ge=0, description="a logged loss within this relative distance of the previous one has not moved")
+    max_weight_growth: float = Field(100.0, gt=1, description="stop when the trained weights' norm exceeds this multiple of its value at the task's start")
+
+
 class EvaluationSpec(_Strict):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
@@ -171,6 +188,16 @@ class NormalizeSpec(_Strict):
     first_line: bool = True
     regexes_to_ignore: list[str] = []
 
+    @field_validator("regexes_to_ignore")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+        return patterns
+
 
 class EvalSpec(_Strict):
     kind: Literal["generate", "choice"] = "generate"
@@ -223,6 +250,7 @@ class Recipe(_Strict):
     targets: list[str] = Field(DEFAULT_TARGETS, min_length=1, description="regexes selecting target tensors")
     geometry: GeometrySpec = GeometrySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    divergence: DivergenceSpec = DivergenceSpec()
     tasks: list[TaskSpec] = Field(min_length=1)
 
     @field_validator("name")
@@ -262,8 +290,13 @@ class Recipe(_Strict):
         return Path(self.output_dir) / self.name
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results; a run directory belongs to one fingerprint."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of everything that changes results; a run directory belongs to one fingerprint.
+
+        ``divergence`` thresholds are left out: they only decide whether a task stops, so a run
+        may be resumed with other thresholds (and runs made before the section existed keep
+        their fingerprint).
+        """
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"divergence"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def training_args(self, task: TaskSpec) -> dict[str, Any]:
@@ -350,23 +383,44 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise CptError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
-        parsed.append((key.strip().split("."), _yaml_load(raw) if raw.strip() else None))
+        try:
+            value = _yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise CptError(f"--set {key.strip()}: {raw!r} is not a valid YAML value ({problem}); quote it, e.g. --set '{key.strip()}=\"{raw}\"'") from None
+        parsed.append((key.strip().split("."), value))
     return parsed
 
 
+def _unshared(node: Any) -> Any:
+    """A copy of YAML data in which no two places share a dict or list (YAML anchors/aliases
+    load as one shared object, so ``--set tasks.2.fields...`` would also change every alias)."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    if overrides:  # in place: callers keep using ``data``
+        data.update({key: _unshared(value) for key, value in data.items()})
     for path, value in parse_overrides(overrides):
         node: Any = data
         for depth, part in enumerate(path[:-1]):
             if isinstance(node, list):
-                node = node[_list_index(part, path, depth)]
-            else:
+                node = node[_list_index(part, path, depth, len(node))]
+            elif isinstance(node, dict):
                 if isinstance(node.get(part), str) and part == "strategy":
                     node[part] = {"name": node[part]}
-                node = node.setdefault(part, {})
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[:depth])} is not a section")
         last = path[-1]
         if isinstance(node, list):
-            node[_list_index(last, path, len(path) - 1)] = value
+            node[_list_index(last, path, len(path) - 1, len(node))] = value
         elif isinstance(node, dict):
             node[last] = value
         else:
@@ -374,10 +428,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _list_index(part: str, path: list[str], depth: int) -> int:
+def _list_index(part: str, path: list[str], depth: int, length: int) -> int:
     if not part.isdigit():
         raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[:depth + 1])} must be a list index")
-    return int(part)
+    index = int(part)
+    if index >= length:
+        where = ".".join(path[:depth])
+        raise CptError(f"--set {'.'.join(path)}: {where} has {length} item(s), so the index must be 0 to {length - 1} (got {index})"
+                       if length else f"--set {'.'.join(path)}: {where} is empty")
+    return index
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

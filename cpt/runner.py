@@ -281,8 +281,9 @@ class TaskSequenceRunner:
             train_dataset=train_dataset,
             processing_class=self.tokenizer,
             peft_config=self._peft_config(),
-            # Order matters at on_train_end: score E_t, then measure geometry, then integrate.
-            callbacks=[*strategy_callbacks, expert_evaluation, *diagnostics, integration],
+            # The divergence monitor first: it stops a stalled or exploding task before anyone else acts on
+            # the step. Order matters at on_train_end: score E_t, then measure geometry, then integrate.
+            callbacks=[*self._divergence_monitors(), *strategy_callbacks, expert_evaluation, *diagnostics, integration],
         )
         # Metrics go through trainer.log (and its report_to trackers); strategy callbacks may also use its tokenization.
         for callback in [*strategy_callbacks, *diagnostics, integration]:
@@ -314,6 +315,11 @@ class TaskSequenceRunner:
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> dict:
+        from cpt.recovery import clean_staging, drop_previous, move_aside, recover_interrupted_overwrite
+
+        if self.is_main:  # an --overwrite killed before the new run started: the old run comes back first
+            recover_interrupted_overwrite(self.rundir.root)
+        self.distributed.wait_for_everyone()
         manifest = self.rundir.read_manifest()
         fingerprint = self.recipe.fingerprint()
         if manifest is not None and manifest.get("recipe_fingerprint") != fingerprint:
@@ -331,7 +337,7 @@ class TaskSequenceRunner:
                         f"{self.rundir.root} exists and is not a cpt run directory; pass --overwrite to "
                         "replace it or choose another 'name'"
                     )
-                shutil.rmtree(self.rundir.root)
+                move_aside(self.rundir.root)  # kept as <name>.previous until the new run has started
             self.rundir.root.mkdir(parents=True, exist_ok=True)
             manifest = {
                 "format": MANIFEST_FORMAT,
@@ -347,11 +353,13 @@ class TaskSequenceRunner:
                 self.rundir.root / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
             )
             self.rundir.write_manifest(manifest)
+            drop_previous(self.rundir.root)  # the new run has started: the replaced one goes
         self.distributed.wait_for_everyone()
         if manifest is None:
             manifest = self.rundir.read_manifest()
         if self.is_main:
             recover_dir(self.rundir.state)
+            clean_staging(self.rundir.root, manifest)  # staging folders a killed run left behind
         self.distributed.wait_for_everyone()
         return manifest
 
@@ -457,6 +465,12 @@ class TaskSequenceRunner:
         rows = present_rows(matrix)
         matrix["metrics"] = continual_metrics(rows, matrix["expert_scores"]) if rows else {}
         atomic_write_json(self.rundir.matrix_path, matrix)
+
+    def _divergence_monitors(self) -> list:
+        from cpt.training.divergence import DivergenceMonitor
+
+        monitor = DivergenceMonitor.from_spec(self.recipe.divergence)
+        return [monitor] if monitor is not None else []
 
     def _peft_config(self):
         if self.recipe.peft is None:
