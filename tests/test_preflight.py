@@ -177,7 +177,9 @@ def _asset_cache_for_recipes(root: Path, model: str) -> Path:
 
 
 def _real_assets_cached() -> bool:
-    from cpt.assets import _dataset_ready, _model_ready, cache_dir
+    from cpt.assets.cache import cache_dir
+    from cpt.assets.dataset_files import dataset_ready
+    from cpt.assets.gguf import model_ready
 
     names = {
         task["train"]["asset"]
@@ -185,8 +187,8 @@ def _real_assets_cached() -> bool:
         for task in yaml.safe_load(path.read_text())["tasks"]
         if "asset" in task["train"]
     }
-    return _model_ready(cache_dir() / "models" / "smollm2-135m-instruct") and all(
-        _dataset_ready(cache_dir() / "datasets" / "bigbench" / name.split(":", 1)[1]) for name in names
+    return model_ready(cache_dir() / "models" / "smollm2-135m-instruct") and all(
+        dataset_ready(cache_dir() / "datasets" / "bigbench" / name.split(":", 1)[1]) for name in names
     )
 
 

