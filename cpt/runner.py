@@ -442,7 +442,15 @@ class TaskSequenceRunner:
             self.rundir.write_manifest(manifest)
         train_started = time.perf_counter()
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+            # Expert cache (cpt/study/expert_cache.py, METHOD §6): an expert trained from θ0 is trained once per
+            # content key and reused; otherwise (or on a miss) this is trainer.train(resume_from_checkpoint=...).
+            from cpt.study.expert_cache import train_or_reuse_expert
+
+            train_or_reuse_expert(
+                trainer, recipe=recipe, train_dataset=train_dataset, base_folder=self._base_folder(base), train_from=train_from,
+                cacheable=not strategy_callbacks and train_dataset is data.train, record=record, label=task.name,
+                resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None, cache=getattr(self, "expert_cache", None),
+            )
         except CptError as exc:
             record["status"] = "failed"
             record["error"] = str(exc)

@@ -1,0 +1,176 @@
+"""The expert cache (cpt.study.expert_cache): exact keys, locking, verification, and the runner hook."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from trl import SFTConfig
+
+from cpt.data import build_task_data
+from cpt.recipe import validate_recipe
+from cpt.study.expert_cache import ExpertCache, expert_key, expert_key_inputs, model_folder_identity
+from cpt.testing import build_tiny_model
+from tiny_recipes import make_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+def recipe_key(recipe_data: dict, base_folder: str, tmp_path: Path, step: int = 1, device: str = "cpu") -> str:
+    """The key the runner computes for task `step` of a recipe (same data and SFTConfig construction)."""
+    recipe = validate_recipe(recipe_data)
+    task = recipe.tasks[step - 1]
+    data = build_task_data(task, step - 1, recipe.seed)
+    args = SFTConfig(output_dir=str(recipe.run_dir / "work" / task.name), seed=recipe.seed + step, **recipe.training_args(task))
+    inputs = expert_key_inputs(
+        base_folder=base_folder, model_settings={"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation},
+        train_dataset=data.train, args=args, lora=recipe.peft.model_dump(mode="json") if recipe.peft else None, device=device,
+        memo_path=tmp_path / "hashes.json",
+    )
+    return expert_key(inputs)
+
+
+def test_key_ignores_what_cannot_change_the_expert(tmp_path, tiny_model):
+    base = make_recipe(tmp_path, tiny_model)
+    reference = recipe_key(base, tiny_model, tmp_path)
+    unchanged = [
+        {"name": "another-run"},
+        {"output_dir": str(tmp_path / "elsewhere")},
+        {"strategy": {"name": "ties", "scaling": 0.5}},
+        {"strategy": {"name": "task_arithmetic", "train_from": "base"}},
+        {"evaluation": {"batch_size": 2, "max_new_tokens": 9, "evaluate_base": False}},
+        {"geometry": {"enabled": False}},
+    ]
+    for change in unchanged:
+        assert recipe_key({**base, **change}, tiny_model, tmp_path) == reference, change
+    # Logging and output settings of the trainer do not change the weights either.
+    logged = json.loads(json.dumps(base))
+    logged["training"].update(logging_steps=3, disable_tqdm=False, report_to="none")
+    assert recipe_key(logged, tiny_model, tmp_path) == reference
+    # Nor do the eval set's size of a task with a separate eval file... here: the other task's settings.
+    other_task = json.loads(json.dumps(base))
+    other_task["tasks"][1]["eval"]["held_out"] = 5
+    other_task["tasks"][1]["training"]["max_steps"] = 9
+    assert recipe_key(other_task, tiny_model, tmp_path) == reference
+
+
+def test_key_changes_with_each_input_of_the_expert(tmp_path, tiny_model):
+    base = make_recipe(tmp_path, tiny_model)
+    reference = recipe_key(base, tiny_model, tmp_path)
+    keys = {}
+
+    def variant(name, mutate, **kwargs):
+        data = json.loads(json.dumps(base))
+        mutate(data)
+        keys[name] = recipe_key(data, kwargs.pop("base_folder", tiny_model), tmp_path, **kwargs)
+
+    variant("learning rate", lambda d: d["training"].update(learning_rate=5e-4))
+    variant("max_steps", lambda d: d["training"].update(max_steps=5))
+    variant("seed (data shuffle and training seed)", lambda d: d.update(seed=4))
+    variant("dtype", lambda d: d["model"].update(dtype="bfloat16"))
+    variant("lora", lambda d: d.update(peft={"r": 4}))
+    variant("held-out split (changes the training rows)", lambda d: d["tasks"][0]["eval"].update(held_out=5))
+    variant("max_examples", lambda d: d["tasks"][0].update(max_examples=5))
+    variant("prompt template", lambda d: d["tasks"][0]["fields"].update(prompt_template="Plural: {prompt} ->"))
+    variant("task position (training seed is seed + step)", lambda d: d["tasks"].reverse(), step=2)
+    variant("device", lambda d: None, device="cuda")
+    # The data file's content (same path, one example changed).
+    plural = Path(base["tasks"][0]["train"]["path"])
+    original = plural.read_text()
+    plural.write_text(original.replace('s"}', 'es"}'))  # every target changes
+    variant("data content", lambda d: None)
+    plural.write_text(original)
+    # The base model's content: the same folder with one weight changed.
+    other = Path(build_tiny_model(tmp_path / "other-base", seed=1))
+    variant("base weights", lambda d: d["model"].update(name_or_path=str(other)), base_folder=str(other))
+    (other / "config.json").write_text((Path(tiny_model) / "config.json").read_text())
+    shutil.copy(Path(tiny_model) / "model.safetensors", other / "model.safetensors")
+    variant("same base content in another folder", lambda d: d["model"].update(name_or_path=str(other)), base_folder=str(other))
+
+    same_content = keys.pop("same base content in another folder")
+    assert same_content == reference, "a copy of the base model is the same base model"
+    assert reference not in keys.values(), [name for name, key in keys.items() if key == reference]
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_hf_cache_blobs_are_identified_without_reading(tmp_path):
+    blobs = tmp_path / "models--x" / "blobs"
+    snapshot = tmp_path / "models--x" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    digest = "a" * 64
+    (blobs / digest).write_bytes(b"not really the weights")  # the blob name is trusted: it is the content hash
+    (snapshot / "model.safetensors").symlink_to(blobs / digest)
+    (snapshot / "config.json").write_text("{}")
+    identity = model_folder_identity(snapshot)
+    assert identity["model.safetensors"] == f"sha256:{digest}"
+    assert identity["config.json"] == "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+
+
+def _write_entry(cache_root: str, key: str, log_path: str, pause: float) -> None:
+    cache = ExpertCache(cache_root)
+    with cache.claim(key) as entry:
+        if entry is None:
+            with open(log_path, "a") as log:
+                log.write(f"trained by {os.getpid()}\n")
+            time.sleep(pause)  # the other process must wait on the lock, not train too
+
+            def write(folder):
+                (folder / "model.safetensors").write_bytes(os.urandom(4096))
+                (folder / "config.json").write_text("{}")
+
+            cache.store(key, write, kind="full", inputs={"k": key})
+
+
+def test_two_processes_train_an_expert_once(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    log = tmp_path / "trainings.log"
+    workers = [context.Process(target=_write_entry, args=(str(tmp_path / "experts"), "k1", str(log), 1.5)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert len(log.read_text().splitlines()) == 1
+    cache = ExpertCache(tmp_path / "experts")
+    assert cache.verify("k1") is not None
+    assert [entry["key"] for entry in cache.entries()] == ["k1"]
+    assert not list((tmp_path / "experts").glob(".*.tmp")), "no staging folder is left behind"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_damaged_entry_is_removed_and_reproduced(tmp_path, damage):
+    cache = ExpertCache(tmp_path / "experts")
+    log = tmp_path / "log"
+    _write_entry(str(cache.root), "k", str(log), 0)
+    weights = cache.entry_dir("k") / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[7] ^= 1
+        weights.write_bytes(bytes(data))  # same size, different content: caught by the sha256
+    else:
+        (cache.entry_dir("k") / "manifest.json").unlink()
+    assert cache.verify("k") is None
+    with cache.claim("k") as entry:
+        assert entry is None and not cache.entry_dir("k").exists()
+    _write_entry(str(cache.root), "k", str(log), 0)
+    assert len(log.read_text().splitlines()) == 2 and cache.verify("k") is not None
+
+
+def test_info_and_clear(tmp_path):
+    cache = ExpertCache(tmp_path / "experts")
+    _write_entry(str(cache.root), "a", str(tmp_path / "log"), 0)
+    _write_entry(str(cache.root), "b", str(tmp_path / "log"), 0)
+    entries = cache.entries()
+    assert [e["key"] for e in entries] == ["a", "b"] and all(e["bytes"] > 4096 for e in entries)
+    assert cache.size_bytes() >= sum(e["bytes"] for e in entries)
+    assert cache.clear() == 2 and cache.entries() == [] and cache.size_bytes() == 0
