@@ -174,3 +174,79 @@ def test_info_and_clear(tmp_path):
     assert [e["key"] for e in entries] == ["a", "b"] and all(e["bytes"] > 4096 for e in entries)
     assert cache.size_bytes() >= sum(e["bytes"] for e in entries)
     assert cache.clear() == 2 and cache.entries() == [] and cache.size_bytes() == 0
+
+
+# ---------------------------------------------------------------------- the runner hook, real tiny runs
+def count_trainings(monkeypatch) -> list[str]:
+    """Wrap the trainer's train() to record every real training (a cache hit never calls it)."""
+    from cpt.training.trainer import CptSFTTrainer
+
+    calls = []
+    original = CptSFTTrainer.train
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.args.output_dir)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CptSFTTrainer, "train", counted)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_runner_reuses_cached_experts_across_strategies(tmp_path, tiny_model, monkeypatch, lora):
+    from cpt.runner import TaskSequenceRunner
+
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CPT_EXPERT_CACHE", "1")
+    trainings = count_trainings(monkeypatch)
+    extra = {"peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
+
+    first = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(2, 2), name="ta", strategy="task_arithmetic", **extra))
+    first_result = TaskSequenceRunner(first).run()
+    assert len(trainings) == 2
+    cache = ExpertCache(tmp_path / "cache" / "experts")
+    entries = cache.entries()
+    assert len(entries) == 2 and {e["kind"] for e in entries} == {"lora" if lora else "full"}
+    if lora:
+        assert all(e["bytes"] < 200_000 for e in entries), "a LoRA expert is stored as its adapter"
+
+    second = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(2, 2), name="avg", strategy="average", **extra))
+    second_result = TaskSequenceRunner(second).run()
+    assert len(trainings) == 2, "the second θ0-based strategy trains nothing"
+    manifest = json.loads((second.run_dir / "manifest.json").read_text())
+    assert [t["expert_cache"]["hit"] for t in manifest["tasks"]] == [True, True]
+    assert [t["status"] for t in manifest["tasks"]] == ["done", "done"]
+    # The same experts: their own scores agree, and the first task's state (average of one expert) too.
+    assert second_result.expert_scores == first_result.expert_scores
+    assert (second.run_dir / "geometry" / "2_upper.json").exists() and (second.run_dir / "integration" / "2_upper.json").exists()
+    assert manifest["tasks"][0]["final_loss"] == json.loads((first.run_dir / "manifest.json").read_text())["tasks"][0]["final_loss"]
+
+    # A state-trained strategy never uses the cache.
+    sequential = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(2, 2), name="seq", strategy="sequential", **extra))
+    TaskSequenceRunner(sequential).run()
+    assert len(trainings) == 4
+    assert "expert_cache" not in json.loads((sequential.run_dir / "manifest.json").read_text())["tasks"][0]
+
+
+@pytest.mark.slow
+def test_runner_retrains_a_corrupted_entry(tmp_path, tiny_model, monkeypatch):
+    from cpt.runner import TaskSequenceRunner
+
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CPT_EXPERT_CACHE", "1")
+    trainings = count_trainings(monkeypatch)
+    first = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(2, 2), name="a", strategy="task_arithmetic"))
+    first_result = TaskSequenceRunner(first).run()
+    cache = ExpertCache(tmp_path / "cache" / "experts")
+    key = json.loads((first.run_dir / "manifest.json").read_text())["tasks"][0]["expert_cache"]["key"]
+    weights = cache.entry_dir(key) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+
+    second = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(2, 2), name="b", strategy="task_arithmetic"))
+    second_result = TaskSequenceRunner(second).run()
+    manifest = json.loads((second.run_dir / "manifest.json").read_text())
+    assert [t["expert_cache"]["hit"] for t in manifest["tasks"]] == [False, True]
+    assert len(trainings) == 3, "the damaged expert is trained again, the intact one reused"
+    assert cache.verify(key) is not None
+    assert second_result.matrix == first_result.matrix, "retraining reproduces the same expert"
