@@ -27,7 +27,8 @@ its **key** (the sha256 of their canonical JSON, :func:`expert_key`):
 The strategy, the run name, ``output_dir``, evaluation and geometry settings are not part
 of the key, so every θ0-based strategy of a study (and any later run) shares the expert.
 
-**Layout.** ``$CPT_CACHE_DIR/experts`` (default ``~/.cache/cpt/experts``), one folder
+**Layout.** ``$CPT_CACHE_DIR/experts`` (else ``$CPT_CACHE/experts``, the asset cache's root; default
+``~/.cache/cpt/experts``), one folder
 per key: LoRA experts as the adapter (``adapter_model.safetensors`` +
 ``adapter_config.json``: a few MB), full experts as ``model.safetensors`` + ``config.json``
 (the model's size, e.g. 0.5 GB for SmolLM2-135M in float32), and ``manifest.json`` (the key
@@ -55,10 +56,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, read_json
@@ -67,18 +69,59 @@ CACHE_FORMAT = 1
 
 #: SFTConfig fields that cannot change the trained weights (paths, logging, saving,
 #: evaluation, hub upload): left out of the key. Everything else is in it.
-NON_TRAINING_FIELDS = frozenset({
-    "output_dir", "overwrite_output_dir", "logging_dir", "run_name", "project", "trackio_space_id", "report_to",
-    "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica",
-    "log_on_each_node", "disable_tqdm", "skip_memory_metrics", "include_num_input_tokens_seen",
-    "save_strategy", "save_steps", "save_total_limit", "save_safetensors", "save_on_each_node", "save_only_model",
-    "restore_callback_states_from_checkpoint", "resume_from_checkpoint",
-    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_do_concat_batches", "eval_accumulation_steps",
-    "eval_use_gather_object", "per_device_eval_batch_size", "prediction_loss_only", "include_for_metrics",
-    "batch_eval_metrics", "do_eval", "do_predict", "eval_packing",
-    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
-    "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_persistent_workers",
-})
+NON_TRAINING_FIELDS = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_dir",
+        "run_name",
+        "project",
+        "trackio_space_id",
+        "report_to",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "disable_tqdm",
+        "skip_memory_metrics",
+        "include_num_input_tokens_seen",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_safetensors",
+        "save_on_each_node",
+        "save_only_model",
+        "restore_callback_states_from_checkpoint",
+        "resume_from_checkpoint",
+        "eval_strategy",
+        "eval_steps",
+        "eval_delay",
+        "eval_on_start",
+        "eval_do_concat_batches",
+        "eval_accumulation_steps",
+        "eval_use_gather_object",
+        "per_device_eval_batch_size",
+        "prediction_loss_only",
+        "include_for_metrics",
+        "batch_eval_metrics",
+        "do_eval",
+        "do_predict",
+        "eval_packing",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_token",
+        "hub_private_repo",
+        "hub_always_push",
+        "hub_revision",
+        "dataloader_num_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_persistent_workers",
+    }
+)
 
 #: Files of a model folder that define the model (weights, config, tokenizer, remote code).
 MODEL_FILE = re.compile(r"\.(safetensors|bin|json|model|txt|py|tiktoken|jinja)$")
@@ -87,8 +130,9 @@ _HEX40 = re.compile(r"[0-9a-f]{40}")
 
 
 def cache_root() -> Path:
-    """``$CPT_CACHE_DIR`` or ``~/.cache/cpt``."""
-    return Path(os.environ.get("CPT_CACHE_DIR") or Path.home() / ".cache" / "cpt").expanduser()
+    """``$CPT_CACHE_DIR``, else ``$CPT_CACHE`` (the asset cache root, :mod:`cpt.assets`), else ``~/.cache/cpt``."""
+    root = os.environ.get("CPT_CACHE_DIR") or os.environ.get("CPT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "cpt"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -136,7 +180,9 @@ def model_folder_identity(folder: str | os.PathLike, memo_path: Path | None = No
             changed = True
         identity[relative] = f"sha256:{memo[absolute]['sha256']}"
     if not identity:
-        raise CptError(f"expert cache: {folder} holds no model files (*.safetensors, config.json); cannot identify the base model")
+        raise CptError(
+            f"expert cache: {folder} holds no model files (*.safetensors, config.json); cannot identify the base model"
+        )
     if changed and memo_path:
         atomic_write_json(memo_path, memo)
     return identity
@@ -171,8 +217,16 @@ def platform_identity(device: str) -> dict[str, str]:
     return {"device": device, **versions}
 
 
-def expert_key_inputs(*, base_folder: str | os.PathLike, model_settings: dict[str, Any], train_dataset, args,
-                      lora: dict[str, Any] | None, device: str, memo_path: Path | None = None) -> dict[str, Any]:
+def expert_key_inputs(
+    *,
+    base_folder: str | os.PathLike,
+    model_settings: dict[str, Any],
+    train_dataset,
+    args,
+    lora: dict[str, Any] | None,
+    device: str,
+    memo_path: Path | None = None,
+) -> dict[str, Any]:
     """Everything an expert trained from θ0 depends on (module docstring), as plain JSON."""
     return {
         "format": CACHE_FORMAT,
@@ -263,7 +317,9 @@ class ExpertCache:
         if self.entry_dir(key).exists():
             shutil.rmtree(self.entry_dir(key), ignore_errors=True)
 
-    def store(self, key: str, write_files, *, kind: str, inputs: dict[str, Any], extra: dict[str, Any] | None = None) -> CachedExpert:
+    def store(
+        self, key: str, write_files, *, kind: str, inputs: dict[str, Any], extra: dict[str, Any] | None = None
+    ) -> CachedExpert:
         """Stage an entry (``write_files(folder)`` writes the expert), add its manifest last, rename it into place.
 
         Call while holding :meth:`lock` for ``key``.
@@ -273,10 +329,20 @@ class ExpertCache:
         staging.mkdir()
         try:
             write_files(staging)
-            files = {path.relative_to(staging).as_posix(): {"size": path.stat().st_size, "sha256": sha256_file(path)}
-                     for path in sorted(staging.rglob("*")) if path.is_file()}
-            manifest = {"format": CACHE_FORMAT, "key": key, "kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "files": files, "inputs": inputs, **(extra or {})}
+            files = {
+                path.relative_to(staging).as_posix(): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                for path in sorted(staging.rglob("*"))
+                if path.is_file()
+            }
+            manifest = {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "kind": kind,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "files": files,
+                "inputs": inputs,
+                **(extra or {}),
+            }
             atomic_write_json(staging / "manifest.json", manifest)
             self._remove(key)
             os.replace(staging, self.entry_dir(key))
@@ -294,8 +360,15 @@ class ExpertCache:
         for entry in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             manifest = read_json(entry / "manifest.json", {}) if (entry / "manifest.json").exists() else {}
             size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-            out.append({"key": entry.name, "kind": manifest.get("kind", "incomplete"), "label": manifest.get("label", ""),
-                        "created": manifest.get("created", ""), "bytes": size})
+            out.append(
+                {
+                    "key": entry.name,
+                    "kind": manifest.get("kind", "incomplete"),
+                    "label": manifest.get("label", ""),
+                    "created": manifest.get("created", ""),
+                    "bytes": size,
+                }
+            )
         return out
 
     def size_bytes(self) -> int:
@@ -336,8 +409,14 @@ def fire_train_end(trainer) -> None:
         if _is_library_callback(callback):
             continue
         callback.on_train_end(
-            trainer.args, trainer.state, trainer.control, model=trainer.model, processing_class=handler.processing_class,
-            optimizer=handler.optimizer, lr_scheduler=handler.lr_scheduler, train_dataloader=handler.train_dataloader,
+            trainer.args,
+            trainer.state,
+            trainer.control,
+            model=trainer.model,
+            processing_class=handler.processing_class,
+            optimizer=handler.optimizer,
+            lr_scheduler=handler.lr_scheduler,
+            train_dataloader=handler.train_dataloader,
             eval_dataloader=handler.eval_dataloader,
         )
 
@@ -367,14 +446,19 @@ def load_expert(model, entry: CachedExpert) -> None:
     """Put a cached expert's weights into ``model`` (built the way the trainer built it)."""
     if entry.kind == "lora":
         if not _is_peft(model):
-            raise CptError(f"expert cache entry {entry.key} is a LoRA adapter but the model has none; run `cpt cache clear`")
+            raise CptError(
+                f"expert cache entry {entry.key} is a LoRA adapter but the model has none; run `cpt cache clear`"
+            )
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         result = set_peft_model_state_dict(model, load_file(entry.path / "adapter_model.safetensors"))
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
-            raise CptError(f"expert cache entry {entry.key}: adapter tensors {unexpected[:3]} do not fit the model; run `cpt cache clear`")
+            raise CptError(
+                f"expert cache entry {entry.key}: adapter tensors {unexpected[:3]} do not fit the model; "
+                "run `cpt cache clear`"
+            )
         return
     from safetensors.torch import load_model
 
@@ -395,15 +479,32 @@ def _store_callback(cache: ExpertCache, key: str, inputs: dict[str, Any], label:
             if not state.is_world_process_zero or model is None:
                 return
             kind = "lora" if _is_peft(model) else "full"
-            extra = {"label": label, "log_history": state.log_history, "global_step": state.global_step,
-                     "train_seconds": round(time.perf_counter() - self.started, 3)}
-            self.stored = cache.store(key, lambda folder: write_expert(model, folder), kind=kind, inputs=inputs, extra=extra)
+            extra = {
+                "label": label,
+                "log_history": state.log_history,
+                "global_step": state.global_step,
+                "train_seconds": round(time.perf_counter() - self.started, 3),
+            }
+            self.stored = cache.store(
+                key, lambda folder: write_expert(model, folder), kind=kind, inputs=inputs, extra=extra
+            )
 
     return StoreExpert()
 
 
-def train_or_reuse_expert(trainer, *, recipe, train_dataset, base_folder: str | os.PathLike, train_from: str, cacheable: bool, record: dict,
-                          label: str, resume_from_checkpoint: str | None = None, cache: ExpertCache | None = None) -> None:
+def train_or_reuse_expert(
+    trainer,
+    *,
+    recipe,
+    train_dataset,
+    base_folder: str | os.PathLike,
+    train_from: str,
+    cacheable: bool,
+    record: dict,
+    label: str,
+    resume_from_checkpoint: str | None = None,
+    cache: ExpertCache | None = None,
+) -> None:
     """``trainer.train()``, or — for an expert trained from θ0 that the cache holds — its cached weights.
 
     On a hit the cached expert is loaded into ``trainer.model`` and the callbacks'
@@ -428,15 +529,25 @@ def train_or_reuse_expert(trainer, *, recipe, train_dataset, base_folder: str | 
 
     if cache is None and cache_enabled_by_env():
         cache = ExpertCache()
-    usable = (cache is not None and cacheable and train_from == "base" and resume_from_checkpoint is None
-              and trainer.accelerator.num_processes == 1 and not is_zero3(trainer.model))
+    usable = (
+        cache is not None
+        and cacheable
+        and train_from == "base"
+        and resume_from_checkpoint is None
+        and trainer.accelerator.num_processes == 1
+        and not is_zero3(trainer.model)
+    )
     if not usable:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         return
     model_settings = {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation}
     inputs = expert_key_inputs(
-        base_folder=base_folder, model_settings=model_settings, train_dataset=train_dataset, args=trainer.args,
-        lora=recipe.peft.model_dump(mode="json") if recipe.peft is not None else None, device=trainer.args.device.type,
+        base_folder=base_folder,
+        model_settings=model_settings,
+        train_dataset=train_dataset,
+        args=trainer.args,
+        lora=recipe.peft.model_dump(mode="json") if recipe.peft is not None else None,
+        device=trainer.args.device.type,
         memo_path=cache.root.parent / "file_hashes.json",
     )
     key = expert_key(inputs)

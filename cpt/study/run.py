@@ -45,8 +45,11 @@ def log(message: str) -> None:
 
 def _finished(run_dir: Path, fingerprint: str | None = None) -> bool:
     manifest = read_json(run_dir / "manifest.json")
-    return bool(manifest and manifest.get("status") == "complete"
-                and (fingerprint is None or manifest.get("recipe_fingerprint") == fingerprint))
+    return bool(
+        manifest
+        and manifest.get("status") == "complete"
+        and (fingerprint is None or manifest.get("recipe_fingerprint") == fingerprint)
+    )
 
 
 def _share_base_row(runner, source: Path) -> bool:
@@ -61,11 +64,16 @@ def _share_base_row(runner, source: Path) -> bool:
     target = runner.rundir
     if target.matrix_path.exists():
         return False  # a resumed run keeps what it has
-    runner._prepare_run_dir()  # noqa: SLF001 - creates manifest + recipe.yaml exactly as `cpt run` does
+    runner._prepare_run_dir()
     num_tasks = len(matrix["tasks"])
-    atomic_write_json(target.matrix_path, {
-        "tasks": matrix["tasks"], "rows": [matrix["rows"][0]] + [None] * num_tasks, "expert_scores": [None] * num_tasks,
-    })
+    atomic_write_json(
+        target.matrix_path,
+        {
+            "tasks": matrix["tasks"],
+            "rows": [matrix["rows"][0]] + [None] * num_tasks,
+            "expert_scores": [None] * num_tasks,
+        },
+    )
     for per_example in (source / "eval").glob("0_*.jsonl"):
         shutil.copyfile(per_example, target.root / "eval" / per_example.name)
     manifest = target.read_manifest()
@@ -85,7 +93,10 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
     total = len(study.variants) * len(study.spec.seeds)
     done = 0
     if not summary_only:
-        log(f"{study.name}: {len(study.variants)} variants × {len(study.spec.seeds)} seeds → {study.root} (experts cached in {cache.root})")
+        log(
+            f"{study.name}: {len(study.variants)} variants × {len(study.spec.seeds)} seeds → {study.root} "
+            f"(experts cached in {cache.root})"
+        )
         for seed in study.spec.seeds:
             base_source: Path | None = None
             for variant in study.variants:
@@ -114,7 +125,11 @@ def read_run_outcomes(run_dir: Path, variant: str, seed: int) -> RunOutcomes:
     matrix = read_json(run_dir / "eval" / "matrix.json")
     tasks = list(matrix["tasks"])
     T = len(tasks)
-    scores = {i: {task: matrix["rows"][i][j] for j, task in enumerate(tasks)} for i in range(1, T + 1) if matrix["rows"][i] is not None}
+    scores = {
+        i: {task: matrix["rows"][i][j] for j, task in enumerate(tasks)}
+        for i in range(1, T + 1)
+        if matrix["rows"][i] is not None
+    }
     correct: dict[int, dict[str, np.ndarray]] = {}
     ids: dict[str, list[str]] = {}
     for i in range(1, T + 1):
@@ -154,24 +169,42 @@ def build_summary(study: Study) -> dict[str, Any]:
     complete_seeds = [s for s in seeds if all(finished[(v.name, s)] for v in study.variants)]
     pending = [study.run_name(v, s) for v in study.variants for s in seeds if not finished[(v.name, s)]]
     summary: dict[str, Any] = {
-        "study": study.name, "recipe": study.spec.recipe, "seeds": seeds, "seeds_used": complete_seeds, "pending_runs": pending,
+        "study": study.name,
+        "recipe": study.spec.recipe,
+        "seeds": seeds,
+        "seeds_used": complete_seeds,
+        "pending_runs": pending,
         "variants": [{"name": v.name, "strategy": v.strategy, "params": v.params} for v in study.variants],
     }
-    costs = {study.run_name(v, s): _run_costs(study.runs_dir / study.run_name(v, s))
-             for v in study.variants for s in seeds if finished[(v.name, s)]}
-    summary["costs"] = {"runs": costs, **{key: sum(c[key] for c in costs.values()) for key in
-                                          ("train_seconds", "eval_seconds", "integration_seconds", "experts_trained", "experts_reused")}}
+    costs = {
+        study.run_name(v, s): _run_costs(study.runs_dir / study.run_name(v, s))
+        for v in study.variants
+        for s in seeds
+        if finished[(v.name, s)]
+    }
+    summary["costs"] = {
+        "runs": costs,
+        **{
+            key: sum(c[key] for c in costs.values())
+            for key in ("train_seconds", "eval_seconds", "integration_seconds", "experts_trained", "experts_reused")
+        },
+    }
     if not complete_seeds:
         summary["statistics"] = None
         summary["note"] = "no seed has finished runs of every variant yet"
         return summary
-    runs = [read_run_outcomes(study.runs_dir / study.run_name(v, s), v.name, s) for v in study.variants for s in complete_seeds]
+    runs = [
+        read_run_outcomes(study.runs_dir / study.run_name(v, s), v.name, s)
+        for v in study.variants
+        for s in complete_seeds
+    ]
     settings = study.spec.statistics
     stats = bootstrap_study(runs, resamples=settings.resamples, confidence=settings.confidence, seed=settings.seed)
     summary["statistics"] = stats.as_dict()
     summary["note"] = (
-        "95 % intervals: paired cluster bootstrap over seeds and eval examples (METHOD §6)" if stats.example_level else
-        "no per-example outcomes (eval/<row>_<task>.jsonl) in these runs: intervals resample seeds only, "
+        "95 % intervals: paired cluster bootstrap over seeds and eval examples (METHOD §6)"
+        if stats.example_level
+        else "no per-example outcomes (eval/<row>_<task>.jsonl) in these runs: intervals resample seeds only, "
         "so they leave out the eval-set sampling error"
     )
     return summary
@@ -193,26 +226,44 @@ def format_summary(summary: dict[str, Any]) -> str:
         return "\n".join(out + ["", summary["note"], ""])
     confidence = round(100 * stats["confidence"])
     out += ["", f"Seeds in the statistics: {stats['seeds']}; {stats['resamples']} resamples. {summary['note']}.", ""]
-    out += [f"| variant | strategy | parameters | ACC [{confidence} % CI] | BWT | forgetting |", "|---|---|---|---|---|---|"]
+    out += [
+        f"| variant | strategy | parameters | ACC [{confidence} % CI] | BWT | forgetting |",
+        "|---|---|---|---|---|---|",
+    ]
     for variant in summary["variants"]:
         metrics = stats["variants"][variant["name"]]
         params = ", ".join(f"{k}={v}" for k, v in variant["params"].items()) or "-"
-        out.append(f"| {variant['name']} | {variant['strategy']} | {params} | {_fmt(metrics['acc'])} | "
-                   f"{_fmt(metrics['bwt'], True)} | {_fmt(metrics['forgetting'])} |")
+        out.append(
+            f"| {variant['name']} | {variant['strategy']} | {params} | {_fmt(metrics['acc'])} | "
+            f"{_fmt(metrics['bwt'], True)} | {_fmt(metrics['forgetting'])} |"
+        )
     if stats["pairs"]:
         counts = {m: sum(pair[m]["distinguishable"] for pair in stats["pairs"]) for m in METRICS}
-        out += ["", f"Paired differences A − B ({confidence} % CI); **bold**: the interval excludes 0 (distinguishable). "
-                f"Distinguishable pairs: ACC {counts['acc']}/{len(stats['pairs'])}, BWT {counts['bwt']}/{len(stats['pairs'])}, "
-                f"forgetting {counts['forgetting']}/{len(stats['pairs'])}.", "",
-                "| A | B | ΔACC | ΔBWT | Δforgetting |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            (
+                f"Paired differences A − B ({confidence} % CI); **bold**: the interval excludes 0 (distinguishable). "
+                f"Distinguishable pairs: ACC {counts['acc']}/{len(stats['pairs'])}, "
+                f"BWT {counts['bwt']}/{len(stats['pairs'])}, forgetting {counts['forgetting']}/{len(stats['pairs'])}."
+            ),
+            "",
+            "| A | B | ΔACC | ΔBWT | Δforgetting |",
+            "|---|---|---|---|---|",
+        ]
         for pair in stats["pairs"]:
             cells = [_fmt(pair[m], True) for m in METRICS]
             cells = [f"**{cell}**" if pair[m]["distinguishable"] else cell for cell, m in zip(cells, METRICS)]
             out.append(f"| {pair['a']} | {pair['b']} | " + " | ".join(cells) + " |")
     costs = summary["costs"]
-    out += ["", f"Cost: {costs['train_seconds']:.0f} s training ({costs['experts_trained']} experts trained, "
+    out += [
+        "",
+        (
+            f"Cost: {costs['train_seconds']:.0f} s training ({costs['experts_trained']} experts trained, "
             f"{costs['experts_reused']} reused from the cache), {costs['eval_seconds']:.0f} s evaluation, "
-            f"{costs['integration_seconds']:.1f} s integration.", ""]
+            f"{costs['integration_seconds']:.1f} s integration."
+        ),
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -228,7 +279,9 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     for axis, metric in zip(axes, METRICS):
         values = [stats["variants"][name][metric] for name in names]
         estimate = np.array([v["estimate"] for v in values], dtype=float)
-        errors = np.array([[v["estimate"] - v["low"] for v in values], [v["high"] - v["estimate"] for v in values]], dtype=float)
+        errors = np.array(
+            [[v["estimate"] - v["low"] for v in values], [v["high"] - v["estimate"] for v in values]], dtype=float
+        )
         axis.errorbar(estimate, np.arange(len(names)), xerr=np.nan_to_num(errors), fmt="o", capsize=4)
         axis.set_title(f"{metric} ({round(100 * stats['confidence'])} % CI)")
         axis.grid(axis="x", alpha=0.3)
@@ -255,4 +308,4 @@ def write_summary(study: Study) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["run_study", "build_summary", "write_summary", "read_run_outcomes", "format_summary", "Variant"]
+__all__ = ["Variant", "build_summary", "format_summary", "read_run_outcomes", "run_study", "write_summary"]

@@ -29,7 +29,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from cpt.errors import CptError
 from cpt.recipe import Recipe, _yaml_load, apply_overrides, validate_recipe
@@ -119,7 +125,9 @@ def expand_variants(specs: list[VariantSpec]) -> list[Variant]:
     names = [variant.name for variant in variants]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise CptError(f"variants: the name(s) {', '.join(duplicates)} come out twice; give those variants distinct 'name's")
+        raise CptError(
+            f"variants: the name(s) {', '.join(duplicates)} come out twice; give those variants distinct 'name's"
+        )
     return variants
 
 
@@ -143,7 +151,12 @@ class Study:
 
     def recipe_for(self, variant: Variant, seed: int) -> Recipe:
         data = copy.deepcopy(self.base_recipe)
-        data.update(name=self.run_name(variant, seed), output_dir=str(self.runs_dir), seed=seed, strategy=variant.strategy_section())
+        data.update(
+            name=self.run_name(variant, seed),
+            output_dir=str(self.runs_dir),
+            seed=seed,
+            strategy=variant.strategy_section(),
+        )
         try:
             return validate_recipe(data, source=f"{self.source} (variant {variant.name}, seed {seed})")
         except CptError as exc:
@@ -170,7 +183,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         error = exc.errors()[0]
         if error["type"] == "extra_forbidden":  # name the keys the owning section accepts (not the recipe's)
             owner = StatisticsSpec if error["loc"][0] == "statistics" else StudySpec
-            message = f"{'.'.join(str(p) for p in error['loc'])}: unknown key; accepted keys: {', '.join(owner.model_fields)}"
+            message = (
+                f"{'.'.join(str(p) for p in error['loc'])}: unknown key; accepted keys: {', '.join(owner.model_fields)}"
+            )
         raise CptError(f"{path}: {message}") from None
     recipe_path = Path(spec.recipe)
     if not recipe_path.is_file():

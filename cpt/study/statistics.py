@@ -34,8 +34,9 @@ Usage::
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,10 +72,18 @@ class RunOutcomes:
     scores: dict[int, dict[str, float]] | None = None
 
     @classmethod
-    def from_arrays(cls, variant: str, seed: int, tasks: Sequence[str], correct: Mapping[int, Mapping[str, Sequence]],
-                    ids: Mapping[str, Sequence[str]] | None = None) -> "RunOutcomes":
-        arrays = {int(row): {task: np.asarray(values, dtype=np.float64) for task, values in per_task.items()}
-                  for row, per_task in correct.items()}
+    def from_arrays(
+        cls,
+        variant: str,
+        seed: int,
+        tasks: Sequence[str],
+        correct: Mapping[int, Mapping[str, Sequence]],
+        ids: Mapping[str, Sequence[str]] | None = None,
+    ) -> RunOutcomes:
+        arrays = {
+            int(row): {task: np.asarray(values, dtype=np.float64) for task, values in per_task.items()}
+            for row, per_task in correct.items()
+        }
         return cls(variant, int(seed), list(tasks), arrays, {t: list(v) for t, v in ids.items()} if ids else None)
 
     @property
@@ -137,8 +146,13 @@ class StudyStatistics:
             "resamples": self.resamples,
             "confidence": self.confidence,
             "example_level": self.example_level,
-            "variants": {name: {m: iv.as_dict() for m, iv in metrics.items()} for name, metrics in self.variants.items()},
-            "pairs": [{"a": a, "b": b, **{m: d.as_dict() for m, d in metrics.items()}} for (a, b), metrics in self.pairs.items()],
+            "variants": {
+                name: {m: iv.as_dict() for m, iv in metrics.items()} for name, metrics in self.variants.items()
+            },
+            "pairs": [
+                {"a": a, "b": b, **{m: d.as_dict() for m, d in metrics.items()}}
+                for (a, b), metrics in self.pairs.items()
+            ],
         }
 
 
@@ -195,10 +209,14 @@ def _check_runs(runs: Sequence[RunOutcomes]) -> tuple[list[str], list[int], list
                         if values is None or len(values) != n or n == 0:
                             raise CptError(
                                 f"statistics: {variant}/seed {seed} row {row} task {task!r} has "
-                                f"{0 if values is None else len(values)} outcomes, expected {n} (the same eval set in every row)")
+                                f"{0 if values is None else len(values)} outcomes, expected {n} "
+                                "(the same eval set in every row)"
+                            )
                     if run.ids and reference.ids and run.ids.get(task) != reference.ids.get(task):
-                        raise CptError(f"statistics: {variant}/seed {seed} task {task!r} was scored on other eval examples than "
-                                       f"{variants[0]}/seed {seed}; paired runs need the same eval sets")
+                        raise CptError(
+                            f"statistics: {variant}/seed {seed} task {task!r} was scored on other eval examples than "
+                            f"{variants[0]}/seed {seed}; paired runs need the same eval sets"
+                        )
     return variants, seeds, tasks, example_level
 
 
@@ -211,8 +229,14 @@ def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_study(runs: Sequence[RunOutcomes], *, resamples: int = 2000, confidence: float = 0.95,
-                    seed: int = 0, example_level: bool | None = None) -> StudyStatistics:
+def bootstrap_study(
+    runs: Sequence[RunOutcomes],
+    *,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    example_level: bool | None = None,
+) -> StudyStatistics:
     """Per-variant intervals and paired differences of ACC, BWT and forgetting (METHOD §6).
 
     Args:
@@ -267,11 +291,16 @@ def bootstrap_study(runs: Sequence[RunOutcomes], *, resamples: int = 2000, confi
                     R_boot[v][:, :, i, j] = np.where(valid, gathered, 0.0).sum(axis=-1) / counts
 
     # A resample's metric: the per-seed metric averaged over its S drawn seed slots.
-    boot_metrics = {v: {m: values.mean(axis=-1) for m, values in metrics_from_matrices(R_boot[v]).items()} for v in variants}
-    point = {v: {m: float(np.mean(values)) for m, values in metrics_from_matrices(observed[v]).items()} for v in variants}
+    boot_metrics = {
+        v: {m: values.mean(axis=-1) for m, values in metrics_from_matrices(R_boot[v]).items()} for v in variants
+    }
+    point = {
+        v: {m: float(np.mean(values)) for m, values in metrics_from_matrices(observed[v]).items()} for v in variants
+    }
 
-    summary_variants = {v: {m: Interval(point[v][m], *_interval(boot_metrics[v][m], confidence)) for m in METRICS}
-                        for v in variants}
+    summary_variants = {
+        v: {m: Interval(point[v][m], *_interval(boot_metrics[v][m], confidence)) for m in METRICS} for v in variants
+    }
     pairs: dict[tuple[str, str], dict[str, PairedDifference]] = {}
     for a, b in itertools.combinations(variants, 2):
         pairs[(a, b)] = {}

@@ -1,21 +1,26 @@
 """The expert cache (cpt.study.expert_cache): exact keys, locking, verification, and the runner hook."""
 
 import json
-import multiprocessing
 import os
 import shutil
-import time
+import subprocess
+import sys
 from pathlib import Path
 
-import datasets
 import pytest
+from cache_writer import write_entry as _write_entry
+from tiny_recipes import make_recipe
 from trl import SFTConfig
 
 from cpt.data import build_task_data
 from cpt.recipe import validate_recipe
-from cpt.study.expert_cache import ExpertCache, expert_key, expert_key_inputs, model_folder_identity
+from cpt.study.expert_cache import (
+    ExpertCache,
+    expert_key,
+    expert_key_inputs,
+    model_folder_identity,
+)
 from cpt.testing import build_tiny_model
-from tiny_recipes import make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +33,16 @@ def recipe_key(recipe_data: dict, base_folder: str, tmp_path: Path, step: int = 
     recipe = validate_recipe(recipe_data)
     task = recipe.tasks[step - 1]
     data = build_task_data(task, step - 1, recipe.seed)
-    args = SFTConfig(output_dir=str(recipe.run_dir / "work" / task.name), seed=recipe.seed + step, **recipe.training_args(task))
+    args = SFTConfig(
+        output_dir=str(recipe.run_dir / "work" / task.name), seed=recipe.seed + step, **recipe.training_args(task)
+    )
     inputs = expert_key_inputs(
-        base_folder=base_folder, model_settings={"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation},
-        train_dataset=data.train, args=args, lora=recipe.peft.model_dump(mode="json") if recipe.peft else None, device=device,
+        base_folder=base_folder,
+        model_settings={"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation},
+        train_dataset=data.train,
+        args=args,
+        lora=recipe.peft.model_dump(mode="json") if recipe.peft else None,
+        device=device,
         memo_path=tmp_path / "hashes.json",
     )
     return expert_key(inputs)
@@ -92,7 +103,11 @@ def test_key_changes_with_each_input_of_the_expert(tmp_path, tiny_model):
     variant("base weights", lambda d: d["model"].update(name_or_path=str(other)), base_folder=str(other))
     (other / "config.json").write_text((Path(tiny_model) / "config.json").read_text())
     shutil.copy(Path(tiny_model) / "model.safetensors", other / "model.safetensors")
-    variant("same base content in another folder", lambda d: d["model"].update(name_or_path=str(other)), base_folder=str(other))
+    variant(
+        "same base content in another folder",
+        lambda d: d["model"].update(name_or_path=str(other)),
+        base_folder=str(other),
+    )
 
     same_content = keys.pop("same base content in another folder")
     assert same_content == reference, "a copy of the base model is the same base model"
@@ -114,30 +129,22 @@ def test_hf_cache_blobs_are_identified_without_reading(tmp_path):
     assert identity["config.json"] == "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 
 
-def _write_entry(cache_root: str, key: str, log_path: str, pause: float) -> None:
-    cache = ExpertCache(cache_root)
-    with cache.claim(key) as entry:
-        if entry is None:
-            with open(log_path, "a") as log:
-                log.write(f"trained by {os.getpid()}\n")
-            time.sleep(pause)  # the other process must wait on the lock, not train too
-
-            def write(folder):
-                (folder / "model.safetensors").write_bytes(os.urandom(4096))
-                (folder / "config.json").write_text("{}")
-
-            cache.store(key, write, kind="full", inputs={"k": key})
-
-
 def test_two_processes_train_an_expert_once(tmp_path):
-    context = multiprocessing.get_context("spawn")
     log = tmp_path / "trainings.log"
-    workers = [context.Process(target=_write_entry, args=(str(tmp_path / "experts"), "k1", str(log), 1.5)) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])),
+    }
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("cache_writer.py")),
+        str(tmp_path / "experts"),
+        "k1",
+        str(log),
+        "1.5",
+    ]
+    workers = [subprocess.Popen(command, env=env) for _ in range(2)]
+    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
     assert len(log.read_text().splitlines()) == 1
     cache = ExpertCache(tmp_path / "experts")
     assert cache.verify("k1") is not None
@@ -202,7 +209,9 @@ def test_runner_reuses_cached_experts_across_strategies(tmp_path, tiny_model, mo
     trainings = count_trainings(monkeypatch)
     extra = {"peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
 
-    first = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(2, 2), name="ta", strategy="task_arithmetic", **extra))
+    first = validate_recipe(
+        make_recipe(tmp_path, tiny_model, steps=(2, 2), name="ta", strategy="task_arithmetic", **extra)
+    )
     first_result = TaskSequenceRunner(first).run()
     assert len(trainings) == 2
     cache = ExpertCache(tmp_path / "cache" / "experts")
@@ -219,11 +228,18 @@ def test_runner_reuses_cached_experts_across_strategies(tmp_path, tiny_model, mo
     assert [t["status"] for t in manifest["tasks"]] == ["done", "done"]
     # The same experts: their own scores agree, and the first task's state (average of one expert) too.
     assert second_result.expert_scores == first_result.expert_scores
-    assert (second.run_dir / "geometry" / "2_upper.json").exists() and (second.run_dir / "integration" / "2_upper.json").exists()
-    assert manifest["tasks"][0]["final_loss"] == json.loads((first.run_dir / "manifest.json").read_text())["tasks"][0]["final_loss"]
+    assert (second.run_dir / "geometry" / "2_upper.json").exists() and (
+        second.run_dir / "integration" / "2_upper.json"
+    ).exists()
+    assert (
+        manifest["tasks"][0]["final_loss"]
+        == json.loads((first.run_dir / "manifest.json").read_text())["tasks"][0]["final_loss"]
+    )
 
     # A state-trained strategy never uses the cache.
-    sequential = validate_recipe(make_recipe(tmp_path, tiny_model, steps=(2, 2), name="seq", strategy="sequential", **extra))
+    sequential = validate_recipe(
+        make_recipe(tmp_path, tiny_model, steps=(2, 2), name="seq", strategy="sequential", **extra)
+    )
     TaskSequenceRunner(sequential).run()
     assert len(trainings) == 4
     assert "expert_cache" not in json.loads((sequential.run_dir / "manifest.json").read_text())["tasks"][0]

@@ -111,8 +111,13 @@ def test_interval_covers_true_difference_at_nominal_rate():
             shift = rng.normal(0, 0.03)  # a seed effect shared by both variants
             u = {task: rng.random(60) for task in ("x", "y")}
             for v in ("A", "B"):
-                rows = {1: {"x": (u["x"] < p_first[v] + shift).astype(float), "y": (u["y"] < 0.3).astype(float)},
-                        2: {"x": (u["x"] < p_final[v][0] + shift).astype(float), "y": (u["y"] < p_final[v][1] + shift).astype(float)}}
+                rows = {
+                    1: {"x": (u["x"] < p_first[v] + shift).astype(float), "y": (u["y"] < 0.3).astype(float)},
+                    2: {
+                        "x": (u["x"] < p_final[v][0] + shift).astype(float),
+                        "y": (u["y"] < p_final[v][1] + shift).astype(float),
+                    },
+                }
                 runs.append(run(v, seed, ["x", "y"], rows))
         diff = bootstrap_study(runs, resamples=400, seed=sim).pairs[("A", "B")]["acc"]
         covered += diff.low <= true_diff <= diff.high
@@ -136,8 +141,13 @@ def test_errors_are_one_line():
     with pytest.raises(CptError, match="expected 2 .*same eval set"):
         bootstrap_study(runs)
     with pytest.raises(CptError, match="missing B/seed 1"):
-        bootstrap_study([run("A", 0, ["t"], {1: {"t": [1]}}), run("A", 1, ["t"], {1: {"t": [1]}}),
-                         run("B", 0, ["t"], {1: {"t": [1]}})])
+        bootstrap_study(
+            [
+                run("A", 0, ["t"], {1: {"t": [1]}}),
+                run("A", 1, ["t"], {1: {"t": [1]}}),
+                run("B", 0, ["t"], {1: {"t": [1]}}),
+            ]
+        )
 
 
 def test_reproducible_and_fast():
@@ -145,8 +155,11 @@ def test_reproducible_and_fast():
 
     rng = np.random.default_rng(0)
     tasks = ["a", "b", "c", "d"]
-    runs = [run(v, s, tasks, {i: {t: (rng.random(150) < 0.7) for t in tasks} for i in range(1, 5)})
-            for v in ("v1", "v2", "v3", "v4", "v5", "v6") for s in range(3)]
+    runs = [
+        run(v, s, tasks, {i: {t: (rng.random(150) < 0.7) for t in tasks} for i in range(1, 5)})
+        for v in ("v1", "v2", "v3", "v4", "v5", "v6")
+        for s in range(3)
+    ]
     started = time.perf_counter()
     first = bootstrap_study(runs, resamples=2000, seed=11)
     assert time.perf_counter() - started < 20

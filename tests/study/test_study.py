@@ -3,16 +3,15 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+from tiny_recipes import make_recipe
 
 from cpt.cli import main
 from cpt.errors import CptError
 from cpt.study.run import build_summary, read_run_outcomes, run_study, write_summary
 from cpt.study.spec import load_study
 from cpt.testing import build_tiny_model
-from tiny_recipes import make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +23,39 @@ def write_study(tmp_path: Path, model: str, variants, seeds=(0, 1), **extra) -> 
     recipe = make_recipe(tmp_path, model, steps=(2, 2))
     recipe_path = tmp_path / "base.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
-    study = {"recipe": str(recipe_path), "name": "s", "output_dir": str(tmp_path / "studies"), "seeds": list(seeds),
-             "variants": variants, "statistics": {"resamples": 500}, **extra}
+    study = {
+        "recipe": str(recipe_path),
+        "name": "s",
+        "output_dir": str(tmp_path / "studies"),
+        "seeds": list(seeds),
+        "variants": variants,
+        "statistics": {"resamples": 500},
+        **extra,
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
 
 def test_variants_expand_grids_with_deterministic_names(tmp_path):
-    path = write_study(tmp_path, "unused-model", ["sequential", {"strategy": "ties", "density": [0.2, 0.5], "scaling": [0.3, 1]},
-                                                  {"strategy": "task_arithmetic", "name": "ta", "scaling": 0.3}])
+    path = write_study(
+        tmp_path,
+        "unused-model",
+        [
+            "sequential",
+            {"strategy": "ties", "density": [0.2, 0.5], "scaling": [0.3, 1]},
+            {"strategy": "task_arithmetic", "name": "ta", "scaling": 0.3},
+        ],
+    )
     study = load_study(path)
     assert [v.name for v in study.variants] == [
-        "sequential", "ties-density0.2-scaling0.3", "ties-density0.2-scaling1", "ties-density0.5-scaling0.3",
-        "ties-density0.5-scaling1", "ta"]
+        "sequential",
+        "ties-density0.2-scaling0.3",
+        "ties-density0.2-scaling1",
+        "ties-density0.5-scaling0.3",
+        "ties-density0.5-scaling1",
+        "ta",
+    ]
     assert study.variants[2].params == {"density": 0.2, "scaling": 1}
     recipe = study.recipe_for(study.variants[1], 1)
     assert recipe.name == "ties-density0.2-scaling0.3-seed1" and recipe.seed == 1
@@ -45,15 +63,27 @@ def test_variants_expand_grids_with_deterministic_names(tmp_path):
     assert recipe.run_dir == tmp_path / "studies" / "s" / "runs" / "ties-density0.2-scaling0.3-seed1"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"variants": [{"strategy": "ties", "densty": 0.3}]}, r"variant ties, seed 0\): strategy: densty: unknown parameter of strategy 'ties' \(did you mean 'density'\?\)"),
-    ({"variants": [{"strategy": "tys"}]}, r"tys"),
-    ({"variants": ["sequential", "sequential"]}, r"name\(s\) sequential come out twice"),
-    ({"seeds": [1, 1]}, r"seeds: .*repeat a seed"),
-    ({"statistics": {"resample": 10}}, r"statistics.resample: unknown key; accepted keys: resamples, confidence, seed"),
-    ({"varients": []}, r"varients: unknown key; accepted keys: recipe, name"),
-    ({"variants": [{"strategy": "ties", "density": []}]}, r"ties.density is an empty list"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"variants": [{"strategy": "ties", "densty": 0.3}]},
+            (
+                r"variant ties, seed 0\): strategy: densty: unknown parameter of strategy 'ties' "
+                r"\(did you mean 'density'\?\)"
+            ),
+        ),
+        ({"variants": [{"strategy": "tys"}]}, r"tys"),
+        ({"variants": ["sequential", "sequential"]}, r"name\(s\) sequential come out twice"),
+        ({"seeds": [1, 1]}, r"seeds: .*repeat a seed"),
+        (
+            {"statistics": {"resample": 10}},
+            r"statistics.resample: unknown key; accepted keys: resamples, confidence, seed",
+        ),
+        ({"varients": []}, r"varients: unknown key; accepted keys: recipe, name"),
+        ({"variants": [{"strategy": "ties", "density": []}]}, r"ties.density is an empty list"),
+    ],
+)
 def test_bad_study_files_are_one_line_errors(tmp_path, change, message):
     path = write_study(tmp_path, "unused-model", ["sequential"])
     data = yaml.safe_load(path.read_text())
@@ -68,8 +98,12 @@ def fake_run(root: Path, name: str, matrix_rows, outcomes=None):
     """A finished run directory with a score matrix and, optionally, per-example files."""
     run = root / name
     (run / "eval").mkdir(parents=True)
-    (run / "manifest.json").write_text(json.dumps({"status": "complete", "tasks": [{"train_seconds": 2.0, "eval_seconds": 1.0}]}))
-    (run / "eval" / "matrix.json").write_text(json.dumps({"tasks": ["a"], "rows": matrix_rows, "expert_scores": [None]}))
+    (run / "manifest.json").write_text(
+        json.dumps({"status": "complete", "tasks": [{"train_seconds": 2.0, "eval_seconds": 1.0}]})
+    )
+    (run / "eval" / "matrix.json").write_text(
+        json.dumps({"tasks": ["a"], "rows": matrix_rows, "expert_scores": [None]})
+    )
     for (row, task), correct in (outcomes or {}).items():
         lines = [json.dumps({"id": f"ex{k}", "prediction": "x", "correct": bool(c)}) for k, c in enumerate(correct)]
         (run / "eval" / f"{row}_{task}.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # order must not matter
@@ -147,10 +181,14 @@ def test_study_end_to_end_shares_experts_and_resumes(tmp_path, tiny_model, monke
     assert len(trainings) == 2
     for seed in (0, 1):
         manifest = json.loads((study.runs_dir / f"average-seed{seed}" / "manifest.json").read_text())
-        assert [t["expert_cache"]["hit"] for t in manifest["tasks"]] == [True, True], "the second θ0 strategy trains nothing"
+        assert [t["expert_cache"]["hit"] for t in manifest["tasks"]] == [True, True], (
+            "the second θ0 strategy trains nothing"
+        )
         assert manifest["base_row_from"] == f"task_arithmetic-seed{seed}" and "base_eval_seconds" not in manifest
-        rows = {name: json.loads((study.runs_dir / f"{name}-seed{seed}" / "eval" / "matrix.json").read_text())["rows"][0]
-                for name in ("task_arithmetic", "average")}
+        rows = {
+            name: json.loads((study.runs_dir / f"{name}-seed{seed}" / "eval" / "matrix.json").read_text())["rows"][0]
+            for name in ("task_arithmetic", "average")
+        }
         assert rows["average"] == rows["task_arithmetic"]
     summary = json.loads((study.root / "summary.json").read_text())
     assert summary["pending_runs"] == [] and summary["seeds_used"] == [0, 1]
@@ -171,3 +209,31 @@ def test_study_end_to_end_shares_experts_and_resumes(tmp_path, tiny_model, monke
     # Starting a finished study again runs nothing and rebuilds the same summary.
     run_study(study)
     assert len(trainings) == 2 and statistics_of(study.root) == statistics_of(tmp_path / "studies" / "fresh")
+
+
+def test_shipped_study_file_is_valid():
+    study = load_study(Path(__file__).resolve().parents[2] / "studies" / "quickstart.yaml")
+    assert [v.name for v in study.variants] == ["sequential", "gcwm", "task_arithmetic", "ties"]
+    assert study.spec.seeds == [0, 1, 2] and study.root == Path("runs/studies/quickstart")
+
+
+def test_cache_commands(tmp_path, monkeypatch, capsys):
+    from cpt.study.expert_cache import ExpertCache
+
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path))
+    cache = ExpertCache()
+    assert cache.root == tmp_path / "experts"
+    with cache.claim("abc") as entry:
+        assert entry is None
+        cache.store(
+            "abc",
+            lambda folder: (folder / "model.safetensors").write_bytes(b"x" * 2048),
+            kind="full",
+            inputs={},
+            extra={"label": "plural"},
+        )
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'experts'}: 1 experts" in out and "abc" in out and "plural" in out
+    assert main(["cache", "clear"]) == 0 and "removed 1 experts" in capsys.readouterr().out
+    assert cache.entries() == []
