@@ -447,7 +447,7 @@ class TaskSequenceRunner:
             from cpt.study.expert_cache import train_or_reuse_expert
 
             train_or_reuse_expert(
-                trainer, recipe=recipe, train_dataset=train_dataset, base_folder=self._base_folder(base), train_from=train_from,
+                trainer, recipe=recipe, train_dataset=train_dataset, base_folder=lambda: self._base_folder(base), train_from=train_from,
                 cacheable=not strategy_callbacks and train_dataset is data.train, record=record, label=task.name,
                 resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None, cache=getattr(self, "expert_cache", None),
             )

@@ -56,7 +56,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -497,7 +497,7 @@ def train_or_reuse_expert(
     *,
     recipe,
     train_dataset,
-    base_folder: str | os.PathLike,
+    base_folder: str | os.PathLike | Callable[[], str | os.PathLike],
     train_from: str,
     cacheable: bool,
     record: dict,
@@ -517,7 +517,7 @@ def train_or_reuse_expert(
         trainer: the task's trainer, built with all its callbacks, not yet trained.
         train_dataset: the training examples as cpt handed them to the trainer (hashed into the key).
         recipe: the run's :class:`~cpt.recipe.Recipe` (model load settings and LoRA settings).
-        base_folder: the local folder of θ0.
+        base_folder: the local folder of θ0, or a function returning it (called only when the cache is used).
         train_from: ``"base"`` or ``"state"`` (only ``"base"`` experts are cached).
         cacheable: ``False`` when the strategy changes training (own data or callbacks).
         record: the task's manifest record.
@@ -540,6 +540,8 @@ def train_or_reuse_expert(
     if not usable:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         return
+    if callable(base_folder):
+        base_folder = base_folder()
     model_settings = {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation}
     inputs = expert_key_inputs(
         base_folder=base_folder,
