@@ -375,7 +375,11 @@ class ExpertCache:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.exists() else 0
 
     def clear(self) -> int:
-        """Remove every entry (and stale staging folders and locks); returns the number of entries removed."""
+        """Remove every entry (and stale staging folders and locks); returns the number of entries removed.
+
+        Run it when no run is using the cache: a run that holds a key's lock keeps training, but
+        a run started afterwards would no longer wait for it.
+        """
         if not self.root.exists():
             return 0
         removed = 0
