@@ -1,5 +1,5 @@
-"""``cpt`` command line: ``cpt run``, ``cpt check``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``, ``cpt merge``,
-``cpt report``, ``cpt compare``."""
+"""``cpt`` command line: ``cpt run``, ``cpt check``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``,
+``cpt merge``, ``cpt report``, ``cpt compare``, ``cpt study``, ``cpt cache``."""
 
 from __future__ import annotations
 
@@ -197,6 +197,51 @@ def _compare(args) -> int:
     return 0
 
 
+def _add_study(subparsers) -> None:
+    study = subparsers.add_parser("study", help="every strategy variant on every seed, with shared experts and confidence intervals (resumes)")
+    study.add_argument("study", help="study YAML: a base recipe, variants and seeds (README, 'Studies')")
+    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of the base recipe, e.g. --set training.max_steps=10 (repeatable)")
+    study.add_argument("--summary-only", action="store_true", help="rebuild summary.md/json/png from the finished runs; run nothing")
+    study.set_defaults(handler=_study)
+
+
+def _study(args) -> int:
+    from cpt.study.run import run_study
+    from cpt.study.spec import load_study
+
+    study = load_study(args.study, args.overrides)
+    run_study(study, summary_only=args.summary_only)
+    print((study.root / "summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _add_cache(subparsers) -> None:
+    cache = subparsers.add_parser("cache", help="the expert cache ($CPT_CACHE_DIR/experts, default ~/.cache/cpt/experts)")
+    commands = cache.add_subparsers(dest="cache_command", required=True)
+    commands.add_parser("info", help="where the cache is, its size and its entries").set_defaults(handler=_cache_info)
+    commands.add_parser("clear", help="remove every cached expert").set_defaults(handler=_cache_clear)
+
+
+def _cache_info(args) -> int:
+    from cpt.study.expert_cache import ExpertCache
+
+    cache = ExpertCache()
+    entries = cache.entries()
+    print(f"{cache.root}: {len(entries)} experts, {cache.size_bytes() / 2**20:.1f} MiB")
+    for entry in entries:
+        print(f"  {entry['key'][:16]}  {entry['kind']:10s} {entry['bytes'] / 2**20:9.1f} MiB  {entry['created']}  {entry['label']}")
+    return 0
+
+
+def _cache_clear(args) -> int:
+    from cpt.study.expert_cache import ExpertCache
+
+    cache = ExpertCache()
+    print(f"removed {cache.clear()} experts from {cache.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual post-training of LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(subparsers)
     _add_report(subparsers)
     _add_compare(subparsers)
+    _add_study(subparsers)
+    _add_cache(subparsers)
     return parser
 
 

@@ -155,12 +155,21 @@ class TaskSequenceRunner:
     hub id) and its ``tokenizer``, ``task_names`` and ``task_data``.
     """
 
-    def __init__(self, recipe: Recipe, *, overwrite: bool = False):
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, expert_cache=None):
+        """Args:
+        recipe: the validated recipe.
+        overwrite: replace a run directory that holds another recipe's run (moved aside until
+            the new run has started).
+        expert_cache: a :class:`cpt.study.expert_cache.ExpertCache` that θ0-trained experts are
+            taken from and stored in (``cpt study`` passes one); default: one when
+            ``CPT_EXPERT_CACHE=1``, else none.
+        """
         from accelerate import PartialState
 
         self.recipe = recipe
         self.rundir = RunDirectory(recipe.run_dir)
         self.overwrite = overwrite
+        self.expert_cache = expert_cache
         self.distributed = PartialState()
         self.is_main = self.distributed.is_main_process
 
@@ -178,7 +187,7 @@ class TaskSequenceRunner:
         from cpt.strategies import get_strategy
 
         recipe = self.recipe
-        self.manifest = self._prepare_run_dir()
+        self.manifest = self.prepare_run_dir()
         self.strategy_info = get_strategy(recipe.strategy.name)
         # What experts train from is declared by the strategy's class; a recipe may override it.
         self.train_from = recipe.strategy.train_from or self.strategy_info.strategy_class.train_from
@@ -290,7 +299,9 @@ class TaskSequenceRunner:
             if callable(getattr(callback, "bind_trainer", None)):
                 callback.bind_trainer(trainer)
 
-        self._train(trainer, step, task, record, checkpoints, stopwatch)
+        # Only an expert that is a function of θ0, the task's own data and the training settings is cached.
+        cacheable = not strategy_callbacks and train_dataset is data.train
+        self._train(trainer, step, task, record, checkpoints, stopwatch, train_dataset=train_dataset, cacheable=cacheable)
         self._record_integrated(record, integration, diagnostics, task)
         live_state = trainer.model if self.strategy_info.state_is_expert and not is_zero3(trainer.model) else None
         release_deepspeed_engine(trainer.accelerator)  # else every task's engine outlives it
@@ -314,7 +325,12 @@ class TaskSequenceRunner:
         return RunResult(self.rundir.root, matrix["rows"], matrix["expert_scores"], metrics, self.task_names)
 
     # ------------------------------------------------------------------ set-up
-    def _prepare_run_dir(self) -> dict:
+    def prepare_run_dir(self) -> dict:
+        """Create, resume or (with ``overwrite``) replace the run directory; returns its manifest.
+
+        Public so that a caller (``cpt study``) can seed a new run directory, e.g. with a shared
+        base row, before :meth:`run`; calling it again from :meth:`setup` resumes what it made.
+        """
         from cpt.recovery import clean_staging, drop_previous, move_aside, recover_interrupted_overwrite
 
         if self.is_main:  # an --overwrite killed before the new run started: the old run comes back first
@@ -535,7 +551,16 @@ class TaskSequenceRunner:
         return checkpoints
 
     def _train(
-        self, trainer, step: int, task: TaskSpec, record: dict, checkpoints: list[Path], stopwatch: Stopwatch
+        self,
+        trainer,
+        step: int,
+        task: TaskSpec,
+        record: dict,
+        checkpoints: list[Path],
+        stopwatch: Stopwatch,
+        *,
+        train_dataset,
+        cacheable: bool,
     ) -> None:
         """``trainer.train()``; its end runs the expert evaluation, geometry and integration callbacks."""
         record["status"] = "training"
@@ -546,7 +571,22 @@ class TaskSequenceRunner:
             self.rundir.write_manifest(self.manifest)
         stopwatch.start()
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+            # Expert cache (cpt/study/expert_cache.py, METHOD §6): an expert trained from θ0 is trained once per
+            # content key and reused; otherwise (or on a miss) this is trainer.train(resume_from_checkpoint=...).
+            from cpt.study.expert_cache import train_or_reuse_expert
+
+            train_or_reuse_expert(
+                trainer,
+                recipe=self.recipe,
+                train_dataset=train_dataset,  # as cpt handed it to the trainer (hashed into the key)
+                base_folder=lambda: self._base_folder(self.base),
+                train_from=self.train_from,
+                cacheable=cacheable,
+                record=record,
+                label=task.name,
+                resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None,
+                cache=self.expert_cache,
+            )
         except CptError as exc:
             record["status"] = "failed"
             record["error"] = str(exc)

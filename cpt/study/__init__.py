@@ -1,0 +1,3 @@
+"""Strategy studies: shared θ0 experts (:mod:`cpt.study.expert_cache`), many variants × seeds
+(:mod:`cpt.study.spec`, :mod:`cpt.study.run`) and confidence intervals (:mod:`cpt.study.statistics`),
+METHOD §6."""

@@ -1,0 +1,311 @@
+"""Confidence intervals for continual-learning metrics: the paired cluster bootstrap (METHOD §6).
+
+A study runs every variant (strategy + parameters) on the same seeds and eval sets. For a
+metric ``M`` (ACC, BWT, forgetting; METHOD §5) this module draws ``B`` resamples, each of
+which
+
+1. resamples the seeds with replacement (``S`` draws from the ``S`` seeds), and
+2. within each drawn seed, resamples every task's eval examples with replacement
+   (``n`` draws from that seed's ``n`` examples of the task; a seed drawn twice gets two
+   independent example resamples, the usual two-stage cluster bootstrap),
+
+and recomputes ``M`` on the resample: the per-seed accuracy matrices are rebuilt from the
+resampled examples (the *same* example indices for every row of that seed, since every row
+is scored on the same eval set), the metric is computed per drawn seed and averaged over
+the draws. Every variant sees the same resamples, so for two variants A and B the values
+``M_A − M_B`` of one resample form the paired difference's bootstrap distribution. The
+95 % interval is its 2.5 / 97.5 percentiles; A and B are *distinguishable* when it
+excludes 0. Resampling is seeded, so a summary is reproducible.
+
+When a run has no per-example outcomes (only its score matrix), only the seeds can be
+resampled: :func:`bootstrap_study` then works on the scores (``example_level=False``) and
+the intervals reflect seed-to-seed variation only.
+
+Usage::
+
+    from cpt.study.statistics import RunOutcomes, bootstrap_study
+
+    runs = [RunOutcomes.from_arrays("ties", seed=0, tasks=["a", "b"], correct={1: {"a": [1, 0, 1]}, ...}), ...]
+    summary = bootstrap_study(runs, resamples=2000, seed=0)
+    summary.variants["ties"]["acc"]          # Interval(estimate, low, high)
+    summary.pairs[("ties", "gcwm")]["acc"]    # PairedDifference(..., distinguishable=True)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cpt.errors import CptError
+
+#: The metrics a study reports with intervals (METHOD §5 definitions, cpt.evaluation.continual).
+METRICS = ("acc", "bwt", "forgetting")
+
+
+@dataclass
+class RunOutcomes:
+    """The per-example outcomes of one finished run (one variant, one seed).
+
+    Args:
+        variant: the study variant's name (runs of one variant share it).
+        seed: the run's seed; runs of different variants with the same seed are paired.
+        tasks: task names in training order (``T`` of them).
+        correct: ``correct[row][task]`` is a 1-D array of 0/1 outcomes over that task's eval
+            examples, for rows ``1..T`` (row ``t`` = the state after task ``t``; row 0, the
+            base, is allowed and ignored by ACC/BWT/forgetting). Every row of a task lists
+            the same examples in the same order (see ``ids``).
+        ids: optional ``ids[task]``, the eval example ids in the order of ``correct``;
+            pairing checks use them.
+        scores: optional ``scores[row][task]`` accuracies for runs without per-example
+            outcomes (then ``correct`` is empty); only seeds are resampled for such runs.
+    """
+
+    variant: str
+    seed: int
+    tasks: list[str]
+    correct: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    ids: dict[str, list[str]] | None = None
+    scores: dict[int, dict[str, float]] | None = None
+
+    @classmethod
+    def from_arrays(
+        cls,
+        variant: str,
+        seed: int,
+        tasks: Sequence[str],
+        correct: Mapping[int, Mapping[str, Sequence]],
+        ids: Mapping[str, Sequence[str]] | None = None,
+    ) -> RunOutcomes:
+        arrays = {
+            int(row): {task: np.asarray(values, dtype=np.float64) for task, values in per_task.items()}
+            for row, per_task in correct.items()
+        }
+        return cls(variant, int(seed), list(tasks), arrays, {t: list(v) for t, v in ids.items()} if ids else None)
+
+    @property
+    def has_examples(self) -> bool:
+        return bool(self.correct)
+
+    def score_matrix(self) -> np.ndarray:
+        """``R[i-1][j-1]`` for rows/tasks 1..T (the base row dropped), from outcomes or scores."""
+        T = len(self.tasks)
+        matrix = np.full((T, T), np.nan)
+        for i in range(1, T + 1):
+            for j, task in enumerate(self.tasks):
+                if self.has_examples:
+                    values = self.correct.get(i, {}).get(task)
+                    if values is not None and len(values):
+                        matrix[i - 1, j] = float(np.mean(values))
+                elif self.scores is not None and self.scores.get(i, {}).get(task) is not None:
+                    matrix[i - 1, j] = float(self.scores[i][task])
+        return matrix
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate (the metric on the observed data) and its percentile interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high}
+
+
+@dataclass(frozen=True)
+class PairedDifference(Interval):
+    """``M_A − M_B`` with its interval; distinguishable when the interval excludes 0."""
+
+    distinguishable: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "distinguishable": self.distinguishable}
+
+
+@dataclass
+class StudyStatistics:
+    """What :func:`bootstrap_study` returns."""
+
+    variants: dict[str, dict[str, Interval]]
+    pairs: dict[tuple[str, str], dict[str, PairedDifference]]
+    seeds: list[int]
+    tasks: list[str]
+    resamples: int
+    confidence: float
+    example_level: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seeds": self.seeds,
+            "tasks": self.tasks,
+            "resamples": self.resamples,
+            "confidence": self.confidence,
+            "example_level": self.example_level,
+            "variants": {
+                name: {m: iv.as_dict() for m, iv in metrics.items()} for name, metrics in self.variants.items()
+            },
+            "pairs": [
+                {"a": a, "b": b, **{m: d.as_dict() for m, d in metrics.items()}}
+                for (a, b), metrics in self.pairs.items()
+            ],
+        }
+
+
+# ---------------------------------------------------------------------- metrics on stacks of matrices
+def metrics_from_matrices(R: np.ndarray) -> dict[str, np.ndarray]:
+    """ACC, BWT and forgetting (METHOD §5) of accuracy matrices ``R[..., i-1, j-1]`` (rows 1..T).
+
+    Vectorised over any leading axes. ``forgetting_j = max_{1≤i<T} R[i][j] − R[T][j]``
+    (the base row excluded, as in :mod:`cpt.evaluation.continual`). BWT and forgetting are
+    NaN for T = 1.
+    """
+    T = R.shape[-1]
+    final = R[..., T - 1, :]
+    acc = final.mean(axis=-1)
+    if T < 2:
+        nan = np.full(acc.shape, np.nan)
+        return {"acc": acc, "bwt": nan, "forgetting": nan.copy()}
+    diagonal = np.diagonal(R, axis1=-2, axis2=-1)[..., : T - 1]
+    bwt = (final[..., : T - 1] - diagonal).mean(axis=-1)
+    # max over rows i < T of column j, for j < T (only rows i ≥ j are after learning j, but §5 takes all i < T).
+    best = R[..., : T - 1, : T - 1].max(axis=-2)
+    forgetting = (best - final[..., : T - 1]).mean(axis=-1)
+    return {"acc": acc, "bwt": bwt, "forgetting": forgetting}
+
+
+# ---------------------------------------------------------------------- the bootstrap
+def _check_runs(runs: Sequence[RunOutcomes]) -> tuple[list[str], list[int], list[str], bool]:
+    if not runs:
+        raise CptError("statistics: no finished runs to summarise")
+    tasks = runs[0].tasks
+    variants = list(dict.fromkeys(run.variant for run in runs))
+    seeds = sorted({run.seed for run in runs})
+    by_key = {}
+    for run in runs:
+        if run.tasks != tasks:
+            raise CptError(f"statistics: run {run.variant}/seed {run.seed} has tasks {run.tasks}, expected {tasks}")
+        if (run.variant, run.seed) in by_key:
+            raise CptError(f"statistics: two runs of variant {run.variant!r} with seed {run.seed}")
+        by_key[(run.variant, run.seed)] = run
+    missing = [f"{v}/seed {s}" for v in variants for s in seeds if (v, s) not in by_key]
+    if missing:
+        raise CptError(f"statistics: paired comparison needs every variant on every seed; missing {', '.join(missing)}")
+    example_level = all(run.has_examples for run in runs)
+    if example_level:
+        T = len(tasks)
+        for seed in seeds:
+            reference = by_key[(variants[0], seed)]
+            for task in tasks:
+                n = len(reference.correct[T][task])
+                for variant in variants:
+                    run = by_key[(variant, seed)]
+                    for row in range(1, T + 1):
+                        values = run.correct.get(row, {}).get(task)
+                        if values is None or len(values) != n or n == 0:
+                            raise CptError(
+                                f"statistics: {variant}/seed {seed} row {row} task {task!r} has "
+                                f"{0 if values is None else len(values)} outcomes, expected {n} "
+                                "(the same eval set in every row)"
+                            )
+                    if run.ids and reference.ids and run.ids.get(task) != reference.ids.get(task):
+                        raise CptError(
+                            f"statistics: {variant}/seed {seed} task {task!r} was scored on other eval examples than "
+                            f"{variants[0]}/seed {seed}; paired runs need the same eval sets"
+                        )
+    return variants, seeds, tasks, example_level
+
+
+def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2.0
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, [100 * tail, 100 * (1 - tail)])
+    return float(low), float(high)
+
+
+def bootstrap_study(
+    runs: Sequence[RunOutcomes],
+    *,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    example_level: bool | None = None,
+) -> StudyStatistics:
+    """Per-variant intervals and paired differences of ACC, BWT and forgetting (METHOD §6).
+
+    Args:
+        runs: one :class:`RunOutcomes` per (variant, seed); every variant on every seed.
+        resamples: B, the number of bootstrap resamples (METHOD §6: 2000).
+        confidence: the interval's coverage (0.95 → the 2.5 / 97.5 percentiles).
+        seed: seeds the resampling generator (reproducible summaries).
+        example_level: resample eval examples within seeds; default: when every run has
+            per-example outcomes. ``False`` resamples seeds only (score matrices).
+
+    Returns a :class:`StudyStatistics`: the point estimate of each metric is its mean over
+    seeds of the per-seed metric on the observed data.
+    """
+    if resamples < 1:
+        raise CptError(f"statistics: resamples must be ≥ 1 (got {resamples})")
+    if not 0 < confidence < 1:
+        raise CptError(f"statistics: confidence must be in (0, 1) (got {confidence})")
+    variants, seeds, tasks, have_examples = _check_runs(runs)
+    if example_level is None:
+        example_level = have_examples
+    elif example_level and not have_examples:
+        raise CptError("statistics: example_level=True needs per-example outcomes in every run")
+    by_key = {(run.variant, run.seed): run for run in runs}
+    T, S = len(tasks), len(seeds)
+    rng = np.random.default_rng(seed)
+
+    # Stage 1: the drawn seeds of every resample, shared by all variants (paired).
+    drawn = rng.integers(0, S, size=(resamples, S))  # indices into `seeds`
+    # R_boot[variant]: (B, S, T, T) resampled accuracy matrices, one per drawn seed slot.
+    observed = {v: np.stack([by_key[(v, s)].score_matrix() for s in seeds]) for v in variants}  # (S, T, T)
+    if not example_level:
+        R_boot = {v: observed[v][drawn] for v in variants}
+    else:
+        R_boot = {v: np.empty((resamples, S, T, T)) for v in variants}
+        for j, task in enumerate(tasks):
+            sizes = np.array([len(by_key[(variants[0], s)].correct[T][task]) for s in seeds])
+            width = int(sizes.max())
+            n = sizes[drawn][..., None]  # (B, S, 1): the drawn seed's number of examples
+            # Stage 2: example indices within each drawn seed, the same for every row and variant.
+            index = np.floor(rng.random((resamples, S, width)) * n).astype(np.int64)
+            valid = np.arange(width) < n  # slots beyond the drawn seed's n are padding
+            counts = valid.sum(axis=-1)
+            for v in variants:
+                # padded[seed, row, example]: this task's outcomes per seed and row (rows 1..T)
+                padded = np.zeros((S, T, width))
+                for k, s in enumerate(seeds):
+                    run = by_key[(v, s)]
+                    for i in range(1, T + 1):
+                        padded[k, i - 1, : sizes[k]] = run.correct[i][task]
+                for i in range(T):
+                    gathered = np.take_along_axis(padded[:, i, :][drawn], index, axis=-1)  # (B, S, width)
+                    R_boot[v][:, :, i, j] = np.where(valid, gathered, 0.0).sum(axis=-1) / counts
+
+    # A resample's metric: the per-seed metric averaged over its S drawn seed slots.
+    boot_metrics = {
+        v: {m: values.mean(axis=-1) for m, values in metrics_from_matrices(R_boot[v]).items()} for v in variants
+    }
+    point = {
+        v: {m: float(np.mean(values)) for m, values in metrics_from_matrices(observed[v]).items()} for v in variants
+    }
+
+    summary_variants = {
+        v: {m: Interval(point[v][m], *_interval(boot_metrics[v][m], confidence)) for m in METRICS} for v in variants
+    }
+    pairs: dict[tuple[str, str], dict[str, PairedDifference]] = {}
+    for a, b in itertools.combinations(variants, 2):
+        pairs[(a, b)] = {}
+        for m in METRICS:
+            low, high = _interval(boot_metrics[a][m] - boot_metrics[b][m], confidence)
+            distinguishable = bool(np.isfinite(low) and (low > 0 or high < 0))
+            pairs[(a, b)][m] = PairedDifference(point[a][m] - point[b][m], low, high, distinguishable)
+    return StudyStatistics(summary_variants, pairs, seeds, list(tasks), resamples, confidence, example_level)
