@@ -121,10 +121,10 @@ def _geometry(args) -> int:
     settings = dataclasses.replace(GeometrySettings(), **given)
     if settings.rank <= 0 or not 0 < settings.energy <= 1:
         raise CptError("geometry: --rank must be > 0 and --energy in (0, 1]")
-    from cpt.preflight import check_device, check_output_path, check_target_patterns  # [reliability] one-line errors
+    if not settings.eps > 0:
+        raise CptError(f"geometry: --eps must be > 0 (got {settings.eps})")
+    from cpt.preflight import check_device, check_output_path, check_target_patterns
 
-    if not args.eps > 0:
-        raise CptError(f"geometry: --eps must be > 0 (got {args.eps})")
     check_target_patterns(args.targets)
     check_device(args.device)
     check_output_path(args.output, folder=False)
@@ -156,7 +156,7 @@ def _add_merge(subparsers) -> None:
 
 def _merge(args) -> int:
     from cpt.merging.offline import merge_checkpoints
-    from cpt.preflight import check_checkpoint_set, check_output_path  # [reliability] refuse before merging
+    from cpt.preflight import check_checkpoint_set, check_output_path  # refuse before merging
 
     check_output_path(args.output, folder=True)
     check_checkpoint_set(args.base, args.experts, args.targets)
@@ -188,7 +188,7 @@ def _add_compare(subparsers) -> None:
 def _compare(args) -> int:
     from pathlib import Path
 
-    from cpt.preflight import check_output_path  # [reliability]
+    from cpt.preflight import check_output_path
     from cpt.report import compare_runs
 
     check_output_path(args.output, folder=True)

@@ -441,8 +441,11 @@ class TaskSequenceRunner:
             ) from None
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, model, tokenizer, task: TaskSpec, data, desc: str) -> float:
+    def _evaluate(self, model, tokenizer, task: TaskSpec, data, desc: str, row: int | str) -> float:
+        """θ's score on ``task``; its per-example outcomes go to ``eval/<row>_<task>.jsonl``
+        (row 0 = base, t = after task t, ``expert`` = E_t) for reports and study statistics."""
         from cpt.evaluation import evaluate_choice, evaluate_generation
+        from cpt.evaluation.outcomes import outcomes_path, write_outcomes
 
         settings = self.recipe.evaluation
         # Evaluation runs on the main process alone with a whole model: with a ZeRO-3 config
@@ -467,11 +470,12 @@ class TaskSequenceRunner:
                     normalization=task.eval.normalize.model_dump(),
                     desc=desc,
                 )
+        write_outcomes(outcomes_path(self.rundir.root / "eval", row, task.name), result)
         return float(result.score)
 
-    def _evaluate_row(self, model, tokenizer, task_data, label: str) -> list[float]:
+    def _evaluate_row(self, model, tokenizer, task_data, label: str, row: int) -> list[float]:
         return [
-            self._evaluate(model, tokenizer, task, data, desc=f"eval {label} on {task.name}")
+            self._evaluate(model, tokenizer, task, data, desc=f"eval {label} on {task.name}", row=row)
             for task, data in zip(self.recipe.tasks, task_data)
         ]
 
@@ -622,7 +626,7 @@ class TaskSequenceRunner:
             set_seed(self.recipe.seed)
             model = self._load_eval_model(self.base)
             started = time.perf_counter()
-            self.matrix["rows"][0] = self._evaluate_row(model, self.tokenizer, self.task_data, "base")
+            self.matrix["rows"][0] = self._evaluate_row(model, self.tokenizer, self.task_data, "base", row=0)
             self.manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
             self._save_matrix(self.matrix)
             self.rundir.write_manifest(self.manifest)
@@ -636,7 +640,7 @@ class TaskSequenceRunner:
     def _score_expert(self, step: int, task: TaskSpec, data, expert) -> None:
         """E_t on its own task (main process, at the end of its training)."""
         self.matrix["expert_scores"][step - 1] = self._evaluate(
-            expert, self.tokenizer, task, data, desc=f"eval expert {task.name}"
+            expert, self.tokenizer, task, data, desc=f"eval expert {task.name}", row="expert"
         )
         self._save_matrix(self.matrix)
 
@@ -649,7 +653,7 @@ class TaskSequenceRunner:
             set_seed(self.recipe.seed)
             model = self._load_eval_model(str(self.rundir.state))
         started = time.perf_counter()
-        self.matrix["rows"][step] = self._evaluate_row(model, self.tokenizer, self.task_data, f"after {task.name}")
+        self.matrix["rows"][step] = self._evaluate_row(model, self.tokenizer, self.task_data, f"after {task.name}", row=step)
         record["eval_seconds"] = round(time.perf_counter() - started, 3)
         record.update(_peak_memory())  # of the main process (it also evaluates)
         record["status"] = "done"

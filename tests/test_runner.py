@@ -58,6 +58,20 @@ def test_two_task_sequential_run(tmp_path, tiny_model):
     assert matrix["rows"] == result.matrix and matrix["tasks"] == ["plural", "upper"]
     assert (run_dir / "recipe.yaml").exists() and (run_dir / "integration" / "2_upper.json").exists()
 
+    # Per-example outcomes of every evaluation: base row, each step's row, each expert; they add up to the matrix.
+    from cpt.evaluation.outcomes import outcomes_path, read_outcomes
+
+    for row in range(3):
+        for column, name in enumerate(["plural", "upper"]):
+            records = read_outcomes(outcomes_path(run_dir / "eval", row, name))
+            assert [record["id"] for record in records] == list(range(len(records))) and records
+            assert sum(record["correct"] for record in records) / len(records) == pytest.approx(result.matrix[row][column])
+    expert = read_outcomes(outcomes_path(run_dir / "eval", "expert", "upper"))
+    assert sum(record["correct"] for record in expert) / len(expert) == pytest.approx(result.expert_scores[1])
+    wrong_after_last = sum(not r["correct"] for r in read_outcomes(outcomes_path(run_dir / "eval", 2, "plural")))
+    report = (run_dir / "report.md").read_text()
+    assert ("## Wrong answers after step 2" in report) == (wrong_after_last > 0 or result.matrix[2][1] < 1)
+
     # Geometry runs for every task: undefined at t=1 (the state is still θ0), measured at t=2.
     first = json.loads((run_dir / "geometry" / "1_plural.json").read_text())
     second = json.loads((run_dir / "geometry" / "2_upper.json").read_text())

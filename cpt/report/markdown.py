@@ -104,6 +104,13 @@ def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPa
         if "scores" in plots:
             out += ["## Scores across steps", "", f"![scores across steps]({plots['scores']})", ""]
 
+        # What the model got wrong after the last step (per-example outcomes, eval/<row>_<task>.jsonl).
+        from cpt.evaluation.outcomes import format_wrong_answers, wrong_answers
+
+        picked = wrong_answers(data.root / "eval", completed, data.task_names, limit=3)
+        if picked:
+            out += [f"## Wrong answers after step {completed} (first 3 per task)", "", format_wrong_answers(picked), ""]
+
     out += ["## Timings (seconds)", ""]
     rows = []
     for step, name in enumerate(data.task_names, 1):
