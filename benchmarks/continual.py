@@ -21,11 +21,22 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from results import machine, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_STRATEGIES = ["sequential", "replay", "ewc", "gcwm", "task_arithmetic", "average", "ties", "magmax", "wudi", "opcm", "nufilt"]
+ALL_STRATEGIES = [
+    "sequential",
+    "replay",
+    "ewc",
+    "gcwm",
+    "task_arithmetic",
+    "average",
+    "ties",
+    "magmax",
+    "wudi",
+    "opcm",
+    "nufilt",
+]
 
 TASKS = [
     ("plural", "linguistic_mappings/plural_json", "Plural of {prompt}:"),
@@ -36,9 +47,17 @@ TASKS = [
 
 SIZES = {
     # Reduced for the 2-core CPU: the quickstart's budget per task.
-    "cpu": {"train": 192, "eval": 48, "training": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 1.0e-4}},
+    "cpu": {
+        "train": 192,
+        "eval": 48,
+        "training": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 1.0e-4},
+    },
     # ASSETS.md's reference setting (600 train / 200 test, 3 epochs, lr 5e-5) on a GPU.
-    "gpu": {"train": 600, "eval": 200, "training": {"num_train_epochs": 3, "per_device_train_batch_size": 16, "learning_rate": 5.0e-5, "bf16": True}},
+    "gpu": {
+        "train": 600,
+        "eval": 200,
+        "training": {"num_train_epochs": 3, "per_device_train_batch_size": 16, "learning_rate": 5.0e-5, "bf16": True},
+    },
 }
 
 
@@ -67,7 +86,9 @@ def recipe(strategy: str, size: str, output: Path) -> dict:
 
 def run(command: list[str]) -> None:
     print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+    subprocess.run(
+        command, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    )
 
 
 def record(table: str, command: str, size: str) -> None:
@@ -97,7 +118,17 @@ def main() -> None:
         path = recipes / f"{strategy}.yaml"
         path.write_text(yaml.safe_dump(recipe(strategy, args.size, output), sort_keys=False))
         run([sys.executable, "-m", "cpt.cli", "run", str(path)])
-    run([sys.executable, "-m", "cpt.cli", "compare", *(str(output / s) for s in args.strategies), "--output", str(output)])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "cpt.cli",
+            "compare",
+            *(str(output / s) for s in args.strategies),
+            "--output",
+            str(output),
+        ]
+    )
     table = (output / "compare.md").read_text()
     print(table)
     if not args.no_record:

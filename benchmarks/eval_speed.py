@@ -82,7 +82,9 @@ def load_model(args):
     tokenizer = build_tokenizer()
     shapes = dict(SMOLLM2_SHAPES, num_hidden_layers=args.layers)
     config = LlamaConfig(
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         **shapes,
     )
     torch.manual_seed(0)

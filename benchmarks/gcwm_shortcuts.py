@@ -50,8 +50,7 @@ SMOLLM2_SHAPES = {
 
 def time_case(step, task_vector, previous, history, params, exact_shortcuts):
     start = time.perf_counter()
-    merged, _, _ = gcwm_continual_step(step, task_vector, previous, history, params,
-                                       exact_shortcuts=exact_shortcuts)
+    merged, _, _ = gcwm_continual_step(step, task_vector, previous, history, params, exact_shortcuts=exact_shortcuts)
     return time.perf_counter() - start, merged
 
 
@@ -59,10 +58,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shapes", nargs="+", choices=list(SMOLLM2_SHAPES), default=list(SMOLLM2_SHAPES),
-                        help="projections to time (default: all seven)")
-    parser.add_argument("--one-active-only", action="store_true",
-                        help="time only the cases with one active vector (skip step 2)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=list(SMOLLM2_SHAPES),
+        default=list(SMOLLM2_SHAPES),
+        help="projections to time (default: all seven)",
+    )
+    parser.add_argument(
+        "--one-active-only", action="store_true", help="time only the cases with one active vector (skip step 2)"
+    )
     args = parser.parse_args()
     cases = {
         "step 1": (1, GCWMParams()),
@@ -88,8 +93,10 @@ def main() -> None:
     print(f"\n{args.blocks} block(s), torch {torch.__version__}, {torch.get_num_threads()} threads")
     for case in cases:
         before, after = totals[(case, False)], totals[(case, True)]
-        print(f"{case:50s} long path {before:8.2f} s   shortcuts {after:8.2f} s   "
-              f"({before / max(after, 1e-9):.0f}×)   max rel. difference {worst[case]:.1e}")
+        print(
+            f"{case:50s} long path {before:8.2f} s   shortcuts {after:8.2f} s   "
+            f"({before / max(after, 1e-9):.0f}×)   max rel. difference {worst[case]:.1e}"
+        )
 
 
 if __name__ == "__main__":

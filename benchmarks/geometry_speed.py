@@ -65,7 +65,9 @@ def svd_comparison(device, dtype, repeats=3):
     :func:`right_basis` (analysis defaults) on low-rank-plus-noise and on pure noise
     (flat spectrum: the randomized solver gives up early and the exact Gram path runs)."""
     state, _ = make_pair(1, 3072, 1024, dtype, device, seed=777)
-    flat = (1e-3 * torch.randn(3072, 1024, generator=torch.Generator(device=device).manual_seed(778), device=device)).to(dtype)
+    flat = (
+        1e-3 * torch.randn(3072, 1024, generator=torch.Generator(device=device).manual_seed(778), device=device)
+    ).to(dtype)
     cases = {
         "torch.linalg.svd (low-rank+noise)": lambda: torch.linalg.svd(state[0].float(), full_matrices=False),
         "right_basis (low-rank+noise)": lambda: right_basis(state[0], 32, 0.95),
@@ -98,7 +100,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--svd-check", action="store_true",
+        "--svd-check",
+        action="store_true",
         help="also time torch.linalg.svd vs right_basis on one 3072x1024 tensor",
     )
     args = parser.parse_args(argv)

@@ -93,8 +93,14 @@ def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
         if line.startswith("[cpt] merged"):
             now = time.perf_counter()
             with lock:
-                steps.append({"step": len(steps) + 1, "peak_rss_bytes": current["peak"], "peak_anon_bytes": current["anon"],
-                              "seconds": now - started})
+                steps.append(
+                    {
+                        "step": len(steps) + 1,
+                        "peak_rss_bytes": current["peak"],
+                        "peak_anon_bytes": current["anon"],
+                        "seconds": now - started,
+                    }
+                )
                 current["peak"] = current["anon"] = 0
             started = now
     process.wait()
@@ -109,7 +115,9 @@ def peak_rss_per_step(command: list[str]) -> tuple[list[dict], int]:
 def baseline_rss() -> int:
     """Resident memory of a process that only imports what ``cpt merge`` imports."""
     probe = "import torch, transformers, safetensors, cpt.merging.gcwm, psutil, os; print(psutil.Process(os.getpid()).memory_info().rss)"
-    return int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    return int(
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    )
 
 
 def main() -> None:
@@ -117,8 +125,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="asset name or local HF folder")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--method", default="gcwm")
-    parser.add_argument("--set", dest="overrides", action="append", default=None,
-                        help="strategy parameters (default: iters=5 — memory does not depend on it)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=None,
+        help="strategy parameters (default: iters=5 — memory does not depend on it)",
+    )
     args = parser.parse_args()
 
     from cpt.assets import resolve_model
@@ -129,8 +142,18 @@ def main() -> None:
     imports = baseline_rss()
     with tempfile.TemporaryDirectory() as scratch:
         experts = make_experts(base, args.tasks, Path(scratch))
-        command = [sys.executable, "-m", "cpt.cli", "merge", "--method", args.method, base, *map(str, experts),
-                   "--output", str(Path(scratch) / "merged")] + [item for pair in args.overrides for item in ("--set", pair)]
+        command = [
+            sys.executable,
+            "-m",
+            "cpt.cli",
+            "merge",
+            "--method",
+            args.method,
+            base,
+            *map(str, experts),
+            "--output",
+            str(Path(scratch) / "merged"),
+        ] + [item for pair in args.overrides for item in ("--set", pair)]
         steps, overall = peak_rss_per_step(command)
     for step in steps:
         step["peak_rss_gib"] = round(step.pop("peak_rss_bytes") / 2**30, 3)
@@ -138,8 +161,17 @@ def main() -> None:
         step["peak_anonymous_gib"] = round(anon / 2**30, 3)
         step["anonymous_over_model"] = round(anon / model_bytes, 3)
         step["seconds"] = round(step["seconds"], 1)
-    print(json.dumps({"model_gib": round(model_bytes / 2**30, 3), "imports_rss_gib": round(imports / 2**30, 3),
-                      "peak_rss_gib": round(overall / 2**30, 3), "steps": steps}, indent=2))
+    print(
+        json.dumps(
+            {
+                "model_gib": round(model_bytes / 2**30, 3),
+                "imports_rss_gib": round(imports / 2**30, 3),
+                "peak_rss_gib": round(overall / 2**30, 3),
+                "steps": steps,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

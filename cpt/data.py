@@ -34,11 +34,15 @@ def load_rows(source: DataSource, *, default_split: str, where: str) -> list[dic
     if source.path:
         path = Path(source.path)
         if not path.is_file():
-            raise CptError(f"{where}.path: file {str(path)!r} not found (relative paths are taken from the current directory)")
+            raise CptError(
+                f"{where}.path: file {str(path)!r} not found (relative paths are taken from the current directory)"
+            )
         try:
             dataset = datasets.load_dataset(DATA_FILE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as exc:  # datasets raises many types for malformed files
-            raise CptError(f"{where}.path: could not read {str(path)!r} as {path.suffix[1:]} ({type(exc).__name__}: {exc})") from None
+            raise CptError(
+                f"{where}.path: could not read {str(path)!r} as {path.suffix[1:]} ({type(exc).__name__}: {exc})"
+            ) from None
     elif source.asset:
         from cpt.assets import resolve_dataset
 
@@ -47,7 +51,9 @@ def load_rows(source: DataSource, *, default_split: str, where: str) -> list[dic
         file = folder / f"{split}.jsonl"
         if not file.is_file():
             available = sorted(p.stem for p in folder.glob("*.jsonl"))
-            raise CptError(f"{where}.split: asset {source.asset!r} has no split {split!r}; available: {', '.join(available)}")
+            raise CptError(
+                f"{where}.split: asset {source.asset!r} has no split {split!r}; available: {', '.join(available)}"
+            )
         dataset = datasets.load_dataset("json", data_files=str(file), split="train")
     else:
         split = source.split or default_split
@@ -100,7 +106,9 @@ class RowFormatter:
         try:
             return template.format(**{**row, **values})
         except KeyError as exc:
-            raise CptError(f"{self.where}.fields.{template_key}: {{{exc.args[0]}}} is not a column; columns: {', '.join(row)}") from None
+            raise CptError(
+                f"{self.where}.fields.{template_key}: {{{exc.args[0]}}} is not a column; columns: {', '.join(row)}"
+            ) from None
         except (IndexError, ValueError, AttributeError) as exc:
             raise CptError(f"{self.where}.fields.{template_key}: cannot fill {template!r} ({exc})") from None
 
@@ -127,10 +135,18 @@ class RowFormatter:
 
     def _messages(self, row: dict) -> list[dict]:
         messages = self._column(row, "messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise CptError(f"{self.where}.fields.messages: column {self.fields.messages!r} must hold a list of {{role, content}} messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+        ):
+            raise CptError(
+                f"{self.where}.fields.messages: column {self.fields.messages!r} must hold a list of {{role, content}} messages"
+            )
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise CptError(f"{self.where}.fields.messages: each conversation must end with an assistant message after at least one other turn")
+            raise CptError(
+                f"{self.where}.fields.messages: each conversation must end with an assistant message after at least one other turn"
+            )
         return messages
 
     def conversational(self, prompt: str | list[dict]) -> bool:
@@ -149,7 +165,9 @@ class RowFormatter:
     def choice_example(self, row: dict) -> ChoiceExample:
         options = self._column(row, "choices")
         if not isinstance(options, list) or len(options) < 2:
-            raise CptError(f"{self.where}.fields.choices: column {self.fields.choices!r} must hold a list of at least 2 options")
+            raise CptError(
+                f"{self.where}.fields.choices: column {self.fields.choices!r} must hold a list of at least 2 options"
+            )
         if self.fields.label is not None:
             label = self._column(row, "label")
             if not isinstance(label, int) or not 0 <= label < len(options):
@@ -158,7 +176,9 @@ class RowFormatter:
             answer = self._column(row, "completion")
             answer = answer[0] if isinstance(answer, list) else answer
             if answer not in options:
-                raise CptError(f"{self.where}.fields.completion: answer {answer!r} is not one of the options {options}; set fields.label to an index column")
+                raise CptError(
+                    f"{self.where}.fields.completion: answer {answer!r} is not one of the options {options}; set fields.label to an index column"
+                )
             label = options.index(answer)
         continuations = [self.completion_text(row, answer=option) for option in options]
         return ChoiceExample(prompt=self.prompt(row), choices=continuations, label=label)
@@ -173,7 +193,9 @@ def build_task_data(task: TaskSpec, index: int, seed: int) -> TaskData:
     elif task.eval.data is not None:
         eval_rows = load_rows(task.eval.data, default_split="test", where=f"{where}.eval.data")
     else:  # an asset's own test split
-        eval_rows = load_rows(DataSource(asset=task.train.asset, split="test"), default_split="test", where=f"{where}.train")
+        eval_rows = load_rows(
+            DataSource(asset=task.train.asset, split="test"), default_split="test", where=f"{where}.train"
+        )
     rows = seeded_subset(rows, task.max_examples, seed)
     eval_rows = seeded_subset(eval_rows, task.eval.max_examples, seed)
 

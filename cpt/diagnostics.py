@@ -29,7 +29,6 @@ from cpt.naming import tensor_depth, tensor_family
 BATCH_BYTES = 256 * 2**20
 
 
-
 @dataclass(frozen=True)
 class GeometrySettings:
     """METHOD §1 analysis defaults."""
@@ -94,6 +93,7 @@ def pair_geometry(
     tensors batch together without loading them (default: load both deltas to see).
     """
     if group_key is None:
+
         def group_key(name: str) -> tuple[tuple, int]:
             a, b = delta_a(name), delta_b(name)
             return _delta_shape(a) + _delta_shape(b), _delta_bytes(a)
@@ -103,7 +103,9 @@ def pair_geometry(
     for batch in _batches(names, lambda name: keys[name][0], lambda name: keys[name][1]):
         stacked_a = _to(_stack([delta_a(name) for name in batch]), device)
         stacked_b = _to(_stack([delta_b(name) for name in batch]), device)
-        out = state_relative_geometry(stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor)
+        out = state_relative_geometry(
+            stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor
+        )
         for index, name in enumerate(batch):
             results[name] = {
                 "geometry_conflict": _finite(out["geometry_conflict"][index]),
@@ -127,6 +129,7 @@ def right_bases(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (V [d_in, r], S [r])}`` at the analysis rank, to keep a task's update compactly."""
     if group_key is None:
+
         def group_key(name: str) -> tuple[tuple, int]:
             value = delta(name)
             return _delta_shape(value), _delta_bytes(value)
@@ -204,7 +207,9 @@ def checkpoint_folder(name_or_path: str) -> str:
 
         return snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors"])
     except Exception as exc:
-        raise CptError(f"checkpoint {name_or_path!r}: not a local folder and not downloadable ({type(exc).__name__}); pass an HF folder") from None
+        raise CptError(
+            f"checkpoint {name_or_path!r}: not a local folder and not downloadable ({type(exc).__name__}); pass an HF folder"
+        ) from None
 
 
 def checkpoint_geometry(
@@ -231,9 +236,13 @@ def checkpoint_geometry(
     if not names:
         raise CptError(f"{base}: no target tensors match {targets or DEFAULT_TARGETS}; pass --targets")
     for path, checkpoint in zip(checkpoints, weights):
-        missing = [name for name in names if name not in checkpoint or checkpoint.shape(name) != base_weights.shape(name)]
+        missing = [
+            name for name in names if name not in checkpoint or checkpoint.shape(name) != base_weights.shape(name)
+        ]
         if missing:
-            raise CptError(f"{path}: {len(missing)} target tensors missing or of another shape than in the base (e.g. {missing[0]}); is it a fine-tune of {base}?")
+            raise CptError(
+                f"{path}: {len(missing)} target tensors missing or of another shape than in the base (e.g. {missing[0]}); is it a fine-tune of {base}?"
+            )
 
     def loader(checkpoint: SafetensorsWeights):
         return lambda name: checkpoint.get(name).float() - base_weights.get(name).float()
@@ -246,16 +255,20 @@ def checkpoint_geometry(
     for (i, a), (j, b) in itertools.combinations(enumerate(checkpoints), 2):
         per_tensor = pair_geometry(names, loader(weights[i]), loader(weights[j]), settings, device, group_key)
         summary = summarize(per_tensor, "geometry_conflict")
-        pairs.append({
-            "a": a,
-            "b": b,
-            "mean_geometry_conflict": summary["mean"],
-            "mean_sar_a_to_b": summarize(per_tensor, "sar_a_to_b")["mean"],
-            "mean_sar_b_to_a": summarize(per_tensor, "sar_b_to_a")["mean"],
-            "by_family": summary["by_family"],
-            "per_tensor": {
-                name: {key: row[key] for key in ("geometry_conflict", "sar_a_to_b", "sar_b_to_a", "norm_a", "norm_b")}
-                for name, row in per_tensor.items()
-            },
-        })
+        pairs.append(
+            {
+                "a": a,
+                "b": b,
+                "mean_geometry_conflict": summary["mean"],
+                "mean_sar_a_to_b": summarize(per_tensor, "sar_a_to_b")["mean"],
+                "mean_sar_b_to_a": summarize(per_tensor, "sar_b_to_a")["mean"],
+                "by_family": summary["by_family"],
+                "per_tensor": {
+                    name: {
+                        key: row[key] for key in ("geometry_conflict", "sar_a_to_b", "sar_b_to_a", "norm_a", "norm_b")
+                    }
+                    for name, row in per_tensor.items()
+                },
+            }
+        )
     return {"base": base, "settings": dataclasses.asdict(settings), "num_tensors": len(names), "pairs": pairs}

@@ -33,9 +33,9 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from cpt.errors import CptError
 
@@ -141,13 +141,12 @@ class RunLock:
                 if holder == {} and not self._older_than(60):
                     raise RunLockedError(
                         f"{self.run_dir} is being locked by another process right now ({self.path}); try again"
-                    )
+                    ) from None
                 if holder and not holder_is_stale(holder):
                     raise RunLockedError(
                         f"{self.run_dir} is in use by another cpt run ({describe_holder(holder)}); wait for it to "
-                        f"finish, "
-                        f"or delete {self.path} if that process is gone"
-                    )
+                        f"finish, or delete {self.path} if that process is gone"
+                    ) from None
                 self._take_over_stale()
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -187,7 +186,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         self.held = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

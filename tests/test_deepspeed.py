@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.testing import build_tiny_model
+
 from tiny_recipes import make_recipe
 
 pytest.importorskip("deepspeed")
@@ -48,9 +49,25 @@ def launch(config: str, recipe: Path, processes: int = 1, extra: list[str] = ())
     """Run the recipe under ``accelerate launch``; each rank's count of DeepSpeed objects alive at the end."""
     counts_dir = recipe.parent / f"{recipe.stem}-live-objects"
     counts_dir.mkdir(exist_ok=True)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CPT_LIVE_OBJECTS_DIR": str(counts_dir)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
-               "--num_processes", str(processes), "tests/launch_and_count_engines.py", str(recipe), *extra]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "CPT_LIVE_OBJECTS_DIR": str(counts_dir),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"recipes/accelerate/{config}.yaml",
+        "--num_processes",
+        str(processes),
+        "tests/launch_and_count_engines.py",
+        str(recipe),
+        *extra,
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((counts_dir / f"rank{rank}.json").read_text()) for rank in range(processes)]
@@ -113,7 +130,10 @@ def assert_same_ewc_shards(plain: Path, sharded: Path, processes: int) -> None:
     # θ* are the end-of-task weights (same tolerance as the states); F is compared relatively
     for file, atol in (("fisher.safetensors", 1e-8), ("anchors.safetensors", 1e-5)):
         whole = load_file(plain / "step_2" / file)
-        shards = [load_file(sharded / f"zero3-rank{rank:05d}-of-{processes:05d}" / "step_2" / file) for rank in range(processes)]
+        shards = [
+            load_file(sharded / f"zero3-rank{rank:05d}-of-{processes:05d}" / "step_2" / file)
+            for rank in range(processes)
+        ]
         assert set(shards[0]) == set(whole)
         for name, tensor in whole.items():
             parts = [shard[name] for shard in shards]

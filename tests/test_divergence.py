@@ -12,6 +12,7 @@ from cpt.errors import TrainingDivergedError
 from cpt.recipe import validate_recipe
 from cpt.testing import build_tiny_model
 from cpt.training.divergence import DivergenceMonitor
+
 from tiny_recipes import make_recipe
 
 

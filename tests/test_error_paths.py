@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from cpt.cli import main
 from cpt.recipe import Recipe, StrategySpec
 from cpt.testing import build_tiny_model
+
 from tiny_recipes import make_recipe
 
 

@@ -41,7 +41,9 @@ def lora(model, seed=0):
     """A LoRA model with non-zero B (so the adapter changes the merged weights)."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
     generator = torch.Generator().manual_seed(seed)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
@@ -106,7 +108,10 @@ def test_penalty_and_gradient_match_hand_computation(model):
 
     penalty = ewc.loss_term(model)
     params = dict(model.named_parameters())
-    expected = sum((ewc.fisher[n].double() * (params[n].detach().double() - ewc.anchors[n].double()) ** 2).sum() for n in ewc.fisher)
+    expected = sum(
+        (ewc.fisher[n].double() * (params[n].detach().double() - ewc.anchors[n].double()) ** 2).sum()
+        for n in ewc.fisher
+    )
     assert penalty.dtype == torch.float32
     torch.testing.assert_close(penalty.double(), 3.5 * expected, rtol=1e-5, atol=0)
 
@@ -170,7 +175,9 @@ def test_lora_fisher_is_full_weight_fisher_of_merged_model(model, tokenizer):
     merged = copy.deepcopy(peft_model).merge_and_unload()
     fisher = empirical_fisher(peft_model, rows, collator(tokenizer))
     assert peft_model.training, "training mode restored"
-    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n), "base weights frozen again"
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n), (
+        "base weights frozen again"
+    )
 
     targets = {name: merged.get_parameter(name) for name in fisher}
     for param in targets.values():
@@ -182,7 +189,13 @@ def test_lora_fisher_is_full_weight_fisher_of_merged_model(model, tokenizer):
 
 def fake_end_of_task(ewc, model, rows, tokenizer, seed=5):
     loader = SimpleNamespace(dataset=rows, collate_fn=collator(tokenizer))
-    ewc.on_train_end(SimpleNamespace(seed=seed), SimpleNamespace(is_world_process_zero=True), None, model=model, train_dataloader=loader)
+    ewc.on_train_end(
+        SimpleNamespace(seed=seed),
+        SimpleNamespace(is_world_process_zero=True),
+        None,
+        model=model,
+        train_dataloader=loader,
+    )
 
 
 def test_online_accumulation_and_persistence(model, tokenizer, tmp_path):
@@ -210,7 +223,9 @@ def test_online_accumulation_and_persistence(model, tokenizer, tmp_path):
     # Resume: a new callback reads the files of the step before its own.
     resumed = EWCCallback(ewc_lambda=2.0, gamma=0.5, output_dir=tmp_path / "ewc", step=3)
     for name in first:
-        assert torch.equal(resumed.fisher[name], ewc.fisher[name]) and torch.equal(resumed.anchors[name], ewc.anchors[name])
+        assert torch.equal(resumed.fisher[name], ewc.fisher[name]) and torch.equal(
+            resumed.anchors[name], ewc.anchors[name]
+        )
     assert resumed.fisher[name].dtype == torch.float32
     retrain = EWCCallback(output_dir=tmp_path / "ewc", step=2)  # task 2 retrained after a kill: F, θ* of task 1
     for name in first:
@@ -278,12 +293,25 @@ def test_optimizer_sees_sft_loss_plus_penalty(tiny_path, tokenizer, tmp_path, ac
     ewc.fisher, ewc.anchors = {n: f.clone() for n, f in fisher.items()}, dict(anchors)
     capture = GradientCapture()
     data = datasets.Dataset.from_list([{"prompt": f"Plural of {w}:", "completion": f" {w}s"} for w in WORDS[:4]])
-    args = SFTConfig(output_dir=str(tmp_path / "out"), **{
-        **default_training_args(), "max_steps": 1, "per_device_train_batch_size": 4 // accumulation,
-        "gradient_accumulation_steps": accumulation, "max_grad_norm": 0, "logging_steps": 1, "disable_tqdm": True, "seed": 0,
-    })
-    trainer = CptSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[ewc, capture])
-    assert trainer.model_accepts_loss_kwargs, "the case where each micro-batch loss is already normalised for accumulation"
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        **{
+            **default_training_args(),
+            "max_steps": 1,
+            "per_device_train_batch_size": 4 // accumulation,
+            "gradient_accumulation_steps": accumulation,
+            "max_grad_norm": 0,
+            "logging_steps": 1,
+            "disable_tqdm": True,
+            "seed": 0,
+        },
+    )
+    trainer = CptSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[ewc, capture]
+    )
+    assert trainer.model_accepts_loss_kwargs, (
+        "the case where each micro-batch loss is already normalised for accumulation"
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     trainer.train()
 
@@ -294,7 +322,9 @@ def test_optimizer_sees_sft_loss_plus_penalty(tiny_path, tokenizer, tmp_path, ac
     expected = sft + penalty
     expected_grads = dict(zip(params, torch.autograd.grad(expected, list(params.values()))))
     for name, grad in capture.grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
     logged = trainer.state.log_history[0]
     assert logged["loss"] == pytest.approx(expected.item(), rel=1e-4)
     assert logged["ewc_penalty"] == pytest.approx(penalty.item(), rel=1e-4)
@@ -306,21 +336,46 @@ def test_two_task_ewc_run(tmp_path, tiny_path):
     plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in WORDS))
     upper = tmp_path / "upper.jsonl"
     upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in WORDS))
-    recipe = validate_recipe({
-        "name": "ewc", "output_dir": str(tmp_path / "runs"), "seed": 3, "model": {"name_or_path": tiny_path},
-        "strategy": {"name": "ewc", "ewc_lambda": 1000.0, "gamma": 0.9, "fisher_examples": 4},
-        "training": {"max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True},
-        "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False}, "geometry": {"enabled": False},
-        "tasks": [
-            {"name": "plural", "train": {"path": str(plural)}, "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"}, "eval": {"held_out": 4}},
-            {"name": "upper", "train": {"path": str(upper)}, "fields": {"prompt": "word", "completion": "answer", "chat": True}, "eval": {"held_out": 4}},
-        ],
-    })
+    recipe = validate_recipe(
+        {
+            "name": "ewc",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 3,
+            "model": {"name_or_path": tiny_path},
+            "strategy": {"name": "ewc", "ewc_lambda": 1000.0, "gamma": 0.9, "fisher_examples": 4},
+            "training": {
+                "max_steps": 2,
+                "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 1,
+                "disable_tqdm": True,
+            },
+            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
+            "geometry": {"enabled": False},
+            "tasks": [
+                {
+                    "name": "plural",
+                    "train": {"path": str(plural)},
+                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
+                    "eval": {"held_out": 4},
+                },
+                {
+                    "name": "upper",
+                    "train": {"path": str(upper)},
+                    "fields": {"prompt": "word", "completion": "answer", "chat": True},
+                    "eval": {"held_out": 4},
+                },
+            ],
+        }
+    )
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3 and all(len(row) == 2 for row in result.matrix[1:])
     folder = recipe.run_dir / "strategy" / "ewc"
     assert stored_steps(folder) == [1, 2]
-    fisher, anchors = load_file(folder / "step_2" / "fisher.safetensors"), load_file(folder / "step_2" / "anchors.safetensors")
+    fisher, anchors = (
+        load_file(folder / "step_2" / "fisher.safetensors"),
+        load_file(folder / "step_2" / "anchors.safetensors"),
+    )
     state = load_file(recipe.run_dir / "state" / "model.safetensors")
     assert set(fisher) == set(anchors) == set(state)
     for name, tensor in anchors.items():

@@ -10,10 +10,18 @@ from trl import SFTConfig, SFTTrainer
 
 from cpt.callbacks import GeometryConflictCallback
 from cpt.diagnostics import tensor_depth, tensor_family
-from cpt.geometry import geometry_conflict, subspace_alignment_ratio, right_basis
+from cpt.geometry import geometry_conflict, right_basis, subspace_alignment_ratio
 from cpt.testing import build_tiny_model
 
-TARGET_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+TARGET_SUFFIXES = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "o_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +45,24 @@ def folders(tmp_path_factory):
 def train(start, callback, peft_config=None, steps=3):
     tokenizer = AutoTokenizer.from_pretrained(start)
     model = AutoModelForCausalLM.from_pretrained(start)
-    data = datasets.Dataset.from_list([{"prompt": f"Plural of {w}:", "completion": f" {w}s"} for w in ["cat", "dog", "tree", "car"]])
-    args = SFTConfig(output_dir=str(callback.output_dir / "trainer"), use_cpu=True, bf16=False, max_steps=steps, learning_rate=5e-3,
-                     per_device_train_batch_size=2, report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = SFTTrainer(model, args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+    data = datasets.Dataset.from_list(
+        [{"prompt": f"Plural of {w}:", "completion": f" {w}s"} for w in ["cat", "dog", "tree", "car"]]
+    )
+    args = SFTConfig(
+        output_dir=str(callback.output_dir / "trainer"),
+        use_cpu=True,
+        bf16=False,
+        max_steps=steps,
+        learning_rate=5e-3,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = SFTTrainer(
+        model, args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback]
+    )
     callback.bind_trainer(trainer)
     trainer.train()
     return trainer
@@ -52,7 +74,9 @@ def load(folder):
 
 def test_full_finetune_matches_direct_geometry(tmp_path, folders):
     root, base, state = folders
-    callback = GeometryConflictCallback(base=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="plural")
+    callback = GeometryConflictCallback(
+        base=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="plural"
+    )
     trainer = train(state, callback)
     report = json.loads((tmp_path / "geometry" / "2_plural.json").read_text())
     assert report["num_tensors"] == 14 and len(report["per_tensor"]) == 14
@@ -83,8 +107,16 @@ def test_lora_update_uses_factors_and_matches_dense(tmp_path, folders):
     from peft import LoraConfig
 
     root, base, state = folders
-    callback = GeometryConflictCallback(base=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="lora")
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", init_lora_weights="gaussian")
+    callback = GeometryConflictCallback(
+        base=base, state_dir=state, output_dir=tmp_path / "geometry", step=2, task_name="lora"
+    )
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+        init_lora_weights="gaussian",
+    )
     trainer = train(state, callback, peft_config=lora)
     report = json.loads((tmp_path / "geometry" / "2_lora.json").read_text())
     theta0, previous = load(base), load(state)
@@ -110,7 +142,9 @@ def test_first_step_conflict_undefined_and_keep_updates(tmp_path, folders):
     assert all(row["geometry_conflict"] is None for row in report["per_tensor"].values())
     assert report["aggregates"]["geometry_conflict"]["mean"] is None
     assert report["earlier_updates"] == {}
-    second = GeometryConflictCallback(base=base, state_dir=state, output_dir=tmp_path / "g", step=2, task_name="b", keep_updates=True)
+    second = GeometryConflictCallback(
+        base=base, state_dir=state, output_dir=tmp_path / "g", step=2, task_name="b", keep_updates=True
+    )
     train(state, second)
     report = json.loads((tmp_path / "g" / "2_b.json").read_text())
     earlier = report["earlier_updates"]["1_a"]
@@ -141,8 +175,25 @@ def test_cpt_geometry_command(tmp_path, folders):
                 param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(5)))
     model.save_pretrained(other)
     out = tmp_path / "geometry.json"
-    result = subprocess.run([sys.executable, "-m", "cpt.cli", "geometry", base, state, str(other), state, "--output", str(out), "--rank", "8"],
-                            capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cpt.cli",
+            "geometry",
+            base,
+            state,
+            str(other),
+            state,
+            "--output",
+            str(out),
+            "--rank",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert [(p["a"], p["b"]) for p in report["pairs"]] == [(state, str(other)), (state, state), (str(other), state)]
@@ -152,11 +203,15 @@ def test_cpt_geometry_command(tmp_path, folders):
     theta0, a, b = load(base), load(state), load(str(other))
     name = "model.layers.0.self_attn.q_proj.weight"
     row = first["per_tensor"][name]
-    assert row["geometry_conflict"] == pytest.approx(float(geometry_conflict(a[name] - theta0[name], b[name] - theta0[name], rank=8)), rel=1e-6)
+    assert row["geometry_conflict"] == pytest.approx(
+        float(geometry_conflict(a[name] - theta0[name], b[name] - theta0[name], rank=8)), rel=1e-6
+    )
     assert set(row) == {"geometry_conflict", "sar_a_to_b", "sar_b_to_a", "norm_a", "norm_b"}
     # Tensors the second checkpoint did not change: its delta is zero, so the conflict is undefined.
     assert first["per_tensor"]["model.layers.0.mlp.up_proj.weight"]["geometry_conflict"] is None
     assert "conflict" in result.stdout and str(out) in result.stdout
 
-    bad = subprocess.run([sys.executable, "-m", "cpt.cli", "geometry", base, state, "--output", str(out)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "cpt.cli", "geometry", base, state, "--output", str(out)], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == "error: geometry: give at least two checkpoints to compare"

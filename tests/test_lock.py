@@ -97,6 +97,7 @@ def test_reused_pid_and_other_hosts(tmp_path):
 
 def test_cpt_run_refused_while_another_run_holds_the_directory(tmp_path):
     from cpt.testing import build_tiny_model
+
     from tiny_recipes import make_recipe
 
     model = build_tiny_model(tmp_path / "model", seed=0)

@@ -12,6 +12,7 @@ from cpt.errors import CptError
 from cpt.preflight import check_recipe, optimizer_steps
 from cpt.recipe import load_recipe, validate_recipe
 from cpt.testing import build_tiny_model
+
 from tiny_recipes import WORDS, make_recipe
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))

@@ -56,32 +56,65 @@ def test_strategy_shorthand_and_task_override(tmp_path):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda d: d["tasks"][1]["eval"].update(kind="multiple"), "r.yaml: tasks[1].eval.kind: Input should be 'generate' or 'choice'"),
+        (
+            lambda d: d["tasks"][1]["eval"].update(kind="multiple"),
+            "r.yaml: tasks[1].eval.kind: Input should be 'generate' or 'choice'",
+        ),
         (lambda d: d.update(colour="red"), "r.yaml: colour: unknown key; accepted keys: name, output_dir"),
         (lambda d: d["tasks"][0].update(trian={}), "tasks[0].trian: unknown key (did you mean 'train'?)"),
         (lambda d: d["model"].pop("name_or_path"), "model.name_or_path: required field is missing"),
         (lambda d: d.pop("tasks"), "tasks: required field is missing"),
         (lambda d: d.update(tasks=[]), "tasks: List should have at least 1 item"),
-        (lambda d: d["tasks"][0]["train"].update(hub="x/y"), "tasks[0].train: give exactly one of 'path', 'hub' or 'asset'"),
-        (lambda d: d["tasks"][0]["train"].update(path="data.txt"), "unsupported file type .txt; accepted: .jsonl, .json, .csv, .parquet"),
-        (lambda d: d["tasks"][0]["eval"].update(data={"path": "x.jsonl"}), "tasks[0].eval: give either 'data' or 'held_out', not both"),
+        (
+            lambda d: d["tasks"][0]["train"].update(hub="x/y"),
+            "tasks[0].train: give exactly one of 'path', 'hub' or 'asset'",
+        ),
+        (
+            lambda d: d["tasks"][0]["train"].update(path="data.txt"),
+            "unsupported file type .txt; accepted: .jsonl, .json, .csv, .parquet",
+        ),
+        (
+            lambda d: d["tasks"][0]["eval"].update(data={"path": "x.jsonl"}),
+            "tasks[0].eval: give either 'data' or 'held_out', not both",
+        ),
         (lambda d: d["tasks"][0].update(eval={}), "tasks[0]: eval: give 'data' (an eval file) or 'held_out'"),
         (lambda d: d["tasks"][1].update(name="plural"), "task name 'plural' is used twice"),
         (lambda d: d["tasks"][0].update(name="bad name"), "tasks[0].name: task name 'bad name' must be letters"),
         (lambda d: d["tasks"][0]["eval"].update(kind="choice"), "eval kind 'choice' needs fields.choices"),
-        (lambda d: d["tasks"][0].update(fields={"prompt": "input", "completion": None}), "tasks[0].fields: set 'messages', or both 'prompt' and 'completion'"),
-        (lambda d: d["tasks"][0].update(fields={"prompt_template": "{oops"}), "tasks[0].fields: prompt_template is not a valid format string"),
+        (
+            lambda d: d["tasks"][0].update(fields={"prompt": "input", "completion": None}),
+            "tasks[0].fields: set 'messages', or both 'prompt' and 'completion'",
+        ),
+        (
+            lambda d: d["tasks"][0].update(fields={"prompt_template": "{oops"}),
+            "tasks[0].fields: prompt_template is not a valid format string",
+        ),
         (lambda d: d["tasks"][0].update(max_examples=0), "tasks[0].max_examples: Input should be greater than 0"),
         (lambda d: d.update(targets=["(unclosed"]), "targets: '(unclosed' is not a valid regular expression"),
         (lambda d: d.update(peft={"r": -1}), "peft.r: Input should be greater than 0"),
         (lambda d: d["model"].update(dtype="int3"), "model.dtype: Input should be"),
-        (lambda d: d.update(strategy={"name": "magic"}), "r.yaml: strategy: unknown strategy 'magic'; known strategies: aim_merging, average, dare_ta, dare_ties, ewc, gcwm, lines, localize_stitch, magmax, nufilt, opcm, replay, sequential, task_arithmetic, ties, wudi"),
-        (lambda d: d.update(strategy={"name": "sequential", "step_coef": 1}), "strategy: step_coef: unknown parameter of strategy 'sequential'"),
-        (lambda d: d["training"].update(learning_rat=1e-4), "r.yaml: training.learning_rat: not an SFTConfig field; did you mean learning_rate"),
+        (
+            lambda d: d.update(strategy={"name": "magic"}),
+            "r.yaml: strategy: unknown strategy 'magic'; known strategies: aim_merging, average, dare_ta, dare_ties, ewc, gcwm, lines, localize_stitch, magmax, nufilt, opcm, replay, sequential, task_arithmetic, ties, wudi",
+        ),
+        (
+            lambda d: d.update(strategy={"name": "sequential", "step_coef": 1}),
+            "strategy: step_coef: unknown parameter of strategy 'sequential'",
+        ),
+        (
+            lambda d: d["training"].update(learning_rat=1e-4),
+            "r.yaml: training.learning_rat: not an SFTConfig field; did you mean learning_rate",
+        ),
         (lambda d: d["training"].update(learning_rate="fast"), "training.learning_rate: 'fast' is not a valid float"),
-        (lambda d: d["training"].update(lr_scheduler_type="zigzag"), "training: SFTConfig refused these settings: zigzag is not a valid SchedulerType"),
+        (
+            lambda d: d["training"].update(lr_scheduler_type="zigzag"),
+            "training: SFTConfig refused these settings: zigzag is not a valid SchedulerType",
+        ),
         (lambda d: d["training"].update(output_dir="x"), "training.output_dir: set by cpt, not by the recipe"),
-        (lambda d: d["tasks"][1].update(training={"max_stepz": 3}), "r.yaml: tasks[1].training.max_stepz: not an SFTConfig field"),
+        (
+            lambda d: d["tasks"][1].update(training={"max_stepz": 3}),
+            "r.yaml: tasks[1].training.max_stepz: not an SFTConfig field",
+        ),
     ],
 )
 def test_validation_errors_name_the_field(tmp_path, mutate, expected):
@@ -109,7 +142,9 @@ def test_yaml_and_file_errors(tmp_path):
 
 def test_overrides(tmp_path):
     data = base_recipe(tmp_path)
-    apply_overrides(data, ["training.learning_rate=3e-4", "tasks.1.max_examples=7", "strategy.name=sequential", "seed=9"])
+    apply_overrides(
+        data, ["training.learning_rate=3e-4", "tasks.1.max_examples=7", "strategy.name=sequential", "seed=9"]
+    )
     recipe = validate_recipe(data)
     assert recipe.training["learning_rate"] == 3e-4
     assert recipe.tasks[1].max_examples == 7 and recipe.seed == 9

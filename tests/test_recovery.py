@@ -12,6 +12,7 @@ from cpt.recipe import validate_recipe
 from cpt.recovery import clean_staging, move_aside, previous_path, recover_interrupted_overwrite
 from cpt.runner import TaskSequenceRunner
 from cpt.testing import build_tiny_model
+
 from tiny_recipes import make_recipe
 
 

@@ -20,20 +20,34 @@ TASKS = ["a", "b", "c", "d"]
 
 def task_rows(task: str, count: int, chat: bool = False) -> list[dict]:
     if chat:
-        return [{"prompt": [{"role": "user", "content": f"{task}-{i}?"}], "completion": [{"role": "assistant", "content": f"{task}-{i}"}]} for i in range(count)]
+        return [
+            {
+                "prompt": [{"role": "user", "content": f"{task}-{i}?"}],
+                "completion": [{"role": "assistant", "content": f"{task}-{i}"}],
+            }
+            for i in range(count)
+        ]
     return [{"prompt": f"{task}-{i}:", "completion": f" {task}{i}"} for i in range(count)]
 
 
 def context(step: int, rows: list[dict], strategy_dir, seed: int = 7) -> TaskContext:
-    return TaskContext(step=step, task_name=TASKS[step - 1], task_names=TASKS, train_dataset=datasets.Dataset.from_list(rows),
-                       strategy_dir=strategy_dir, seed=seed)
+    return TaskContext(
+        step=step,
+        task_name=TASKS[step - 1],
+        task_names=TASKS,
+        train_dataset=datasets.Dataset.from_list(rows),
+        strategy_dir=strategy_dir,
+        seed=seed,
+    )
 
 
 def build(strategy_dir, params: dict, sizes=(20, 20, 20, 10), chat=False) -> list[list[dict]]:
     """Prepare the four tasks' training sets in order with one strategy instance."""
     replay = get_strategy("replay").build(params)
-    return [replay.prepare_train_dataset(context(step, task_rows(TASKS[step - 1], size, chat), strategy_dir)).to_list()
-            for step, size in enumerate(sizes, start=1)]
+    return [
+        replay.prepare_train_dataset(context(step, task_rows(TASKS[step - 1], size, chat), strategy_dir)).to_list()
+        for step, size in enumerate(sizes, start=1)
+    ]
 
 
 def source(row: dict) -> str:
@@ -46,7 +60,11 @@ def test_buffer_sizes_and_stratified_split():
     assert buffer_count(ReplayParams(buffer_size=4), 10) == 4
     assert buffer_count(ReplayParams(buffer_fraction=0.25), 10) == 3  # 2.5 rounds half up
     assert buffer_count(ReplayParams(buffer_fraction=0.01), 10) == 1, "at least one example"
-    assert stratified_counts(5, 3) == [2, 2, 1] and stratified_counts(7, 3) == [3, 2, 2] and stratified_counts(2, 3) == [1, 1, 0]
+    assert (
+        stratified_counts(5, 3) == [2, 2, 1]
+        and stratified_counts(7, 3) == [3, 2, 2]
+        and stratified_counts(2, 3) == [1, 1, 0]
+    )
     assert stratified_counts(0, 2) == [0, 0] and stratified_counts(4, 0) == []
 
 
@@ -58,9 +76,16 @@ def test_mixture_counts_are_exact_and_stratified(tmp_path):
     # 0.5 · 10 = 5 over 3 earlier tasks: 2, 2, 1 (the remainder to the oldest tasks).
     assert Counter(map(source, sets[3])) == {"d": 10, "a": 2, "b": 2, "c": 1}
 
-    buffers = {task: [json.loads(line) for line in (tmp_path / "strategy" / "replay" / f"{task}.jsonl").read_text().splitlines()] for task in TASKS}
+    buffers = {
+        task: [
+            json.loads(line) for line in (tmp_path / "strategy" / "replay" / f"{task}.jsonl").read_text().splitlines()
+        ]
+        for task in TASKS
+    }
     assert all(len(rows) == 4 for rows in buffers.values())
-    assert all(row in task_rows(task, 20) for task in "abc" for row in buffers[task]), "buffers hold the formatted rows verbatim"
+    assert all(row in task_rows(task, 20) for task in "abc" for row in buffers[task]), (
+        "buffers hold the formatted rows verbatim"
+    )
     for rows in sets[1:]:
         for row in rows:
             if source(row) != TASKS[sets.index(rows)]:
@@ -87,8 +112,14 @@ def test_mixture_is_deterministic_across_builds_and_resume(tmp_path):
     tampered = replay.prepare_train_dataset(context(4, task_rows("d", 10), tmp_path / "resumed")).to_list()
     assert [row for row in tampered if source(row) == "a"] == [{"prompt": "a-x:", "completion": " ax"}] * 3
     # A different seed gives a different sample.
-    other = get_strategy("replay").build(params).prepare_train_dataset(context(1, task_rows("a", 20), tmp_path / "seed", seed=8))
-    assert (tmp_path / "seed" / "replay" / "a.jsonl").read_text() != (tmp_path / "one" / "replay" / "a.jsonl").read_text()
+    other = (
+        get_strategy("replay")
+        .build(params)
+        .prepare_train_dataset(context(1, task_rows("a", 20), tmp_path / "seed", seed=8))
+    )
+    assert (tmp_path / "seed" / "replay" / "a.jsonl").read_text() != (
+        tmp_path / "one" / "replay" / "a.jsonl"
+    ).read_text()
     assert len(other) == 20
 
 
@@ -99,7 +130,9 @@ def test_conversational_rows_round_trip_and_formats_must_match(tmp_path):
 
     replay = get_strategy("replay").build({"ratio": 0.5})
     replay.prepare_train_dataset(context(1, task_rows("a", 4, chat=True), tmp_path / "mixed"))
-    with pytest.raises(CptError, match="task 'b' is plain text but a replayed example of an earlier task is conversational"):
+    with pytest.raises(
+        CptError, match="task 'b' is plain text but a replayed example of an earlier task is conversational"
+    ):
         replay.prepare_train_dataset(context(2, task_rows("b", 4), tmp_path / "mixed"))
 
 
@@ -110,7 +143,11 @@ def test_missing_buffer_is_a_clear_error(tmp_path):
 
 
 def test_bad_parameters_are_refused():
-    for bad, message in [({"ratio": -0.1}, "ratio"), ({"buffer_size": 0}, "buffer_size"), ({"buffer_fraction": 1.5}, "buffer_fraction")]:
+    for bad, message in [
+        ({"ratio": -0.1}, "ratio"),
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"buffer_fraction": 1.5}, "buffer_fraction"),
+    ]:
         with pytest.raises(CptError, match=message):
             get_strategy("replay").make_params(bad)
 
@@ -122,21 +159,51 @@ def test_two_task_replay_run(tmp_path):
     plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in words))
     upper = tmp_path / "upper.jsonl"
     upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in words))
-    recipe = validate_recipe({
-        "name": "replay", "output_dir": str(tmp_path / "runs"), "seed": 3, "model": {"name_or_path": tiny},
-        "strategy": {"name": "replay", "buffer_size": 3, "ratio": 0.5},
-        "training": {"max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True},
-        "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False}, "geometry": {"enabled": False},
-        "tasks": [
-            {"name": "plural", "train": {"path": str(plural)}, "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"}, "eval": {"held_out": 4}},
-            {"name": "upper", "train": {"path": str(upper)}, "fields": {"prompt": "word", "completion": "answer", "prompt_template": "Upper case of {prompt}:", "completion_template": " {completion}"}, "eval": {"held_out": 4}},
-        ],
-    })
+    recipe = validate_recipe(
+        {
+            "name": "replay",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 3,
+            "model": {"name_or_path": tiny},
+            "strategy": {"name": "replay", "buffer_size": 3, "ratio": 0.5},
+            "training": {
+                "max_steps": 2,
+                "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4,
+                "logging_steps": 1,
+                "disable_tqdm": True,
+            },
+            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
+            "geometry": {"enabled": False},
+            "tasks": [
+                {
+                    "name": "plural",
+                    "train": {"path": str(plural)},
+                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
+                    "eval": {"held_out": 4},
+                },
+                {
+                    "name": "upper",
+                    "train": {"path": str(upper)},
+                    "fields": {
+                        "prompt": "word",
+                        "completion": "answer",
+                        "prompt_template": "Upper case of {prompt}:",
+                        "completion_template": " {completion}",
+                    },
+                    "eval": {"held_out": 4},
+                },
+            ],
+        }
+    )
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3 and all(len(row) == 2 for row in result.matrix[1:])
     folder = recipe.run_dir / "strategy" / "replay"
     buffer = [json.loads(line) for line in (folder / "plural.jsonl").read_text().splitlines()]
-    assert len(buffer) == 3 and all(row["prompt"].startswith("Plural of ") and row["completion"] == " " + row["prompt"][10:-1] + "s" for row in buffer)
+    assert len(buffer) == 3 and all(
+        row["prompt"].startswith("Plural of ") and row["completion"] == " " + row["prompt"][10:-1] + "s"
+        for row in buffer
+    )
     assert len((folder / "upper.jsonl").read_text().splitlines()) == 3
     stats = json.loads((recipe.run_dir / "integration" / "2_upper.json").read_text())
     assert stats["own_examples"] == 8 and stats["replayed_examples"] == {"plural": 4}

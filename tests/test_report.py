@@ -38,7 +38,11 @@ ACC, BWT, FWT, FORGETTING = 2.05 / 3, -0.275, 0.05, 0.275
 # Forgetting pairs (t, j): drops (2,1) 0.05, (3,1) 0.10, (3,2) 0.40.
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-NAMES = [f"model.layers.{layer}.{'self_attn' if m[0] in 'qkvo' else 'mlp'}.{m}.weight" for layer in (1, 0) for m in reversed(MODULES)]
+NAMES = [
+    f"model.layers.{layer}.{'self_attn' if m[0] in 'qkvo' else 'mlp'}.{m}.weight"
+    for layer in (1, 0)
+    for m in reversed(MODULES)
+]
 
 
 def conflict_value(step: int, name: str) -> float | None:
@@ -59,8 +63,14 @@ def mean(values):
 
 
 def geometry_file(step: int, with_aggregates: bool = True) -> dict:
-    per_tensor = {name: {"geometry_conflict": conflict_value(step, name), "norm_update": norm_value(step, name),
-                         "sar_update_to_state": 0.5} for name in NAMES}
+    per_tensor = {
+        name: {
+            "geometry_conflict": conflict_value(step, name),
+            "norm_update": norm_value(step, name),
+            "sar_update_to_state": 0.5,
+        }
+        for name in NAMES
+    }
     report = {"step": step, "task": TASKS[step - 1], "num_tensors": len(NAMES), "per_tensor": per_tensor}
     if with_aggregates:
         conflicts = [f["geometry_conflict"] for f in per_tensor.values()]
@@ -69,7 +79,9 @@ def geometry_file(step: int, with_aggregates: bool = True) -> dict:
         defined = [c for c in conflicts if c is not None]
         report["aggregates"] = {
             "geometry_conflict": {
-                "mean": mean(conflicts), "count": len(defined), "undefined": len(conflicts) - len(defined),
+                "mean": mean(conflicts),
+                "count": len(defined),
+                "undefined": len(conflicts) - len(defined),
                 "by_family": {"attention": mean(attention), "mlp": mean(mlp)} if defined else {},
             },
             "norm_update": {"mean": mean([f["norm_update"] for f in per_tensor.values()])},
@@ -85,8 +97,18 @@ def step_norm(step: int) -> float:
     return mean([norm_value(step, n) for n in NAMES])
 
 
-def make_run(root: Path, *, name="synthetic", strategy="sequential", tasks=TASKS, rows=None, completed=3,
-             geometry=True, geometry_aggregates=True, matrix=True) -> Path:
+def make_run(
+    root: Path,
+    *,
+    name="synthetic",
+    strategy="sequential",
+    tasks=TASKS,
+    rows=None,
+    completed=3,
+    geometry=True,
+    geometry_aggregates=True,
+    matrix=True,
+) -> Path:
     """A run directory as the runner writes it, by hand: manifest, matrix, geometry, integration."""
     rows = [list(r) for r in (rows or MATRIX)]
     rows += [None] * (len(tasks) + 1 - len(rows))
@@ -94,21 +116,35 @@ def make_run(root: Path, *, name="synthetic", strategy="sequential", tasks=TASKS
     root.mkdir(parents=True)
     records = []
     for step, task in enumerate(tasks, 1):
-        record = {"name": task, "status": "done" if step <= completed else ("training" if step == completed + 1 else "pending")}
+        record = {
+            "name": task,
+            "status": "done" if step <= completed else ("training" if step == completed + 1 else "pending"),
+        }
         if step <= completed:
             record.update(train_seconds=10.0 * step, integration_seconds=0.5 * step, eval_seconds=2.0, final_loss=0.1)
         records.append(record)
-    manifest = {"format": 1, "run_name": name, "recipe_fingerprint": "feedc0de12345678", "strategy": strategy,
-                "status": "complete" if completed == len(tasks) else "running", "tasks": records, "base_eval_seconds": 1.5}
+    manifest = {
+        "format": 1,
+        "run_name": name,
+        "recipe_fingerprint": "feedc0de12345678",
+        "strategy": strategy,
+        "status": "complete" if completed == len(tasks) else "running",
+        "tasks": records,
+        "base_eval_seconds": 1.5,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     if matrix:
         (root / "eval").mkdir()
         experts = [e if i < completed else None for i, e in enumerate(EXPERTS[: len(tasks)])]
-        (root / "eval" / "matrix.json").write_text(json.dumps({"tasks": list(tasks), "rows": rows, "expert_scores": experts}))
+        (root / "eval" / "matrix.json").write_text(
+            json.dumps({"tasks": list(tasks), "rows": rows, "expert_scores": experts})
+        )
     if geometry:
         (root / "geometry").mkdir()
         for step in range(1, completed + 1):
-            (root / "geometry" / f"{step}_{tasks[step - 1]}.json").write_text(json.dumps(geometry_file(step, geometry_aggregates)))
+            (root / "geometry" / f"{step}_{tasks[step - 1]}.json").write_text(
+                json.dumps(geometry_file(step, geometry_aggregates))
+            )
     return root
 
 
@@ -190,8 +226,20 @@ def test_pairs_and_tensor_order():
 
     ordered = sorted(NAMES, key=tensor_order_key)
     assert [short_tensor_name(n) for n in ordered] == [
-        "L0 q_proj", "L0 k_proj", "L0 v_proj", "L0 o_proj", "L1 q_proj", "L1 k_proj", "L1 v_proj", "L1 o_proj",
-        "L0 gate_proj", "L0 up_proj", "L0 down_proj", "L1 gate_proj", "L1 up_proj", "L1 down_proj",
+        "L0 q_proj",
+        "L0 k_proj",
+        "L0 v_proj",
+        "L0 o_proj",
+        "L1 q_proj",
+        "L1 k_proj",
+        "L1 v_proj",
+        "L1 o_proj",
+        "L0 gate_proj",
+        "L0 up_proj",
+        "L0 down_proj",
+        "L1 gate_proj",
+        "L1 up_proj",
+        "L1 down_proj",
     ]
 
 
@@ -288,20 +336,25 @@ def test_compare_runs(tmp_path, capsys):
     assert_png(out / "compare.png")
 
     # Different task lists still compare, with a warning; a partial run shows its progress.
-    c = make_run(tmp_path / "c" / "seq", name="seq", tasks=["plural", "upper"], rows=[[0.0, 0.1], [0.5, 0.2]], completed=1)
+    c = make_run(
+        tmp_path / "c" / "seq", name="seq", tasks=["plural", "upper"], rows=[[0.0, 0.1], [0.5, 0.2]], completed=1
+    )
     table = compare_runs([a, c], out)
     assert "Warning: the runs are on different task lists" in table.splitlines()[2]
-    assert "| a/seq | sequential | 3/3 | 0.683 |" in table and "| c/seq | sequential | 1/2 | 0.500 | - | +0.100 | - | 10.0 | 0.50 |" in table
+    assert (
+        "| a/seq | sequential | 3/3 | 0.683 |" in table
+        and "| c/seq | sequential | 1/2 | 0.500 | - | +0.100 | - | 10.0 | 0.50 |" in table
+    )
     assert_png(out / "compare.png")
 
 
 # ---------------------------------------------------------------------- a real run
 def test_report_of_a_real_tiny_run(tmp_path, capsys, monkeypatch):
-    from tiny_recipes import make_recipe
-
     from cpt.recipe import validate_recipe
     from cpt.runner import TaskSequenceRunner
     from cpt.testing import build_tiny_model
+
+    from tiny_recipes import make_recipe
 
     model = build_tiny_model(tmp_path / "model", seed=0)
     recipe = validate_recipe(make_recipe(tmp_path, model, steps=(2, 2)))
@@ -329,4 +382,6 @@ def test_report_of_a_real_tiny_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("cpt.report.write_report", broken)
     TaskSequenceRunner(recipe).run()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warnings == [f"[cpt] warning: no report written (RuntimeError: disk full second line); try `cpt report {run}`"]
+    assert warnings == [
+        f"[cpt] warning: no report written (RuntimeError: disk full second line); try `cpt report {run}`"
+    ]

@@ -65,7 +65,9 @@ def test_two_task_sequential_run(tmp_path, tiny_model):
         for column, name in enumerate(["plural", "upper"]):
             records = read_outcomes(outcomes_path(run_dir / "eval", row, name))
             assert [record["id"] for record in records] == list(range(len(records))) and records
-            assert sum(record["correct"] for record in records) / len(records) == pytest.approx(result.matrix[row][column])
+            assert sum(record["correct"] for record in records) / len(records) == pytest.approx(
+                result.matrix[row][column]
+            )
     expert = read_outcomes(outcomes_path(run_dir / "eval", "expert", "upper"))
     assert sum(record["correct"] for record in expert) / len(expert) == pytest.approx(result.expert_scores[1])
     wrong_after_last = sum(not r["correct"] for r in read_outcomes(outcomes_path(run_dir / "eval", 2, "plural")))
@@ -127,7 +129,10 @@ def test_non_finite_loss_stops_task_and_keeps_state(tmp_path, tiny_model):
     data["tasks"][1]["training"]["max_grad_norm"] = 0  # no clipping: let it blow up
     recipe = validate_recipe(data)
     # The loss guard (next step's loss) or, first, the divergence monitor (the weights after this step) stops it.
-    with pytest.raises(TrainingDivergedError, match=r"task 2 \(upper\): training (loss became (nan|inf)|stalled or diverged: the weights became non-finite)"):
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"task 2 \(upper\): training (loss became (nan|inf)|stalled or diverged: the weights became non-finite)",
+    ):
         TaskSequenceRunner(recipe).run()
     manifest = json.loads((recipe.run_dir / "manifest.json").read_text())
     assert manifest["tasks"][0]["status"] == "done" and manifest["tasks"][1]["status"] == "failed"
@@ -139,8 +144,13 @@ def test_non_finite_loss_stops_task_and_keeps_state(tmp_path, tiny_model):
 # ---------------------------------------------------------------------- resume after kills
 def _start(recipe_path: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cpt.cli", "run", str(recipe_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_when(process: subprocess.Popen, manifest: Path, condition, timeout=300) -> dict:
@@ -178,12 +188,19 @@ def test_resume_after_kills_matches_uninterrupted_run(tmp_path, tiny_model):
     assert seen["tasks"][1]["status"] in ("pending", "training")
     # 2. Kill in the middle of task 2's training.
     process = _start(recipe_path)
-    seen = _kill_when(process, manifest, lambda m: m["tasks"][1]["status"] == "training" and m["tasks"][1].get("started"))
+    seen = _kill_when(
+        process, manifest, lambda m: m["tasks"][1]["status"] == "training" and m["tasks"][1].get("started")
+    )
     after_kill = json.loads(manifest.read_text())
     assert after_kill["tasks"][1]["status"] == "training", "the kill landed mid-task"
     # 3. The same command finishes the run.
-    finished = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                              capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(
+        [sys.executable, "-m", "cpt.cli", "run", str(recipe_path)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     matrix = json.loads((tmp_path / "killed" / "runs" / "tiny" / "eval" / "matrix.json").read_text())

@@ -17,7 +17,9 @@ ACCELERATE_CHILD = {"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}
 
 def choose(environ, launcher_env, cores=8):
     chosen = []
-    choice = configure_cpu_threads(environ, launcher_env=lambda: launcher_env, cores=lambda: cores, set_threads=chosen.append)
+    choice = configure_cpu_threads(
+        environ, launcher_env=lambda: launcher_env, cores=lambda: cores, set_threads=chosen.append
+    )
     return choice, chosen
 
 
@@ -87,6 +89,6 @@ def test_real_accelerate_launch(tmp_path, user_threads):
     out = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("CHOICE "))
-    choice = json.loads(line[len("CHOICE "):])
+    choice = json.loads(line[len("CHOICE ") :])
     expected = available_cores() if user_threads is None else 1
     assert choice["threads"] == choice["torch"] == expected, choice

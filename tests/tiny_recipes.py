@@ -13,19 +13,37 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 def make_recipe(tmp_path: Path, model: str, *, steps=(4, 4), **extra) -> dict:
     plural = write_jsonl(tmp_path / "plural.jsonl", [{"input": w, "target": w + "s"} for w in WORDS])
-    upper = write_jsonl(tmp_path / "upper.csv.jsonl", [{"word": w, "answer": w.upper(), "choices": [w.upper(), w, w[::-1]]} for w in WORDS])
+    upper = write_jsonl(
+        tmp_path / "upper.csv.jsonl",
+        [{"word": w, "answer": w.upper(), "choices": [w.upper(), w, w[::-1]]} for w in WORDS],
+    )
     recipe = {
         "name": "tiny",
         "output_dir": str(tmp_path / "runs"),
         "seed": 3,
         "model": {"name_or_path": model},
-        "training": {"max_steps": steps[0], "learning_rate": 1e-3, "per_device_train_batch_size": 4, "logging_steps": 1, "disable_tqdm": True},
+        "training": {
+            "max_steps": steps[0],
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "disable_tqdm": True,
+        },
         "evaluation": {"batch_size": 4, "max_new_tokens": 4},
         "tasks": [
-            {"name": "plural", "train": {"path": plural}, "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
-             "eval": {"held_out": 4}},
-            {"name": "upper", "train": {"path": upper}, "fields": {"prompt": "word", "completion": "answer", "choices": "choices", "chat": True},
-             "eval": {"kind": "choice", "held_out": 4}, "training": {"max_steps": steps[1]}},
+            {
+                "name": "plural",
+                "train": {"path": plural},
+                "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
+                "eval": {"held_out": 4},
+            },
+            {
+                "name": "upper",
+                "train": {"path": upper},
+                "fields": {"prompt": "word", "completion": "answer", "choices": "choices", "chat": True},
+                "eval": {"kind": "choice", "held_out": 4},
+                "training": {"max_steps": steps[1]},
+            },
         ],
     }
     recipe.update(extra)

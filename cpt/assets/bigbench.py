@@ -42,10 +42,9 @@ def read_bigbench(task: str) -> tuple[list[dict], dict]:
     with tarfile.open(archive, "r|gz") as tar:
         for member in tar:
             name = member.name
-            if not (member.isfile() and name.startswith(BIGBENCH_ROOT)
-                    and name.endswith("/task.json")):
+            if not (member.isfile() and name.startswith(BIGBENCH_ROOT) and name.endswith("/task.json")):
                 continue
-            member_task = name[len(BIGBENCH_ROOT):-len("/task.json")]
+            member_task = name[len(BIGBENCH_ROOT) : -len("/task.json")]
             tasks.append(member_task)
             if member_task == task:
                 handle = tar.extractfile(member)
@@ -66,9 +65,18 @@ def _bigbench_unknown(task: str, index: list[str]) -> CptError:
 
 
 _BIGBENCH_META_KEYS = (
-    "name", "description", "keywords", "metrics", "preferred_score", "task_prefix",
-    "example_input_prefix", "example_output_prefix", "choice_prefix",
-    "few_shot_example_separator", "append_choices_to_input", "output_regex",
+    "name",
+    "description",
+    "keywords",
+    "metrics",
+    "preferred_score",
+    "task_prefix",
+    "example_input_prefix",
+    "example_output_prefix",
+    "choice_prefix",
+    "few_shot_example_separator",
+    "append_choices_to_input",
+    "output_regex",
     "stop_string",
 )
 
@@ -80,8 +88,9 @@ def _convert_bigbench(task: str, data: dict, index: list[str]) -> tuple[list[dic
         if subtasks:
             listed = ", ".join(f"bigbench:{subtask}" for subtask in subtasks[:8])
             more = f" and {len(subtasks) - 8} more" if len(subtasks) > 8 else ""
-            raise CptError(f"BIG-bench task '{task}' has no examples of its own; name one "
-                           f"of its subtasks: {listed}{more}")
+            raise CptError(
+                f"BIG-bench task '{task}' has no examples of its own; name one of its subtasks: {listed}{more}"
+            )
         raise CptError(f"BIG-bench task '{task}' has no examples")
     rows = [_bigbench_row(task, i, example) for i, example in enumerate(examples)]
     num_multiple_choice = sum("choices" in row for row in rows)
@@ -122,6 +131,5 @@ def _bigbench_row(task: str, i: int, example: Any) -> dict:
         row["targets"] = targets
     else:
         raise CptError(f"{where} has neither 'target' nor 'target_scores'")
-    row.update(scalar_extras(example, {"input", "target", "target_scores", "choices", "scores",
-                                       "targets"}))
+    row.update(scalar_extras(example, {"input", "target", "target_scores", "choices", "scores", "targets"}))
     return row

@@ -11,8 +11,8 @@ import hashlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Bump when the layout or the columns of converted assets change: older cache folders
 # are then rebuilt on their next use.

@@ -37,8 +37,7 @@ def parse_dataset_name(name: str) -> tuple[str, str]:
     parts = path.split("/") if path else []
     if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in path:
         _, example, _ = DATASET_SOURCES[source]
-        raise CptError(f"bad dataset asset name '{name}': give a task path after "
-                       f"'{source}:', e.g. {example}")
+        raise CptError(f"bad dataset asset name '{name}': give a task path after '{source}:', e.g. {example}")
     if source == "openai-evals" and not path.endswith(".jsonl"):
         path += "/samples.jsonl"
     return source, path
@@ -62,8 +61,7 @@ def dataset_ready(folder: Path) -> bool:
     )
 
 
-def split_examples(examples: list, test_fraction: float = TEST_FRACTION,
-                   seed: int = SPLIT_SEED) -> tuple[list, list]:
+def split_examples(examples: list, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED) -> tuple[list, list]:
     """The deterministic train/test split described in the module docstring."""
     num_examples = len(examples)
     if num_examples < 2:
@@ -78,8 +76,11 @@ def split_examples(examples: list, test_fraction: float = TEST_FRACTION,
 
 def scalar_extras(example: dict, skip: set[str]) -> dict:
     """The example's other scalar fields (e.g. BIG-bench ``comment``), kept as they are in each row."""
-    return {key: value for key, value in example.items()
-            if key not in skip and (value is None or isinstance(value, (str, int, float, bool)))}
+    return {
+        key: value
+        for key, value in example.items()
+        if key not in skip and (value is None or isinstance(value, (str, int, float, bool)))
+    }
 
 
 def write_dataset(final: Path, name: str, examples: list[dict], meta: dict) -> None:
@@ -90,9 +91,12 @@ def write_dataset(final: Path, name: str, examples: list[dict], meta: dict) -> N
         "format": ASSET_FORMAT,
         **meta,
         "counts": {"total": len(examples), "train": len(train), "test": len(test)},
-        "split": {"seed": SPLIT_SEED, "test_fraction": TEST_FRACTION,
-                  "method": "random.Random(seed).shuffle of the file order; the first "
-                            "max(1, round(n * test_fraction)) go to test"},
+        "split": {
+            "seed": SPLIT_SEED,
+            "test_fraction": TEST_FRACTION,
+            "method": "random.Random(seed).shuffle of the file order; the first "
+            "max(1, round(n * test_fraction)) go to test",
+        },
     }
     with staged_dir(final) as staged:
         for split, rows in (("train", train), ("test", test)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 from cpt.assets.registry import DATASET_SOURCES, PINNED_PACKAGES
 from cpt.errors import CptError
@@ -21,8 +21,12 @@ def similar_names(query: str, candidates: Iterable[str], n: int = 5) -> list[str
         candidate_lower = candidate.lower()
         score = difflib.SequenceMatcher(None, query_lower, candidate_lower).ratio()
         if "/" not in query_lower:
-            score = max([score, *(difflib.SequenceMatcher(None, query_lower, part).ratio()
-                                  for part in candidate_lower.split("/"))])
+            score = max(
+                [
+                    score,
+                    *(difflib.SequenceMatcher(None, query_lower, part).ratio() for part in candidate_lower.split("/")),
+                ]
+            )
             if query_lower in candidate_lower:  # contained: ahead of mere look-alikes, the closest first
                 score = 0.8 + 0.2 * score
         if score >= 0.6:
@@ -34,5 +38,7 @@ def unknown_path_error(source: str, path: str, known: list[str], what: str) -> C
     """``unknown <what> '<path>' in <package file> (<n> available); close matches: …`` as one line."""
     close = similar_names(path, known)
     hint = ("; close matches: " + ", ".join(f"{source}:{match}" for match in close)) if close else ""
-    return CptError(f"unknown {what} '{path}' in {PINNED_PACKAGES[DATASET_SOURCES[source][0]].filename}"
-                    f" ({len(known)} available){hint}")
+    return CptError(
+        f"unknown {what} '{path}' in {PINNED_PACKAGES[DATASET_SOURCES[source][0]].filename}"
+        f" ({len(known)} available){hint}"
+    )

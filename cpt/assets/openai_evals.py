@@ -32,13 +32,18 @@ def read_openai_evals(path: str) -> tuple[list[dict], dict]:
     with zipfile.ZipFile(wheel) as wheel_zip:
         names = wheel_zip.namelist()
         if member not in names:
-            known = [name[len(EVALS_DATA_ROOT):] for name in names
-                     if name.startswith(EVALS_DATA_ROOT) and name.endswith(".jsonl")]
+            known = [
+                name[len(EVALS_DATA_ROOT) :]
+                for name in names
+                if name.startswith(EVALS_DATA_ROOT) and name.endswith(".jsonl")
+            ]
             folder = path.rsplit("/", 1)[0] + "/"
             in_folder = [known_path for known_path in known if known_path.startswith(folder)]
             if in_folder:
-                raise CptError(f"unknown OpenAI evals file '{path}'; that folder holds: "
-                               + ", ".join(f"openai-evals:{known_path}" for known_path in in_folder[:10]))
+                raise CptError(
+                    f"unknown OpenAI evals file '{path}'; that folder holds: "
+                    + ", ".join(f"openai-evals:{known_path}" for known_path in in_folder[:10])
+                )
             raise unknown_path_error("openai-evals", path, known, "OpenAI evals file")
         log(f"reading {member} from {wheel.name}…")
         text = wheel_zip.read(member).decode("utf-8", errors="replace")
@@ -66,17 +71,21 @@ def read_openai_evals(path: str) -> tuple[list[dict], dict]:
 
 def _evals_row(path: str, lineno: int, example: Any) -> dict:
     where = f"openai-evals:{path} line {lineno}"
-    bad = CptError(f"{where} is not in the chat format {{'input': [messages], 'ideal': ...}} "
-                   "of the basic match evals; pick another file")
+    bad = CptError(
+        f"{where} is not in the chat format {{'input': [messages], 'ideal': ...}} "
+        "of the basic match evals; pick another file"
+    )
     if not isinstance(example, dict) or "input" not in example or example.get("ideal") is None:
         raise bad
     raw = example["input"]
     if isinstance(raw, str):
         messages = [{"role": "user", "content": raw}]
-    elif isinstance(raw, list) and raw and all(
-            isinstance(message, dict) and "role" in message and "content" in message for message in raw):
-        messages = [{"role": str(message["role"]), "content": _content_text(message["content"])}
-                    for message in raw]
+    elif (
+        isinstance(raw, list)
+        and raw
+        and all(isinstance(message, dict) and "role" in message and "content" in message for message in raw)
+    ):
+        messages = [{"role": str(message["role"]), "content": _content_text(message["content"])} for message in raw]
     else:
         raise bad
     users = [message["content"] for message in messages if message["role"] == "user"]
@@ -93,8 +102,7 @@ def _evals_row(path: str, lineno: int, example: Any) -> dict:
     choices = example.get("choices")
     if isinstance(choices, list) and choices:
         row["choices"] = [str(choice) for choice in choices]
-    row.update(scalar_extras(example, {"input", "ideal", "messages", "target", "targets",
-                                       "choices"}))
+    row.update(scalar_extras(example, {"input", "ideal", "messages", "target", "targets", "choices"}))
     return row
 
 
@@ -102,8 +110,7 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: keep the text ones
-        return "".join(str(part.get("text", "")) if isinstance(part, dict) else str(part)
-                       for part in content)
+        return "".join(str(part.get("text", "")) if isinstance(part, dict) else str(part) for part in content)
     return str(content)
 
 
@@ -133,8 +140,7 @@ def _evals_yaml_info(wheel_zip: zipfile.ZipFile, names: list[str], path: str) ->
                 continue
             base = doc.get(str(key).split(".")[0])
             description = base.get("description") if isinstance(base, dict) else None
-            info = {"eval": str(key), "class": spec.get("class"),
-                    "registry_file": name}
+            info = {"eval": str(key), "class": spec.get("class"), "registry_file": name}
             if description:
                 info["description"] = str(description).strip()
             return info

@@ -20,8 +20,8 @@ prompt pass per example instead of one per choice (measured in benchmarks/RESULT
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from cpt.errors import CptError
 from cpt.evaluation.generation import (
@@ -272,7 +272,7 @@ def _shared_prefix_scores(
             suffix_ids = torch.full((len(feeds), suffix_width), pad_id, dtype=torch.long)
             suffix_mask = torch.zeros((len(feeds), suffix_width), dtype=torch.long)
             suffix_positions = torch.zeros((len(feeds), suffix_width), dtype=torch.long)
-            for i, ((row, pair), ids) in enumerate(zip(suffix_rows, feeds)):  # right padding
+            for i, ((_, pair), ids) in enumerate(zip(suffix_rows, feeds)):  # right padding
                 suffix_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 suffix_mask[i, : len(ids)] = 1
                 suffix_positions[i] = prefix_len[pair.example] + torch.arange(suffix_width)

@@ -19,7 +19,7 @@ entry are left out of the means.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from cpt.errors import CptError
 
@@ -99,11 +99,17 @@ def continual_metrics(
     if expert_scores is not None:
         experts = [None if x is None else float(x) for x in expert_scores]
         if len(experts) != T:
-            raise CptError(f"expert_scores has {len(experts)} entries for {T} tasks; give one per task (None if missing)")
+            raise CptError(
+                f"expert_scores has {len(experts)} entries for {T} tasks; give one per task (None if missing)"
+            )
         if k >= 1:
             expert_acc = _mean([x for x in experts[:k] if x is not None])
             normalized_acc = _mean(
-                [x / e for j in range(1, k + 1) if (x := r(k, j)) is not None and (e := experts[j - 1]) is not None and e > 0]
+                [
+                    x / e
+                    for j in range(1, k + 1)
+                    if (x := r(k, j)) is not None and (e := experts[j - 1]) is not None and e > 0
+                ]
             )
 
     return {
@@ -165,9 +171,7 @@ def format_matrix_table(
         value = metrics.get(key)
         return "n/a" if value is None else _fmt(value, signed)
 
-    summary = (
-        f"ACC {show('acc')}  BWT {show('bwt', True)}  FWT {show('fwt', True)}  forgetting {show('forgetting')}"
-    )
+    summary = f"ACC {show('acc')}  BWT {show('bwt', True)}  FWT {show('fwt', True)}  forgetting {show('forgetting')}"
     done, total = metrics.get("num_completed"), metrics.get("num_tasks")
     if done is not None and total is not None and done < total:
         summary += f"  (after {done} of {total} tasks)"

@@ -17,8 +17,9 @@ after:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from cpt.errors import CptError
 
@@ -304,8 +305,7 @@ def evaluate_generation(
     unknown = sorted(set(options) - set(EXACT_MATCH_OPTIONS))
     if unknown:
         raise CptError(
-            f"unknown exact_match normalization option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(EXACT_MATCH_OPTIONS)}"
+            f"unknown exact_match normalization option(s) {', '.join(unknown)}; known: {', '.join(EXACT_MATCH_OPTIONS)}"
         )
     for i, ex in enumerate(examples):
         if not isinstance(ex.target, str):

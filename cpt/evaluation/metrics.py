@@ -29,7 +29,7 @@ def metric_path(name: str) -> Path:
     return METRICS_DIR / name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(name: str):
     """Load the shipped metric ``name`` with ``evaluate.load(<its folder>)``; cached per process."""
     path = metric_path(name)

@@ -43,7 +43,7 @@ class LowRankDelta:
 
     lora_B: Tensor
     lora_A: Tensor
-    scale: Union[float, Tensor] = 1.0
+    scale: float | Tensor = 1.0
 
     def __post_init__(self) -> None:
         if self.lora_B.dim() < 2 or self.lora_A.dim() < 2:
@@ -84,7 +84,7 @@ class LowRankDelta:
         return self.scale_tensor(dt) * (self.lora_B.to(dt) @ self.lora_A.to(dt))
 
 
-Delta = Union[Tensor, LowRankDelta]
+Delta = Union[Tensor, LowRankDelta]  # noqa: UP007 (a runtime alias: `|` needs both operands to be types at import)
 
 
 @dataclass
@@ -163,9 +163,7 @@ def _truncation_rank(values: Tensor, squared_norm: Tensor, rank: int, energy: fl
     return torch.where(squared_norm > 0, r, torch.zeros_like(r))
 
 
-def _package(
-    v: Tensor, s: Tensor, sq_norm: Tensor, rank: int, energy: float, batch_shape: torch.Size
-) -> RightBasis:
+def _package(v: Tensor, s: Tensor, sq_norm: Tensor, rank: int, energy: float, batch_shape: torch.Size) -> RightBasis:
     """Truncate (``v [B, d_in, l]``, ``s [B, l]`` descending) and pad with zeros."""
     r = _truncation_rank(s, sq_norm, rank, energy)
     r_max = int(r.max().item()) if r.numel() else 0
@@ -334,9 +332,7 @@ def _randomized_right_basis(
         # on elements that would not make it within max_iters (flat spectra).
         give_up = torch.zeros_like(done)
         if it >= 1 and sketch < min(m, n):
-            rate = (theta[:, -1:] / theta.clamp_min(torch.finfo(torch.float64).tiny)).clamp(
-                max=1.0 - 1e-9
-            )
+            rate = (theta[:, -1:] / theta.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0 - 1e-9)
             ratio = (target / rho.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0)
             steps = torch.log(ratio) / torch.log(rate)
             steps = torch.where(ok_pairs, torch.zeros_like(steps), steps)
@@ -442,9 +438,7 @@ def right_basis(
         v, s = _gram_right_basis(d, k)
         return _package(v, s, sq_norm, rank, energy, batch_shape)
 
-    v, s, certified, _ = _randomized_right_basis(
-        d_c, rank, energy, sketch, max_iters, tol, seed, sq_norm
-    )
+    v, s, certified, _ = _randomized_right_basis(d_c, rank, energy, sketch, max_iters, tol, seed, sq_norm)
     v, s = v[..., :k], s[..., :k]
     if not bool(certified.all()):
         idx = (~certified).nonzero().squeeze(-1)
@@ -472,10 +466,7 @@ def union_basis(bases: list[RightBasis]) -> tuple[Tensor, Tensor]:
     if not bases:
         raise ValueError("union_basis needs at least one basis")
     mats = [b.basis.to(torch.float64) for b in bases]
-    valid = [
-        torch.arange(b.basis.shape[-1], device=b.basis.device) < b.ranks.unsqueeze(-1)
-        for b in bases
-    ]
+    valid = [torch.arange(b.basis.shape[-1], device=b.basis.device) < b.ranks.unsqueeze(-1) for b in bases]
     cat = torch.cat(mats, dim=-1)
     valid_cat = torch.cat(valid, dim=-1)
     batch_shape = cat.shape[:-2]

@@ -101,9 +101,7 @@ def psd_inv_sqrt(a: Tensor, floor: float, dims: Tensor | None = None) -> Tensor:
     return _eig_fn(a, lambda lam: lam.clamp_min(floor).rsqrt(), dims)
 
 
-def bures_wasserstein_sq(
-    a: Tensor, b: Tensor, eig_floor: float = 0.0, dims: Tensor | None = None
-) -> Tensor:
+def bures_wasserstein_sq(a: Tensor, b: Tensor, eig_floor: float = 0.0, dims: Tensor | None = None) -> Tensor:
     """Squared Bures–Wasserstein distance between PSD matrices (METHOD §1).
 
     ``d²(A, B) = tr A + tr B − 2 tr (A^{1/2} B A^{1/2})^{1/2}``, clamped at 0. Both roots

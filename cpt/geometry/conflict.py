@@ -25,9 +25,7 @@ __all__ = [
 ]
 
 
-def covariance_conflict(
-    b_i: Tensor, b_j: Tensor, eig_floor: float = 0.0, dims: Tensor | None = None
-) -> Tensor:
+def covariance_conflict(b_i: Tensor, b_j: Tensor, eig_floor: float = 0.0, dims: Tensor | None = None) -> Tensor:
     """Geometry conflict of two covariances, ``GC = d²(B_i, B_j) / (tr B_i + tr B_j)``
     (METHOD §1), in ``[0, 1]``; NaN where both traces are 0.
 
@@ -89,11 +87,10 @@ def geometry_conflict(
 
 
 def _sar(delta_i: Delta, basis_j: Tensor, norm_i: Tensor) -> Tensor:
-    proj = torch.linalg.vector_norm(
-        apply_right(delta_i, basis_j), dim=(-2, -1), dtype=torch.float64
-    )
+    proj = torch.linalg.vector_norm(apply_right(delta_i, basis_j), dim=(-2, -1), dtype=torch.float64)
     return torch.where(
-        norm_i > 0, proj / norm_i.clamp_min(torch.finfo(torch.float64).tiny),
+        norm_i > 0,
+        proj / norm_i.clamp_min(torch.finfo(torch.float64).tiny),
         torch.full_like(proj, float("nan")),
     )
 

@@ -13,8 +13,12 @@ class AverageParams:
     """Averaging has no parameters: the running mean of the experts."""
 
 
-@register_strategy("average", params=AverageParams, train_from="base",
-                   description="running mean of the experts: θ_t = ((t-1)·θ_{t-1} + E_t)/t (METHOD §3)")
+@register_strategy(
+    "average",
+    params=AverageParams,
+    train_from="base",
+    description="running mean of the experts: θ_t = ((t-1)·θ_{t-1} + E_t)/t (METHOD §3)",
+)
 class Average(MergeStrategy):
     def rows_separable(self, target):
         return True  # element-wise on every tensor

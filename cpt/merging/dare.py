@@ -78,8 +78,9 @@ def dare_mask(shape, density: float, seed: int, step: int, name: str) -> torch.T
     return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density
 
 
-def dare_sparsify(task_vector: torch.Tensor, mask: torch.Tensor, density: float,
-                  rescale: str = "inverse") -> tuple[torch.Tensor, torch.Tensor]:
+def dare_sparsify(
+    task_vector: torch.Tensor, mask: torch.Tensor, density: float, rescale: str = "inverse"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``D(τ) = r · (m ⊙ τ)`` batched over ``[n, ...]`` (METHOD §3.A): ``(D(τ), r [n])``.
 
     ``mask`` is ``[n, ...]`` (bool or 0/1). ``density ≥ 1`` returns τ unchanged (r = 1).
@@ -157,23 +158,41 @@ class _DareMixin:
             return task_vector, [{} for _ in range(n)]
         if p.density >= 1:  # the identity: no mask to draw
             norms = task_vector.flatten(1).norm(dim=1)
-            return task_vector, [{"density": 1.0, "rescale": 1.0, "norm_task_vector": float(norms[i]),
-                                  "norm_sparsified": float(norms[i]), "mask_seed": mask_seed(p.seed, batch.step, name)}
-                                 for i, name in enumerate(batch.names)]
+            return task_vector, [
+                {
+                    "density": 1.0,
+                    "rescale": 1.0,
+                    "norm_task_vector": float(norms[i]),
+                    "norm_sparsified": float(norms[i]),
+                    "mask_seed": mask_seed(p.seed, batch.step, name),
+                }
+                for i, name in enumerate(batch.names)
+            ]
         shape = task_vector.shape[1:]
         mask = torch.stack([dare_mask(shape, p.density, p.seed, batch.step, name) for name in batch.names])
         mask = mask.to(task_vector.device)
         sparsified, factor = dare_sparsify(task_vector, mask, p.density, p.rescale)
         kept = mask.flatten(1).float().mean(dim=1)
         task_norm, sparse_norm = task_vector.flatten(1).norm(dim=1), sparsified.flatten(1).norm(dim=1)
-        stats = [{"density": float(kept[i]), "rescale": float(factor[i]), "norm_task_vector": float(task_norm[i]),
-                  "norm_sparsified": float(sparse_norm[i]), "mask_seed": mask_seed(p.seed, batch.step, name)}
-                 for i, name in enumerate(batch.names)]
+        stats = [
+            {
+                "density": float(kept[i]),
+                "rescale": float(factor[i]),
+                "norm_task_vector": float(task_norm[i]),
+                "norm_sparsified": float(sparse_norm[i]),
+                "mask_seed": mask_seed(p.seed, batch.step, name),
+            }
+            for i, name in enumerate(batch.names)
+        ]
         return sparsified, stats
 
 
-@register_strategy("dare_ta", params=DareTaParams, train_from="base",
-                   description="DARE + task arithmetic: θ_t = θ_{t-1} + λ·D_t(τ_t), D = seeded Bernoulli drop and rescale (METHOD §3.A)")
+@register_strategy(
+    "dare_ta",
+    params=DareTaParams,
+    train_from="base",
+    description="DARE + task arithmetic: θ_t = θ_{t-1} + λ·D_t(τ_t), D = seeded Bernoulli drop and rescale (METHOD §3.A)",
+)
 class DareTaskArithmetic(_DareMixin, MergeStrategy):
     def rows_separable(self, target):
         return not target  # the mask (and the l1 rescale) is drawn per whole target tensor
@@ -182,12 +201,18 @@ class DareTaskArithmetic(_DareMixin, MergeStrategy):
         sparsified, stats = self.sparsify(batch)
         update = self.params.scaling * sparsified
         norms = update.flatten(1).norm(dim=1)
-        return MergeResult(state=batch.state + update,
-                           stats=[{"norm_update": float(norms[i]), **stats[i]} for i in range(len(batch.names))])
+        return MergeResult(
+            state=batch.state + update,
+            stats=[{"norm_update": float(norms[i]), **stats[i]} for i in range(len(batch.names))],
+        )
 
 
-@register_strategy("dare_ties", params=DareTiesParams, train_from="base",
-                   description="DARE + TIES: M_t = TIES'(M_{t-1}, D_t(τ_t)) (sign election, disjoint mean, no trim), θ_t = θ0 + λ·M_t (METHOD §3.A)")
+@register_strategy(
+    "dare_ties",
+    params=DareTiesParams,
+    train_from="base",
+    description="DARE + TIES: M_t = TIES'(M_{t-1}, D_t(τ_t)) (sign election, disjoint mean, no trim), θ_t = θ0 + λ·M_t (METHOD §3.A)",
+)
 class DareTies(_DareMixin, RunningMergeStrategy):
     def rows_separable(self, target):
         # TIES′ is element-wise; only the trim (trim_k) and the target mask need whole tensors.

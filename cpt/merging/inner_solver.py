@@ -66,8 +66,9 @@ def check_deltas(deltas: Sequence[Tensor], what: str = "deltas") -> tuple[torch.
         if delta.dim() < 2:
             raise ValueError(f"{what}: tensors must be [..., d_out, d_in], got {tuple(delta.shape)}")
         if delta.shape != shape:
-            raise ValueError(f"{what}: all tensors must have the same shape, got "
-                             f"{tuple(shape)} and {tuple(delta.shape)}")
+            raise ValueError(
+                f"{what}: all tensors must have the same shape, got {tuple(shape)} and {tuple(delta.shape)}"
+            )
         if delta.device != device:
             raise ValueError(f"{what}: all tensors must be on one device")
     dtype = deltas[0].dtype
@@ -121,9 +122,7 @@ def _cuda_tf32(enabled: bool):
             matmul.allow_tf32 = before
 
 
-def _adam_update_(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float
-) -> None:
+def _adam_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float) -> None:
     """One step of ``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8, no weight decay,
     bias correction), op for op as ``torch.optim.adam._single_tensor_adam`` (METHOD §2.6)."""
     exp_avg.lerp_(grad, 1 - ADAM_BETA1)
@@ -136,8 +135,14 @@ def _adam_update_(
 
 
 def adam_displacement(
-    vectors: Sequence[Tensor], coef: Tensor, lr: float, iters: int, dtype: torch.dtype,
-    fused: bool | None = None, loop_tf32: bool = False, skip_stationary: bool = True,
+    vectors: Sequence[Tensor],
+    coef: Tensor,
+    lr: float,
+    iters: int,
+    dtype: torch.dtype,
+    fused: bool | None = None,
+    loop_tf32: bool = False,
+    skip_stationary: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Adam on ``L(m) = Σ_i w_i ‖(m − u_i) u_iᵀ‖_F² / ‖u_i‖_F²`` from ``m_0 = Σ u_i``
     (METHOD §2.6), batched.
@@ -205,8 +210,9 @@ def adam_displacement(
     return start, _adam_solve(start_gradient, gram_sum, lr, iters, fused, loop_tf32)
 
 
-def _adam_solve(start_gradient: Tensor, gram_sum: Tensor, lr: float, iters: int, fused: bool | None,
-                loop_tf32: bool) -> Tensor:
+def _adam_solve(
+    start_gradient: Tensor, gram_sum: Tensor, lr: float, iters: int, fused: bool | None, loop_tf32: bool
+) -> Tensor:
     """The Adam displacement ``Δ`` from 0 with ``∇ = g_0 + 2 Δ G`` (METHOD §2.6)."""
     delta = torch.zeros_like(start_gradient)
     grad = start_gradient.clone()
@@ -228,9 +234,19 @@ def _adam_loop(delta, grad, start_gradient, gram_sum, exp_avg, exp_avg_sq, step_
             try:
                 step_t.add_(1.0)
                 torch._fused_adam_(
-                    [delta], [grad], [exp_avg], [exp_avg_sq], [], [step_t],
-                    lr=lr, beta1=ADAM_BETA1, beta2=ADAM_BETA2, weight_decay=0.0,
-                    eps=ADAM_EPS, amsgrad=False, maximize=False,
+                    [delta],
+                    [grad],
+                    [exp_avg],
+                    [exp_avg_sq],
+                    [],
+                    [step_t],
+                    lr=lr,
+                    beta1=ADAM_BETA1,
+                    beta2=ADAM_BETA2,
+                    weight_decay=0.0,
+                    eps=ADAM_EPS,
+                    amsgrad=False,
+                    maximize=False,
                 )
                 continue
             except (RuntimeError, NotImplementedError):
@@ -278,10 +294,14 @@ def adam_merge(
     d_out, d_in = shape[-2:]
     flat = [vector.reshape(-1, d_out, d_in).to(work_dtype) for vector in vectors]
     squared_norms = torch.stack(
-        [torch.linalg.vector_norm(vector, dim=(-2, -1), dtype=torch.float64).square() for vector in flat], -1)
+        [torch.linalg.vector_norm(vector, dim=(-2, -1), dtype=torch.float64).square() for vector in flat], -1
+    )
     weights_t = torch.tensor(weights, dtype=torch.float64, device=squared_norms.device)
-    coef = torch.where(squared_norms > 0, weights_t / squared_norms.clamp_min(torch.finfo(torch.float64).tiny),
-                       torch.zeros_like(squared_norms))
+    coef = torch.where(
+        squared_norms > 0,
+        weights_t / squared_norms.clamp_min(torch.finfo(torch.float64).tiny),
+        torch.zeros_like(squared_norms),
+    )
     start, delta = adam_displacement(flat, coef, lr, iters, adam_dtype, loop_tf32=loop_tf32)
     return (start + delta.to(work_dtype)).reshape(shape)
 
@@ -295,8 +315,11 @@ def objective_coefficients(vectors: Sequence[Tensor], weights: Sequence[float]) 
     coefs = []
     for weight, vector in zip(weights, vectors):
         squared_norm = torch.linalg.vector_norm(vector.detach(), dim=(-2, -1), dtype=torch.float64).square()
-        coef = torch.where(squared_norm > 0, weight / squared_norm.clamp_min(torch.finfo(torch.float64).tiny),
-                           torch.zeros_like(squared_norm))
+        coef = torch.where(
+            squared_norm > 0,
+            weight / squared_norm.clamp_min(torch.finfo(torch.float64).tiny),
+            torch.zeros_like(squared_norm),
+        )
         coefs.append(coef.to(vector.dtype)[..., None, None])
     return coefs
 

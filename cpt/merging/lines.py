@@ -77,7 +77,9 @@ class LinesParams:
         except re.error as exc:
             raise ValueError(f"layer_regex {self.layer_regex!r} is not a regular expression: {exc}") from None
         if groups != 1:
-            raise ValueError(f"layer_regex {self.layer_regex!r} must have exactly one group (the block index), it has {groups}")
+            raise ValueError(
+                f"layer_regex {self.layer_regex!r} must have exactly one group (the block index), it has {groups}"
+            )
 
 
 def layer_index(name: str, pattern: re.Pattern) -> int | None:
@@ -113,8 +115,12 @@ def _num_hidden_layers(base_dir: Path) -> int:
     raise CptError(f"{path}: no num_hidden_layers; set strategy.num_layers (L) for LiNeS")
 
 
-@register_strategy("lines", params=LinesParams, train_from="base",
-                   description="LiNeS: the running task-vector sum (or TIES vector) scaled per block, λ(ℓ) = α + β·ℓ/(L−1), α = 1/t (METHOD §3.C)")
+@register_strategy(
+    "lines",
+    params=LinesParams,
+    train_from="base",
+    description="LiNeS: the running task-vector sum (or TIES vector) scaled per block, λ(ℓ) = α + β·ℓ/(L−1), α = 1/t (METHOD §3.C)",
+)
 class Lines(MergeStrategy):
     SUM_KEY, MERGED_KEY = "task_sum", "merged"
 
@@ -161,9 +167,14 @@ class Lines(MergeStrategy):
         for target, names, rows, base, state, _expert, task_vector in batches.iterate():
             if not target:
                 continue
-            kept = {key: (torch.stack([read_rows(reader, n, rows).to(task_vector.device, torch.float32) for n in names])
-                          if reader is not None and all(n in reader for n in names) else None)
-                    for key, reader in readers.items()}
+            kept = {
+                key: (
+                    torch.stack([read_rows(reader, n, rows).to(task_vector.device, torch.float32) for n in names])
+                    if reader is not None and all(n in reader for n in names)
+                    else None
+                )
+                for key, reader in readers.items()
+            }
             previous_sum, previous_merged, _ = self._previous(names, state - base, kept)
             merged, _ = ties_merge(previous_merged, task_vector, self.params.density, self.params.majority_sign)
             norm_sum += float((previous_sum + task_vector).abs().double().sum())
@@ -174,8 +185,10 @@ class Lines(MergeStrategy):
         return norm_sum, norm_merged
 
     def _scales(self, names: list[str], alpha: float) -> list[tuple[int | None, float]]:
-        return [(layer, lines_scale(layer, self._num_layers, alpha, self.params.beta))
-                for layer in (layer_index(name, self._pattern) for name in names)]
+        return [
+            (layer, lines_scale(layer, self._num_layers, alpha, self.params.beta))
+            for layer in (layer_index(name, self._pattern) for name in names)
+        ]
 
     def _previous(self, names, state_delta, kept) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """``(S_{t−1}, M_{t−1}, recovered)`` of a batch at t ≥ 2."""
@@ -184,9 +197,14 @@ class Lines(MergeStrategy):
         if previous_sum is not None and previous_merged is not None:
             return previous_sum, previous_merged, False
         if self._previous_alpha is None:
-            raise ValueError(f"LiNeS history of step t-1 is missing for {names[0]} and no α_(t-1) to recover it from the state")
-        scales = torch.tensor([s for _, s in self._scales(names, float(self._previous_alpha))], dtype=state_delta.dtype,
-                              device=state_delta.device).view(len(names), *([1] * (state_delta.dim() - 1)))
+            raise ValueError(
+                f"LiNeS history of step t-1 is missing for {names[0]} and no α_(t-1) to recover it from the state"
+            )
+        scales = torch.tensor(
+            [s for _, s in self._scales(names, float(self._previous_alpha))],
+            dtype=state_delta.dtype,
+            device=state_delta.device,
+        ).view(len(names), *([1] * (state_delta.dim() - 1)))
         recovered = state_delta / scales
         return recovered, recovered, True
 
@@ -213,14 +231,25 @@ class Lines(MergeStrategy):
             if layer is not None:
                 self._layers[layer] = scale
         update = (new_state - batch.state).flatten(1).norm(dim=1)
-        stats = [{"norm_update": float(update[i]), "layer": -1 if layer is None else layer, "scale": scale,
-                  **({"recovered_from_state": True} if recovered else {})}
-                 for i, (layer, scale) in enumerate(scales)]
+        stats = [
+            {
+                "norm_update": float(update[i]),
+                "layer": -1 if layer is None else layer,
+                "scale": scale,
+                **({"recovered_from_state": True} if recovered else {}),
+            }
+            for i, (layer, scale) in enumerate(scales)
+        ]
         history = {self.SUM_KEY: task_sum, **({self.MERGED_KEY: merged} if p.base == "ties" else {})}
         return MergeResult(state=new_state, history=history, stats=stats)
 
     def end_step(self, step, scalars):
         scalars["alpha"] = self._alpha
-        return {"alpha": self._alpha, "beta": self.params.beta, "num_layers": self._num_layers,
-                "layer_scales": {str(layer): scale for layer, scale in sorted(self._layers.items())},
-                "norm_l1_sum": self._norm_sum, "norm_l1_merged": self._norm_merged}
+        return {
+            "alpha": self._alpha,
+            "beta": self.params.beta,
+            "num_layers": self._num_layers,
+            "layer_scales": {str(layer): scale for layer, scale in sorted(self._layers.items())},
+            "norm_l1_sum": self._norm_sum,
+            "norm_l1_merged": self._norm_merged,
+        }

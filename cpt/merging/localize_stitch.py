@@ -86,8 +86,9 @@ def stitch(task_vectors: list[torch.Tensor], masks: list[torch.Tensor]) -> torch
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
-def stitch_update(stitched_sum: torch.Tensor, count: torch.Tensor, task_vector: torch.Tensor,
-                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def stitch_update(
+    stitched_sum: torch.Tensor, count: torch.Tensor, task_vector: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``S_t, C_t`` and the merged delta ``S_t ⊘ C_t`` from ``S_{t−1}, C_{t−1}``, ``τ_t`` and ``m_t``."""
     mask = mask.to(task_vector.dtype)
     stitched_sum = stitched_sum + mask * task_vector
@@ -96,8 +97,12 @@ def stitch_update(stitched_sum: torch.Tensor, count: torch.Tensor, task_vector: 
     return stitched_sum, count, delta
 
 
-@register_strategy("localize_stitch", params=LocalizeStitchParams, train_from="base",
-                   description="data-free Localize-and-Stitch: keep each task's top-s magnitudes, average where masks overlap, θ_t = θ0 + S_t/C_t (METHOD §3.B)")
+@register_strategy(
+    "localize_stitch",
+    params=LocalizeStitchParams,
+    train_from="base",
+    description="data-free Localize-and-Stitch: keep each task's top-s magnitudes, average where masks overlap, θ_t = θ0 + S_t/C_t (METHOD §3.B)",
+)
 class LocalizeStitch(MergeStrategy):
     SUM_KEY, COUNT_KEY = "stitched_sum", "stitch_count"
 
@@ -112,6 +117,7 @@ class LocalizeStitch(MergeStrategy):
         self._totals = {"entries": 0.0, "kept": 0.0, "overlap": 0.0, "support": 0.0, "shared": 0.0, "max_count": 0.0}
         self._threshold = None
         if p.scope == "global":
+
             def targets():
                 for target, _names, _rows, _base, _state, _expert, task_vector in batches.iterate():
                     if target:
@@ -148,10 +154,13 @@ class LocalizeStitch(MergeStrategy):
         update = (new_state - batch.state).flatten(1).norm(dim=1)
         stats = []
         for i in range(n):
-            entry = {"norm_update": float(update[i]), "kept_fraction": float(kept[i]) / size,
-                     "overlap": float(overlap[i] / kept[i]) if kept[i] > 0 else 0.0,
-                     "shared_fraction": float(shared[i] / support[i]) if support[i] > 0 else 0.0,
-                     "max_count": int(max_count[i])}
+            entry = {
+                "norm_update": float(update[i]),
+                "kept_fraction": float(kept[i]) / size,
+                "overlap": float(overlap[i] / kept[i]) if kept[i] > 0 else 0.0,
+                "shared_fraction": float(shared[i] / support[i]) if support[i] > 0 else 0.0,
+                "max_count": int(max_count[i]),
+            }
             if p.scope == "per_tensor":
                 entry["threshold"] = float(threshold[i])
             if recovered:
@@ -179,10 +188,12 @@ class LocalizeStitch(MergeStrategy):
 
     def end_step(self, step, scalars):
         totals = self._totals
-        summary = {"kept_fraction": totals["kept"] / totals["entries"] if totals["entries"] else 0.0,
-                   "overlap": totals["overlap"] / totals["kept"] if totals["kept"] else 0.0,
-                   "shared_fraction": totals["shared"] / totals["support"] if totals["support"] else 0.0,
-                   "max_count": int(totals["max_count"])}
+        summary = {
+            "kept_fraction": totals["kept"] / totals["entries"] if totals["entries"] else 0.0,
+            "overlap": totals["overlap"] / totals["kept"] if totals["kept"] else 0.0,
+            "shared_fraction": totals["shared"] / totals["support"] if totals["support"] else 0.0,
+            "max_count": int(totals["max_count"]),
+        }
         if self._threshold is not None:  # None in JSON when k = 0 (q = inf: nothing kept)
             summary["threshold"] = self._threshold if math.isfinite(self._threshold) else None
         return summary

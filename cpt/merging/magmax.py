@@ -34,8 +34,12 @@ def magmax_merge(previous: torch.Tensor, task_vector: torch.Tensor) -> tuple[tor
     return torch.where(take_new, task_vector, previous), take_new
 
 
-@register_strategy("magmax", params=MagMaxParams, train_from="base",
-                   description="continual MagMax: M_t = per-entry larger magnitude of (M_{t-1}, τ_t), θ_t = θ0 + λ·M_t (METHOD §3)")
+@register_strategy(
+    "magmax",
+    params=MagMaxParams,
+    train_from="base",
+    description="continual MagMax: M_t = per-entry larger magnitude of (M_{t-1}, τ_t), θ_t = θ0 + λ·M_t (METHOD §3)",
+)
 class MagMax(RunningMergeStrategy):
     def rows_separable(self, target):
         return True  # element-wise on every tensor

@@ -38,8 +38,9 @@ def _locate(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     return counts.numel() - 1 - index, rank - above
 
 
-def kth_largest_magnitudes(stream: Callable[[], Iterable[Sequence[torch.Tensor]]],
-                           ranks: Sequence[int | Callable[[int], int]]) -> list[float]:
+def kth_largest_magnitudes(
+    stream: Callable[[], Iterable[Sequence[torch.Tensor]]], ranks: Sequence[int | Callable[[int], int]]
+) -> list[float]:
     """The ``ranks[c]``-th largest ``|x|`` (1-based) of each channel ``c`` over a stream.
 
     ``stream()`` is called twice and must yield the same tensors both times: per chunk one

@@ -36,8 +36,7 @@ def relative_norm(value: Tensor, reference: Tensor) -> Tensor:
     """``‖value‖_F / ‖reference‖_F`` over the last two dims (float64 ``[...]``); NaN where
     ``‖reference‖ = 0`` (the ratio is undefined there)."""
     num, den = _norm(value), _norm(reference)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny),
-                       torch.full_like(num, math.nan))
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), torch.full_like(num, math.nan))
 
 
 def relative_change(value: Tensor, reference: Tensor) -> Tensor:

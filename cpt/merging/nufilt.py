@@ -96,8 +96,16 @@ def _init_b(names: list[str], step: int, d_in: int, rank: int, std: float | None
     return torch.stack(blocks)
 
 
-def nufilt_merge(previous: torch.Tensor, task_vector: torch.Tensor, b_init: torch.Tensor, *, projection_rank: int,
-                 task_rank: int, lr: float, iters: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def nufilt_merge(
+    previous: torch.Tensor,
+    task_vector: torch.Tensor,
+    b_init: torch.Tensor,
+    *,
+    projection_rank: int,
+    task_rank: int,
+    lr: float,
+    iters: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """METHOD §3 NUFILT for ``[n, d_out, d_in]`` (``previous`` = θ_{t−1} − θ0, ``τ_t``).
 
     ``b_init`` is B's init ``[n, d_in, r_l]``. Returns the update ``τ (P + B A)`` and
@@ -126,15 +134,22 @@ def nufilt_merge(previous: torch.Tensor, task_vector: torch.Tensor, b_init: torc
         after = (residual - adapter @ basis).square().flatten(1).sum(1)
         update = filtered + adapter
     diagnostics = {
-        "objective_before": before, "objective_after": after,
-        "norm_filtered": filtered.flatten(1).norm(dim=1), "norm_adapter": adapter.flatten(1).norm(dim=1),
-        "projection_rank": kept_p, "task_rank": kept_v,
+        "objective_before": before,
+        "objective_after": after,
+        "norm_filtered": filtered.flatten(1).norm(dim=1),
+        "norm_adapter": adapter.flatten(1).norm(dim=1),
+        "projection_rank": kept_p,
+        "task_rank": kept_v,
     }
     return update.detach(), diagnostics
 
 
-@register_strategy("nufilt", params=NufiltParams, train_from="base",
-                   description="null-space filtering of τ_t against the state's top input directions plus a small LoRA correction (METHOD §3)")
+@register_strategy(
+    "nufilt",
+    params=NufiltParams,
+    train_from="base",
+    description="null-space filtering of τ_t against the state's top input directions plus a small LoRA correction (METHOD §3)",
+)
 class Nufilt(MergeStrategy):
     def rows_separable(self, target):
         return not target  # non-target rule is element-wise; targets need whole matrices
@@ -149,11 +164,21 @@ class Nufilt(MergeStrategy):
             d_in = batch.task_vector.shape[-1]
             r_l = min(p.lora_rank, d_in)
             b_init = _init_b(batch.names, batch.step, d_in, r_l, p.init_std, p.seed)
-            update, diag = nufilt_merge(batch.state_delta, batch.task_vector, b_init, projection_rank=p.projection_rank,
-                                        task_rank=p.task_rank, lr=p.lr, iters=p.iters)
+            update, diag = nufilt_merge(
+                batch.state_delta,
+                batch.task_vector,
+                b_init,
+                projection_rank=p.projection_rank,
+                task_rank=p.task_rank,
+                lr=p.lr,
+                iters=p.iters,
+            )
             new_state = batch.state + update
             for i in range(n):
-                extra[i] = {key: (int(value[i]) if value.dtype == torch.long else float(value[i])) for key, value in diag.items()}
+                extra[i] = {
+                    key: (int(value[i]) if value.dtype == torch.long else float(value[i]))
+                    for key, value in diag.items()
+                }
                 extra[i]["lora_rank"] = r_l
         else:
             new_state = batch.state + p.non_target_scaling * batch.task_vector

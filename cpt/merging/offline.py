@@ -35,8 +35,10 @@ def merge_checkpoints(
 
     info = get_strategy(method)
     if not issubclass(info.integrator_class, MergeStrategy):
-        raise CptError(f"--method {method}: not a data-free merge strategy (it needs training); pick one of "
-                       + ", ".join(name for name, i in _merge_strategies().items()))
+        raise CptError(
+            f"--method {method}: not a data-free merge strategy (it needs training); pick one of "
+            + ", ".join(name for name, i in _merge_strategies().items())
+        )
     params = {}
     for path, value in parse_overrides(overrides or []):
         if len(path) != 1:
@@ -61,9 +63,17 @@ def merge_checkpoints(
         for step, (name, expert_dir) in enumerate(zip(experts, expert_dirs), start=1):
             started = time.perf_counter()
             context = IntegrationContext(
-                step=step, task_name=f"expert{step}", model=None, tokenizer=tokenizer, state_dir=state_dir,
-                base_dir=base_dir, previous_state_dir=state_dir if step > 1 else None, history_dir=work / "history",
-                target_patterns=targets or list(DEFAULT_TARGETS), train_from="base", expert_dir=expert_dir,
+                step=step,
+                task_name=f"expert{step}",
+                model=None,
+                tokenizer=tokenizer,
+                state_dir=state_dir,
+                base_dir=base_dir,
+                previous_state_dir=state_dir if step > 1 else None,
+                history_dir=work / "history",
+                target_patterns=targets or list(DEFAULT_TARGETS),
+                train_from="base",
+                expert_dir=expert_dir,
             )
             stats = strategy.integrate(context)
             seconds = time.perf_counter() - started

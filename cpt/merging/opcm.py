@@ -76,8 +76,12 @@ def opcm_project(previous: torch.Tensor, task_vector: torch.Tensor, alpha: float
     return projected, k
 
 
-@register_strategy("opcm", params=OPCMParams, train_from="base",
-                   description="orthogonal projection continual merging with norm-preserving rescale (METHOD §3)")
+@register_strategy(
+    "opcm",
+    params=OPCMParams,
+    train_from="base",
+    description="orthogonal projection continual merging with norm-preserving rescale (METHOD §3)",
+)
 class OPCM(MergeStrategy):
     def begin_step(self, step, batches, scalars):
         self._task_sq = 0.0
@@ -113,8 +117,12 @@ class OPCM(MergeStrategy):
             # += : a non-target tensor may arrive in row blocks (rows_separable)
             old = self._pieces.get(name, (0.0, 0.0, 0.0))
             self._pieces[name] = (old[0] + float(dd[i]), old[1] + float(dp[i]), old[2] + float(pp[i]))
-            entry = {"norm_task_vector": float(task_norm[i]), "norm_projected_task_vector": float(projected_norm[i]),
-                     "norm_delta_unscaled": math.sqrt(float(dd[i])), "norm_previous": math.sqrt(float(pp[i]))}
+            entry = {
+                "norm_task_vector": float(task_norm[i]),
+                "norm_projected_task_vector": float(projected_norm[i]),
+                "norm_delta_unscaled": math.sqrt(float(dd[i])),
+                "norm_previous": math.sqrt(float(pp[i])),
+            }
             if split is not None:
                 entry["split_rank"] = int(split[i])
             stats.append(entry)
@@ -132,10 +140,18 @@ class OPCM(MergeStrategy):
         scalars["lambda"] = lam
         scalars["mean_task_norm"] = mean_norm
         s = 1.0 if self._scale is None else self._scale
-        updates = {name: math.sqrt(max(s * s * dd - 2 * s * dp + pp, 0.0)) for name, (dd, dp, pp) in self._pieces.items()}
-        summary = {"lambda": lam, "previous_lambda": self._previous_lambda, "mean_task_norm": mean_norm,
-                   "task_norm": norms[-1], "norm_delta_unscaled": delta_norm, "scale": s,
-                   "norm_update": updates}
+        updates = {
+            name: math.sqrt(max(s * s * dd - 2 * s * dp + pp, 0.0)) for name, (dd, dp, pp) in self._pieces.items()
+        }
+        summary = {
+            "lambda": lam,
+            "previous_lambda": self._previous_lambda,
+            "mean_task_norm": mean_norm,
+            "task_norm": norms[-1],
+            "norm_delta_unscaled": delta_norm,
+            "scale": s,
+            "norm_update": updates,
+        }
         if not self._carried:
             summary["warning"] = "OPCM scalars of step t-1 missing: λ_{t-1} = 1 and n̄ from this task only"
         return summary

@@ -14,8 +14,12 @@ class TaskArithmeticParams:
     """λ: 0.3 by default; METHOD suggests 0.1 for long sequences."""
 
 
-@register_strategy("task_arithmetic", params=TaskArithmeticParams, train_from="base",
-                   description="θ_t = θ_{t-1} + λ·τ_t on every tensor (METHOD §3)")
+@register_strategy(
+    "task_arithmetic",
+    params=TaskArithmeticParams,
+    train_from="base",
+    description="θ_t = θ_{t-1} + λ·τ_t on every tensor (METHOD §3)",
+)
 class TaskArithmetic(MergeStrategy):
     def rows_separable(self, target):
         return True  # element-wise on every tensor

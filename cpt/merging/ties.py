@@ -101,8 +101,9 @@ def trim_top_k(stacked: torch.Tensor, density: float) -> torch.Tensor:
     return (flat * mask).reshape(stacked.shape)
 
 
-def ties_merge(previous: torch.Tensor, task_vector: torch.Tensor, density: float,
-               majority_sign: str = "total") -> tuple[torch.Tensor, torch.Tensor]:
+def ties_merge(
+    previous: torch.Tensor, task_vector: torch.Tensor, density: float, majority_sign: str = "total"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``TIES(M_{t−1}, τ_t)`` batched over ``[n, ...]`` (METHOD §3).
 
     Returns the merged vector and, per tensor, the fraction of entries where both trimmed
@@ -115,14 +116,17 @@ def ties_merge(previous: torch.Tensor, task_vector: torch.Tensor, density: float
     return merged, conflict
 
 
-def fusionbench_ties_step(previous: torch.Tensor, task_vector: torch.Tensor, thresholds: tuple[float, float],
-                          majority: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fusionbench_ties_step(
+    previous: torch.Tensor, task_vector: torch.Tensor, thresholds: tuple[float, float], majority: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``TIES_fb(θ_{t−1} − θ0, τ_t)`` on a batch, given the whole-model trim thresholds
     ``(q_prev, q_task)`` and the global majority sign (see the module docstring).
 
     Returns the merged vector and, per tensor, the fraction of sign conflicts of the trimmed vectors.
     """
-    trimmed = torch.stack([previous * (previous.abs() >= thresholds[0]), task_vector * (task_vector.abs() >= thresholds[1])])
+    trimmed = torch.stack(
+        [previous * (previous.abs() >= thresholds[0]), task_vector * (task_vector.abs() >= thresholds[1])]
+    )
     elected = torch.sign(trimmed.sum(dim=0))
     elected = torch.where(elected == 0, torch.full_like(elected, majority), elected)
     keep = torch.where(elected > 0, trimmed > 0, trimmed < 0)
@@ -131,9 +135,13 @@ def fusionbench_ties_step(previous: torch.Tensor, task_vector: torch.Tensor, thr
     return merged, conflict
 
 
-@register_strategy("ties", params=TiesParams, train_from="base",
-                   description="continual TIES: M_t = TIES(M_{t-1}, τ_t) (trim, elect sign, disjoint mean), θ_t = θ0 + λ·M_t;"
-                               " form fusionbench: θ_t = θ_{t-1} + λ·TIES(θ_{t-1}−θ0, τ_t) (METHOD §3)")
+@register_strategy(
+    "ties",
+    params=TiesParams,
+    train_from="base",
+    description="continual TIES: M_t = TIES(M_{t-1}, τ_t) (trim, elect sign, disjoint mean), θ_t = θ0 + λ·M_t;"
+    " form fusionbench: θ_t = θ_{t-1} + λ·TIES(θ_{t-1}−θ0, τ_t) (METHOD §3)",
+)
 class Ties(RunningMergeStrategy):
     def history_keys(self, step, scalars):
         return [] if self.params.form == "fusionbench" else super().history_keys(step, scalars)
@@ -155,12 +163,16 @@ class Ties(RunningMergeStrategy):
         self._thresholds = tuple(kth_largest_magnitudes(vectors, [rank, rank]))
         sign_sum = 0.0
         for previous, task_vector in vectors():
-            trimmed = (previous * (previous.abs() >= self._thresholds[0])
-                       + task_vector * (task_vector.abs() >= self._thresholds[1]))
+            trimmed = previous * (previous.abs() >= self._thresholds[0]) + task_vector * (
+                task_vector.abs() >= self._thresholds[1]
+            )
             sign_sum += float(torch.sign(trimmed).double().sum())
         self._majority = float(math.copysign(1.0, sign_sum)) if sign_sum != 0 else 0.0
-        self._summary = {"threshold_previous": self._thresholds[0], "threshold_task": self._thresholds[1],
-                         "majority_sign": self._majority}
+        self._summary = {
+            "threshold_previous": self._thresholds[0],
+            "threshold_task": self._thresholds[1],
+            "majority_sign": self._majority,
+        }
 
     def merge(self, batch):
         if self.params.form != "fusionbench":
@@ -168,13 +180,23 @@ class Ties(RunningMergeStrategy):
         if batch.step == 1:
             merged, conflict = batch.task_vector, torch.zeros(len(batch.names))
         else:
-            merged, conflict = fusionbench_ties_step(batch.state_delta, batch.task_vector, self._thresholds, self._majority)
+            merged, conflict = fusionbench_ties_step(
+                batch.state_delta, batch.task_vector, self._thresholds, self._majority
+            )
         update = self.params.scaling * merged
         norms = update.flatten(1).norm(dim=1)
         density = (merged != 0).flatten(1).float().mean(dim=1)
-        return MergeResult(state=batch.state + update, stats=[
-            {"norm_update": float(norms[i]), "merged_density": float(density[i]), "sign_conflicts": float(conflict[i])}
-            for i in range(len(batch.names))])
+        return MergeResult(
+            state=batch.state + update,
+            stats=[
+                {
+                    "norm_update": float(norms[i]),
+                    "merged_density": float(density[i]),
+                    "sign_conflicts": float(conflict[i]),
+                }
+                for i in range(len(batch.names))
+            ],
+        )
 
     def end_step(self, step, scalars):
         return dict(self._summary)

@@ -66,8 +66,12 @@ def wudi_objective(merged: torch.Tensor, vectors: list[torch.Tensor]) -> torch.T
     return total
 
 
-@register_strategy("wudi", params=WudiParams, train_from="base",
-                   description="WUDI: early-stopped Adam on the interference objective over {θ_{t-1}−θ0, τ_t}, θ_t = θ0 + m (METHOD §3)")
+@register_strategy(
+    "wudi",
+    params=WudiParams,
+    train_from="base",
+    description="WUDI: early-stopped Adam on the interference objective over {θ_{t-1}−θ0, τ_t}, θ_t = θ0 + m (METHOD §3)",
+)
 class Wudi(MergeStrategy):
     def rows_separable(self, target):
         return not target  # non-target rule is element-wise; targets need whole matrices
@@ -86,9 +90,13 @@ class Wudi(MergeStrategy):
             merged_norm = merged.flatten(1).norm(dim=1)
             active = sum((v.flatten(1).abs().sum(1) > 0).long() for v in vectors)
             for i in range(n):
-                extra[i] = {"norm_merged": float(merged_norm[i]), "norm_displacement": float(moved[i]),
-                            "objective_before": float(before[i]), "objective_after": float(after[i]),
-                            "active_vectors": int(active[i])}
+                extra[i] = {
+                    "norm_merged": float(merged_norm[i]),
+                    "norm_displacement": float(moved[i]),
+                    "objective_before": float(before[i]),
+                    "objective_after": float(after[i]),
+                    "active_vectors": int(active[i]),
+                }
         elif p.non_target == "sum":
             new_state = batch.state + p.non_target_scaling * batch.task_vector
         elif batch.step == 1:  # the active set is τ_1 alone

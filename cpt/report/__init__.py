@@ -43,6 +43,16 @@ from cpt.report.plots import (
 from cpt.report.statistics import MIN_PAIRS, Correlation, ForgettingPair, correlations, forgetting_pairs, spearman
 
 __all__ = [
-    "Correlation", "ForgettingPair", "RunData", "StepGeometry", "compare_runs", "correlations", "forgetting_pairs",
-    "load_run", "render_report", "spearman", "tensor_family", "write_report",
+    "Correlation",
+    "ForgettingPair",
+    "RunData",
+    "StepGeometry",
+    "compare_runs",
+    "correlations",
+    "forgetting_pairs",
+    "load_run",
+    "render_report",
+    "spearman",
+    "tensor_family",
+    "write_report",
 ]

@@ -24,18 +24,37 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.Pat
     out = ["# Run comparison", ""]
     task_lists = {tuple(run.task_names) for run in runs}
     if len(task_lists) > 1:
-        out += ["> **Warning: the runs are on different task lists**, so their metrics are not directly comparable: "
-                + "; ".join(f"{escape_markdown(label)}: {', '.join(run.task_names) or '-'}" for label, run in zip(labels, runs)), ""]
+        out += [
+            "> **Warning: the runs are on different task lists**, so their metrics are not directly comparable: "
+            + "; ".join(
+                f"{escape_markdown(label)}: {', '.join(run.task_names) or '-'}" for label, run in zip(labels, runs)
+            ),
+            "",
+        ]
     else:
         out += [f"Tasks: {', '.join(runs[0].task_names)}", ""]
     rows = []
     for label, run in zip(labels, runs):
         metrics = run.metrics
-        rows.append([escape_markdown(label), escape_markdown(run.strategy), f"{run.num_completed}/{len(run.task_names)}",
-                     format_value(metrics.get("acc")), format_value(metrics.get("bwt"), "+.3f"), format_value(metrics.get("fwt"), "+.3f"),
-                     format_value(metrics.get("forgetting")), format_value(run.total_seconds("train"), ".1f"),
-                     format_value(run.total_seconds("integration"), ".2f")])
-    out += [markdown_table(["run", "strategy", "tasks done", "ACC", "BWT", "FWT", "forgetting", "train s", "integration s"], rows), ""]
+        rows.append(
+            [
+                escape_markdown(label),
+                escape_markdown(run.strategy),
+                f"{run.num_completed}/{len(run.task_names)}",
+                format_value(metrics.get("acc")),
+                format_value(metrics.get("bwt"), "+.3f"),
+                format_value(metrics.get("fwt"), "+.3f"),
+                format_value(metrics.get("forgetting")),
+                format_value(run.total_seconds("train"), ".1f"),
+                format_value(run.total_seconds("integration"), ".2f"),
+            ]
+        )
+    out += [
+        markdown_table(
+            ["run", "strategy", "tasks done", "ACC", "BWT", "FWT", "forgetting", "train s", "integration s"], rows
+        ),
+        "",
+    ]
     out += ["Metrics: METHOD §5 over the tasks each run has completed; seconds summed over its tasks.", ""]
 
     output = Path(output_dir)

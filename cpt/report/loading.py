@@ -81,7 +81,9 @@ class RunData:
         return float(value) if isinstance(value, (int, float)) else None
 
     def total_seconds(self, key: str) -> float | None:
-        values = [seconds for step in range(1, len(self.task_names) + 1) if (seconds := self.seconds(step, key)) is not None]
+        values = [
+            seconds for step in range(1, len(self.task_names) + 1) if (seconds := self.seconds(step, key)) is not None
+        ]
         return sum(values) if values else None
 
 
@@ -137,10 +139,15 @@ def _step_geometry(step: int, task: str, report: dict) -> StepGeometry:
             if value is not None:
                 groups.setdefault(tensor_family(name), []).append(value)
         by_family = {family: _mean(values) for family, values in groups.items()}
-    ranked = sorted(((name, value) for name, value in conflicts.items() if value is not None), key=lambda item: -item[1])
+    ranked = sorted(
+        ((name, value) for name, value in conflicts.items() if value is not None), key=lambda item: -item[1]
+    )
     if not ranked and isinstance(aggregate.get("top"), list):
-        ranked = [(str(entry.get("tensor")), value) for entry in aggregate["top"]
-                  if isinstance(entry, dict) and (value := finite_number(entry.get("geometry_conflict"))) is not None]
+        ranked = [
+            (str(entry.get("tensor")), value)
+            for entry in aggregate["top"]
+            if isinstance(entry, dict) and (value := finite_number(entry.get("geometry_conflict"))) is not None
+        ]
     defined = [value for value in conflicts.values() if value is not None]
     return StepGeometry(
         step=step,
@@ -192,7 +199,9 @@ def _matrix_rows(raw_rows: Any, num_tasks: int, path: Path) -> list[list[float |
         if row is None:
             rows.append([None] * num_tasks)
         elif not isinstance(row, list) or len(row) != num_tasks:
-            raise CptError(f"{path}: row {i} has {len(row) if isinstance(row, list) else 'no'} entries for {num_tasks} tasks")
+            raise CptError(
+                f"{path}: row {i} has {len(row) if isinstance(row, list) else 'no'} entries for {num_tasks} tasks"
+            )
         else:
             rows.append([finite_number(score) for score in row])
     return rows
@@ -219,12 +228,19 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
     num_tasks = len(task_names)
     rows = _matrix_rows(matrix.get("rows", []), num_tasks, matrix_path) if matrix else []
     experts_raw = (matrix or {}).get("expert_scores")
-    experts = [finite_number(score) for score in experts_raw] if isinstance(experts_raw, list) and len(experts_raw) == num_tasks else [None] * num_tasks
+    experts = (
+        [finite_number(score) for score in experts_raw]
+        if isinstance(experts_raw, list) and len(experts_raw) == num_tasks
+        else [None] * num_tasks
+    )
     metrics = continual_metrics(rows, experts) if rows else {}
 
     geometry = {
         step: _step_geometry(step, task, content)
         for step, (task, content) in _read_step_files(root / "geometry", task_names, "geometry report", notes).items()
     }
-    integration = {step: content for step, (_, content) in _read_step_files(root / "integration", task_names, "integration stats", notes).items()}
+    integration = {
+        step: content
+        for step, (_, content) in _read_step_files(root / "integration", task_names, "integration stats", notes).items()
+    }
     return RunData(root, manifest, task_names, rows, experts, metrics, geometry, integration, notes)

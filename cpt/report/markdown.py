@@ -48,7 +48,9 @@ def escape_markdown(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPair], stats: dict[str, Correlation]) -> str:
+def render_report(
+    data: RunData, plots: dict[str, str], pairs: list[ForgettingPair], stats: dict[str, Correlation]
+) -> str:
     """The text of ``report.md`` (``plots``: plot key → relative path of the PNGs written)."""
     manifest = data.manifest
     num_tasks = len(data.task_names)
@@ -63,14 +65,19 @@ def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPa
         out.append(f"- created {manifest.get('created', '?')}, updated {manifest.get('updated', '?')}")
     versions = manifest.get("versions") or {}
     if versions:
-        out.append("- versions: " + ", ".join(f"{key} {value}" for key, value in versions.items() if value != "not installed"))
+        out.append(
+            "- versions: " + ", ".join(f"{key} {value}" for key, value in versions.items() if value != "not installed")
+        )
     out.append("")
 
     out += ["## Accuracy matrix", ""]
     if not data.rows:
         out += ["No evaluation results yet (`eval/matrix.json` is missing or empty).", ""]
     else:
-        out += ["R[i][j] = score of the state after task i on task j's eval set (row `base` = θ0; row `expert` = E_t on its own task t).", ""]
+        out += [
+            "R[i][j] = score of the state after task i on task j's eval set (row `base` = θ0; row `expert` = E_t on its own task t).",
+            "",
+        ]
         out += ["```text", format_matrix_table(data.rows, data.task_names, data.expert_scores, data.metrics), "```", ""]
         if "matrix" in plots:
             out += [f"![accuracy matrix]({plots['matrix']})", ""]
@@ -78,7 +85,10 @@ def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPa
         metrics = data.metrics
         out += ["## Continual metrics (METHOD §5)", ""]
         if completed < num_tasks:
-            out += [f"Run in progress: metrics over the {completed} task(s) learnt so far (FWT uses every row present).", ""]
+            out += [
+                f"Run in progress: metrics over the {completed} task(s) learnt so far (FWT uses every row present).",
+                "",
+            ]
         rows = [
             ["ACC", format_value(metrics.get("acc")), "mean_j R[k][j], j ≤ k"],
             ["BWT", format_value(metrics.get("bwt"), "+.3f"), "mean_{j<k} (R[k][j] − R[j][j])"],
@@ -91,15 +101,29 @@ def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPa
         out += [markdown_table(["metric", "value", "definition"], rows), ""]
         per_task = metrics.get("per_task_forgetting") or []
         if per_task:
-            out += ["Forgetting per task: " + ", ".join(f"{escape_markdown(data.task_names[j])} {format_value(f)}" for j, f in enumerate(per_task)), ""]
+            out += [
+                "Forgetting per task: "
+                + ", ".join(f"{escape_markdown(data.task_names[j])} {format_value(f)}" for j, f in enumerate(per_task)),
+                "",
+            ]
 
         out += ["## Expert scores", ""]
         rows = []
         for j, name in enumerate(data.task_names, 1):
             learnt = data.rows[j][j - 1] if j < len(data.rows) else None
             final = data.rows[completed][j - 1] if completed >= 1 else None
-            rows.append([escape_markdown(name), format_value(data.expert_scores[j - 1]), format_value(learnt), format_value(final)])
-        out += [markdown_table(["task t", "expert E_t on t", "state after t on t", f"state after {completed} on t"], rows), ""]
+            rows.append(
+                [
+                    escape_markdown(name),
+                    format_value(data.expert_scores[j - 1]),
+                    format_value(learnt),
+                    format_value(final),
+                ]
+            )
+        out += [
+            markdown_table(["task t", "expert E_t on t", "state after t on t", f"state after {completed} on t"], rows),
+            "",
+        ]
 
         if "scores" in plots:
             out += ["## Scores across steps", "", f"![scores across steps]({plots['scores']})", ""]
@@ -116,33 +140,78 @@ def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPa
     for step, name in enumerate(data.task_names, 1):
         record = data.task_record(step)
         loss = record.get("final_loss")
-        rows.append([str(step), escape_markdown(name), str(record.get("status", "-")), format_value(data.seconds(step, "train"), ".1f"),
-                     format_value(data.seconds(step, "integration"), ".2f"), format_value(data.seconds(step, "geometry"), ".2f"),
-                     format_value(data.seconds(step, "eval"), ".1f"), format_value(finite_number(loss), ".4f")])
-    rows.append(["", "**total**", "", format_value(data.total_seconds("train"), ".1f"), format_value(data.total_seconds("integration"), ".2f"),
-                 format_value(data.total_seconds("geometry"), ".2f"), format_value(data.total_seconds("eval"), ".1f"), ""])
-    out += [markdown_table(["step", "task", "status", "train", "integration", "geometry", "eval", "final loss"], rows), ""]
+        rows.append(
+            [
+                str(step),
+                escape_markdown(name),
+                str(record.get("status", "-")),
+                format_value(data.seconds(step, "train"), ".1f"),
+                format_value(data.seconds(step, "integration"), ".2f"),
+                format_value(data.seconds(step, "geometry"), ".2f"),
+                format_value(data.seconds(step, "eval"), ".1f"),
+                format_value(finite_number(loss), ".4f"),
+            ]
+        )
+    rows.append(
+        [
+            "",
+            "**total**",
+            "",
+            format_value(data.total_seconds("train"), ".1f"),
+            format_value(data.total_seconds("integration"), ".2f"),
+            format_value(data.total_seconds("geometry"), ".2f"),
+            format_value(data.total_seconds("eval"), ".1f"),
+            "",
+        ]
+    )
+    out += [
+        markdown_table(["step", "task", "status", "train", "integration", "geometry", "eval", "final loss"], rows),
+        "",
+    ]
     if finite_number(manifest.get("base_eval_seconds")) is not None:
         out += [f"Base evaluation: {manifest['base_eval_seconds']:.1f} s.", ""]
 
     out += ["## Geometry: state-relative conflict (METHOD §1)", ""]
     if not data.geometry:
-        out += [("No geometry diagnostics in this run directory (`geometry/<t>_<task>.json` missing: geometry disabled, "
-                 "or a run made before it existed), so there are no conflict plots and no conflict-vs-forgetting test."), ""]
+        out += [
+            (
+                "No geometry diagnostics in this run directory (`geometry/<t>_<task>.json` missing: geometry disabled, "
+                "or a run made before it existed), so there are no conflict plots and no conflict-vs-forgetting test."
+            ),
+            "",
+        ]
     else:
-        out += ["Per step t and target tensor: GC(θ_{t−1} − θ0, Δ_t) ∈ [0, 1]; means over tensors. Undefined at t = 1 when θ_{t−1} = θ0.", ""]
-        families = sorted({family for step_geometry in data.geometry.values() for family in step_geometry.by_family},
-                          key=lambda family: FAMILY_ORDER.get(family, 3))
-        header = ["step", "task", "mean conflict", *[("MLP" if family == "mlp" else family) for family in families], "mean ‖Δ‖",
-                  "tensors (undefined)"]
+        out += [
+            "Per step t and target tensor: GC(θ_{t−1} − θ0, Δ_t) ∈ [0, 1]; means over tensors. Undefined at t = 1 when θ_{t−1} = θ0.",
+            "",
+        ]
+        families = sorted(
+            {family for step_geometry in data.geometry.values() for family in step_geometry.by_family},
+            key=lambda family: FAMILY_ORDER.get(family, 3),
+        )
+        header = [
+            "step",
+            "task",
+            "mean conflict",
+            *[("MLP" if family == "mlp" else family) for family in families],
+            "mean ‖Δ‖",
+            "tensors (undefined)",
+        ]
         rows = []
         for step in sorted(data.geometry):
             step_geometry = data.geometry[step]
             undefined = step_geometry.undefined or 0
             count = "-" if step_geometry.count is None else f"{step_geometry.count + undefined} ({undefined})"
-            rows.append([str(step), escape_markdown(step_geometry.task), format_value(step_geometry.mean_conflict, ".4f"),
-                         *[format_value(step_geometry.by_family.get(family), ".4f") for family in families],
-                         format_value(step_geometry.mean_norm, ".4g"), count])
+            rows.append(
+                [
+                    str(step),
+                    escape_markdown(step_geometry.task),
+                    format_value(step_geometry.mean_conflict, ".4f"),
+                    *[format_value(step_geometry.by_family.get(family), ".4f") for family in families],
+                    format_value(step_geometry.mean_norm, ".4g"),
+                    count,
+                ]
+            )
         out += [markdown_table(header, rows), ""]
         missing = [str(step) for step in range(1, completed + 1) if step not in data.geometry]
         if missing:
@@ -151,8 +220,10 @@ def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPa
         if tops:
             out += [f"Top {TOP_K} conflicting tensors per step:", ""]
             for step, step_geometry in tops:
-                out.append(f"- step {step} ({escape_markdown(step_geometry.task)}): "
-                           + ", ".join(f"`{name}` {value:.4f}" for name, value in step_geometry.top))
+                out.append(
+                    f"- step {step} ({escape_markdown(step_geometry.task)}): "
+                    + ", ".join(f"`{name}` {value:.4f}" for name, value in step_geometry.top)
+                )
             out.append("")
         if "tensors" in plots:
             out += [f"![per-tensor conflict]({plots['tensors']})", ""]
@@ -161,25 +232,48 @@ def render_report(data: RunData, plots: dict[str, str], pairs: list[ForgettingPa
         out += [
             "Claim under test (METHOD §1): higher state-relative conflict goes with larger forgetting (ρ > 0), and explains more than ‖Δ‖.",
             "",
-            ("Pairs: one per step t ≥ 2 and earlier task j < t with R[t−1][j] and R[t][j] present; "
-             "y = R[t−1][j] − R[t][j] (the drop in task j's score caused by step t, positive = forgetting); "
-             "x = c_t, the step-t mean state-relative conflict over target tensors, or, for the baseline, "
-             "x = the step-t mean ‖Δ_t‖_F. Spearman's ρ and its two-sided p-value (`scipy.stats.spearmanr`, ties averaged) "
-             f"over the pairs whose x is defined; fewer than {MIN_PAIRS} pairs → not enough points."),
+            (
+                "Pairs: one per step t ≥ 2 and earlier task j < t with R[t−1][j] and R[t][j] present; "
+                "y = R[t−1][j] − R[t][j] (the drop in task j's score caused by step t, positive = forgetting); "
+                "x = c_t, the step-t mean state-relative conflict over target tensors, or, for the baseline, "
+                "x = the step-t mean ‖Δ_t‖_F. Spearman's ρ and its two-sided p-value (`scipy.stats.spearmanr`, ties averaged) "
+                f"over the pairs whose x is defined; fewer than {MIN_PAIRS} pairs → not enough points."
+            ),
             "",
         ]
         if pairs:
-            out += [markdown_table(["t", "task j", "drop R[t−1][j] − R[t][j]", "c_t", "mean ‖Δ_t‖"],
-                           [[str(pair.step), escape_markdown(data.task_names[pair.task - 1]), format_value(pair.drop, "+.4f"),
-                             format_value(pair.conflict, ".4f"), format_value(pair.norm, ".4g")] for pair in pairs]), ""]
-        out += [f"- Spearman(conflict, forgetting): {stats['conflict'].describe()}",
-                f"- Spearman(‖Δ‖, forgetting): {stats['norm'].describe()}", ""]
+            out += [
+                markdown_table(
+                    ["t", "task j", "drop R[t−1][j] − R[t][j]", "c_t", "mean ‖Δ_t‖"],
+                    [
+                        [
+                            str(pair.step),
+                            escape_markdown(data.task_names[pair.task - 1]),
+                            format_value(pair.drop, "+.4f"),
+                            format_value(pair.conflict, ".4f"),
+                            format_value(pair.norm, ".4g"),
+                        ]
+                        for pair in pairs
+                    ],
+                ),
+                "",
+            ]
+        out += [
+            f"- Spearman(conflict, forgetting): {stats['conflict'].describe()}",
+            f"- Spearman(‖Δ‖, forgetting): {stats['norm'].describe()}",
+            "",
+        ]
         by_conflict, by_norm = stats["conflict"], stats["norm"]
         if by_conflict.rho is not None and by_norm.rho is not None:
             conflict_rho, norm_rho = abs(by_conflict.rho), abs(by_norm.rho)
             stronger = "conflict" if conflict_rho > norm_rho else ("‖Δ‖" if norm_rho > conflict_rho else "neither")
-            out += [(f"Explanatory power (|ρ|): conflict {conflict_rho:.4f} vs ‖Δ‖ {norm_rho:.4f}; {stronger} ranks the forgetting better on these "
-                     f"{by_conflict.n} pairs (pairs of one step share its x, so the effective sample is the number of steps)."), ""]
+            out += [
+                (
+                    f"Explanatory power (|ρ|): conflict {conflict_rho:.4f} vs ‖Δ‖ {norm_rho:.4f}; {stronger} ranks the forgetting better on these "
+                    f"{by_conflict.n} pairs (pairs of one step share its x, so the effective sample is the number of steps)."
+                ),
+                "",
+            ]
         if "scatter" in plots:
             out += [f"![conflict vs forgetting]({plots['scatter']})", ""]
 
@@ -206,8 +300,11 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if data.rows:
         draw("matrix", MATRIX_PLOT, plot_accuracy_matrix)
         draw("scores", SCORES_PLOT, plot_task_scores)
-    if any(step_geometry.per_tensor_conflict and any(value is not None for value in step_geometry.per_tensor_conflict.values())
-           for step_geometry in data.geometry.values()):
+    if any(
+        step_geometry.per_tensor_conflict
+        and any(value is not None for value in step_geometry.per_tensor_conflict.values())
+        for step_geometry in data.geometry.values()
+    ):
         draw("tensors", TENSOR_PLOT, plot_tensor_conflict)
     if any(pair.conflict is not None or pair.norm is not None for pair in pairs):
         draw("scatter", SCATTER_PLOT, plot_conflict_vs_forgetting, pairs, stats)

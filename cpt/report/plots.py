@@ -34,9 +34,12 @@ REPORT_PLOTS = (MATRIX_PLOT, SCORES_PLOT, TENSOR_PLOT, SCATTER_PLOT)
 
 # Tensors in the conflict heatmap: attention, then MLP, then the rest (cpt.naming's families).
 FAMILY_ORDER = {"attention": 0, "mlp": 1, "other": 2}
-_MODULE_ORDER = {name: i for i, name in enumerate(
-    ["q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "gate_proj", "up_proj", "down_proj"]
-)}
+_MODULE_ORDER = {
+    name: i
+    for i, name in enumerate(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "gate_proj", "up_proj", "down_proj"]
+    )
+}
 
 
 # ---------------------------------------------------------------------- tensor labels
@@ -52,7 +55,13 @@ def tensor_order_key(name: str) -> tuple:
     """Attention before MLP before other; then depth; then q, k, v, o / gate, up, down."""
     depth = tensor_depth(name)
     module = _module(name)
-    return (FAMILY_ORDER[tensor_family(name)], depth is None, depth or 0, _MODULE_ORDER.get(module, len(_MODULE_ORDER)), name)
+    return (
+        FAMILY_ORDER[tensor_family(name)],
+        depth is None,
+        depth or 0,
+        _MODULE_ORDER.get(module, len(_MODULE_ORDER)),
+        name,
+    )
 
 
 def short_tensor_name(name: str) -> str:
@@ -104,14 +113,21 @@ def plot_accuracy_matrix(data: RunData, path: Path) -> None:
     unit = all(0.0 <= value <= 1.0 for value in present)
     fig = _figure(max(4.5, 1.1 * num_tasks + 2.5), max(3.0, 0.5 * (num_tasks + 1) + 1.5))
     ax = fig.add_subplot()
-    image = ax.imshow(_masked(values), cmap=_cmap("viridis"), vmin=0.0 if unit else None, vmax=1.0 if unit else None, aspect="auto")
+    image = ax.imshow(
+        _masked(values), cmap=_cmap("viridis"), vmin=0.0 if unit else None, vmax=1.0 if unit else None, aspect="auto"
+    )
     lo, hi = (0.0, 1.0) if unit else (min(present, default=0.0), max(present, default=1.0))
     for i, row in enumerate(values):
         for j, value in enumerate(row):
             if value is not None:
                 light = (value - lo) / (hi - lo or 1.0) > 0.6
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color="black" if light else "white")
-    ax.set_xticks(range(num_tasks), data.task_names, rotation=30 if num_tasks > 4 else 0, ha="right" if num_tasks > 4 else "center")
+    ax.set_xticks(
+        range(num_tasks),
+        data.task_names,
+        rotation=30 if num_tasks > 4 else 0,
+        ha="right" if num_tasks > 4 else "center",
+    )
     ax.set_yticks(range(num_tasks + 1), labels)
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("state")
@@ -134,8 +150,12 @@ def plot_task_scores(data: RunData, path: Path) -> None:
         learnt = [p for p in points if p[0] == j + 1]
         if learnt:  # the point right after the task is learnt
             ax.plot([learnt[0][0]], [learnt[0][1]], marker="*", markersize=14, color=line.get_color())
-    ax.set_xticks(range(num_tasks + 1), ["base"] + [f"after {n}" for n in data.task_names], rotation=30 if num_tasks > 3 else 0,
-                  ha="right" if num_tasks > 3 else "center")
+    ax.set_xticks(
+        range(num_tasks + 1),
+        ["base"] + [f"after {n}" for n in data.task_names],
+        rotation=30 if num_tasks > 3 else 0,
+        ha="right" if num_tasks > 3 else "center",
+    )
     ax.set_xlim(-0.3, num_tasks + 0.3)
     ax.set_ylabel("score")
     ax.set_title(f"{data.name}: score of each task across steps (★ = just learnt)", fontsize=10)
@@ -154,8 +174,13 @@ def plot_tensor_conflict(data: RunData, path: Path) -> None:
     fig = _figure(max(4.5, 0.9 * len(steps) + 3.5), min(60.0, max(3.5, (0.13 if dense else 0.3) * num_tensors + 1.6)))
     ax = fig.add_subplot()
     image = ax.imshow(_masked(values), cmap=_cmap("magma"), aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(steps)), [f"{step}: {data.geometry[step].task}" for step in steps], rotation=30 if len(steps) > 4 else 0,
-                  ha="right" if len(steps) > 4 else "center", fontsize=8)
+    ax.set_xticks(
+        range(len(steps)),
+        [f"{step}: {data.geometry[step].task}" for step in steps],
+        rotation=30 if len(steps) > 4 else 0,
+        ha="right" if len(steps) > 4 else "center",
+        fontsize=8,
+    )
     ax.set_yticks(range(num_tensors), [short_tensor_name(name) for name in names], fontsize=6 if dense else 8)
     if dense:  # a tall figure: step labels on top as well
         ax.tick_params(axis="x", labeltop=True, top=True)
@@ -165,27 +190,47 @@ def plot_tensor_conflict(data: RunData, path: Path) -> None:
             ax.axhline(i - 0.5, color="cyan", linewidth=1.5)
     for family in dict.fromkeys(families):
         rows = [i for i, f in enumerate(families) if f == family]
-        ax.text(1.02, (rows[0] + rows[-1]) / 2, "MLP" if family == "mlp" else family, transform=ax.get_yaxis_transform(),
-                rotation=270, va="center", ha="left", fontsize=9)
+        ax.text(
+            1.02,
+            (rows[0] + rows[-1]) / 2,
+            "MLP" if family == "mlp" else family,
+            transform=ax.get_yaxis_transform(),
+            rotation=270,
+            va="center",
+            ha="left",
+            fontsize=9,
+        )
     ax.set_xlabel("step t: task")
-    ax.set_title(f"{data.name}: per-tensor state-relative conflict\nGC(θ_(t−1) − θ0, Δ_t); blank = undefined", fontsize=10)
+    ax.set_title(
+        f"{data.name}: per-tensor state-relative conflict\nGC(θ_(t−1) − θ0, Δ_t); blank = undefined", fontsize=10
+    )
     fig.colorbar(image, ax=ax, label="geometry conflict", pad=0.1)
     _save_png(fig, path)
 
 
-def plot_conflict_vs_forgetting(data: RunData, pairs: list[ForgettingPair], stats: dict[str, Correlation], path: Path) -> None:
+def plot_conflict_vs_forgetting(
+    data: RunData, pairs: list[ForgettingPair], stats: dict[str, Correlation], path: Path
+) -> None:
     fig = _figure(10.0, 4.2)
     axes = fig.subplots(1, 2, sharey=True)
     import matplotlib
 
     colours = matplotlib.colormaps["tab10"]
-    for ax, key, label in ((axes[0], "conflict", "mean state-relative conflict c_t"), (axes[1], "norm", "mean ‖Δ_t‖_F")):
+    for ax, key, label in (
+        (axes[0], "conflict", "mean state-relative conflict c_t"),
+        (axes[1], "norm", "mean ‖Δ_t‖_F"),
+    ):
         used = [pair for pair in pairs if getattr(pair, key) is not None]
         for pair in used:
             ax.scatter(getattr(pair, key), pair.drop, color=colours((pair.step - 2) % 10), s=40, zorder=3)
             if len(used) <= 20:
-                ax.annotate(f"t{pair.step}→{data.task_names[pair.task - 1]}", (getattr(pair, key), pair.drop), fontsize=7,
-                            xytext=(4, 3), textcoords="offset points")
+                ax.annotate(
+                    f"t{pair.step}→{data.task_names[pair.task - 1]}",
+                    (getattr(pair, key), pair.drop),
+                    fontsize=7,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.margins(x=0.15, y=0.12)
         ax.set_xlabel(label)
@@ -206,8 +251,12 @@ def plot_run_comparison(labels: list[str], runs: list[RunData], path: Path) -> N
     for offset, key, name in ((-width / 2, "acc", "ACC"), (width / 2, "forgetting", "forgetting")):
         xs = [i + offset for i in range(num_runs)]
         values = [run.metrics.get(key) for run in runs]
-        bars = ax.bar([x for x, value in zip(xs, values) if value is not None], [value for value in values if value is not None], width,
-                      label=name)
+        bars = ax.bar(
+            [x for x, value in zip(xs, values) if value is not None],
+            [value for value in values if value is not None],
+            width,
+            label=name,
+        )
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
         for x, value in zip(xs, values):
             if value is None:

@@ -60,7 +60,7 @@ class DivergenceMonitor(TrainerCallback):
         self._reset()
 
     @classmethod
-    def from_spec(cls, spec) -> "DivergenceMonitor | None":
+    def from_spec(cls, spec) -> DivergenceMonitor | None:
         """The monitor for a recipe's ``divergence:`` section (None when disabled)."""
         if not spec.enabled:
             return None

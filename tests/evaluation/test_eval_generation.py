@@ -54,9 +54,7 @@ def test_batched_left_padded_equals_unbatched(tiny):
     examples = [GenerationExample(p, "") for p in PROMPTS]
     batched = evaluate_generation(model, tokenizer, examples, batch_size=3, max_new_tokens=MAX_NEW, progress=False)
     one_by_one = evaluate_generation(model, tokenizer, examples, batch_size=1, max_new_tokens=MAX_NEW, progress=False)
-    expected = [
-        tokenizer.decode(unbatched_greedy(model, tokenizer, p), skip_special_tokens=True) for p in PROMPTS
-    ]
+    expected = [tokenizer.decode(unbatched_greedy(model, tokenizer, p), skip_special_tokens=True) for p in PROMPTS]
     assert batched.predictions == expected  # input order, same text
     assert one_by_one.predictions == expected
     assert len(set(expected)) == len(expected)  # distinct outputs: an order mix-up would show
@@ -69,15 +67,23 @@ def test_exact_match_on_own_outputs(tiny):
         model, tokenizer, [GenerationExample(p, "") for p in PROMPTS], max_new_tokens=MAX_NEW, progress=False
     ).predictions
     same = evaluate_generation(
-        model, tokenizer, [GenerationExample(p, t) for p, t in zip(PROMPTS, preds)],
-        batch_size=4, max_new_tokens=MAX_NEW, progress=False,
+        model,
+        tokenizer,
+        [GenerationExample(p, t) for p, t in zip(PROMPTS, preds)],
+        batch_size=4,
+        max_new_tokens=MAX_NEW,
+        progress=False,
     )
     assert same.score == 1.0
     assert same.references == preds
     perturbed = [t + " zz" if i % 2 == 0 else t for i, t in enumerate(preds)]
     half = evaluate_generation(
-        model, tokenizer, [GenerationExample(p, t) for p, t in zip(PROMPTS, perturbed)],
-        batch_size=4, max_new_tokens=MAX_NEW, progress=False,
+        model,
+        tokenizer,
+        [GenerationExample(p, t) for p, t in zip(PROMPTS, perturbed)],
+        batch_size=4,
+        max_new_tokens=MAX_NEW,
+        progress=False,
     )
     assert half.score == pytest.approx(0.5)
 
@@ -90,9 +96,10 @@ def test_normalization_is_passed_to_the_metric(tiny):
     padded = [GenerationExample(p, "  " + t + "  ") for p, t in zip(PROMPTS[:3], preds)]
     assert evaluate_generation(model, tokenizer, padded, max_new_tokens=4, progress=False).score == 1.0
     strict = {"strip": False, "collapse_whitespace": False}
-    assert evaluate_generation(
-        model, tokenizer, padded, max_new_tokens=4, normalization=strict, progress=False
-    ).score == 0.0
+    assert (
+        evaluate_generation(model, tokenizer, padded, max_new_tokens=4, normalization=strict, progress=False).score
+        == 0.0
+    )
     with pytest.raises(CptError, match="ignore_cases"):
         evaluate_generation(model, tokenizer, padded, normalization={"ignore_cases": True}, progress=False)
 
@@ -170,8 +177,12 @@ def test_greedy_even_when_the_model_config_samples(tiny):
     greedy = evaluate_generation(model, tokenizer, examples, max_new_tokens=6, progress=False).predictions
     saved = model.generation_config
     model.generation_config = GenerationConfig(
-        do_sample=True, temperature=0.7, top_p=0.8, repetition_penalty=1.5,
-        eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        repetition_penalty=1.5,
+        eos_token_id=saved.eos_token_id,
+        pad_token_id=saved.pad_token_id,
     )
     try:
         torch.manual_seed(123)

@@ -93,7 +93,11 @@ def test_metric_matches_follow_normalization(tiny):
         model, tokenizer, [GenerationExample("Hello", target)], max_new_tokens=4, progress=False
     )
     loose = evaluate_generation(
-        model, tokenizer, [GenerationExample("Hello", target)], max_new_tokens=4, progress=False,
+        model,
+        tokenizer,
+        [GenerationExample("Hello", target)],
+        max_new_tokens=4,
+        progress=False,
         normalization={"ignore_case": True},
     )
     assert strict.correct == [first.predictions[0].upper().strip() == first.predictions[0].strip()]

@@ -79,11 +79,19 @@ def sft_train(path, rows, out, **extra):
     model = AutoModelForCausalLM.from_pretrained(path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = SFTConfig(
-        output_dir=str(out), use_cpu=True, max_steps=2, per_device_train_batch_size=2,
-        report_to=[], bf16=False, gradient_checkpointing=False, **extra,
+        output_dir=str(out),
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        bf16=False,
+        gradient_checkpointing=False,
+        **extra,
     )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows),
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(path),
     )
     result = trainer.train()
@@ -99,8 +107,10 @@ def test_sft_trainer_trains(tmp_path, kind):
         extra = {}
     elif kind == "conversational":
         rows = [
-            {"prompt": [{"role": "user", "content": f"{i} + {i}?"}],
-             "completion": [{"role": "assistant", "content": str(2 * i)}]}
+            {
+                "prompt": [{"role": "user", "content": f"{i} + {i}?"}],
+                "completion": [{"role": "assistant", "content": str(2 * i)}],
+            }
             for i in range(6)
         ]
         extra = {}

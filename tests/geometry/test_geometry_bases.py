@@ -164,7 +164,9 @@ def test_batched_equals_unbatched_with_mixed_ranks_and_a_zero_delta(method):
             r = int(single.ranks)
             ranks.add(r)
             assert int(batched.ranks[i, j]) == r
-            torch.testing.assert_close(batched.singular_values[i, j, :r], single.singular_values, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(
+                batched.singular_values[i, j, :r], single.singular_values, atol=1e-12, rtol=1e-10
+            )
             # padding is exactly zero
             assert bool((batched.singular_values[i, j, r:] == 0).all())
             assert bool((batched.basis[i, j, :, r:] == 0).all())
@@ -228,8 +230,8 @@ def test_union_basis_drops_dependent_columns_and_spans_the_union():
     g = gen(14)
     v1 = torch.linalg.qr(torch.randn(30, 4, generator=g, dtype=F64)).Q
     v2 = torch.cat([v1[:, :2], torch.linalg.qr(torch.randn(30, 3, generator=g, dtype=F64)).Q], 1)
-    delta1 = (torch.randn(20, 4, generator=g, dtype=F64) @ v1.T)
-    delta2 = (torch.randn(20, 5, generator=g, dtype=F64) @ v2.T)
+    delta1 = torch.randn(20, 4, generator=g, dtype=F64) @ v1.T
+    delta2 = torch.randn(20, 5, generator=g, dtype=F64) @ v2.T
     b1 = right_basis(delta1, 8, 1.0)
     b2 = right_basis(delta2, 8, 1.0)
     assert (int(b1.ranks), int(b2.ranks)) == (4, 5)
@@ -276,6 +278,4 @@ def test_union_basis_and_projected_covariance_are_exact_under_padding():
         torch.testing.assert_close(cov[i, :ki, :ki], ci, atol=1e-15, rtol=1e-12)
         assert bool((cov[i, ki:, :] == 0).all()) and bool((cov[i, :, ki:] == 0).all())
         # trace = energy kept + k ε
-        torch.testing.assert_close(
-            torch.trace(cov[i]), (sa.singular_values**2).sum() + ki * eps, rtol=1e-12, atol=0
-        )
+        torch.testing.assert_close(torch.trace(cov[i]), (sa.singular_values**2).sum() + ki * eps, rtol=1e-12, atol=0)

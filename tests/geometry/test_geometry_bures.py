@@ -66,7 +66,9 @@ def test_bures_commuting_closed_form():
     u = torch.linalg.qr(torch.randn(4, 4, generator=gen(1), dtype=F64)).Q
     got_rot = bures_wasserstein_sq(u @ torch.diag(a) @ u.T, u @ torch.diag(b) @ u.T)
     torch.testing.assert_close(got_rot, expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(bures_wasserstein_sq(torch.diag(a), torch.diag(a)), torch.tensor(0.0, dtype=F64), atol=1e-14, rtol=0)
+    torch.testing.assert_close(
+        bures_wasserstein_sq(torch.diag(a), torch.diag(a)), torch.tensor(0.0, dtype=F64), atol=1e-14, rtol=0
+    )
 
 
 def test_bures_matches_pot_on_random_spd_batches():
@@ -132,7 +134,9 @@ def test_barycenter_of_two_is_the_mccann_interpolant():
     transport = a_inv_half @ psd_sqrt(a_half @ b @ a_half) @ a_inv_half
     mix = (1 - t) * torch.eye(5, dtype=F64) + t * transport
     expected = mix @ a @ mix
-    bary, _ = wasserstein_barycenter(torch.stack([a, b]), torch.tensor([1 - t, t], dtype=F64), iters=200, tol=1e-13, eps=1e-300)
+    bary, _ = wasserstein_barycenter(
+        torch.stack([a, b]), torch.tensor([1 - t, t], dtype=F64), iters=200, tol=1e-13, eps=1e-300
+    )
     torch.testing.assert_close(bary, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -143,7 +147,9 @@ def test_barycenter_matches_pot_and_normalises_weights():
     w_norm = (weights / weights.sum()).numpy()
     pot = ot.gaussian.bures_barycenter_fixpoint(covs.numpy(), weights=w_norm, num_iter=2000, eps=1e-14)
     np.testing.assert_allclose(ours.numpy(), pot, rtol=1e-8, atol=1e-11)
-    _, pot2 = ot.gaussian.bures_wasserstein_barycenter(np.zeros((4, 6)), covs.numpy(), weights=w_norm, num_iter=2000, eps=1e-14)
+    _, pot2 = ot.gaussian.bures_wasserstein_barycenter(
+        np.zeros((4, 6)), covs.numpy(), weights=w_norm, num_iter=2000, eps=1e-14
+    )
     np.testing.assert_allclose(ours.numpy(), pot2, rtol=1e-8, atol=1e-11)
     # only relative weights matter
     scaled, _ = wasserstein_barycenter(covs, 10 * weights, iters=500, tol=1e-13)

@@ -129,7 +129,9 @@ def test_subspace_alignment_ratio():
     expected = torch.linalg.matrix_norm(a[:, 2:4]) / torch.linalg.matrix_norm(a)
     torch.testing.assert_close(subspace_alignment_ratio(a, basis_b), expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(subspace_alignment_ratio(a, basis_b.basis), expected, rtol=1e-12, atol=0)
-    torch.testing.assert_close(subspace_alignment_ratio(a, right_basis(a, 8, 1.0)), torch.tensor(1.0, dtype=F64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        subspace_alignment_ratio(a, right_basis(a, 8, 1.0)), torch.tensor(1.0, dtype=F64), rtol=1e-12, atol=0
+    )
     assert torch.isnan(subspace_alignment_ratio(torch.zeros(30, 20, dtype=F64), basis_b))
     assert float(subspace_alignment_ratio(a, right_basis(torch.zeros(30, 20, dtype=F64), 8, 1.0))) == 0.0
 
@@ -159,7 +161,10 @@ def test_low_rank_path_equals_dense_path():
         else:
             assert torch.equal(lr[key], dn[key])
     torch.testing.assert_close(
-        subspace_alignment_ratio(la, right_basis(lb, **kw)), subspace_alignment_ratio(da, right_basis(db, **kw)), rtol=1e-9, atol=0
+        subspace_alignment_ratio(la, right_basis(lb, **kw)),
+        subspace_alignment_ratio(da, right_basis(db, **kw)),
+        rtol=1e-9,
+        atol=0,
     )
 
 
@@ -168,8 +173,14 @@ def test_state_relative_geometry_values():
     update = low_rank_plus_noise(60, 50, signal_rank=3, noise=1e-3, seed=12)
     out = state_relative_geometry(state, update, rank=16, energy=0.9)
     assert set(out) == {
-        "geometry_conflict", "sar_state_to_update", "sar_update_to_state",
-        "norm_update", "norm_state", "rank_state", "rank_update", "union_rank",
+        "geometry_conflict",
+        "sar_state_to_update",
+        "sar_update_to_state",
+        "norm_update",
+        "norm_state",
+        "rank_state",
+        "rank_update",
+        "union_rank",
     }
     torch.testing.assert_close(out["geometry_conflict"], geometry_conflict(state, update, rank=16, energy=0.9))
     bs, bu = right_basis(state, 16, 0.9), right_basis(update, 16, 0.9)

@@ -60,8 +60,14 @@ def run_steps(strategy, base: dict, experts: list[dict], targets: set[str]):
         strategy.begin_step(step, _Source(groups), scalars)
         new_state, new_kept, step_stats = {}, defaultdict(dict), {}
         for target, names, _rows, b, s, e, tv in groups:
-            history = {key: (torch.stack([kept[key][n] for n in names])
-                             if key in kept and all(n in kept[key] for n in names) else None) for key in keys}
+            history = {
+                key: (
+                    torch.stack([kept[key][n] for n in names])
+                    if key in kept and all(n in kept[key] for n in names)
+                    else None
+                )
+                for key in keys
+            }
             result = strategy.merge(TensorBatch(names, target, step, b, s, e, tv, history, scalars))
             for i, name in enumerate(names):
                 new_state[name] = result.state[i].float()
@@ -88,14 +94,17 @@ def close(actual, expected, atol=1e-5):
 
 
 # ---------------------------------------------------------------------------- registry
-@pytest.mark.parametrize("name,values,expected", [
-    ("ties", {}, {"density": 0.2, "scaling": 0.3, "majority_sign": "total"}),
-    ("magmax", {}, {"scaling": 0.5}),
-    ("wudi", {}, {"lr": 1e-5, "iters": 50, "non_target": "average", "non_target_scaling": 1.0}),
-    ("opcm", {}, {"alpha": 0.5}),
-    ("nufilt", {}, {"projection_rank": 128, "lora_rank": 64, "task_rank": 8, "lr": 1e-3, "iters": 50}),
-    ("ties", {"density": "0.5"}, {"density": 0.5}),
-])
+@pytest.mark.parametrize(
+    "name,values,expected",
+    [
+        ("ties", {}, {"density": 0.2, "scaling": 0.3, "majority_sign": "total"}),
+        ("magmax", {}, {"scaling": 0.5}),
+        ("wudi", {}, {"lr": 1e-5, "iters": 50, "non_target": "average", "non_target_scaling": 1.0}),
+        ("opcm", {}, {"alpha": 0.5}),
+        ("nufilt", {}, {"projection_rank": 128, "lora_rank": 64, "task_rank": 8, "lr": 1e-3, "iters": 50}),
+        ("ties", {"density": "0.5"}, {"density": 0.5}),
+    ],
+)
 def test_registered_with_method_defaults(name, values, expected):
     params = get_strategy(name).make_params(values)
     assert {key: getattr(params, key) for key in expected} == expected
@@ -117,8 +126,8 @@ def test_bad_values_are_rejected():
 def test_ties_hand_worked():
     # One target 2×3 tensor W and one non-target bias b (TIES treats both alike), density 0.5.
     base = {"w": torch.zeros(2, 3), "b": t(1.0, 1.0)}
-    e1 = {"w": t([4, -1, 2], [-6, 0.5, 0.2]), "b": t(2.5, 0.0)}      # τ_1 = M_1 (untrimmed); b: (1.5, -1)
-    e2 = {"w": t([-1, 2, 6], [5, 0.1, 0.3]), "b": t(-3.0, 4.0)}      # τ_2 = (-1, 2, 6, 5, .1, .3); b: (-4, 3)
+    e1 = {"w": t([4, -1, 2], [-6, 0.5, 0.2]), "b": t(2.5, 0.0)}  # τ_1 = M_1 (untrimmed); b: (1.5, -1)
+    e2 = {"w": t([-1, 2, 6], [5, 0.1, 0.3]), "b": t(-3.0, 4.0)}  # τ_2 = (-1, 2, 6, 5, .1, .3); b: (-4, 3)
     states, stats, _ = run_steps(Ties(TiesParams(density=0.5, scaling=0.3)), base, [e1, e2], {"w"})
     # Step 1: θ_1 = θ0 + 0.3 τ_1.
     close(states[0]["w"], 0.3 * e1["w"])
@@ -131,9 +140,11 @@ def test_ties_hand_worked():
     # b: k = int(0.5·2) = 1 each: M_1 = (1.5, -1) → (1.5, 0); τ_2 = (-4, 3) → (-4, 0);
     #   sum (-2.5, 0) → signs (−, +); entry 0 keeps -4 only → M_2 = (-4, 0); θ_2 = 1 + 0.3 M_2.
     close(states[1]["b"], t(-0.2, 1.0))
-    assert stats[1]["w"]["sign_conflicts"] == pytest.approx(1 / 6)   # entry 4: -6 vs 5
+    assert stats[1]["w"]["sign_conflicts"] == pytest.approx(1 / 6)  # entry 4: -6 vs 5
     assert stats[1]["w"]["merged_density"] == pytest.approx(4 / 6)
-    assert stats[1]["w"]["norm_update"] == pytest.approx(float((0.3 * t([4, 2, 4], [-6, 0, 0]) - 0.3 * e1["w"]).norm()), rel=1e-5)
+    assert stats[1]["w"]["norm_update"] == pytest.approx(
+        float((0.3 * t([4, 2, 4], [-6, 0, 0]) - 0.3 * e1["w"]).norm()), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("majority_sign", ["total", "frequency"])
@@ -165,10 +176,10 @@ def test_magmax_hand_worked():
     close(states[0]["w"], 1 + 0.5 * t([1, -3, 2]))
     # M_2 = (-2 [|−2|>|1|], -3 [|1|<|−3|], -2 [|−2| = |2|: the later task's entry, the reference's >=])
     close(states[1]["w"], 1 + 0.5 * t([-2, -3, -2]))
-    close(states[1]["b"], 0.5 * t(1.0, 2.0))               # b: M_2 = (1, 2)
+    close(states[1]["b"], 0.5 * t(1.0, 2.0))  # b: M_2 = (1, 2)
     # M_3 = (-2, 4, -2): τ_3's 0 loses to every non-zero entry
     close(states[2]["w"], 1 + 0.5 * t([-2, 4, -2]))
-    close(states[2]["b"], 0.5 * t(1.0, 2.0))               # τ_3 = 0 changes nothing
+    close(states[2]["b"], 0.5 * t(1.0, 2.0))  # τ_3 = 0 changes nothing
     assert stats[1]["w"]["fraction_from_new"] == pytest.approx(2 / 3)
     assert stats[2]["b"]["norm_update"] == 0
 
@@ -199,7 +210,7 @@ def test_magmax_recovers_lost_history_from_state():
     state = 0.5 * t(1.0, -3.0, 2.0)[None]
     task = t(-2.0, 1.0, -2.0)[None]
     result = strategy.merge(TensorBatch(["x"], False, 2, base, state, base + task, task, {"merged": None}, {}))
-    close(result.state, 0.5 * t(-2.0, -3.0, -2.0)[None])   # equal magnitudes: the new entry
+    close(result.state, 0.5 * t(-2.0, -3.0, -2.0)[None])  # equal magnitudes: the new entry
     assert result.stats[0]["merged_recovered_from_state"] is True
 
 
@@ -228,16 +239,19 @@ def test_opcm_thin_svd_equals_full_svd_reference(shape, alpha):
         assert int(split[i]) == k
 
 
-@pytest.mark.parametrize("alpha,split,kept", [
-    # P = diag(3, 2, 1): cumsum(s)/sum(s) = (0.5, 0.833, 1).
-    (0.5, 1, [[0, 2, 2], [2, 0, 0], [0, 2, 0]]),   # first share > 0.5 at index 1: only the diagonal goes
-    (0.9, 2, [[0, 0, 2], [0, 0, 0], [0, 2, 0]]),   # index 2: the diagonal and the leading 2×2 block go
-])
+@pytest.mark.parametrize(
+    "alpha,split,kept",
+    [
+        # P = diag(3, 2, 1): cumsum(s)/sum(s) = (0.5, 0.833, 1).
+        (0.5, 1, [[0, 2, 2], [2, 0, 0], [0, 2, 0]]),  # first share > 0.5 at index 1: only the diagonal goes
+        (0.9, 2, [[0, 0, 2], [0, 0, 0], [0, 2, 0]]),  # index 2: the diagonal and the leading 2×2 block go
+    ],
+)
 def test_opcm_hand_worked(alpha, split, kept):
     # Whole model: a target W (3×3) and a non-target b (2); θ0 = 1 everywhere.
     base = {"w": torch.ones(3, 3), "b": torch.ones(2)}
-    tau1 = {"w": torch.diag(t(3.0, 2.0, 1.0)), "b": t(1.0, 1.0)}          # ‖τ_1‖² = 14 + 2 = 16
-    tau2 = {"w": t([1, 2, 2], [2, 1, 0], [0, 2, 1]), "b": t(4.0, 1.0)}     # ‖τ_2‖² = 19 + 17 = 36
+    tau1 = {"w": torch.diag(t(3.0, 2.0, 1.0)), "b": t(1.0, 1.0)}  # ‖τ_1‖² = 14 + 2 = 16
+    tau2 = {"w": t([1, 2, 2], [2, 1, 0], [0, 2, 1]), "b": t(4.0, 1.0)}  # ‖τ_2‖² = 19 + 17 = 36
     experts = [{k: base[k] + v[k] for k in base} for v in (tau1, tau2)]
     states, stats, summaries = run_steps(OPCM(OPCMParams(alpha=alpha)), base, experts, {"w"})
     # Step 1: θ_1 = E_1, λ_1 = 1.
@@ -248,7 +262,7 @@ def test_opcm_hand_worked(alpha, split, kept):
     # D_2 = 1·P + τ̃ on W, 1·P + τ_2 = (5, 2) on b. n̄ = (4 + 6)/2 = 5.
     delta_w = torch.diag(t(3.0, 2.0, 1.0)) + t(*kept)
     delta_b = t(5.0, 2.0)
-    norm_d = math.sqrt(float(delta_w.square().sum()) + 29.0)   # α=0.5: √(30+29) = √59; α=0.9: √(22+29) = √51
+    norm_d = math.sqrt(float(delta_w.square().sum()) + 29.0)  # α=0.5: √(30+29) = √59; α=0.9: √(22+29) = √51
     close(states[1]["w"], 1 + delta_w * 5 / norm_d)
     close(states[1]["b"], 1 + delta_b * 5 / norm_d)
     assert summaries[1]["lambda"] == pytest.approx(norm_d / 5, rel=1e-6)
@@ -265,8 +279,12 @@ def test_opcm_hand_worked(alpha, split, kept):
 
 def test_opcm_three_steps_keep_mean_norm_and_accumulate_delta():
     generator = torch.Generator().manual_seed(3)
-    base = {"q": torch.randn(6, 4, generator=generator), "k": torch.randn(6, 4, generator=generator),
-            "up": torch.randn(8, 4, generator=generator), "norm": torch.randn(4, generator=generator)}
+    base = {
+        "q": torch.randn(6, 4, generator=generator),
+        "k": torch.randn(6, 4, generator=generator),
+        "up": torch.randn(8, 4, generator=generator),
+        "norm": torch.randn(4, generator=generator),
+    }
     scales = [0.5, 2.0, 1.0]
     experts = [{n: v + s * torch.randn(v.shape, generator=generator) for n, v in base.items()} for s in scales]
     states, stats, summaries = run_steps(OPCM(OPCMParams()), base, experts, {"q", "k", "up"})
@@ -276,7 +294,9 @@ def test_opcm_three_steps_keep_mean_norm_and_accumulate_delta():
         mean = sum(task_norms[:step]) / step
         stored = math.sqrt(sum(float((state[n] - base[n]).square().sum()) for n in base))
         assert stored == pytest.approx(mean, rel=1e-5), step
-        assert summaries[step - 1]["lambda"] == pytest.approx(math.sqrt(sum(s["norm_delta_unscaled"] ** 2 for s in stats[step - 1].values())) / mean, rel=1e-5)
+        assert summaries[step - 1]["lambda"] == pytest.approx(
+            math.sqrt(sum(s["norm_delta_unscaled"] ** 2 for s in stats[step - 1].values())) / mean, rel=1e-5
+        )
         if step > 1:
             # D_t = λ_{t−1} P + (τ_t on non-target tensors): the non-target tensor accumulates exactly.
             expected = lam_prev * (states[step - 2]["norm"] - base["norm"]) + (experts[step - 1]["norm"] - base["norm"])
@@ -298,16 +318,17 @@ def test_wudi_hand_worked():
     base = {"w": t([0.0, 0.0]), "b": t(1.0)}
     e1 = {"w": t([1.0, 0.0]), "b": t(3.0)}
     e2 = {"w": t([1.0, 1.0]), "b": t(2.0)}
-    states, stats, _ = run_steps(Wudi(WudiParams(lr=0.1, iters=1, non_target="sum", non_target_scaling=0.5)),
-                                 base, [e1, e2], {"w"})
+    states, stats, _ = run_steps(
+        Wudi(WudiParams(lr=0.1, iters=1, non_target="sum", non_target_scaling=0.5)), base, [e1, e2], {"w"}
+    )
     # t = 1: θ_1 − θ0 = 0 is dropped; L(m) = ((m − u1)·u1)², m_0 = u1 has zero gradient → θ_1 = E_1.
     close(states[0]["w"], t([1.0, 0.0]))
-    close(states[0]["b"], t(2.0))                                 # 1 + 0.5·2
+    close(states[0]["b"], t(2.0))  # 1 + 0.5·2
     assert stats[0]["w"]["active_vectors"] == 1
     # t = 2: u1 = (1, 0), u2 = (1, 1); L = (m0 − 1)² + (m0 + m1 − 2)²/2, m_0 = (2, 1):
     # ∇L = (2(m0 − 1) + (m0 + m1 − 2), m0 + m1 − 2) = (3, 1) > 0 → m = (1.9, 0.9).
     close(states[1]["w"], t([1.9, 0.9]), atol=1e-6)
-    close(states[1]["b"], t(2.5))                                 # θ_1 + 0.5·τ_2 = 2 + 0.5
+    close(states[1]["b"], t(2.5))  # θ_1 + 0.5·τ_2 = 2 + 0.5
     # L(m_0) = 1 + 1/2 = 1.5; L(m) = 0.81 + 0.8²/2 = 1.13.
     assert stats[1]["w"]["objective_before"] == pytest.approx(1.5)
     assert stats[1]["w"]["objective_after"] == pytest.approx(1.13, rel=1e-5)
@@ -367,11 +388,11 @@ def test_nufilt_hand_worked():
     e2 = {"w": torch.ones(2, 2), "b": t(3.0)}
     params = NufiltParams(projection_rank=1, task_rank=1, lora_rank=1, iters=0, non_target_scaling=0.5)
     states, stats, _ = run_steps(Nufilt(params), base, [e1, e2], {"w"})
-    close(states[0]["w"], e1["w"])                   # θ_1 = E_1
+    close(states[0]["w"], e1["w"])  # θ_1 = E_1
     close(states[0]["b"], e1["b"])
     # V̂ = e1 → P = diag(0, 1); τP = [[0, 1], [0, 1]]; A = 0 → θ_2 = θ_1 + τP.
     close(states[1]["w"], t([2, 1], [0, 2]))
-    close(states[1]["b"], t(2.5))                    # 1 + 0.5·3
+    close(states[1]["b"], t(2.5))  # 1 + 0.5·3
     # Objective at A = 0: V̂_t = (1, 1)/√2, M = Δ + τP = [[2, 1], [0, 2]];
     # T = [Δe1, τV̂_t] = [(2, 0), (√2, √2)], MV = [(2, 0), (3, 2)/√2]; T − MV = [0, (−1/√2, 0)] → 0.5.
     assert stats[1]["w"]["objective_before"] == pytest.approx(0.5, rel=1e-5)
@@ -379,13 +400,15 @@ def test_nufilt_hand_worked():
     assert stats[1]["w"]["norm_filtered"] == pytest.approx(math.sqrt(2), rel=1e-5)
     assert stats[1]["w"]["norm_adapter"] == 0
     # With Adam, the correction lowers that objective.
-    states, stats, _ = run_steps(Nufilt(NufiltParams(projection_rank=1, task_rank=1, lora_rank=1, lr=0.05, iters=50)), base, [e1, e2], {"w"})
+    states, stats, _ = run_steps(
+        Nufilt(NufiltParams(projection_rank=1, task_rank=1, lora_rank=1, lr=0.05, iters=50)), base, [e1, e2], {"w"}
+    )
     # τBA = (τB)A has columns ∝ τ·b = (1, 1)ᵀ: the best it can do leaves T − MV's second
     # column (−1/√2, 0) minus its projection on (1, 1)/√2, i.e. (−1/2√2, 1/2√2): 0.25.
     # Adam (lr 0.05, 50 steps) gets there.
     assert stats[1]["w"]["objective_after"] == pytest.approx(0.25, abs=1e-3)
     assert stats[1]["w"]["objective_after"] >= 0.25 - 1e-6
-    close(states[1]["b"], t(4.0))                    # default non-target λ = 1
+    close(states[1]["b"], t(4.0))  # default non-target λ = 1
 
 
 def _random_nufilt_batch(seed, n=3, d_out=12, d_in=10, rank=5):
@@ -404,7 +427,7 @@ def test_nufilt_filter_vanishes_on_previous_top_directions():
     update = result.state - batch.state
     _, _, vh = torch.linalg.svd(batch.state_delta.double())
     v_hat = vh[:, :3].mT.float()
-    assert float((update @ v_hat).abs().max()) < 1e-5                 # τ P V̂ = 0
+    assert float((update @ v_hat).abs().max()) < 1e-5  # τ P V̂ = 0
     # ... and only there: the rest of τ passes unchanged (τ P = τ − τ V̂ V̂ᵀ).
     close(update, batch.task_vector - batch.task_vector @ v_hat @ v_hat.mT, atol=1e-5)
     assert [s["projection_rank"] for s in result.stats] == [3, 3, 3]
@@ -419,8 +442,17 @@ def test_nufilt_adam_lowers_objective_and_is_batch_invariant():
         assert s["norm_adapter"] > 0
     # Tensor by tensor (B seeded per tensor name): the same states.
     for i, name in enumerate(batch.names):
-        one = TensorBatch([name], True, 2, batch.base[i:i + 1], batch.state[i:i + 1], batch.expert[i:i + 1],
-                          batch.task_vector[i:i + 1], {}, {})
+        one = TensorBatch(
+            [name],
+            True,
+            2,
+            batch.base[i : i + 1],
+            batch.state[i : i + 1],
+            batch.expert[i : i + 1],
+            batch.task_vector[i : i + 1],
+            {},
+            {},
+        )
         close(Nufilt(params).merge(one).state[0], result.state[i], atol=1e-5)
 
 
@@ -430,7 +462,7 @@ def test_nufilt_ranks_capped_and_null_directions_dropped():
     assert vectors.shape == (1, 3, 3) and kept.tolist() == [2]
     close(vectors[0, :, 2], torch.zeros(3))
     batch = _random_nufilt_batch(9, d_out=6, d_in=4, rank=4)
-    result = Nufilt(NufiltParams(iters=2)).merge(batch)          # defaults 128/64/8 on a 6×4 tensor
+    result = Nufilt(NufiltParams(iters=2)).merge(batch)  # defaults 128/64/8 on a 6×4 tensor
     assert torch.isfinite(result.state).all()
     assert all(s["projection_rank"] == 4 and s["lora_rank"] == 4 and s["task_rank"] == 4 for s in result.stats)
-    assert all(s["norm_filtered"] < 1e-5 for s in result.stats)   # full-rank Δ: P = 0
+    assert all(s["norm_filtered"] < 1e-5 for s in result.stats)  # full-rank Δ: P = 0

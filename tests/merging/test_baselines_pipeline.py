@@ -54,9 +54,16 @@ def run_three(tmp_path, base, experts, name, params=None):
     states, results = [], []
     for step, model in enumerate(experts, start=1):
         context = IntegrationContext(
-            step=step, task_name=f"t{step}", model=model, tokenizer=AutoTokenizer.from_pretrained(base),
-            state_dir=run / "state", base_dir=base, previous_state_dir=(run / "state") if step > 1 else None,
-            history_dir=run / "history", target_patterns=DEFAULT_TARGETS, train_from="base",
+            step=step,
+            task_name=f"t{step}",
+            model=model,
+            tokenizer=AutoTokenizer.from_pretrained(base),
+            state_dir=run / "state",
+            base_dir=base,
+            previous_state_dir=(run / "state") if step > 1 else None,
+            history_dir=run / "history",
+            target_patterns=DEFAULT_TARGETS,
+            train_from="base",
         )
         results.append(run_merge(strategy, context))
         states.append(weights(run / "state"))
@@ -82,9 +89,17 @@ def test_three_steps_through_run_merge(tmp_path, base, experts, name):
             assert all("norm_update" in s for s in per_tensor.values())
         previous = theta0 if step == 1 else states[step - 2]
         assert whole_norm(state, previous) > 1e-3, "every step moves the state"
-    specific = {"ties": "sign_conflicts", "magmax": "fraction_from_new", "wudi": "objective_after",
-                "opcm": "split_rank", "nufilt": "objective_after", "dare_ta": "mask_seed", "dare_ties": "sign_conflicts",
-                "localize_stitch": "overlap", "lines": "scale"}[name]
+    specific = {
+        "ties": "sign_conflicts",
+        "magmax": "fraction_from_new",
+        "wudi": "objective_after",
+        "opcm": "split_rank",
+        "nufilt": "objective_after",
+        "dare_ta": "mask_seed",
+        "dare_ties": "sign_conflicts",
+        "localize_stitch": "overlap",
+        "lines": "scale",
+    }[name]
     assert specific in results[1]["per_tensor"][q] and results[1]["per_tensor"][q]["target"] is True
     e = [m.state_dict() for m in experts]
     if name in ("wudi", "opcm", "nufilt"):  # θ_1 = E_1 (WUDI: the zero state delta is dropped)
@@ -128,8 +143,10 @@ def test_new_baselines_through_run_merge_match_an_independent_computation(tmp_pa
     # DARE-TA: θ_3 = θ0 + 0.3 Σ_t D_t(τ_t) on targets (1/ρ rescale), + 0.3 Σ τ_t elsewhere.
     states, _ = run_three(tmp_path, base, experts, "dare_ta", {"density": 0.5, "seed": 3})
     for n, v in theta0.items():
-        parts = [tau[n] * dare_mask(v.shape, 0.5, 3, step, n) / 0.5 if n in targets else tau[n]
-                 for step, tau in enumerate(taus, start=1)]
+        parts = [
+            tau[n] * dare_mask(v.shape, 0.5, 3, step, n) / 0.5 if n in targets else tau[n]
+            for step, tau in enumerate(taus, start=1)
+        ]
         torch.testing.assert_close(states[2][n], v + 0.3 * sum(parts), rtol=0, atol=1e-6)
     # Localize-and-Stitch: global top-10 % of each τ_t over the targets, stitched one-shot.
     states, results = run_three(tmp_path, base, experts, "localize_stitch")
@@ -160,10 +177,10 @@ def test_new_baselines_through_run_merge_match_an_independent_computation(tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_runner_one_short_run(tmp_path, base, name):
-    from tiny_recipes import make_recipe
-
     from cpt.recipe import validate_recipe
     from cpt.runner import TaskSequenceRunner
+
+    from tiny_recipes import make_recipe
 
     data = make_recipe(tmp_path, str(base), steps=(1, 1))
     data["strategy"] = {"name": name, **FAST.get(name, {})}
@@ -183,18 +200,30 @@ def test_recipe_is_the_quickstart_with_this_strategy(name):
     data = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     strategy = data["strategy"] if isinstance(data["strategy"], dict) else {"name": data["strategy"]}
     assert strategy["name"] == name and data["name"] == name
-    assert {k: v for k, v in data.items() if k not in ("name", "strategy")} == {k: v for k, v in quickstart.items() if k not in ("name", "strategy")}
+    assert {k: v for k, v in data.items() if k not in ("name", "strategy")} == {
+        k: v for k, v in quickstart.items() if k not in ("name", "strategy")
+    }
     recipe = load_recipe(RECIPES / f"{name}.yaml", overrides=["strategy.seed=1"] if name == "nufilt" else [])
     params = get_strategy(name).make_params(recipe.strategy.params)
     defaults = get_strategy(name).make_params({})
     # The recipe spells out METHOD's defaults (nufilt's seed overridden above via --set).
-    assert {k: v for k, v in vars(params).items() if k != "seed"} == {k: v for k, v in vars(defaults).items() if k != "seed"}
+    assert {k: v for k, v in vars(params).items() if k != "seed"} == {
+        k: v for k, v in vars(defaults).items() if k != "seed"
+    }
 
 
 ROW_SEPARABLE = {  # strategy: parameters (non-target rules chosen so non-target tensors change)
-    "task_arithmetic": {}, "average": {}, "magmax": {}, "opcm": {},
-    "wudi": FAST["wudi"], "nufilt": FAST["nufilt"], "gcwm": {"iters": 5, "non_target": "task_arithmetic"},
-    "dare_ta": {}, "dare_ties": {}, "localize_stitch": {"non_target": "average"}, "lines": {},
+    "task_arithmetic": {},
+    "average": {},
+    "magmax": {},
+    "opcm": {},
+    "wudi": FAST["wudi"],
+    "nufilt": FAST["nufilt"],
+    "gcwm": {"iters": 5, "non_target": "task_arithmetic"},
+    "dare_ta": {},
+    "dare_ties": {},
+    "localize_stitch": {"non_target": "average"},
+    "lines": {},
 }
 
 
@@ -210,12 +239,16 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, base, experts, name, 
     block_states, block_results = run_three(tmp_path / "blocks", base, experts, name, ROW_SEPARABLE[name])
     embed = "model.embed_tokens.weight"
     strategy = get_strategy(name).build(ROW_SEPARABLE[name])
-    assert strategy.rows_separable(False) and not (name in ("opcm", "wudi", "nufilt", "gcwm", "dare_ta", "dare_ties",
-                                                          "localize_stitch") and strategy.rows_separable(True))
+    assert strategy.rows_separable(False) and not (
+        name in ("opcm", "wudi", "nufilt", "gcwm", "dare_ta", "dare_ties", "localize_stitch")
+        and strategy.rows_separable(True)
+    )
     for step in range(3):
         for tensor_name, value in whole_states[step].items():
             # OPCM's global rescale sums ‖D_t‖² in another order: float rounding only
-            torch.testing.assert_close(block_states[step][tensor_name], value, rtol=1e-5 if name == "opcm" else 0, atol=1e-7)
+            torch.testing.assert_close(
+                block_states[step][tensor_name], value, rtol=1e-5 if name == "opcm" else 0, atol=1e-7
+            )
         whole_stats, block_stats = whole_results[step]["per_tensor"], block_results[step]["per_tensor"]
         assert block_stats[embed]["row_blocks"] > 4 and "row_blocks" not in whole_stats[embed]
         for key, value in whole_stats[embed].items():
@@ -248,6 +281,8 @@ def test_ties_fusionbench_through_run_merge(tmp_path, base, experts, split, monk
 def test_combine_row_stats_hand_worked():
     from cpt.merging.pipeline import combine_row_stats
 
-    blocks = [(1, {"norm_update": 3.0, "fraction_from_new": 1.0, "recovered": False}),
-              (3, {"norm_update": 4.0, "fraction_from_new": 0.0, "recovered": True})]
+    blocks = [
+        (1, {"norm_update": 3.0, "fraction_from_new": 1.0, "recovered": False}),
+        (3, {"norm_update": 4.0, "fraction_from_new": 0.0, "recovered": True}),
+    ]
     assert combine_row_stats(blocks) == {"norm_update": 5.0, "fraction_from_new": 0.25, "recovered": True}

@@ -25,10 +25,13 @@ TAU = t(0.4, -0.2, 0.1, 0.3)
 MASK = torch.tensor([True, True, False, False])
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("dare_ta", {"density": 0.2, "rescale": "inverse", "scaling": 0.3, "seed": 0}),
-    ("dare_ties", {"density": 0.2, "rescale": "inverse", "scaling": 0.3, "trim_k": None, "seed": 0}),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("dare_ta", {"density": 0.2, "rescale": "inverse", "scaling": 0.3, "seed": 0}),
+        ("dare_ties", {"density": 0.2, "rescale": "inverse", "scaling": 0.3, "trim_k": None, "seed": 0}),
+    ],
+)
 def test_registered_with_method_defaults(name, expected):
     info = get_strategy(name)
     params = info.make_params({})
@@ -36,11 +39,14 @@ def test_registered_with_method_defaults(name, expected):
 
 
 # ---------------------------------------------------------------------------- § test 1: the operator
-@pytest.mark.parametrize("rescale,expected,factor", [
-    ("inverse", [0.8, -0.4, 0, 0], 2.0),
-    ("l1", [0.4 / 0.6, -0.2 / 0.6, 0, 0], 1.0 / 0.6),   # r = ‖τ‖₁/‖m⊙τ‖₁ = 1.0/0.6
-    ("none", [0.4, -0.2, 0, 0], 1.0),
-])
+@pytest.mark.parametrize(
+    "rescale,expected,factor",
+    [
+        ("inverse", [0.8, -0.4, 0, 0], 2.0),
+        ("l1", [0.4 / 0.6, -0.2 / 0.6, 0, 0], 1.0 / 0.6),  # r = ‖τ‖₁/‖m⊙τ‖₁ = 1.0/0.6
+        ("none", [0.4, -0.2, 0, 0], 1.0),
+    ],
+)
 def test_operator_hand_worked(rescale, expected, factor):
     sparsified, r = dare_sparsify(TAU[None], MASK[None], 0.5, rescale)
     close(sparsified[0], expected)
@@ -67,7 +73,7 @@ def test_dare_ta_hand_worked(monkeypatch):
     expert = {"w": 1 + TAU, "b": t(2.0, 0.0)}
     states, stats, _ = run_steps(DareTaskArithmetic(DareTaParams(density=0.5)), base, [expert], {"w"})
     close(states[0]["w"], [1.24, 0.88, 1, 1])
-    close(states[0]["b"], [1.3, 0.7])                              # non-target: dense task arithmetic
+    close(states[0]["b"], [1.3, 0.7])  # non-target: dense task arithmetic
     assert stats[0]["w"]["density"] == 0.5 and stats[0]["w"]["rescale"] == 2.0
     assert stats[0]["w"]["norm_sparsified"] == pytest.approx(float(t(0.8, -0.4).norm()))
     assert stats[0]["w"]["mask_seed"] == mask_seed(0, 1, "w") and "density" not in stats[0]["b"]
@@ -77,19 +83,21 @@ def test_ties_prime_hand_worked():
     merged, extra = ties_prime(t(0.5, 0.1, -0.2, 0)[None], t(0.8, -0.4, 0, 0)[None])
     # sums (1.3, −0.3, −0.2, 0) → signs (+, −, −, +) → (mean(0.5, 0.8), −0.4, −0.2, 0)
     close(merged[0], [0.65, -0.4, -0.2, 0])
-    assert float(extra["sign_conflicts"][0]) == pytest.approx(0.25)       # entry 1: 0.1 vs −0.4
-    assert float(extra["dropped_by_election"][0]) == pytest.approx(1 / 4)  # 0.1 dropped, per entry of the 4-entry tensor
+    assert float(extra["sign_conflicts"][0]) == pytest.approx(0.25)  # entry 1: 0.1 vs −0.4
+    assert float(extra["dropped_by_election"][0]) == pytest.approx(
+        1 / 4
+    )  # 0.1 dropped, per entry of the 4-entry tensor
 
 
 def test_dare_ties_two_steps(monkeypatch):
     _inject(monkeypatch, {(1, "w"): torch.tensor([True, True, True, False]), (2, "w"): MASK})
     base = {"w": torch.zeros(4), "b": t(0.0)}
-    e1 = {"w": t(0.25, 0.05, -0.1, 7.0), "b": t(2.0)}       # D_1 = (0.5, 0.1, −0.2, 0) = M_1
-    e2 = {"w": TAU, "b": t(-1.0)}                            # D_2 = (0.8, −0.4, 0, 0)
+    e1 = {"w": t(0.25, 0.05, -0.1, 7.0), "b": t(2.0)}  # D_1 = (0.5, 0.1, −0.2, 0) = M_1
+    e2 = {"w": TAU, "b": t(-1.0)}  # D_2 = (0.8, −0.4, 0, 0)
     states, stats, _ = run_steps(DareTies(DareTiesParams(density=0.5)), base, [e1, e2], {"w"})
     close(states[0]["w"], 0.3 * t(0.5, 0.1, -0.2, 0))
     close(states[1]["w"], 0.3 * t(0.65, -0.4, -0.2, 0))
-    close(states[1]["b"], 0.3 * t(2.0))                      # dense TIES′: sum +1 elects +, keeps 2
+    close(states[1]["b"], 0.3 * t(2.0))  # dense TIES′: sum +1 elects +, keeps 2
     assert stats[1]["w"]["sign_conflicts"] == pytest.approx(0.25)
     assert stats[1]["w"]["density"] == 0.5
 
@@ -97,8 +105,9 @@ def test_dare_ties_two_steps(monkeypatch):
 def test_dare_ties_trim_k_is_full_ties_after_dare(monkeypatch):
     _inject(monkeypatch, {(2, "w"): MASK})
     previous, task = t(0.5, 0.1, -0.2, 0.05), TAU
-    batch = TensorBatch(["w"], True, 2, torch.zeros(1, 4), 0.3 * previous[None], task[None], task[None],
-                        {"merged": previous[None]}, {})
+    batch = TensorBatch(
+        ["w"], True, 2, torch.zeros(1, 4), 0.3 * previous[None], task[None], task[None], {"merged": previous[None]}, {}
+    )
     result = DareTies(DareTiesParams(density=0.5, trim_k=0.5)).merge(batch)
     # trim both to 2 entries: M → (0.5, 0, −0.2, 0), D → (0.8, −0.4, 0, 0); signs (+, −, −, +)
     close(result.state[0], 0.3 * t(0.65, -0.4, -0.2, 0))
@@ -111,9 +120,9 @@ def test_mask_is_a_function_of_seed_task_and_name():
     again = [dare_mask((8, 16), 0.3, 5, 2, name) for name in reversed(names)][::-1]
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    assert not torch.equal(first[0], first[1])                       # per tensor
-    assert not torch.equal(first[0], dare_mask((8, 16), 0.3, 5, 3, names[0]))   # per task
-    assert not torch.equal(first[0], dare_mask((8, 16), 0.3, 6, 2, names[0]))   # per seed
+    assert not torch.equal(first[0], first[1])  # per tensor
+    assert not torch.equal(first[0], dare_mask((8, 16), 0.3, 5, 3, names[0]))  # per task
+    assert not torch.equal(first[0], dare_mask((8, 16), 0.3, 6, 2, names[0]))  # per seed
     # h is a fixed function (crc32, not Python's salted hash()): this value holds in every process.
     assert mask_seed(5, 2, "w") == 481_268_799  # 5·1000003 + 2·7919 + crc32(b"w") = 476252946
 
@@ -134,8 +143,17 @@ def test_batch_order_and_device_do_not_change_the_result():
     forward, backward = run(names, "cpu"), run(names[::-1], "cpu")
     for n in names:
         assert torch.equal(forward[n], backward[n])
-        single = TensorBatch([n], True, 2, torch.zeros(1, 6, 5), torch.zeros(1, 6, 5), tau[[names.index(n)]],
-                             tau[[names.index(n)]], {}, {})
+        single = TensorBatch(
+            [n],
+            True,
+            2,
+            torch.zeros(1, 6, 5),
+            torch.zeros(1, 6, 5),
+            tau[[names.index(n)]],
+            tau[[names.index(n)]],
+            {},
+            {},
+        )
         assert torch.equal(strategy.merge(single).state[0], forward[n])
     if torch.cuda.is_available():
         on_gpu = run(names, "cuda")
@@ -194,7 +212,7 @@ def test_same_expectation_as_peft_random_pruning():
     peft_mean = torch.stack([merge_utils.random_pruning(tau, density, rescale=True) for _ in range(draws)]).mean(0)
     masks = torch.stack([dare_mask((64,), density, 0, step, "w") for step in range(draws)])
     ours = dare_sparsify(tau.expand(draws, 64), masks, density, "inverse")[0]
-    sigma = tau.abs() * ((1 - density) / density / draws) ** 0.5       # std of the sample mean
+    sigma = tau.abs() * ((1 - density) / density / draws) ** 0.5  # std of the sample mean
     assert bool(((ours.mean(0) - tau).abs() <= 5 * sigma + 1e-7).all())
     assert bool(((peft_mean - tau).abs() <= 5 * sigma + 1e-7).all())
     assert abs(float(masks.float().mean()) - density) < 0.005

@@ -148,7 +148,7 @@ def ref_continual(taus, p):
             active = [taus[0]] if t == 1 else [prev, taus[t - 1]]
             w = [p.new_weight] if t == 1 else [p.old_weight, p.new_weight]
         else:
-            active = taus[:t] if p.memory_size < 0 else taus[max(0, t - p.memory_size):t]
+            active = taus[:t] if p.memory_size < 0 else taus[max(0, t - p.memory_size) : t]
             w = [1.0] * len(active)
         m = ref_gcwm(active, w, p)[0]
         c_t = p.step_coef * p.decay ** (t - 1)

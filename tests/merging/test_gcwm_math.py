@@ -59,8 +59,7 @@ def test_closed_form_gradient_is_the_gradient_of_L():
     inner_objective(m, us, w).sum().backward()
     closed = inner_gradient(m.detach(), us, w)
     by_definition = sum(
-        2 * wi * (m.detach() - u) @ u.mT @ u / u.square().sum((-2, -1), keepdim=True)
-        for wi, u in zip(w, us)
+        2 * wi * (m.detach() - u) @ u.mT @ u / u.square().sum((-2, -1), keepdim=True) for wi, u in zip(w, us)
     )
     assert torch.allclose(closed, m.grad, rtol=1e-12, atol=1e-15)
     assert torch.allclose(by_definition, m.grad, rtol=1e-12, atol=1e-15)
@@ -327,11 +326,28 @@ def test_non_target_options():
 
 
 METHOD_DEFAULTS = {
-    "rank": 16, "energy": 0.9, "eps": 1e-6, "metric": "barycenter", "bary_iters": 50, "bary_tol": 1e-5,
-    "gate": "conflict", "gate_threshold": 0.12, "gate_sharpness": 12.0, "alpha_min": 0.15,
-    "alpha_max": 0.95, "skip_tol": 0.05, "iters": 100, "lr": 1e-5, "eig_floor": 0.0,
-    "memory": "current_anchor", "memory_size": -1, "old_weight": 1.0, "new_weight": 1.0,
-    "step_coef": 0.2, "decay": 1.0, "non_target": "base",
+    "rank": 16,
+    "energy": 0.9,
+    "eps": 1e-6,
+    "metric": "barycenter",
+    "bary_iters": 50,
+    "bary_tol": 1e-5,
+    "gate": "conflict",
+    "gate_threshold": 0.12,
+    "gate_sharpness": 12.0,
+    "alpha_min": 0.15,
+    "alpha_max": 0.95,
+    "skip_tol": 0.05,
+    "iters": 100,
+    "lr": 1e-5,
+    "eig_floor": 0.0,
+    "memory": "current_anchor",
+    "memory_size": -1,
+    "old_weight": 1.0,
+    "new_weight": 1.0,
+    "step_coef": 0.2,
+    "decay": 1.0,
+    "non_target": "base",
 }
 #: cpt's extensions beyond METHOD's table, off by default.
 EXTENSIONS = {"history_rank": -1}

@@ -7,6 +7,7 @@ import torch
 
 from cpt.merging.gcwm import GCWM, GCWMParams, gcwm_continual_step
 from cpt.merging.pipeline import run_merge
+
 from test_merge_pipeline import context, perturbed, weights
 
 TARGET = "model.layers.1.mlp.down_proj.weight"
@@ -33,7 +34,11 @@ def test_three_steps_match_direct_math(tmp_path, base, memory):
     # Non-target tensors keep θ0 (the reference's `non_target: base`).
     torch.testing.assert_close(state["model.embed_tokens.weight"], theta0["model.embed_tokens.weight"], rtol=0, atol=0)
     row = stats["per_tensor"][TARGET]
-    assert 0.0 <= row["conflict"] <= 1.0 and 0.15 <= row["alpha"] <= 0.95 and row["branch"] in ("plain", "relation", "both")
+    assert (
+        0.0 <= row["conflict"] <= 1.0
+        and 0.15 <= row["alpha"] <= 0.95
+        and row["branch"] in ("plain", "relation", "both")
+    )
     assert row["step_coef"] == pytest.approx(0.2)
     kept = sorted(p.name for p in (tmp_path / "run" / "history" / "step-3").iterdir())
     expected = ["merged", "scalars.json"] + (["tau_1", "tau_2", "tau_3"] if memory == "all_history" else [])
@@ -49,10 +54,10 @@ def test_memory_size_window(tmp_path, base):
 
 
 def test_gcwm_recipe_end_to_end(tmp_path, base):
-    from tiny_recipes import make_recipe
-
     from cpt.recipe import validate_recipe
     from cpt.runner import TaskSequenceRunner
+
+    from tiny_recipes import make_recipe
 
     data = make_recipe(tmp_path, str(base), steps=(2, 2))
     data["strategy"] = {"name": "gcwm", "iters": 10, "step_coef": 1.0}
@@ -74,7 +79,16 @@ def test_low_rank_history_storage(tmp_path, base):
         for step, expert in enumerate(experts, start=1):
             stats = run_merge(strategy, context(folder, base, expert, step))
     kept = sorted(p.name for p in (low / "run" / "history" / "step-3").iterdir())
-    assert kept == ["merged", "scalars.json", "tau_1.left", "tau_1.right", "tau_2.left", "tau_2.right", "tau_3.left", "tau_3.right"]
+    assert kept == [
+        "merged",
+        "scalars.json",
+        "tau_1.left",
+        "tau_1.right",
+        "tau_2.left",
+        "tau_2.right",
+        "tau_3.left",
+        "tau_3.right",
+    ]
     # Rank 64 covers every tiny tensor (min side ≤ 64 for attention, ≤ 64 of 128 for MLP up/gate).
     row = stats["per_tensor"]["model.layers.0.self_attn.q_proj.weight"]
     assert row["history_error"] < 1e-5
@@ -82,7 +96,9 @@ def test_low_rank_history_storage(tmp_path, base):
     assert down["history_error"] < 1e-5
     a, b = weights(dense / "run" / "state"), weights(low / "run" / "state")
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5)  # float32 reconstruction, amplified a little by Adam
+        torch.testing.assert_close(
+            b[name], a[name], rtol=0, atol=2e-5
+        )  # float32 reconstruction, amplified a little by Adam
 
     coarse = tmp_path / "coarse"
     strategy = GCWM(GCWMParams(memory="all_history", iters=5, history_rank=2))

@@ -47,7 +47,9 @@ def test_ta_two_steps_hand_worked():
     # t = 2: S = (2, 0, 4), α = 1/2, λ = (0.5, 0.65, 0.8) → (1.0, 0, 3.2); the embedding 0.5·4.
     close(torch.cat([states[1][n] for n in NAMES]), [1.0, 0.0, 3.2])
     close(states[1]["model.embed_tokens.weight"], [2.0])
-    assert summaries[1]["alpha"] == 0.5 and summaries[1]["layer_scales"] == pytest.approx({"0": 0.5, "1": 0.65, "2": 0.8})
+    assert summaries[1]["alpha"] == 0.5 and summaries[1]["layer_scales"] == pytest.approx(
+        {"0": 0.5, "1": 0.65, "2": 0.8}
+    )
     assert summaries[1]["norm_l1_sum"] == pytest.approx(6.0) == summaries[1]["norm_l1_merged"]
     assert stats[1][NAMES[2]]["layer"] == 2 and stats[1]["model.embed_tokens.weight"]["layer"] == -1
 
@@ -56,7 +58,7 @@ def test_fixed_alpha_and_history_recovery():
     base = {n: torch.zeros(1) for n in NAMES}
     taus = [dict(zip(NAMES, (t(1.0), t(1.0), t(1.0)))), dict(zip(NAMES, (t(1.0), t(-1.0), t(3.0))))]
     states, _, _ = run_steps(Lines(LinesParams(beta=0.3, alpha=0.2, num_layers=3)), base, taus, set(NAMES))
-    close(torch.cat([states[1][n] for n in NAMES]), [0.4, 0.0, 2.0])           # λ = (0.2, 0.35, 0.5)·(2, 0, 4)
+    close(torch.cat([states[1][n] for n in NAMES]), [0.4, 0.0, 2.0])  # λ = (0.2, 0.35, 0.5)·(2, 0, 4)
     # Without the kept S_1, it is recovered exactly from θ_1 and α_1 = 1.
     from cpt.merging.pipeline import TensorBatch
 
@@ -80,7 +82,9 @@ def test_ties_alpha_rule_hand_worked():
     alpha = multitask_alpha(2, 6.0, 3.0)
     assert alpha == 1.0
     merged = [1.0, 0.0, 2.0]
-    assert [lines_scale(layer, 3, alpha, 0.3) * m for layer, m in zip(range(3), merged)] == pytest.approx([1.0, 0.0, 2.6])
+    assert [lines_scale(layer, 3, alpha, 0.3) * m for layer, m in zip(range(3), merged)] == pytest.approx(
+        [1.0, 0.0, 2.6]
+    )
     assert multitask_alpha(3, 5.0, 5.0) == pytest.approx(1 / 3)
 
 

@@ -30,9 +30,9 @@ def test_two_tasks_hand_worked(rule, merged):
     e2 = {"w": t(0.3, -0.8, 0.6, 0.05), "b": t(0.0)}
     strategy = LocalizeStitch(LocalizeStitchParams(sparsity=0.5, threshold=rule))
     states, stats, summaries = run_steps(strategy, base, [e1, e2], {"w"})
-    close(states[0]["w"], [0.9, 0, 0.5, 0] if rule == "ge" else [0.9, 0, 0, 0])   # m1 = (1,0,1,0) | (1,0,0,0)
+    close(states[0]["w"], [0.9, 0, 0.5, 0] if rule == "ge" else [0.9, 0, 0, 0])  # m1 = (1,0,1,0) | (1,0,0,0)
     close(states[1]["w"], merged)
-    close(states[1]["b"], [1.0])                                  # non_target: base keeps θ0
+    close(states[1]["b"], [1.0])  # non_target: base keeps θ0
     assert summaries[0]["threshold"] == pytest.approx(0.5) and summaries[1]["threshold"] == pytest.approx(0.6)
     if rule == "ge":
         # m2 = (0,1,1,0): C = (1,1,2,0); half of m2 was already claimed; 1 of 3 support entries shared.
@@ -41,11 +41,15 @@ def test_two_tasks_hand_worked(rule, merged):
 
 
 # ---------------------------------------------------------------------------- § test 2
-@pytest.mark.parametrize("scope,merged_a,merged_b", [("global", [0.9, 0.1], [0, 0]), ("per_tensor", [0.9, 0], [0.05, 0])])
+@pytest.mark.parametrize(
+    "scope,merged_a,merged_b", [("global", [0.9, 0.1], [0, 0]), ("per_tensor", [0.9, 0], [0.05, 0])]
+)
 def test_scope_hand_worked(scope, merged_a, merged_b):
     base = {"a": torch.zeros(2), "b": torch.zeros(2)}
     expert = {"a": t(0.9, 0.1), "b": t(0.05, 0.02)}
-    states, _, _ = run_steps(LocalizeStitch(LocalizeStitchParams(sparsity=0.5, scope=scope)), base, [expert], {"a", "b"})
+    states, _, _ = run_steps(
+        LocalizeStitch(LocalizeStitchParams(sparsity=0.5, scope=scope)), base, [expert], {"a", "b"}
+    )
     close(states[0]["a"], merged_a)
     close(states[0]["b"], merged_b)
 
@@ -76,7 +80,7 @@ def test_three_tasks_follow_the_original_not_mergebench():
     for tau, mask in zip(taus, masks):
         stitched_sum, count, delta = stitch_update(stitched_sum, count, tau, mask)
     close(delta, [2.0, 3.0])
-    close(_mergebench_stitch(taus, masks), [4.0, 5.5])   # the regression this guards against
+    close(_mergebench_stitch(taus, masks), [4.0, 5.5])  # the regression this guards against
 
 
 # ---------------------------------------------------------------------------- § test 4
@@ -98,8 +102,13 @@ def test_continual_state_equals_one_shot_stitch(scope):
             q = flat.sort(descending=True).values[int(0.3 * flat.numel()) - 1]
             masks.append({n: tau[n].abs() >= q for n in names})
         else:
-            masks.append({n: tau[n].abs() >= tau[n].abs().flatten().sort(descending=True).values[int(0.3 * tau[n].numel()) - 1]
-                          for n in names})
+            masks.append(
+                {
+                    n: tau[n].abs()
+                    >= tau[n].abs().flatten().sort(descending=True).values[int(0.3 * tau[n].numel()) - 1]
+                    for n in names
+                }
+            )
     for step in range(1, 4):
         for n in names:
             expected = stitch([tau[n] for tau in taus[:step]], [m[n] for m in masks[:step]])
@@ -112,13 +121,15 @@ def test_continual_state_equals_one_shot_stitch(scope):
 def test_kth_largest_is_exact_with_ties_zeros_and_scales():
     generator = torch.Generator().manual_seed(1)
     chunks = [torch.randn(40, 7, generator=generator) * 10.0**p for p in range(-4, 4)]
-    chunks.append(t(0.0, 0.0, 1.0, 1.0, -1.0, 1.0))                       # ties and zeros
+    chunks.append(t(0.0, 0.0, 1.0, 1.0, -1.0, 1.0))  # ties and zeros
     flat = torch.cat([c.flatten() for c in chunks]).abs()
     ranks = [1, 2, 3, 17, 600, flat.numel() - 1, flat.numel()]
-    got = kth_largest_magnitudes(lambda: ((c,) * len(ranks) for c in chunks), ranks)   # one channel per rank
+    got = kth_largest_magnitudes(lambda: ((c,) * len(ranks) for c in chunks), ranks)  # one channel per rank
     for rank, value in zip(ranks, got):
         assert value == float(flat.sort(descending=True).values[rank - 1])
     tripled = kth_largest_magnitudes(lambda: ((c, 3 * c) for c in chunks), [lambda size: size // 2] * 2)
-    assert tripled[1] == float((3 * torch.cat([c.flatten() for c in chunks])).abs().sort(descending=True).values[flat.numel() // 2 - 1])
+    assert tripled[1] == float(
+        (3 * torch.cat([c.flatten() for c in chunks])).abs().sort(descending=True).values[flat.numel() // 2 - 1]
+    )
     assert kth_largest_magnitudes(lambda: [(t(1.0),)], [0]) == [float("inf")]
     assert kth_largest_magnitudes(lambda: [(t(1.0),)], [2]) == [0.0]

@@ -88,8 +88,9 @@ def test_gcwm_records_against_independent_computations():
     relation = GCWMParams(gate="none", iters=40, lr=1e-4)
     merged, stats = gcwm_merge(deltas, weights, relation, diagnostics=True)
     torch.testing.assert_close(stats["dev_sum"], stats["dev_sum_relation"], rtol=1e-10, atol=0)
-    torch.testing.assert_close(stats["dev_sum"], (merged - s).flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1),
-                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        stats["dev_sum"], (merged - s).flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1), rtol=1e-10, atol=0
+    )
     assert bool(stats["dev_sum_plain"].isnan().all())
     assert bool((stats["displacement_relation"] > 0).all())
 

@@ -33,9 +33,16 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def context(tmp_path, base, model, step, train_from="base") -> IntegrationContext:
     run = tmp_path / "run"
     return IntegrationContext(
-        step=step, task_name=f"t{step}", model=model, tokenizer=AutoTokenizer.from_pretrained(base),
-        state_dir=run / "state", base_dir=base, previous_state_dir=(run / "state") if step > 1 else None,
-        history_dir=run / "history", target_patterns=DEFAULT_TARGETS, train_from=train_from,
+        step=step,
+        task_name=f"t{step}",
+        model=model,
+        tokenizer=AutoTokenizer.from_pretrained(base),
+        state_dir=run / "state",
+        base_dir=base,
+        previous_state_dir=(run / "state") if step > 1 else None,
+        history_dir=run / "history",
+        target_patterns=DEFAULT_TARGETS,
+        train_from=train_from,
     )
 
 
@@ -165,26 +172,81 @@ def test_cpt_merge_command(tmp_path, base):
         experts.append(tmp_path / f"e{seed}")
     out = tmp_path / "merged"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "cpt.cli", "merge", "--method", "task_arithmetic", str(base), *map(str, experts),
-                             "--output", str(out), "--set", "scaling=0.5", "--save-steps"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cpt.cli",
+            "merge",
+            "--method",
+            "task_arithmetic",
+            str(base),
+            *map(str, experts),
+            "--output",
+            str(out),
+            "--set",
+            "scaling=0.5",
+            "--save-steps",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     theta0 = weights(base)
     e1, e2 = weights(experts[0]), weights(experts[1])
     merged, step1 = weights(out), weights(out / "step-1")
     for name, value in theta0.items():
         torch.testing.assert_close(step1[name], value + 0.5 * (e1[name] - value), rtol=0, atol=1e-6)
-        torch.testing.assert_close(merged[name], value + 0.5 * (e1[name] - value) + 0.5 * (e2[name] - value), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            merged[name], value + 0.5 * (e1[name] - value) + 0.5 * (e2[name] - value), rtol=0, atol=1e-6
+        )
     stats = json.loads((out / "merge_stats.json").read_text())
     assert stats["params"] == {"scaling": 0.5} and [s["step"] for s in stats["steps"]] == [1, 2]
     assert AutoTokenizer.from_pretrained(out) is not None
     assert not list(tmp_path.glob(".merged*")), "the work folder is removed"
 
-    bad = subprocess.run([sys.executable, "-m", "cpt.cli", "merge", "--method", "sequential", str(base), str(experts[0]), "--output", str(out)],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cpt.cli",
+            "merge",
+            "--method",
+            "sequential",
+            str(base),
+            str(experts[0]),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert bad.returncode == 2 and "not a data-free merge strategy" in bad.stderr and "Traceback" not in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "cpt.cli", "merge", "--method", "task_arithmetic", str(base), str(experts[0]), "--output", str(out),
-                          "--set", "scalin=1"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "scalin: unknown parameter of strategy 'task_arithmetic' (did you mean 'scaling'?)" in bad.stderr
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cpt.cli",
+            "merge",
+            "--method",
+            "task_arithmetic",
+            str(base),
+            str(experts[0]),
+            "--output",
+            str(out),
+            "--set",
+            "scalin=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert (
+        bad.returncode == 2
+        and "scalin: unknown parameter of strategy 'task_arithmetic' (did you mean 'scaling'?)" in bad.stderr
+    )
 
 
 def test_get_rows_reads_a_row_block(base):
@@ -219,7 +281,10 @@ def test_model_weights_of_a_live_model(base):
     assert set(weights.names()) == set(merged_by_peft)
     for key, expected in merged_by_peft.items():
         torch.testing.assert_close(weights[key], expected, rtol=1e-6, atol=1e-7, msg=key)
-    assert peft_model.active_adapters == ["default"] and not peft_model.base_model.model.model.layers[0].self_attn.q_proj.merged
+    assert (
+        peft_model.active_adapters == ["default"]
+        and not peft_model.base_model.model.model.layers[0].self_attn.q_proj.merged
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")

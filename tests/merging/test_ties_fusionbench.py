@@ -29,7 +29,7 @@ def _state_dict_to_vector(state_dict):
 def _vector_to_state_dict(vector, reference):
     out, offset = {}, 0
     for key, value in OrderedDict(sorted(reference.items())).items():
-        out[key] = vector[offset:offset + value.numel()].reshape(value.shape)
+        out[key] = vector[offset : offset + value.numel()].reshape(value.shape)
         offset += value.numel()
     return out
 
@@ -84,10 +84,11 @@ def test_parameters():
 def test_hand_worked_step_with_a_zero_sum_tie():
     # Whole model d = 6 (w: 4, b: 2), density 0.34 → k = int(2.04) = 2: each vector keeps its 3 largest.
     base = {"w": torch.zeros(4), "b": torch.zeros(2)}
-    e1 = {"w": t(4.0, -1.0, 2.0, 0.5), "b": t(-3.0, 0.1)}     # P = θ_1 − θ0 = λτ_1 = (2, -.5, 1, .25 | -1.5, .05)
-    e2 = {"w": t(-2.0, 3.0, 1.0, -0.2), "b": t(1.5, 0.0)}     # τ_2
-    states, stats, summaries = run_steps(Ties(TiesParams(density=0.34, scaling=0.5, form="fusionbench")),
-                                         base, [e1, e2], {"w"})
+    e1 = {"w": t(4.0, -1.0, 2.0, 0.5), "b": t(-3.0, 0.1)}  # P = θ_1 − θ0 = λτ_1 = (2, -.5, 1, .25 | -1.5, .05)
+    e2 = {"w": t(-2.0, 3.0, 1.0, -0.2), "b": t(1.5, 0.0)}  # τ_2
+    states, stats, summaries = run_steps(
+        Ties(TiesParams(density=0.34, scaling=0.5, form="fusionbench")), base, [e1, e2], {"w"}
+    )
     close(states[0]["w"], 0.5 * e1["w"])
     # Trim: P keeps (2, 1 | -1.5) [q = 1]; τ_2 keeps (-2, 3 | 1.5) [q = 1.5].
     # Sums: w (0, 3, 1, 0), b (0, 0) → signs (0, +, +, 0 | 0, 0); the elected non-zero signs
@@ -95,7 +96,7 @@ def test_hand_worked_step_with_a_zero_sum_tie():
     close(states[1]["w"], 0.5 * e1["w"] + 0.5 * t(2.0, 3.0, 1.0, 0.0))
     close(states[1]["b"], 0.5 * e1["b"] + 0.5 * t(1.5, 0.0))
     assert summaries[1]["majority_sign"] == 1.0 and summaries[1]["threshold_task"] == 1.5
-    assert stats[1]["w"]["sign_conflicts"] == pytest.approx(1 / 4)      # entry 0: 2 vs −2
+    assert stats[1]["w"]["sign_conflicts"] == pytest.approx(1 / 4)  # entry 0: 2 vs −2
     expected = fusionbench_continual_ties(base, [e1, e2], 0.5, 0.34)
     for name in base:
         close(states[1][name], expected[1][name])
@@ -113,8 +114,9 @@ def test_three_steps_match_the_transcription(density):
     shapes = {"q": (6, 4), "k": (6, 4), "up": (8, 4), "norm": (4,), "embed": (10, 4)}
     base = {n: torch.randn(s, generator=generator) for n, s in shapes.items()}
     experts = [{n: v + 0.1 * torch.randn(v.shape, generator=generator) for n, v in base.items()} for _ in range(3)]
-    states, _, _ = run_steps(Ties(TiesParams(density=density, scaling=0.3, form="fusionbench")), base, experts,
-                             {"q", "k", "up"})
+    states, _, _ = run_steps(
+        Ties(TiesParams(density=density, scaling=0.3, form="fusionbench")), base, experts, {"q", "k", "up"}
+    )
     expected = fusionbench_continual_ties(base, experts, 0.3, density)
     for step in range(3):
         for name in base:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from cache_writer import write_entry as _write_entry
-from tiny_recipes import make_recipe
 from trl import SFTConfig
 
 from cpt.data import build_task_data
@@ -21,6 +20,8 @@ from cpt.study.expert_cache import (
     model_folder_identity,
 )
 from cpt.testing import build_tiny_model
+
+from tiny_recipes import make_recipe
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_recipes import make_recipe
 
 from cpt.cli import main
 from cpt.errors import CptError
 from cpt.study.run import build_summary, read_run_outcomes, run_study, write_summary
 from cpt.study.spec import load_study
 from cpt.testing import build_tiny_model
+
+from tiny_recipes import make_recipe
 
 
 @pytest.fixture(scope="module")

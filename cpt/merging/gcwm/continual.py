@@ -106,13 +106,21 @@ def gcwm_continual_step(
             )
         needed = step - 1 if params.memory_size < 0 else min(step - 1, params.memory_size - 1)
         if len(earlier) < needed:
-            raise ValueError(f"all_history at step {step} needs the last {needed} earlier "
-                             f"task vectors, got {len(earlier)}")
-        active = earlier[len(earlier) - needed:] + [task_vector]
+            raise ValueError(
+                f"all_history at step {step} needs the last {needed} earlier task vectors, got {len(earlier)}"
+            )
+        active = earlier[len(earlier) - needed :] + [task_vector]
         weights = [1.0] * len(active)
 
-    merged, stats = gcwm_merge(active, weights, params, adam_dtype=adam_dtype, loop_tf32=loop_tf32,
-                               exact_shortcuts=exact_shortcuts, diagnostics=diagnostics)
+    merged, stats = gcwm_merge(
+        active,
+        weights,
+        params,
+        adam_dtype=adam_dtype,
+        loop_tf32=loop_tf32,
+        exact_shortcuts=exact_shortcuts,
+        diagnostics=diagnostics,
+    )
     if coefficient is None and params.step_coef == "norm":
         raise ValueError("step_coef 'norm': pass coefficient= (c_t = n̄_t/‖m_t‖ needs whole-model norms)")
     c_t = step_coefficient(step, params) if coefficient is None else float(coefficient)
@@ -150,4 +158,3 @@ def gcwm_non_target_step(
     if params.non_target == "task_arithmetic":
         return previous + step_coefficient(step, params) * task_vector
     return ((step - 1) * previous + task_vector) / step
-

@@ -84,14 +84,17 @@ def _layer_conflict(covariances: Tensor, weights: Tensor, union_rank: Tensor, ei
     if covariances.shape[-1] == 0:
         return torch.zeros(batch_size, dtype=torch.float64, device=covariances.device)
     pair_conflict = covariance_conflict(
-        covariances[:, first], covariances[:, second], eig_floor=eig_floor,
+        covariances[:, first],
+        covariances[:, second],
+        eig_floor=eig_floor,
         dims=union_rank.unsqueeze(-1).expand(batch_size, pair_count),
     )
     pair_conflict = torch.where(pair_weights > 0, pair_conflict, torch.zeros_like(pair_conflict))
     numerator = (pair_weights * pair_conflict).sum(-1)
     denominator = pair_weights.sum(-1)
-    return torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(torch.float64).tiny),
-                       torch.zeros_like(numerator))
+    return torch.where(
+        denominator > 0, numerator / denominator.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(numerator)
+    )
 
 
 @dataclass
@@ -119,8 +122,9 @@ class GCWMGeometry:
     branch: Tensor
 
 
-def _geometry(deltas: list[Tensor], weights: list[float], params: GCWMParams,
-              exact_shortcuts: bool = True) -> GCWMGeometry:
+def _geometry(
+    deltas: list[Tensor], weights: list[float], params: GCWMParams, exact_shortcuts: bool = True
+) -> GCWMGeometry:
     """METHOD §2 steps 1–4 on flattened deltas ``v_i [B, d_out, d_in]``.
 
     ``exact_shortcuts``: for an element with one active delta ``B*`` is that ``B_i`` itself
@@ -152,8 +156,13 @@ def _geometry(deltas: list[Tensor], weights: list[float], params: GCWMParams,
         shared_metric = (normalised[..., None, None] * covariances).sum(-3)
         if params.metric == "barycenter" and not bool(single.all()):
             barycenter, bary_iters = wasserstein_barycenter(
-                covariances, metric_weights, iters=params.bary_iters, tol=params.bary_tol, eps=params.eps,
-                eig_floor=params.eig_floor, dims=union_rank,
+                covariances,
+                metric_weights,
+                iters=params.bary_iters,
+                tol=params.bary_tol,
+                eps=params.eps,
+                eig_floor=params.eig_floor,
+                dims=union_rank,
             )
             shared_metric = torch.where(single[:, None, None], shared_metric, barycenter)
             bary_used = torch.where(single, bary_used, bary_iters.to(torch.long))
@@ -162,15 +171,20 @@ def _geometry(deltas: list[Tensor], weights: list[float], params: GCWMParams,
     conflict = _layer_conflict(covariances, active_weights, union_rank, params.eig_floor)
     alpha = _gate(conflict, params)
     return GCWMGeometry(
-        basis=union, union_rank=union_rank.to(torch.long), covariances=covariances, metric=shared_metric,
-        bary_iters=bary_used.to(torch.long), weights=active_weights, squared_norms=squared_norms,
-        conflict=conflict, alpha=alpha, branch=_branch(alpha, params),
+        basis=union,
+        union_rank=union_rank.to(torch.long),
+        covariances=covariances,
+        metric=shared_metric,
+        bary_iters=bary_used.to(torch.long),
+        weights=active_weights,
+        squared_norms=squared_norms,
+        conflict=conflict,
+        alpha=alpha,
+        branch=_branch(alpha, params),
     )
 
 
-def gcwm_geometry(
-    deltas: Sequence[Tensor], weights: Sequence[float], params: GCWMParams | None = None
-) -> GCWMGeometry:
+def gcwm_geometry(deltas: Sequence[Tensor], weights: Sequence[float], params: GCWMParams | None = None) -> GCWMGeometry:
     """METHOD §2 steps 1–4 only (bases, union, ``B_i``, ``B*``, conflict, gate, branch),
     for deltas ``[..., d_out, d_in]``; fields are flattened over the batch (``[B, ...]``,
     ``B = prod(...)``). :func:`gcwm_merge` computes exactly this first. Deltas with weight
@@ -290,15 +304,24 @@ def gcwm_merge(
     record = diagnostics  # the keyword; branch_records holds the per-branch values
     weighted_sum = weighted_plain_sum(flat, [weights[i] for i in kept]) if record else None  # s = Σ w_i v_i
     not_computed = torch.full((plain_sum.shape[0],), math.nan, dtype=f64, device=plain_sum.device)
-    branch_records = {key: not_computed.clone() for key in (
-        "dev_sum_plain", "dev_sum_relation", "displacement_plain", "displacement_relation")} if record else {}
+    branch_records = (
+        {
+            key: not_computed.clone()
+            for key in ("dev_sum_plain", "dev_sum_relation", "displacement_plain", "displacement_relation")
+        }
+        if record
+        else {}
+    )
     # One active delta (or none): the merge is that delta (or 0), exactly; see the docstring.
     single = (active_weights > 0).sum(-1) <= 1
     solve = ~single if exact_shortcuts else torch.ones_like(single)
     need_plain = (branch != BRANCH_RELATION) & solve
     need_relation = (branch != BRANCH_PLAIN) & solve
-    coef_plain = torch.where(active_weights > 0, active_weights / squared_norms.clamp_min(torch.finfo(f64).tiny),
-                             torch.zeros_like(active_weights))
+    coef_plain = torch.where(
+        active_weights > 0,
+        active_weights / squared_norms.clamp_min(torch.finfo(f64).tiny),
+        torch.zeros_like(active_weights),
+    )
 
     def select(values: Tensor, mask: Tensor) -> Tensor:
         return values if bool(mask.all()) else values[mask]
@@ -317,8 +340,14 @@ def gcwm_merge(
     if bool(need_plain.any()):
         selected = [select(delta, need_plain) for delta in flat]
         start_plain, displacement_plain = adam_displacement(
-            selected, select(coef_plain, need_plain), params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32,
-            skip_stationary=exact_shortcuts)
+            selected,
+            select(coef_plain, need_plain),
+            params.lr,
+            params.iters,
+            adam_dtype,
+            loop_tf32=loop_tf32,
+            skip_stationary=exact_shortcuts,
+        )
         if record:
             branch_records["displacement_plain"][need_plain] = relative_norm(displacement_plain, start_plain)
         m_plain = start_plain.add_(displacement_plain.to(work_dtype))
@@ -356,25 +385,37 @@ def gcwm_merge(
             [torch.linalg.vector_norm(vector, dim=(-2, -1), dtype=f64).square() for vector in whitened], -1
         )
         weights_sel = select(active_weights, need_relation)
-        coef_relation = torch.where(weights_sel > 0, weights_sel / squared_whitened.clamp_min(torch.finfo(f64).tiny),
-                                    torch.zeros_like(weights_sel))
+        coef_relation = torch.where(
+            weights_sel > 0,
+            weights_sel / squared_whitened.clamp_min(torch.finfo(f64).tiny),
+            torch.zeros_like(weights_sel),
+        )
         start_whitened, displacement_relation = adam_displacement(
-            whitened, coef_relation, params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32,
-            skip_stationary=exact_shortcuts)
+            whitened,
+            coef_relation,
+            params.lr,
+            params.iters,
+            adam_dtype,
+            loop_tf32=loop_tf32,
+            skip_stationary=exact_shortcuts,
+        )
         if record:
             branch_records["displacement_relation"][need_relation] = relative_norm(
-                displacement_relation, start_whitened)
+                displacement_relation, start_whitened
+            )
         del whitened, start_whitened
         start_relation = select(plain_sum, need_relation)
         # recolor(Σ u_i + Δ) = Σ v_i + (Σ v_i) Q (B^{1/2}B^{-1/2} − I) Qᵀ + recolor(Δ)
         m_relation = torch.baddbmm(start_relation, start_relation @ union_work, identity_fix)
         displacement_relation = displacement_relation.to(work_dtype)
-        m_relation.add_(torch.baddbmm(displacement_relation, displacement_relation @ union_work, recolor_in,
-                                      beta=sqrt_eps))
+        m_relation.add_(
+            torch.baddbmm(displacement_relation, displacement_relation @ union_work, recolor_in, beta=sqrt_eps)
+        )
         del displacement_relation
         if record:
             branch_records["dev_sum_relation"][need_relation] = relative_change(
-                m_relation, select(weighted_sum, need_relation))
+                m_relation, select(weighted_sum, need_relation)
+            )
         alpha_sel = select(alpha, need_relation)
         branch_sel = select(branch, need_relation)
         put(m_relation, need_relation, torch.where(branch_sel == BRANCH_BOTH, alpha_sel, torch.ones_like(alpha_sel)))
@@ -386,7 +427,8 @@ def gcwm_merge(
         for i in range(count):
             if weights[i] == 0:
                 norm_inputs[:, i] = torch.linalg.vector_norm(
-                    deltas[i].reshape(-1, d_out, d_in), dim=(-2, -1), dtype=f64)
+                    deltas[i].reshape(-1, d_out, d_in), dim=(-2, -1), dtype=f64
+                )
     stats = {
         "conflict": conflict,
         "alpha": alpha,

@@ -107,17 +107,28 @@ class GCWMParams:
             if not ok:
                 problems.append(msg)
 
-        for name in ("energy", "eps", "bary_tol", "gate_threshold", "gate_sharpness",
-                     "alpha_min", "alpha_max", "skip_tol", "lr", "eig_floor",
-                     "old_weight", "new_weight", "decay"):
+        for name in (
+            "energy",
+            "eps",
+            "bary_tol",
+            "gate_threshold",
+            "gate_sharpness",
+            "alpha_min",
+            "alpha_max",
+            "skip_tol",
+            "lr",
+            "eig_floor",
+            "old_weight",
+            "new_weight",
+            "decay",
+        ):
             need(math.isfinite(float(getattr(self, name))), f"{name} must be finite")
         need(self.rank >= 1, "rank must be >= 1")
         need(0.0 < self.energy <= 1.0, "energy must be in (0, 1]")
         need(self.eps > 0.0, "eps must be > 0")
         need(self.bary_iters >= 0, "bary_iters must be >= 0")
         need(self.bary_tol >= 0.0, "bary_tol must be >= 0")
-        need(0.0 <= self.alpha_min <= self.alpha_max <= 1.0,
-             "need 0 <= alpha_min <= alpha_max <= 1")
+        need(0.0 <= self.alpha_min <= self.alpha_max <= 1.0, "need 0 <= alpha_min <= alpha_max <= 1")
         need(0.0 <= self.skip_tol < 0.5, "skip_tol must be in [0, 0.5)")
         need(self.iters >= 0, "iters must be >= 0")
         need(self.lr >= 0.0, "lr must be >= 0")
@@ -129,10 +140,11 @@ class GCWMParams:
         need(self.decay >= 0.0, "decay must be >= 0")
         if self.step_coef == "norm":
             need(self.decay == 1.0, "decay must be 1 with step_coef 'norm' (c_t = n̄_t / ‖m_t‖ has no decay)")
-            need(self.non_target == "base",
-                 "step_coef 'norm' needs non_target 'base' (c_t is known only after every target tensor)")
+            need(
+                self.non_target == "base",
+                "step_coef 'norm' needs non_target 'base' (c_t is known only after every target tensor)",
+            )
         else:
             need(math.isfinite(float(self.step_coef)), "step_coef must be finite or 'norm'")
         if problems:
             raise ValueError("invalid GCWMParams: " + "; ".join(problems))
-

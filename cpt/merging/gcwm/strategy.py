@@ -57,7 +57,8 @@ class GCWM(MergeStrategy):
         if self.params.step_coef == "norm" and not self._norms_complete:
             raise ValueError(
                 f"GCWM step {step} with step_coef 'norm': the norms of τ_1..τ_{step - 1} are missing from the "
-                "run's history/ scalars (earlier steps ran without them): rerun the sequence with --overwrite")
+                "run's history/ scalars (earlier steps ran without them): rerun the sequence with --overwrite"
+            )
         self._earlier_norms = norms
         self._earlier_norm_sums = dict(scalars.get("task_vector_norm_sums", {})) if step > 1 else {}
         self._task_sq = 0.0
@@ -105,14 +106,23 @@ class GCWM(MergeStrategy):
             return MergeResult(state=batch.base + delta, stats=[{"norm_update": float(n)} for n in norms])
         previous = batch.history.get("merged")
         if step > 1 and previous is None:
-            raise ValueError(f"GCWM step {step}: no kept merged delta m_(t-1) for {batch.names[0]}; "
-                             "the run's history/ folder is missing or incomplete: rerun with --overwrite")
+            raise ValueError(
+                f"GCWM step {step}: no kept merged delta m_(t-1) for {batch.names[0]}; "
+                "the run's history/ folder is missing or incomplete: rerun with --overwrite"
+            )
         earlier = [self._kept_tau(batch, k) for k in self._window(step)]
         if any(tau is None for tau in earlier):
             raise ValueError(f"GCWM step {step}: a kept task vector is missing for {batch.names[0]}")
         norm_mode = self.params.step_coef == "norm"
-        merged, increment, stats = gcwm_continual_step(step, batch.task_vector, previous, earlier or None, self.params,
-                                                       coefficient=1.0 if norm_mode else None, diagnostics=True)
+        merged, increment, stats = gcwm_continual_step(
+            step,
+            batch.task_vector,
+            previous,
+            earlier or None,
+            self.params,
+            coefficient=1.0 if norm_mode else None,
+            diagnostics=True,
+        )
         keep = {"merged": merged}
         history_error = None
         for k in self._window(step + 1):
@@ -169,8 +179,9 @@ class GCWM(MergeStrategy):
         count = len(norms)
         sums = {name: self._earlier_norm_sums.get(name, 0.0) + norm for name, norm in self._task_norms.items()}
         state_norms = {name: state_scale * math.sqrt(sq) for name, sq in self._state_delta_sq.items()}
-        per_tensor_scale = {name: (state_norms[name] / (sums[name] / count) if sums[name] > 0 else math.nan)
-                            for name in state_norms}
+        per_tensor_scale = {
+            name: (state_norms[name] / (sums[name] / count) if sums[name] > 0 else math.nan) for name in state_norms
+        }
         state_delta_norm = math.sqrt(sum(norm * norm for norm in state_norms.values()))
         scalars.update(task_vector_norms=norms, task_vector_norm_sums=sums, step_coef=coefficient)
         summary = {
@@ -181,16 +192,19 @@ class GCWM(MergeStrategy):
             "norm_merged": merged_norm,
             "norm_state_delta": state_delta_norm,
             "effective_scale": state_delta_norm / mean_norm if mean_norm > 0 else None,
-            "effective_scale_per_tensor": {name: value for name, value in per_tensor_scale.items()
-                                           if math.isfinite(value)},
+            "effective_scale_per_tensor": {
+                name: value for name, value in per_tensor_scale.items() if math.isfinite(value)
+            },
             "diagnostics": {
                 **{key: aggregate_by_family(values) for key, values in self._diagnostics.items() if values},
                 "effective_scale": aggregate_by_family(per_tensor_scale),
             },
         }
         if not self._norms_complete:
-            summary["warning"] = (f"norms of τ_1..τ_{step - 1} missing from the carried scalars: n̄_t and the "
-                                  "effective scales use the available ones")
+            summary["warning"] = (
+                f"norms of τ_1..τ_{step - 1} missing from the carried scalars: n̄_t and the "
+                "effective scales use the available ones"
+            )
         return summary
 
     def finalize_scale(self, step: int, scalars: dict) -> float | None:

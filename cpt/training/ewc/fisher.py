@@ -83,7 +83,10 @@ def empirical_fisher(
         if sharded:
             # ZeRO-3: keep the rank's slice of g² as each full gradient appears, and hand
             # autograd a stride-0 zero instead, so no whole-model gradient is ever held.
-            hooks = [term.leaf.register_hook(local_square_accumulator(out[term.name], term.shard, 1.0 / len(batches))) for term in terms]
+            hooks = [
+                term.leaf.register_hook(local_square_accumulator(out[term.name], term.shard, 1.0 / len(batches)))
+                for term in terms
+            ]
         with torch.enable_grad():
             for batch in batches:
                 loss = module(**_to_device(batch, device), use_cache=False).loss

@@ -138,7 +138,11 @@ def penalised_tensors(model: torch.nn.Module) -> list[PenalisedTensor]:
         return local_shard(param) if zero3 else None
 
     if not is_peft_model(model):
-        return [PenalisedTensor(name, param, shard=shard(param)) for name, param in model.named_parameters() if param.requires_grad]
+        return [
+            PenalisedTensor(name, param, shard=shard(param))
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        ]
 
     terms: list[PenalisedTensor] = []
     handled: set[int] = set()
@@ -163,7 +167,11 @@ def penalised_tensors(model: torch.nn.Module) -> list[PenalisedTensor]:
                 f"ewc: layer {module_name} is not a plain LoRA linear layer (quantized, Conv1D/fan_in_fan_out or DoRA); "
                 "EWC supports LoRA on float nn.Linear layers"
             )
-        terms.append(PenalisedTensor(f"{module_name}.weight", base.weight, layer=layer, adapter=adapter, shard=shard(base.weight)))
+        terms.append(
+            PenalisedTensor(
+                f"{module_name}.weight", base.weight, layer=layer, adapter=adapter, shard=shard(base.weight)
+            )
+        )
         handled |= {id(lora_a), id(lora_b), id(base.weight)}
     for name, param in model.get_base_model().named_parameters():
         if param.requires_grad and id(param) not in handled:

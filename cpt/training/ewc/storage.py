@@ -39,11 +39,20 @@ def stored_steps(folder: str | Path) -> list[int]:
     return sorted(
         int(match.group(1))
         for path in folder.iterdir()
-        if (match := _STEP_DIR.match(path.name)) and not match.group(2) and (path / FISHER_FILE).is_file() and (path / ANCHORS_FILE).is_file()
+        if (match := _STEP_DIR.match(path.name))
+        and not match.group(2)
+        and (path / FISHER_FILE).is_file()
+        and (path / ANCHORS_FILE).is_file()
     )
 
 
-def save_ewc_state(folder: str | Path, step: int, fisher: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+def save_ewc_state(
+    folder: str | Path,
+    step: int,
+    fisher: dict[str, torch.Tensor],
+    anchors: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+) -> Path:
     """Write ``<folder>/step_<step>/{fisher,anchors}.safetensors`` atomically; keep steps ≥ step − 1.
 
     The previous step is kept so that a task retrained after a kill (between this write and
@@ -69,5 +78,7 @@ def load_ewc_state(folder: str | Path, step: int) -> tuple[dict[str, torch.Tenso
 
     path = step_dir(folder, step)
     if step not in stored_steps(folder):
-        raise CptError(f"ewc: no Fisher/anchors of task {step} in {Path(folder)}; the run directory is incomplete: rerun with --overwrite")
+        raise CptError(
+            f"ewc: no Fisher/anchors of task {step} in {Path(folder)}; the run directory is incomplete: rerun with --overwrite"
+        )
     return load_file(str(path / FISHER_FILE)), load_file(str(path / ANCHORS_FILE))

@@ -92,7 +92,9 @@ def _add_to_local_grad(param: torch.nn.Parameter, local: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _add_lora_shard_gradients(term: PenalisedTensor, fisher: torch.Tensor, anchor: torch.Tensor, coefficient: float) -> None:
+def _add_lora_shard_gradients(
+    term: PenalisedTensor, fisher: torch.Tensor, anchor: torch.Tensor, coefficient: float
+) -> None:
     """Add ∂/∂A, ∂/∂B of ``(coefficient/2)·Σ F (W_slice − W*)²`` to A's and B's local gradient partitions.
 
     A collective (gathers the factors once, sums the partial gradients over the ranks).
@@ -139,7 +141,10 @@ def add_ewc_gradients(
         if term.is_lora:
             _add_lora_shard_gradients(term, fisher[term.name], anchors[term.name], scale * ewc_lambda)
         elif term.leaf.requires_grad:
-            _add_to_local_grad(term.leaf, (scale * ewc_lambda) * fisher[term.name] * (term.value().float() - anchors[term.name].float()))
+            _add_to_local_grad(
+                term.leaf,
+                (scale * ewc_lambda) * fisher[term.name] * (term.value().float() - anchors[term.name].float()),
+            )
 
 
 # ---------------------------------------------------------------------- the Fisher's backward
