@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from scipy.stats import spearmanr
@@ -385,3 +386,43 @@ def test_report_of_a_real_tiny_run(tmp_path, capsys, monkeypatch):
     assert warnings == [
         f"[cpt] warning: no report written (RuntimeError: disk full second line); try `cpt report {run}`"
     ]
+
+
+def test_compare_shows_intervals_when_runs_carry_seeds(tmp_path):
+    """Runs named <variant>-seed<s> (as `cpt study` names them) get the METHOD §6 intervals in compare.md."""
+    from cpt.evaluation.outcomes import outcomes_path
+    from cpt.report.comparison import compare_runs
+    from cpt.study.run import read_run_outcomes
+    from cpt.study.statistics import bootstrap_study
+
+    rng = np.random.default_rng(0)
+    run_dirs = []
+    for variant, skill in (("good", 0.9), ("poor", 0.4)):
+        for seed in (0, 1, 2):
+            root = make_run(tmp_path / f"{variant}-seed{seed}", name=f"{variant}-seed{seed}", strategy=variant)
+            (root / "recipe.yaml").write_text(f"seed: {seed}\n")
+            rows = []
+            for row in range(len(TASKS) + 1):
+                scores = []
+                for column, task in enumerate(TASKS):
+                    # learnt tasks stay at the variant's skill, unlearnt ones at 0.1
+                    correct = rng.random(40) < (skill if 0 < row and column < row else 0.1)
+                    lines = [json.dumps({"id": i, "correct": bool(c)}) for i, c in enumerate(correct)]
+                    outcomes_path(root / "eval", row, task).write_text("\n".join(lines) + "\n")
+                    scores.append(float(correct.mean()))
+                rows.append(scores)
+            (root / "eval" / "matrix.json").write_text(
+                json.dumps({"tasks": list(TASKS), "rows": rows, "expert_scores": [None] * len(TASKS)})
+            )
+            run_dirs.append(root)
+    text = compare_runs(run_dirs, tmp_path)
+    assert "## Intervals over seeds" in text and "paired cluster bootstrap over seeds and eval examples" in text
+    expected = bootstrap_study(
+        [read_run_outcomes(tmp_path / f"{v}-seed{s}", v, s) for v in ("good", "poor") for s in (0, 1, 2)]
+    ).as_dict()
+    acc = expected["variants"]["good"]["acc"]
+    assert f"{acc['estimate']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}]" in text
+    pair = expected["pairs"][0]
+    assert pair["acc"]["distinguishable"] and f"**{pair['acc']['estimate']:+.3f}" in text
+    # One seed per variant: no interval section.
+    assert "Intervals over seeds" not in compare_runs(run_dirs[::3], tmp_path / "one")

@@ -216,20 +216,18 @@ def _fmt(interval: dict[str, float], signed: bool = False) -> str:
     return f"{interval['estimate']:{spec}} [{interval['low']:{spec}}, {interval['high']:{spec}}]"
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    out = [f"# Study {summary['study']}", "", f"Base recipe: `{summary['recipe']}`; seeds {summary['seeds']}."]
-    stats = summary.get("statistics")
-    if summary["pending_runs"]:
-        out += ["", f"Pending runs (not in the statistics): {', '.join(summary['pending_runs'])}."]
-    if stats is None:
-        return "\n".join(out + ["", summary["note"], ""])
+def format_statistics_tables(stats: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per-variant intervals, then the paired differences (``StudyStatistics.as_dict()``).
+
+    ``variants``: ``{"name", "strategy", "params"}`` per variant, in table order. Used by the
+    study summary and by ``cpt compare`` when its runs carry several seeds.
+    """
     confidence = round(100 * stats["confidence"])
-    out += ["", f"Seeds in the statistics: {stats['seeds']}; {stats['resamples']} resamples. {summary['note']}.", ""]
-    out += [
+    out: list[str] = [
         f"| variant | strategy | parameters | ACC [{confidence} % CI] | BWT | forgetting |",
         "|---|---|---|---|---|---|",
     ]
-    for variant in summary["variants"]:
+    for variant in variants:
         metrics = stats["variants"][variant["name"]]
         params = ", ".join(f"{k}={v}" for k, v in variant["params"].items()) or "-"
         out.append(
@@ -253,6 +251,18 @@ def format_summary(summary: dict[str, Any]) -> str:
             cells = [_fmt(pair[m], True) for m in METRICS]
             cells = [f"**{cell}**" if pair[m]["distinguishable"] else cell for cell, m in zip(cells, METRICS)]
             out.append(f"| {pair['a']} | {pair['b']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    out = [f"# Study {summary['study']}", "", f"Base recipe: `{summary['recipe']}`; seeds {summary['seeds']}."]
+    stats = summary.get("statistics")
+    if summary["pending_runs"]:
+        out += ["", f"Pending runs (not in the statistics): {', '.join(summary['pending_runs'])}."]
+    if stats is None:
+        return "\n".join(out + ["", summary["note"], ""])
+    out += ["", f"Seeds in the statistics: {stats['seeds']}; {stats['resamples']} resamples. {summary['note']}.", ""]
+    out += format_statistics_tables(stats, summary["variants"])
     costs = summary["costs"]
     out += [
         "",
