@@ -234,7 +234,7 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
     from trl import SFTConfig
 
     from cpt.data import build_task_data
-    from cpt.runner import TaskSequenceRunner
+    from cpt.runner import TaskSequenceRunner, log
     from cpt.study.expert_cache import train_or_reuse_expert, write_expert
     from cpt.tensors import is_peft_model, lora_factors, unwrap_model
     from cpt.training.trainer import CptSFTTrainer
@@ -286,6 +286,8 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
             write_expert(model, folder)
             expert = ExpertVectors(task.name, folder=folder, cache_hit=None)
         expert.seconds = time.perf_counter() - started
+        source = "from the cache" if hit else "trained"
+        log(f"plan: expert {step}/{len(recipe.tasks)} {task.name}: {source} ({expert.seconds:.1f} s)")
         experts.append(expert)
         del trainer, model
     return str(base_folder), experts
