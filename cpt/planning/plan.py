@@ -18,6 +18,7 @@ Three phases, each timed (the cost of planning is printed with the plan):
 
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 import time
@@ -37,7 +38,9 @@ __all__ = [
     "ExpertVectors",
     "PlanResult",
     "TaskVectors",
+    "measure_step_conflicts",
     "request_conflicts",
+    "train_experts",
     "plan_recipe",
     "format_plan",
     "reordered_recipe_text",
@@ -290,6 +293,7 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
         log(f"plan: expert {step}/{len(recipe.tasks)} {task.name}: {source} ({expert.seconds:.1f} s)")
         experts.append(expert)
         del trainer, model
+        gc.collect()
     return str(base_folder), experts
 
 

@@ -7,13 +7,21 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 from scipy.linalg import sqrtm
 
 from cpt.diagnostics import GeometrySettings
+from cpt.errors import CptError
 from cpt.geometry import LowRankDelta, geometry_conflict
 from cpt.planning.order import EXACT_MAX_TASKS, exact_order, greedy_order, order_cost, plan_order
-from cpt.planning.plan import ExpertVectors, TaskVectors, measure_step_conflicts, request_conflicts
+from cpt.planning.plan import (
+    ExpertVectors,
+    TaskVectors,
+    measure_step_conflicts,
+    reordered_recipe_text,
+    request_conflicts,
+)
 
 
 def random_costs(num_tasks: int, seed: int) -> dict:
@@ -209,3 +217,49 @@ def test_planned_order_of_hand_built_task_vectors(tmp_path):
     for order, cost in expected.items():
         measured = order_cost(order, lambda previous, task: plan.conflicts[(frozenset(previous), task)])[0]
         assert measured == pytest.approx(cost, abs=1e-9)
+
+
+def test_an_expert_equal_to_the_base_is_refused(tmp_path):
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = write_folder(tmp_path / "base", {name: torch.ones(4, 4)})
+    write_folder(tmp_path / "moved", {name: torch.ones(4, 4) + torch.eye(4)})
+    write_folder(tmp_path / "unmoved", {name: torch.ones(4, 4)})
+    experts = [ExpertVectors("moved", folder=tmp_path / "moved"), ExpertVectors("unmoved", folder=tmp_path / "unmoved")]
+    vectors = TaskVectors(base, experts, [r"q_proj"])
+    with pytest.raises(CptError, match=r"\['moved', 'unmoved'\] is undefined on every target tensor"):
+        measure_step_conflicts(vectors, [(frozenset([0]), 1)], GeometrySettings())
+
+
+def test_lora_task_vectors_cover_the_adapted_targets_only(tmp_path):
+    adapted, plain = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    base = write_folder(tmp_path / "base", {adapted: torch.zeros(6, 5), plain: torch.zeros(6, 5)})
+    generator = torch.Generator().manual_seed(2)
+    experts = [
+        ExpertVectors(
+            f"t{t}",
+            lora={adapted: (torch.randn(6, 2, generator=generator), torch.randn(2, 5, generator=generator), 0.5)},
+        )
+        for t in range(2)
+    ]
+    vectors = TaskVectors(base, experts, [r"q_proj", r"up_proj"])
+    assert vectors.names == [adapted]
+    (first, second) = vectors.deltas(adapted)
+    expected = geometry_conflict(first.to_dense(), second.to_dense())
+    got = measure_step_conflicts(vectors, [(frozenset([0]), 1)], GeometrySettings())
+    assert got[0] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_reordered_recipe_keeps_everything_but_the_task_order(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: r\nseed: 7\nmodel: {name_or_path: m}\ntraining: {learning_rate: 1e-4}\n"
+        "tasks:\n  - {name: a, train: {path: a.jsonl}}\n  - {name: b, train: {path: b.jsonl}}\n"
+        "  - {name: c, train: {path: c.jsonl}}\nevaluation: {batch_size: 2}\n"
+    )
+    text = reordered_recipe_text(recipe, [2, 0, 1])
+    data = yaml.safe_load(text)
+    assert list(data) == ["name", "seed", "model", "training", "tasks", "evaluation"]
+    assert [task["name"] for task in data["tasks"]] == ["c", "a", "b"]
+    assert data["training"]["learning_rate"] == 1e-4  # read as a float (YAML 1.2), written back as one
+    with pytest.raises(CptError, match="does not match the planned order"):
+        reordered_recipe_text(recipe, [1, 0])
