@@ -1,5 +1,5 @@
 """``cpt`` command line: ``cpt run``, ``cpt check``, ``cpt assets``, ``cpt strategies``, ``cpt geometry``,
-``cpt merge``, ``cpt report``, ``cpt compare``, ``cpt study``, ``cpt cache``."""
+``cpt merge``, ``cpt report``, ``cpt compare``, ``cpt study``, ``cpt cache``, ``cpt plan``."""
 
 from __future__ import annotations
 
@@ -301,6 +301,42 @@ def _cache_clear(args) -> int:
     return 0
 
 
+def _add_plan(subparsers) -> None:
+    plan = subparsers.add_parser(
+        "plan", help="plan the task order of least predicted geometry conflict (METHOD §7); trains the experts"
+    )
+    plan.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+    plan.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, as for `cpt run` (repeatable)",
+    )
+    plan.add_argument("--write", metavar="OUT.yaml", help="write the recipe with its tasks in the planned order")
+    plan.set_defaults(handler=_plan)
+
+
+def _plan(args) -> int:
+    from cpt.planning.plan import format_plan, plan_recipe, write_reordered_recipe
+    from cpt.preflight import check_output_path
+    from cpt.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.write:
+        check_output_path(args.write, folder=False, where="--write")
+    result = plan_recipe(recipe)
+    print(format_plan(result))
+    if args.write:
+        sets = "".join(f" --set {item}" for item in args.overrides)
+        header = (
+            f"# {args.recipe} with its tasks in the order `cpt plan{sets}` planned: {', '.join(result.planned_tasks)}\n"
+        )
+        print(f"wrote {write_reordered_recipe(args.recipe, result.plan.order, args.write, header)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual post-training of LLMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -314,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(subparsers)
     _add_study(subparsers)
     _add_cache(subparsers)
+    _add_plan(subparsers)
     return parser
 
 
