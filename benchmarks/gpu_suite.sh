@@ -68,7 +68,7 @@ declare -A PART_STEPS=([kernels]="install merge_fp32 merge_tf32 geometry"
 usage() { sed -n '2,/^set -uo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "gpu_suite: $*" >&2; exit 2; }
 
-WORK=/tmp/cpt-gpu-suite; CACHE=""; WHEELS_DIR=""; ASSETS_DIR=""; PART=all; DRY=0; EXEC_STEP=""
+WORK=/tmp/cpt-gpu-suite; CACHE=""; WHEELS_DIR=""; ASSETS_DIR=""; PART=all; DRY=0; EXEC_STEP=""; PRINT_BUDGET=0
 while (($#)); do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -78,6 +78,7 @@ while (($#)); do
     --work) WORK="${2:?--work needs a folder}"; shift ;;
     --cache) CACHE="${2:?--cache needs a folder}"; shift ;;
     --print-wheels) printf '%s\n' "${WHEELS[@]}"; exit 0 ;;
+    --print-budget) PRINT_BUDGET=1 ;;
     --exec-step) EXEC_STEP="${2:?}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -85,6 +86,9 @@ while (($#)); do
   shift
 done
 [[ -v "PART_STEPS[$PART]" ]] || die "--part '$PART': choose kernels, runs, all or stash"
+if ((PRINT_BUDGET)); then  # seconds of budgets of the part's steps
+  sum=0; for step in ${PART_STEPS[$PART]}; do sum=$((sum + BUDGET[$step])); done; echo "$sum"; exit 0
+fi
 abspath() { [[ "$1" = /* ]] && echo "$1" || echo "$PWD/$1"; }
 [[ -n "$WHEELS_DIR" ]] && WHEELS_DIR="$(abspath "$WHEELS_DIR")"
 [[ -n "$ASSETS_DIR" ]] && ASSETS_DIR="$(abspath "$ASSETS_DIR")"
@@ -106,6 +110,8 @@ step_command() {
     continual) echo "$PYTHON benchmarks/continual.py --size cpu --strategies gcwm --output $WORK/runs/continual --no-record" ;;
   esac
 }
+
+shown_command() { local command; command="$(step_command "$1")"; echo "${command//"$PYTHON "/python }"; }
 
 export PYTHONPATH="$REPO:$WORK/site${PYTHONPATH:+:$PYTHONPATH}" CPT_CACHE="$CACHE" HF_HUB_OFFLINE=1 \
   HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -256,7 +262,7 @@ save_results() {
 set_status() {  # step state rc seconds
   local others; others="$(awk -F'\t' -v s="$1" '$1 != s' "$STATUS")"
   { [[ -n "$others" ]] && printf '%s\n' "$others"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${BUDGET[$1]}" "$(step_command "$1")"; } >"$STATUS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${BUDGET[$1]}" "$(shown_command "$1")"; } >"$STATUS"
 }
 
 for step in ${PART_STEPS[$PART]}; do
