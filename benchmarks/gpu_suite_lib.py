@@ -353,7 +353,7 @@ FIGURE_LINES = {
         r"^right_basis",
         r"^device ",
     ),
-    "eval_speed": (r"^model: ", r"^median wall", r"^median CPU", r"^max \|score difference\|"),
+    "eval_speed": (r"^model: ", r"^machine: ", r"^median wall", r"^median CPU", r"^max \|score difference\|"),
     "zero3": (r"^\| (plain|ZeRO-3)", r"^Same results"),
     "continual": (r"^\| gcwm|^\| sequential|^\| [a-z_]+ \| [a-z_]+ \|",),
 }
