@@ -66,10 +66,11 @@ def load_model(args):
 
     path = args.model
     if path is None:
-        from cpt.assets import _model_ready, cache_dir
+        from cpt.assets import cache_dir
+        from cpt.assets.gguf import model_ready
 
         cached = cache_dir() / "models" / "smollm2-135m-instruct"
-        if _model_ready(cached):
+        if model_ready(cached):
             path = str(cached)
     if path is not None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -124,13 +125,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per path, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default: cpu)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tokenizer, described = load_model(args)
-    model.eval()
+    model.to(args.device).eval()
     examples = make_examples(tokenizer, args.examples, args.prompt_tokens, args.seed)
     lengths = [len(tokenize_prompt(tokenizer, ex.prompt)) for ex in examples]
     print(f"model: {described}")
@@ -138,7 +140,11 @@ def main(argv=None) -> int:
         f"examples: {len(examples)} × 4 choices, prompt tokens {min(lengths)}–{max(lengths)} "
         f"(mean {statistics.mean(lengths):.0f}), batch size {args.batch_size}, {torch.get_num_threads()} torch threads"
     )
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()}")
+    accelerator = f", {torch.cuda.get_device_name(model.device)}" if model.device.type == "cuda" else ""
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs{accelerator}, torch {torch.__version__}, "
+        f"load {os.getloadavg()}"
+    )
 
     times = {"full": [], "shared_prefix": []}
     cpu = {"full": [], "shared_prefix": []}
