@@ -765,9 +765,13 @@ class TaskSequenceRunner:
 
     # ------------------------------------------------------------------ trackers (training.report_to)
     def _log_matrix_row(self, step: int) -> None:
-        """Row ``step`` of the accuracy matrix (and, at step 1, the base row) to the ``report_to``
-        trackers, main process only, at tracker step = task index: ``eval/<task>``,
-        ``eval/probe-<probe>``, ``eval/acc``/``bwt``/``fwt``/``forgetting``, ``eval/general_ability_kept``."""
+        """Row ``step`` of the accuracy matrix (and, at step 1, the base row 0) to the ``report_to`` trackers,
+        main process only, at tracker step = task index (README, "Metrics sent to trackers").
+
+        Keys are ``eval_<task>``, ``eval_probe-<probe>``, ``eval_acc``/``bwt``/``fwt``/``forgetting`` and
+        ``eval_general_ability_kept`` (mean; ``/<probe>`` per probe): transformers' trackers show them as
+        ``eval/<name>`` (TensorBoard, W&B, trackio, ...), as they show ``trainer.log``'s ``eval_`` keys.
+        """
         if not self.is_main or not self._tracker_callbacks():
             return
         if step == 1 and self.matrix["rows"][0] is not None:
@@ -776,18 +780,18 @@ class TaskSequenceRunner:
 
     def _matrix_row_metrics(self, row: int) -> dict[str, float]:
         matrix = self.matrix
-        metrics = {f"eval/{name}": score for name, score in zip(matrix["tasks"], matrix["rows"][row] or [])}
+        metrics = {f"eval_{name}": score for name, score in zip(matrix["tasks"], matrix["rows"][row] or [])}
         probe_row = (matrix.get("probe_rows") or [None] * (row + 1))[row]
-        metrics.update({f"eval/probe-{name}": score for name, score in zip(matrix.get("probes", []), probe_row or [])})
+        metrics.update({f"eval_probe-{name}": score for name, score in zip(matrix.get("probes", []), probe_row or [])})
         if row >= 1:
             from cpt.evaluation import continual_metrics, general_ability_kept
 
             continual = continual_metrics(present_rows({**matrix, "rows": matrix["rows"][: row + 1]}))
-            metrics.update({f"eval/{key}": continual[key] for key in ("acc", "bwt", "fwt", "forgetting")})
+            metrics.update({f"eval_{key}": continual[key] for key in ("acc", "bwt", "fwt", "forgetting")})
             if matrix.get("probes"):
                 kept = general_ability_kept(matrix["probe_rows"][: row + 1], matrix["probes"])
-                metrics["eval/general_ability_kept"] = kept["mean"]
-                metrics.update({f"eval/general_ability_kept/{k}": v for k, v in kept["per_probe"].items()})
+                metrics["eval_general_ability_kept"] = kept["mean"]
+                metrics.update({f"eval_general_ability_kept/{k}": v for k, v in kept["per_probe"].items()})
         return {key: float(value) for key, value in metrics.items() if value is not None}
 
     def _tracker_callbacks(self) -> list:

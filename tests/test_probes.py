@@ -29,7 +29,12 @@ def reverse_probe(tmp_path: Path) -> dict:
     return {
         "name": "reverse",
         "data": {"path": probe_file(tmp_path)},
-        "fields": {"prompt": "word", "completion": "answer", "choices": "options", "prompt_template": "Reverse {prompt}:"},
+        "fields": {
+            "prompt": "word",
+            "completion": "answer",
+            "choices": "options",
+            "prompt_template": "Reverse {prompt}:",
+        },
         "eval": {"kind": "choice", "max_examples": 6},
     }
 
@@ -134,7 +139,11 @@ def test_study_summary_lists_general_ability_kept(tmp_path):
 
     runs = tmp_path / "runs"
     variants = [SimpleNamespace(name="seq"), SimpleNamespace(name="avg")]
-    probe_rows = {("seq", 0): [[0.5], [0.4], [0.25]], ("seq", 1): [[0.5], [0.5], [0.5]], ("avg", 0): [[0.5], None, None]}
+    probe_rows = {
+        ("seq", 0): [[0.5], [0.4], [0.25]],
+        ("seq", 1): [[0.5], [0.5], [0.5]],
+        ("avg", 0): [[0.5], None, None],
+    }
     for (variant, seed), rows in probe_rows.items():
         folder = runs / f"{variant}-{seed}" / "eval"
         folder.mkdir(parents=True)
@@ -157,7 +166,13 @@ def test_study_summary_lists_general_ability_kept(tmp_path):
         "statistics": {"confidence": 0.95, "seeds": [0], "resamples": 10, "variants": {}, "pairs": []},
         "note": "n",
         "variants": [],
-        "costs": {"train_seconds": 0, "eval_seconds": 0, "integration_seconds": 0, "experts_trained": 0, "experts_reused": 0},
+        "costs": {
+            "train_seconds": 0,
+            "eval_seconds": 0,
+            "integration_seconds": 0,
+            "experts_trained": 0,
+            "experts_reused": 0,
+        },
         "general_ability_kept": kept,
     }
     text = format_summary(summary)
