@@ -732,7 +732,7 @@ class TaskSequenceRunner:
         if not self.recipe.probes:
             return
         scores = []
-        for probe, data in zip(self.recipe.probes, self.probe_data):
+        for index, (probe, data) in enumerate(zip(self.recipe.probes, self.probe_data)):
             desc = f"eval {label} on probe {probe.name}"
             if probe.lm_eval is not None:
                 from cpt.evaluation.lm_eval_probe import evaluate_lm_eval
@@ -745,7 +745,7 @@ class TaskSequenceRunner:
                         probe.lm_eval,
                         batch_size=self.recipe.evaluation.batch_size,
                         outcomes_file=outcomes_path(self.rundir.root / "eval", row, f"probe-{probe.name}"),
-                        where=f"probes[{probe.name}].lm_eval",
+                        where=f"probes[{index}].lm_eval",
                     )
             else:
                 score = self._evaluate(

@@ -253,3 +253,25 @@ def test_lm_eval_probe_missing_extra_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(CptError, match=r"pip install 'cpt\[lm-eval\]'"):
         evaluate_lm_eval(None, None, LmEvalSpec(task="arc_easy"))
+
+
+def test_run_with_an_lm_eval_probe(tmp_path, tiny_model):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional extra 'lm-eval' (not installed)")
+    from cpt.evaluation.outcomes import outcomes_path, read_outcomes
+    from cpt.runner import TaskSequenceRunner
+
+    data = make_recipe(tmp_path, tiny_model, steps=(1, 1))
+    data["tasks"] = data["tasks"][:1]
+    data["geometry"] = {"enabled": False}
+    data["evaluation"]["evaluate_experts"] = False
+    data["probes"] = [{"name": "lm-reverse", "lm_eval": {"yaml": str(lm_eval_task(tmp_path)), "limit": 4}}]
+    recipe = validate_recipe(data)
+    result = TaskSequenceRunner(recipe).run()
+    matrix = json.loads((recipe.run_dir / "eval" / "matrix.json").read_text())
+    assert matrix["probes"] == ["lm-reverse"] and len(matrix["probe_rows"]) == 2
+    for row in range(2):
+        records = read_outcomes(outcomes_path(recipe.run_dir / "eval", row, "probe-lm-reverse"))
+        assert len(records) == 4 and all(record["kind"] == "lm-eval" for record in records)
+        assert matrix["probe_rows"][row][0] == pytest.approx(sum(record["correct"] for record in records) / 4)
+    base, last = matrix["probe_rows"][0][0], matrix["probe_rows"][1][0]
+    assert result.general_ability["per_probe"]["lm-reverse"] == (pytest.approx(last / base) if base > 0 else None)
