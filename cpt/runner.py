@@ -214,6 +214,8 @@ class TaskSequenceRunner:
             self.matrix.setdefault("probe_rows", [None] * (len(self.task_names) + 1))
         if self.matrix["rows"][0] is None and recipe.evaluation.evaluate_base:
             self._evaluate_base()
+        elif recipe.probes and self.matrix["probe_rows"][0] is None and recipe.evaluation.evaluate_base:
+            self._evaluate_base_probes()  # a base row given without its probe scores (e.g. copied)
 
     def run_task(self, step: int, task: TaskSpec, data) -> None:
         """Train and integrate task ``step`` (unless a kill came after its integration), then evaluate θ_t."""
@@ -754,6 +756,14 @@ class TaskSequenceRunner:
             scores.append(score)
         self.matrix["probe_rows"][row] = scores
         log(f"probes {label}: " + "  ".join(f"{p.name}={x:.3f}" for p, x in zip(self.recipe.probes, scores)))
+
+    def _evaluate_base_probes(self) -> None:
+        if self.is_main:
+            model = self._load_eval_model(self.base)
+            self._evaluate_probes(model, "base", row=0)
+            self._save_matrix(self.matrix)
+            del model
+        self.distributed.wait_for_everyone()
 
     def _general_ability(self, matrix: dict) -> dict | None:
         """General ability kept (probe after the last task / base), or ``None`` for a run without probes."""

@@ -123,6 +123,22 @@ def test_tiny_run_scores_probes_for_base_and_every_task(tmp_path, tiny_model, ca
     kept_text = "-" if expected is None else f"{expected:.3f}"
     assert f"| reverse | {base:.3f} | {last:.3f} | {kept_text} |" in report
 
+    # A study variant given this run's base row gets its probe scores too; one given a base row
+    # without them (copied by an older cpt) scores the base on the probes at setup.
+    from cpt.study.run import _share_base_row
+
+    variant = validate_recipe({**recipe.model_dump(mode="json"), "name": "tiny-variant"})
+    assert _share_base_row(TaskSequenceRunner(variant), run_dir)
+    shared = json.loads((variant.run_dir / "eval" / "matrix.json").read_text())
+    assert shared["probes"] == ["reverse"] and shared["probe_rows"] == [matrix["probe_rows"][0], None, None]
+    assert (variant.run_dir / "eval" / "0_probe-reverse.jsonl").is_file()
+    del shared["probes"], shared["probe_rows"]
+    (variant.run_dir / "eval" / "matrix.json").write_text(json.dumps(shared))
+    again = TaskSequenceRunner(variant)
+    again.setup()
+    assert again.matrix["probe_rows"][0] == pytest.approx(matrix["probe_rows"][0])
+    assert again.matrix["rows"][0] == matrix["rows"][0]
+
     # A matrix.json from before probes (no probes keys) still loads and reports, without the section.
     del matrix["probes"], matrix["probe_rows"]
     (run_dir / "eval" / "matrix.json").write_text(json.dumps(matrix))

@@ -66,14 +66,14 @@ def _share_base_row(runner, source: Path) -> bool:
         return False  # a resumed run keeps what it has
     runner.prepare_run_dir()
     num_tasks = len(matrix["tasks"])
-    atomic_write_json(
-        target.matrix_path,
-        {
-            "tasks": matrix["tasks"],
-            "rows": [matrix["rows"][0]] + [None] * num_tasks,
-            "expert_scores": [None] * num_tasks,
-        },
-    )
+    shared = {
+        "tasks": matrix["tasks"],
+        "rows": [matrix["rows"][0]] + [None] * num_tasks,
+        "expert_scores": [None] * num_tasks,
+    }
+    if matrix.get("probes"):  # the base's probe scores too (their 0_probe-*.jsonl files are copied below)
+        shared.update(probes=matrix["probes"], probe_rows=[matrix["probe_rows"][0]] + [None] * num_tasks)
+    atomic_write_json(target.matrix_path, shared)
     for per_example in (source / "eval").glob("0_*.jsonl"):
         shutil.copyfile(per_example, target.root / "eval" / per_example.name)
     manifest = target.read_manifest()
