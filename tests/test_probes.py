@@ -291,3 +291,19 @@ def test_run_with_an_lm_eval_probe(tmp_path, tiny_model):
         assert matrix["probe_rows"][row][0] == pytest.approx(sum(record["correct"] for record in records) / 4)
     base, last = matrix["probe_rows"][0][0], matrix["probe_rows"][1][0]
     assert result.general_ability["per_probe"]["lm-reverse"] == (pytest.approx(last / base) if base > 0 else None)
+
+
+def test_probe_data_errors_name_the_probe(tmp_path, tiny_model):
+    from cpt.runner import TaskSequenceRunner
+
+    missing = {**reverse_probe(tmp_path), "data": {"path": str(tmp_path / "missing.jsonl")}}
+    recipe = validate_recipe(make_recipe(tmp_path, tiny_model, probes=[missing]))
+    with pytest.raises(CptError, match=r"probes\[0\].data.path: file .*missing.jsonl' not found"):
+        TaskSequenceRunner(recipe)._build_probe_data()
+    wrong_column = {
+        **reverse_probe(tmp_path),
+        "fields": {"prompt": "nope", "completion": "answer", "choices": "options"},
+    }
+    recipe = validate_recipe(make_recipe(tmp_path, tiny_model, probes=[wrong_column]))
+    with pytest.raises(CptError, match=r"probes\[0\].fields.prompt: column 'nope' not in the data"):
+        TaskSequenceRunner(recipe)._build_probe_data()
