@@ -265,6 +265,62 @@ class TaskSpec(_Strict):
         return self
 
 
+class LmEvalSpec(_Strict):
+    """``lm_eval:`` — a probe scored by lm-evaluation-harness (the optional ``lm-eval`` extra).
+
+    Exactly one of ``task`` (a task name lm-eval knows, e.g. ``arc_easy``; its data must be
+    in the local datasets cache when offline) or ``yaml`` (a task YAML file, e.g. over a
+    local jsonl file). Scored by :func:`cpt.evaluation.lm_eval_probe.evaluate_lm_eval` on the
+    live model with ``lm_eval.simple_evaluate``.
+    """
+
+    task: str | None = None
+    yaml: str | None = Field(None, description="path of an lm-eval task YAML (relative to the current directory)")
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0, description="score at most this many documents")
+    metric: str | None = Field(
+        None,
+        description="the result metric used as the score (e.g. 'acc'); default: acc, else exact_match, else the first",
+    )
+
+    @model_validator(mode="after")
+    def _task_or_yaml(self) -> LmEvalSpec:
+        given = [key for key in ("task", "yaml") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'task' or 'yaml' (got {given or 'none'})")
+        return self
+
+
+class ProbeSpec(_Strict):
+    """``probes:`` — an eval-only task: scored for the base and after every task, never trained.
+
+    A probe measures general ability outside the sequence's own tasks. It reads its examples
+    from ``data`` with the same ``fields`` and ``eval`` settings as a task (``eval.data`` and
+    ``eval.held_out`` do not apply: ``data`` is the eval set; an asset's default split is
+    ``test``), or is scored by lm-evaluation-harness (``lm_eval``). Probe scores are their
+    own columns (``matrix.json``'s ``probe_rows``) and never enter ACC/BWT/forgetting, which
+    METHOD §5 defines over the sequence's tasks.
+    """
+
+    name: str
+    data: DataSource | None = None
+    fields: FieldMapping = FieldMapping()
+    eval: EvalSpec = EvalSpec()
+    lm_eval: LmEvalSpec | None = None
+
+    _slug = field_validator("name")(TaskSpec._slug.__func__)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProbeSpec:
+        if (self.data is None) == (self.lm_eval is None):
+            raise ValueError("give exactly one of 'data' (an eval set scored like a task) or 'lm_eval'")
+        if self.eval.data is not None or self.eval.held_out is not None:
+            raise ValueError("eval.data and eval.held_out do not apply to a probe: its 'data' is the eval set")
+        if self.data is not None and self.eval.kind == "choice" and self.fields.choices is None:
+            raise ValueError("eval kind 'choice' needs fields.choices (the column with the options)")
+        return self
+
+
 class Recipe(_Strict):
     name: str
     output_dir: str = "runs"
@@ -278,6 +334,7 @@ class Recipe(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     divergence: DivergenceSpec = DivergenceSpec()
     tasks: list[TaskSpec] = Field(min_length=1)
+    probes: list[ProbeSpec] = Field([], description="eval-only tasks measuring general ability (never trained)")
 
     @field_validator("name")
     @classmethod
@@ -308,6 +365,11 @@ class Recipe(_Strict):
             if task.name in seen:
                 raise ValueError(f"task name {task.name!r} is used twice; task names must be unique")
             seen.add(task.name)
+        probe_names: set[str] = set()
+        for probe in self.probes:
+            if probe.name in probe_names:
+                raise ValueError(f"probe name {probe.name!r} is used twice; probe names must be unique")
+            probe_names.add(probe.name)
         return self
 
     # ------------------------------------------------------------------ derived values
@@ -321,8 +383,15 @@ class Recipe(_Strict):
         ``divergence`` thresholds are left out: they only decide whether a task stops, so a run
         may be resumed with other thresholds (and runs made before the section existed keep
         their fingerprint).
+
+        ``probes`` count like the ``evaluation`` settings (which are in the hash: both decide
+        what the run's records hold); a recipe without probes leaves the key out, so runs made
+        before probes existed keep their fingerprint.
         """
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"divergence"}), sort_keys=True)
+        dumped = self.model_dump(mode="json", exclude={"divergence"})
+        if not dumped["probes"]:
+            del dumped["probes"]
+        canonical = json.dumps(dumped, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def training_args(self, task: TaskSpec) -> dict[str, Any]:

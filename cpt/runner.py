@@ -77,6 +77,8 @@ class RunResult:
     expert_scores: list[float | None]
     metrics: dict[str, Any]
     task_names: list[str]
+    general_ability: dict | None = None
+    """:func:`cpt.evaluation.general_ability_kept` of the recipe's probes; ``None`` without probes."""
 
 
 class Stopwatch:
@@ -206,8 +208,14 @@ class TaskSequenceRunner:
             "rows": [None] * (len(self.task_names) + 1),
             "expert_scores": [None] * len(self.task_names),
         }
+        self.probe_data = self._build_probe_data()
+        if recipe.probes:  # probe columns beside the task columns, rows aligned (old matrices have none)
+            self.matrix.setdefault("probes", [probe.name for probe in recipe.probes])
+            self.matrix.setdefault("probe_rows", [None] * (len(self.task_names) + 1))
         if self.matrix["rows"][0] is None and recipe.evaluation.evaluate_base:
             self._evaluate_base()
+        elif recipe.probes and self.matrix["probe_rows"][0] is None and recipe.evaluation.evaluate_base:
+            self._evaluate_base_probes()  # a base row given without its probe scores (e.g. copied)
 
     def run_task(self, step: int, task: TaskSpec, data) -> None:
         """Train and integrate task ``step`` (unless a kill came after its integration), then evaluate θ_t."""
@@ -298,6 +306,7 @@ class TaskSequenceRunner:
         for callback in [*strategy_callbacks, *diagnostics, integration]:
             if callable(getattr(callback, "bind_trainer", None)):
                 callback.bind_trainer(trainer)
+        self._point_trackers(trainer.callback_handler.callbacks)  # TensorBoard logs under the run directory
 
         # Only an expert that is a function of θ0, the task's own data and the training settings is cached.
         cacheable = not strategy_callbacks and train_dataset is data.train
@@ -317,14 +326,21 @@ class TaskSequenceRunner:
         matrix = self.matrix if self.is_main else read_json(self.rundir.matrix_path)  # the main process saved it
         rows = present_rows(matrix)
         metrics = continual_metrics(rows, matrix["expert_scores"])
+        kept = self._general_ability(matrix)
         if self.is_main:
             self.manifest["status"] = "complete"
             self.manifest["metrics"] = metrics
+            if kept is not None:
+                self.manifest["general_ability_kept"] = kept
             self.rundir.write_manifest(self.manifest)
-            print(format_matrix_table(rows, self.task_names, matrix["expert_scores"], metrics))
+            probe_table = (
+                dict(probe_rows=matrix["probe_rows"][: len(rows)], probe_names=matrix["probes"]) if kept else {}
+            )
+            print(format_matrix_table(rows, self.task_names, matrix["expert_scores"], metrics, **probe_table))
             print(f"run directory: {self.rundir.root}")
+            self._close_trackers()
             self._write_report()
-        return RunResult(self.rundir.root, matrix["rows"], matrix["expert_scores"], metrics, self.task_names)
+        return RunResult(self.rundir.root, matrix["rows"], matrix["expert_scores"], metrics, self.task_names, kept)
 
     # ------------------------------------------------------------------ set-up
     def prepare_run_dir(self) -> dict:
@@ -443,9 +459,12 @@ class TaskSequenceRunner:
             ) from None
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, model, tokenizer, task: TaskSpec, data, desc: str, row: int | str) -> float:
+    def _evaluate(
+        self, model, tokenizer, task: TaskSpec, data, desc: str, row: int | str, outcome_name: str | None = None
+    ) -> float:
         """θ's score on ``task``; its per-example outcomes go to ``eval/<row>_<task>.jsonl``
-        (row 0 = base, t = after task t, ``expert`` = E_t) for reports and study statistics."""
+        (row 0 = base, t = after task t, ``expert`` = E_t; ``outcome_name`` in place of the
+        task's name) for reports and study statistics."""
         from cpt.evaluation import evaluate_choice, evaluate_generation
         from cpt.evaluation.outcomes import outcomes_path, write_outcomes
 
@@ -472,7 +491,7 @@ class TaskSequenceRunner:
                     normalization=task.eval.normalize.model_dump(),
                     desc=desc,
                 )
-        write_outcomes(outcomes_path(self.rundir.root / "eval", row, task.name), result)
+        write_outcomes(outcomes_path(self.rundir.root / "eval", row, outcome_name or task.name), result)
         return float(result.score)
 
     def _evaluate_row(self, model, tokenizer, task_data, label: str, row: int) -> list[float]:
@@ -629,6 +648,7 @@ class TaskSequenceRunner:
             model = self._load_eval_model(self.base)
             started = time.perf_counter()
             self.matrix["rows"][0] = self._evaluate_row(model, self.tokenizer, self.task_data, "base", row=0)
+            self._evaluate_probes(model, "base", row=0)
             self.manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
             self._save_matrix(self.matrix)
             self.rundir.write_manifest(self.manifest)
@@ -658,6 +678,7 @@ class TaskSequenceRunner:
         self.matrix["rows"][step] = self._evaluate_row(
             model, self.tokenizer, self.task_data, f"after {task.name}", row=step
         )
+        self._evaluate_probes(model, f"after {task.name}", row=step)
         record["eval_seconds"] = round(time.perf_counter() - started, 3)
         record.update(_peak_memory())  # of the main process (it also evaluates)
         record["status"] = "done"
@@ -665,6 +686,7 @@ class TaskSequenceRunner:
         self._save_matrix(self.matrix)
         self.rundir.write_manifest(self.manifest)
         self._summarise(step, task, record, self.matrix)
+        self._log_matrix_row(step)
 
     def _write_report(self) -> None:
         try:  # a report problem never fails a finished run; `cpt report RUN_DIR` redoes it
@@ -687,3 +709,136 @@ class TaskSequenceRunner:
         )
         expert_text = f"expert {expert:.3f}; " if expert is not None else ""
         log(f"task {step}/{len(self.recipe.tasks)} {task.name} done: {expert_text}state {scores} ({timing})")
+
+    # ------------------------------------------------------------------ probes (eval-only tasks)
+    def _build_probe_data(self) -> list:
+        """Each data probe's eval examples (``None`` for an lm-eval probe), loaded like a task's eval set."""
+        from cpt.data import RowFormatter, TaskData, load_rows, seeded_subset
+
+        probe_data = []
+        for index, probe in enumerate(self.recipe.probes):
+            if probe.data is None:
+                probe_data.append(None)
+                continue
+            where = f"probes[{index}]"
+            rows = load_rows(probe.data, default_split="test", where=f"{where}.data")
+            rows = seeded_subset(rows, probe.eval.max_examples, self.recipe.seed)
+            formatter = RowFormatter(probe, where)  # reads probe.fields, as it reads a task's
+            make = formatter.choice_example if probe.eval.kind == "choice" else formatter.generation_example
+            examples = [make(row) for row in rows]
+            probe_data.append(TaskData(name=probe.name, train=None, eval_examples=examples, eval_kind=probe.eval.kind))
+        return probe_data
+
+    def _evaluate_probes(self, model, label: str, row: int) -> None:
+        """Row ``row`` of the probe columns (main process); outcomes to ``eval/<row>_probe-<name>.jsonl``."""
+        if not self.recipe.probes:
+            return
+        scores = []
+        for index, (probe, data) in enumerate(zip(self.recipe.probes, self.probe_data)):
+            desc = f"eval {label} on probe {probe.name}"
+            if probe.lm_eval is not None:
+                from cpt.evaluation.lm_eval_probe import evaluate_lm_eval
+                from cpt.evaluation.outcomes import outcomes_path
+
+                with no_zero3_init():
+                    score = evaluate_lm_eval(
+                        model,
+                        self.tokenizer,
+                        probe.lm_eval,
+                        batch_size=self.recipe.evaluation.batch_size,
+                        outcomes_file=outcomes_path(self.rundir.root / "eval", row, f"probe-{probe.name}"),
+                        where=f"probes[{index}].lm_eval",
+                    )
+            else:
+                score = self._evaluate(
+                    model, self.tokenizer, probe, data, desc, row, outcome_name=f"probe-{probe.name}"
+                )
+            scores.append(score)
+        self.matrix["probe_rows"][row] = scores
+        log(f"probes {label}: " + "  ".join(f"{p.name}={x:.3f}" for p, x in zip(self.recipe.probes, scores)))
+
+    def _evaluate_base_probes(self) -> None:
+        if self.is_main:
+            model = self._load_eval_model(self.base)
+            self._evaluate_probes(model, "base", row=0)
+            self._save_matrix(self.matrix)
+            del model
+        self.distributed.wait_for_everyone()
+
+    def _general_ability(self, matrix: dict) -> dict | None:
+        """General ability kept (probe after the last task / base), or ``None`` for a run without probes."""
+        from cpt.evaluation import general_ability_kept
+
+        if not matrix.get("probes"):
+            return None
+        return general_ability_kept(matrix["probe_rows"], matrix["probes"])
+
+    # ------------------------------------------------------------------ trackers (training.report_to)
+    def _log_matrix_row(self, step: int) -> None:
+        """Row ``step`` of the accuracy matrix (and, at step 1, the base row 0) to the ``report_to`` trackers,
+        main process only, at tracker step = task index (README, "Metrics sent to trackers").
+
+        Keys are ``eval_<task>``, ``eval_probe-<probe>``, ``eval_acc``/``bwt``/``fwt``/``forgetting`` and
+        ``eval_general_ability_kept`` (mean; ``/<probe>`` per probe): transformers' trackers show them as
+        ``eval/<name>`` (TensorBoard, W&B, trackio, ...), as they show ``trainer.log``'s ``eval_`` keys.
+        """
+        if not self.is_main or not self._tracker_callbacks():
+            return
+        if step == 1 and self.matrix["rows"][0] is not None:
+            self._log_to_trackers(self._matrix_row_metrics(0), 0)
+        self._log_to_trackers(self._matrix_row_metrics(step), step)
+
+    def _matrix_row_metrics(self, row: int) -> dict[str, float]:
+        matrix = self.matrix
+        metrics = {f"eval_{name}": score for name, score in zip(matrix["tasks"], matrix["rows"][row] or [])}
+        probe_row = (matrix.get("probe_rows") or [None] * (row + 1))[row]
+        metrics.update({f"eval_probe-{name}": score for name, score in zip(matrix.get("probes", []), probe_row or [])})
+        if row >= 1:
+            from cpt.evaluation import continual_metrics, general_ability_kept
+
+            continual = continual_metrics(present_rows({**matrix, "rows": matrix["rows"][: row + 1]}))
+            metrics.update({f"eval_{key}": continual[key] for key in ("acc", "bwt", "fwt", "forgetting")})
+            if matrix.get("probes"):
+                kept = general_ability_kept(matrix["probe_rows"][: row + 1], matrix["probes"])
+                metrics["eval_general_ability_kept"] = kept["mean"]
+                metrics.update({f"eval_general_ability_kept/{k}": v for k, v in kept["per_probe"].items()})
+        return {key: float(value) for key, value in metrics.items() if value is not None}
+
+    def _tracker_callbacks(self) -> list:
+        """The recipe's ``report_to`` integrations as transformers callbacks, made once per run.
+
+        The matrix rows are written after each task's trainer is released, so the runner keeps
+        its own instances; TensorBoard writes to ``<logging_dir>`` = ``$TENSORBOARD_LOGGING_DIR``
+        or ``<run dir>/tensorboard`` (where :meth:`_point_trackers` sends the trainers' logs too).
+        """
+        if getattr(self, "_trackers", None) is None:
+            from transformers.integrations import get_reporting_integration_callbacks
+
+            report_to = self.recipe.training_args(self.recipe.tasks[0]).get("report_to", "none")
+            self._trackers = [callback() for callback in get_reporting_integration_callbacks(report_to)]
+            self._point_trackers(self._trackers)
+        return self._trackers
+
+    def _point_trackers(self, callbacks: list) -> None:
+        """TensorBoard callbacks log under the run directory (a task's trainer output folder is removed)."""
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in callbacks:
+            if isinstance(callback, TensorBoardCallback) and getattr(callback, "logging_dir", None) is None:
+                callback.logging_dir = str(self.rundir.root / "tensorboard")
+
+    def _log_to_trackers(self, metrics: dict[str, float], step: int) -> None:
+        from transformers import TrainerControl, TrainerState
+        from trl import SFTConfig
+
+        state = TrainerState(global_step=step, is_world_process_zero=self.is_main, is_local_process_zero=self.is_main)
+        args = SFTConfig(output_dir=str(self.rundir.root), **self.recipe.training_args(self.recipe.tasks[0]))
+        for callback in self._trackers:
+            callback.on_log(args, state, TrainerControl(), logs=dict(metrics))
+
+    def _close_trackers(self) -> None:
+        from transformers import TrainerControl, TrainerState
+
+        for callback in getattr(self, "_trackers", None) or []:
+            if hasattr(callback, "tb_writer"):  # TensorBoard: flush and close its event file
+                callback.on_train_end(None, TrainerState(), TrainerControl())

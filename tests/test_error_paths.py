@@ -42,6 +42,7 @@ def workspace(tmp_path_factory):
     build_tiny_model(root / "narrow", seed=3, hidden_size=32)  # another shape
     data = make_recipe(root, base)
     data["tasks"].append({**data["tasks"][0], "name": "third"})
+    data["probes"] = [{"name": "probe", "data": {"path": str(root / "plural.jsonl")}, "eval": {"max_examples": 2}}]
     (root / "recipe.yaml").write_text(yaml.safe_dump(data))
     (root / "empty").mkdir()
     (root / "a_file").write_text("x")

@@ -22,7 +22,12 @@ from cpt.evaluation.choice import (
     encode_choice,
     evaluate_choice,
 )
-from cpt.evaluation.continual import continual_metrics, format_matrix_table
+from cpt.evaluation.continual import (
+    continual_metrics,
+    format_general_ability,
+    format_matrix_table,
+    general_ability_kept,
+)
 from cpt.evaluation.generation import (
     EvalResult,
     GenerationExample,
@@ -53,8 +58,10 @@ __all__ = [
     "evaluate_choice",
     "evaluate_generation",
     "example_ids",
+    "format_general_ability",
     "format_matrix_table",
     "format_wrong_answers",
+    "general_ability_kept",
     "generate_greedy",
     "load_metric",
     "outcome_records",

@@ -14,6 +14,13 @@ For a finished run (k = T) these are exactly METHOD §5. For a run in progress t
 already holds the zero-shot score on task k+1, i.e. its forward transfer. Undefined
 metrics are ``None``. Entries may be ``None`` (not evaluated); terms that need a ``None``
 entry are left out of the means.
+
+Probes (eval-only tasks, never trained) are columns of their own, ``P[i][p]`` = the score
+of the state after task ``i`` on probe ``p``. They never enter the metrics above (METHOD §5
+is over the sequence's tasks); :func:`general_ability_kept` gives their one figure:
+
+- ``kept[p] = P[k][p] / P[0][p]`` (``None`` when either is missing or the base scored 0),
+  and its mean over the probes where it is defined.
 """
 
 from __future__ import annotations
@@ -127,6 +134,45 @@ def continual_metrics(
     }
 
 
+def general_ability_kept(probe_rows: Sequence[Sequence[float | None] | None], probe_names: Sequence[str]) -> dict:
+    """The "general ability kept" figure of probe scores: score after the last task / the base's.
+
+    Args:
+        probe_rows: row 0 = base, row i = after task i, one column per probe; rows not
+            evaluated (yet) may be ``None``. The last row that is not ``None`` is "the last task".
+        probe_names: one name per column.
+
+    Returns ``{"per_probe": {name: kept or None}, "mean": mean of the defined values or None,
+    "base": row 0, "last": row k, "last_row": k}``; ``kept`` is ``None`` for k = 0 (no task
+    done), a missing score, or a base score of 0 (the ratio is undefined).
+    """
+    names = [str(name) for name in probe_names]
+    rows = [None if row is None else list(row) for row in probe_rows]
+    for i, row in enumerate(rows):
+        if row is not None and len(row) != len(names):
+            raise CptError(f"probe row {i} has {len(row)} entries for {len(names)} probes; give one per probe")
+    last = max((i for i, row in enumerate(rows) if row is not None), default=-1)
+    base = rows[0] if rows and rows[0] is not None else [None] * len(names)
+    final = rows[last] if last >= 1 else [None] * len(names)
+    per_probe: dict[str, float | None] = {}
+    for name, start, end in zip(names, base, final):
+        defined = start is not None and end is not None and float(start) > 0
+        per_probe[name] = float(end) / float(start) if defined else None
+    return {
+        "per_probe": per_probe,
+        "mean": _mean([value for value in per_probe.values() if value is not None]),
+        "base": base,
+        "last": final,
+        "last_row": max(last, 0),
+    }
+
+
+def format_general_ability(kept: dict) -> str:
+    """One line of :func:`general_ability_kept`'s result: ``general ability kept: a 0.950, b 1.020 (mean 0.985)``."""
+    parts = ", ".join(f"{name} {_fmt(value)}" for name, value in kept["per_probe"].items())
+    return f"general ability kept (probe after last task / base): {parts} (mean {_fmt(kept['mean'])})"
+
+
 def _fmt(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "-"
@@ -138,13 +184,20 @@ def format_matrix_table(
     task_names: Sequence[str],
     expert_scores: Sequence[float | None] | None = None,
     metrics: dict | None = None,
+    *,
+    probe_rows: Sequence[Sequence[float | None] | None] | None = None,
+    probe_names: Sequence[str] | None = None,
 ) -> str:
     """A fixed-width text table of the accuracy matrix with the continual metrics under it.
 
     Rows ``base``, ``after <task>`` (those present), and ``expert`` when expert scores are
-    given; one column per task; 3 decimals, ``-`` for a missing entry. The last line gives
+    given; one column per task; 3 decimals, ``-`` for a missing entry. The metrics line gives
     ACC, BWT, FWT and forgetting (``n/a`` where undefined). ``metrics`` defaults to
     :func:`continual_metrics` of the same inputs.
+
+    With ``probe_names``, one ``probe:<name>`` column per probe follows the task columns
+    (``probe_rows`` aligned with the matrix rows; never in the metrics) and a last line gives
+    the general ability kept (:func:`general_ability_kept`).
     """
     R = _check_matrix(matrix)
     names = [str(n) for n in task_names]
@@ -154,18 +207,24 @@ def format_matrix_table(
     if metrics is None:
         metrics = continual_metrics(R, expert_scores)
 
+    probes = [str(name) for name in probe_names or []]
+    probe_table = [list(row) if row is not None else [None] * len(probes) for row in probe_rows or []]
+    probe_table += [[None] * len(probes)] * (len(R) - len(probe_table))
+
     labels = ["base"] + [f"after {names[i - 1]}" for i in range(1, len(R))]
-    body = [[_fmt(x) for x in row] for row in R]
+    body = [[_fmt(x) for x in row] + [_fmt(x) for x in probe_row] for row, probe_row in zip(R, probe_table)]
     if expert_scores is not None:
         labels.append("expert")
-        body.append([_fmt(None if x is None else float(x)) for x in expert_scores])
+        body.append([_fmt(None if x is None else float(x)) for x in expert_scores] + ["-"] * len(probes))
+    headers = names + [f"probe:{name}" for name in probes]
     label_w = max([len(s) for s in labels] + [len("state")])
-    col_w = [max(len(names[j]), 6, *(len(row[j]) for row in body)) for j in range(T)]
+    col_w = [max(len(headers[j]), 6, *(len(row[j]) for row in body)) for j in range(len(headers))]
+    columns = range(len(headers))
 
-    lines = ["  ".join([f"{'state':<{label_w}}"] + [f"{names[j]:>{col_w[j]}}" for j in range(T)])]
+    lines = ["  ".join([f"{'state':<{label_w}}"] + [f"{headers[j]:>{col_w[j]}}" for j in columns])]
     lines.append("  ".join(["-" * label_w] + ["-" * w for w in col_w]))
     for label, row in zip(labels, body):
-        lines.append("  ".join([f"{label:<{label_w}}"] + [f"{row[j]:>{col_w[j]}}" for j in range(T)]))
+        lines.append("  ".join([f"{label:<{label_w}}"] + [f"{row[j]:>{col_w[j]}}" for j in columns]))
 
     def show(key: str, signed: bool = False) -> str:
         value = metrics.get(key)
@@ -178,7 +237,9 @@ def format_matrix_table(
     if metrics.get("normalized_acc") is not None:
         summary += f"  ACC/expert {show('normalized_acc')}"
     lines.append(summary)
+    if probes:
+        lines.append(format_general_ability(general_ability_kept(probe_table, probes)))
     return "\n".join(lines)
 
 
-__all__ = ["continual_metrics", "format_matrix_table"]
+__all__ = ["continual_metrics", "format_general_ability", "format_matrix_table", "general_ability_kept"]

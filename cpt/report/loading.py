@@ -57,6 +57,19 @@ class RunData:
     geometry: dict[int, StepGeometry] = field(default_factory=dict)
     integration: dict[int, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    probe_names: list[str] = field(default_factory=list)
+    """The recipe's probes (eval-only tasks); empty for a run without them or from before them."""
+    probe_rows: list[list[float | None]] = field(default_factory=list)
+    """Probe scores aligned with :attr:`rows` (one column per probe; a row not evaluated is all ``None``)."""
+
+    @property
+    def general_ability(self) -> dict | None:
+        """:func:`cpt.evaluation.general_ability_kept` of the probes, ``None`` without probes."""
+        if not self.probe_names:
+            return None
+        from cpt.evaluation.continual import general_ability_kept
+
+        return general_ability_kept(self.probe_rows, self.probe_names)
 
     @property
     def name(self) -> str:
@@ -243,4 +256,28 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         step: content
         for step, (_, content) in _read_step_files(root / "integration", task_names, "integration stats", notes).items()
     }
-    return RunData(root, manifest, task_names, rows, experts, metrics, geometry, integration, notes)
+    probe_names, probe_rows = _probe_columns(matrix or {}, len(rows), matrix_path)
+    return RunData(
+        root, manifest, task_names, rows, experts, metrics, geometry, integration, notes, probe_names, probe_rows
+    )
+
+
+def _probe_columns(matrix: dict, num_rows: int, path: Path) -> tuple[list[str], list[list[float | None]]]:
+    """``probes`` and ``probe_rows`` of ``matrix.json`` aligned with its task rows; none in a matrix without probes."""
+    names = matrix.get("probes")
+    if not isinstance(names, list) or not names:
+        return [], []
+    names = [str(name) for name in names]
+    raw = matrix.get("probe_rows") if isinstance(matrix.get("probe_rows"), list) else []
+    rows = []
+    for i in range(num_rows):
+        row = raw[i] if i < len(raw) else None
+        if row is None:
+            rows.append([None] * len(names))
+        elif not isinstance(row, list) or len(row) != len(names):
+            raise CptError(
+                f"{path}: probe row {i} has {len(row) if isinstance(row, list) else 'no'} entries for {len(names)} probes"
+            )
+        else:
+            rows.append([finite_number(score) for score in row])
+    return names, rows

@@ -48,6 +48,33 @@ def escape_markdown(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def general_ability_section(data: RunData) -> list[str]:
+    """Lines of the "General ability (probes)" section; none for a run without probes."""
+    kept = data.general_ability
+    if kept is None:
+        return []
+    last = kept["last_row"]
+    out = [
+        "## General ability (probes)",
+        "",
+        "Probes are scored for the base and after every task but never trained; they are not in ACC/BWT/forgetting. "
+        f"Kept = probe score after step {last} / the base's.",
+        "",
+    ]
+    rows = [
+        [
+            escape_markdown(name),
+            format_value(kept["base"][p]),
+            format_value(kept["last"][p]),
+            format_value(kept["per_probe"][name]),
+        ]
+        for p, name in enumerate(data.probe_names)
+    ]
+    rows.append(["**mean**", "", "", format_value(kept["mean"])])
+    out += [markdown_table(["probe", "base", f"after step {last}", "kept"], rows), ""]
+    return out
+
+
 def render_report(
     data: RunData, plots: dict[str, str], pairs: list[ForgettingPair], stats: dict[str, Correlation]
 ) -> str:
@@ -78,7 +105,9 @@ def render_report(
             "R[i][j] = score of the state after task i on task j's eval set (row `base` = θ0; row `expert` = E_t on its own task t).",
             "",
         ]
-        out += ["```text", format_matrix_table(data.rows, data.task_names, data.expert_scores, data.metrics), "```", ""]
+        probe_columns = {"probe_rows": data.probe_rows, "probe_names": data.probe_names} if data.probe_names else {}
+        table = format_matrix_table(data.rows, data.task_names, data.expert_scores, data.metrics, **probe_columns)
+        out += ["```text", table, "```", ""]
         if "matrix" in plots:
             out += [f"![accuracy matrix]({plots['matrix']})", ""]
 
@@ -107,6 +136,7 @@ def render_report(
                 "",
             ]
 
+        out += general_ability_section(data)
         out += ["## Expert scores", ""]
         rows = []
         for j, name in enumerate(data.task_names, 1):
@@ -131,7 +161,8 @@ def render_report(
         # What the model got wrong after the last step (per-example outcomes, eval/<row>_<task>.jsonl).
         from cpt.evaluation.outcomes import format_wrong_answers, wrong_answers
 
-        picked = wrong_answers(data.root / "eval", completed, data.task_names, limit=3)
+        outcome_names = data.task_names + [f"probe-{name}" for name in data.probe_names]
+        picked = wrong_answers(data.root / "eval", completed, outcome_names, limit=3)
         if picked:
             out += [f"## Wrong answers after step {completed} (first 3 per task)", "", format_wrong_answers(picked), ""]
 

@@ -66,14 +66,14 @@ def _share_base_row(runner, source: Path) -> bool:
         return False  # a resumed run keeps what it has
     runner.prepare_run_dir()
     num_tasks = len(matrix["tasks"])
-    atomic_write_json(
-        target.matrix_path,
-        {
-            "tasks": matrix["tasks"],
-            "rows": [matrix["rows"][0]] + [None] * num_tasks,
-            "expert_scores": [None] * num_tasks,
-        },
-    )
+    shared = {
+        "tasks": matrix["tasks"],
+        "rows": [matrix["rows"][0]] + [None] * num_tasks,
+        "expert_scores": [None] * num_tasks,
+    }
+    if matrix.get("probes"):  # the base's probe scores too (their 0_probe-*.jsonl files are copied below)
+        shared.update(probes=matrix["probes"], probe_rows=[matrix["probe_rows"][0]] + [None] * num_tasks)
+    atomic_write_json(target.matrix_path, shared)
     for per_example in (source / "eval").glob("0_*.jsonl"):
         shutil.copyfile(per_example, target.root / "eval" / per_example.name)
     manifest = target.read_manifest()
@@ -188,6 +188,9 @@ def build_summary(study: Study) -> dict[str, Any]:
             for key in ("train_seconds", "eval_seconds", "integration_seconds", "experts_trained", "experts_reused")
         },
     }
+    kept = _general_ability_by_variant(study, finished)
+    if kept:
+        summary["general_ability_kept"] = kept
     if not complete_seeds:
         summary["statistics"] = None
         summary["note"] = "no seed has finished runs of every variant yet"
@@ -207,6 +210,34 @@ def build_summary(study: Study) -> dict[str, Any]:
         "so they leave out the eval-set sampling error"
     )
     return summary
+
+
+def _general_ability_by_variant(study: Study, finished: dict) -> dict[str, dict]:
+    """Per variant with probes, the general ability kept (probe after the last task / base) averaged over its
+    finished seeds: ``{"mean", "per_probe", "seeds"}``."""
+    from cpt.evaluation.continual import general_ability_kept
+
+    out = {}
+    for variant in study.variants:
+        kept = []
+        for seed in study.spec.seeds:
+            matrix = read_json(study.runs_dir / study.run_name(variant, seed) / "eval" / "matrix.json") or {}
+            if finished[(variant.name, seed)] and matrix.get("probes"):
+                kept.append(general_ability_kept(matrix["probe_rows"], matrix["probes"]))
+        if kept:
+            per_probe = {
+                name: float(np.mean(values))
+                if (values := [k["per_probe"][name] for k in kept if k["per_probe"][name] is not None])
+                else None
+                for name in kept[0]["per_probe"]
+            }
+            means = [k["mean"] for k in kept if k["mean"] is not None]
+            out[variant.name] = {
+                "mean": float(np.mean(means)) if means else None,
+                "per_probe": per_probe,
+                "seeds": len(kept),
+            }
+    return out
 
 
 def _fmt(interval: dict[str, float], signed: bool = False) -> str:
@@ -263,6 +294,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         return "\n".join(out + ["", summary["note"], ""])
     out += ["", f"Seeds in the statistics: {stats['seeds']}; {stats['resamples']} resamples. {summary['note']}.", ""]
     out += format_statistics_tables(stats, summary["variants"])
+    if summary.get("general_ability_kept"):  # probes: score after the last task / the base's, mean over seeds
+        out += ["", "| variant | general ability kept (mean over probes) | per probe |", "|---|---|---|"]
+        for name, kept in summary["general_ability_kept"].items():
+            per_probe = ", ".join(
+                f"{probe} {'-' if v is None else f'{v:.3f}'}" for probe, v in kept["per_probe"].items()
+            )
+            mean = "-" if kept["mean"] is None else f"{kept['mean']:.3f}"
+            out.append(f"| {name} | {mean} | {per_probe} |")
     costs = summary["costs"]
     out += [
         "",
