@@ -206,3 +206,25 @@ def build_task_data(task: TaskSpec, index: int, seed: int) -> TaskData:
     else:
         eval_examples = [formatter.generation_example(row) for row in eval_rows]
     return TaskData(name=task.name, train=train, eval_examples=eval_examples, eval_kind=task.eval.kind)
+
+
+def build_probe_data(probes, seed: int) -> list:
+    """Each data probe's eval examples (``None`` for an lm-eval probe), loaded like a task's eval set.
+
+    Probes (``probes:`` in the recipe) are evaluated, never trained; errors name ``probes[i]``.
+    """
+    probe_data = []
+    for index, probe in enumerate(probes):
+        if probe.data is None:
+            probe_data.append(None)
+            continue
+        where = f"probes[{index}]"
+        rows = load_rows(probe.data, default_split="test", where=f"{where}.data")
+        rows = seeded_subset(rows, probe.eval.max_examples, seed)
+        formatter = RowFormatter(probe, where)  # reads probe.fields, as it reads a task's
+        make = formatter.choice_example if probe.eval.kind == "choice" else formatter.generation_example
+        examples = [make(row) for row in rows]
+        if not examples:
+            raise CptError(f"{where}.data: no eval examples")
+        probe_data.append(TaskData(name=probe.name, train=None, eval_examples=examples, eval_kind=probe.eval.kind))
+    return probe_data

@@ -72,6 +72,8 @@ class RunPlan:
     world_size: int = 1
     target_tensors: int | None = None
     tasks: list[TaskPlan] = field(default_factory=list)
+    probes: list[tuple[str, str]] = field(default_factory=list)
+    """(name, what is evaluated) per probe."""
 
     def format(self) -> str:
         """The plan as a few readable lines."""
@@ -97,6 +99,8 @@ class RunPlan:
             )
             lines.append(f"     prompt:     {task.sample_prompt}")
             lines.append(f"     completion: {task.sample_completion}")
+        for name, what in self.probes:
+            lines.append(f"  probe {name}: {what} (evaluated for the base and after every task, never trained)")
         return "\n".join(lines)
 
 
@@ -552,6 +556,13 @@ def check_recipe(recipe: Recipe, *, overwrite: bool = False, world_size: int | N
                     ),
                 )
             )
+        # Probes are evaluated, never trained: their data and field mappings load like a task's eval set.
+        from cpt.data import build_probe_data
+
+        probe_plans = [
+            (probe.name, "lm-eval" if data is None else f"{len(data.eval_examples)} {data.eval_kind}")
+            for probe, data in zip(recipe.probes, build_probe_data(recipe.probes, recipe.seed))
+        ]
     import dataclasses
 
     return RunPlan(
@@ -566,6 +577,7 @@ def check_recipe(recipe: Recipe, *, overwrite: bool = False, world_size: int | N
         world_size=world_size,
         target_tensors=targets,
         tasks=plans,
+        probes=probe_plans,
     )
 
 

@@ -712,22 +712,9 @@ class TaskSequenceRunner:
 
     # ------------------------------------------------------------------ probes (eval-only tasks)
     def _build_probe_data(self) -> list:
-        """Each data probe's eval examples (``None`` for an lm-eval probe), loaded like a task's eval set."""
-        from cpt.data import RowFormatter, TaskData, load_rows, seeded_subset
+        from cpt.data import build_probe_data
 
-        probe_data = []
-        for index, probe in enumerate(self.recipe.probes):
-            if probe.data is None:
-                probe_data.append(None)
-                continue
-            where = f"probes[{index}]"
-            rows = load_rows(probe.data, default_split="test", where=f"{where}.data")
-            rows = seeded_subset(rows, probe.eval.max_examples, self.recipe.seed)
-            formatter = RowFormatter(probe, where)  # reads probe.fields, as it reads a task's
-            make = formatter.choice_example if probe.eval.kind == "choice" else formatter.generation_example
-            examples = [make(row) for row in rows]
-            probe_data.append(TaskData(name=probe.name, train=None, eval_examples=examples, eval_kind=probe.eval.kind))
-        return probe_data
+        return build_probe_data(self.recipe.probes, self.recipe.seed)
 
     def _evaluate_probes(self, model, label: str, row: int) -> None:
         """Row ``row`` of the probe columns (main process); outcomes to ``eval/<row>_probe-<name>.jsonl``."""
