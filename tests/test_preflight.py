@@ -209,3 +209,17 @@ def test_every_shipped_recipe_passes_check(recipe_path, tmp_path, tiny_model, mo
     assert code == 0, err
     recipe = load_recipe(recipe_path)
     assert f"recipe {recipe.name}: OK" in out and out.count("optimizer steps") == len(recipe.tasks)
+
+
+def test_probes_are_checked_and_listed(tmp_path, tiny_model, capsys):
+    """A probe's data loads before anything runs; the plan lists each probe as evaluated, never trained."""
+    probe_file = tmp_path / "probe.jsonl"
+    probe_file.write_text("".join(json.dumps({"input": f"Echo {w}:", "target": f" {w}"}) + "\n" for w in WORDS))
+    data = make_recipe(tmp_path, tiny_model)
+    data["probes"] = [{"name": "echo", "data": {"path": str(probe_file)}}]
+    recipe = write_recipe(tmp_path, data)
+    code, out, err = run_cli(["check", recipe], capsys)
+    assert code == 0 and f"probe echo: {len(WORDS)} generate (evaluated" in out, err
+    data["probes"] = [{"name": "echo", "data": {"path": str(tmp_path / "missing.jsonl")}}]
+    line = _check_fails(capsys, ["check", write_recipe(tmp_path, data)])
+    assert "probes[0].data.path" in line and "not found" in line
