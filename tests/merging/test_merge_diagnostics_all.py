@@ -4,6 +4,7 @@ TIES with a known trim, row blocks combined exactly, and task arithmetic's ``non
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -155,3 +156,59 @@ def test_task_arithmetic_keep_base_non_targets(tmp_path, base):
 
     with pytest.raises((CptError, ValueError), match="non_target"):
         get_strategy("task_arithmetic").make_params({"non_target": "keep"})
+
+
+# ---------------------------------------------------------------------- the report
+def _integration(run, step, task, summary):
+    folder = run / "integration"
+    folder.mkdir(exist_ok=True)
+    content = {"step": step, "task": task, "summary": summary, "per_tensor": {}}
+    (folder / f"{step}_{task}.json").write_text(json.dumps(content))
+
+
+def test_report_shows_a_verdict_per_step(tmp_path):
+    from test_report import TASKS, assert_png, make_run
+
+    from cpt.report import MERGE_PLOT, write_report
+
+    run = make_run(tmp_path / "run", strategy="gcwm")
+    # Nothing recorded (a training-time strategy, an older run): no section, no plot.
+    text = write_report(run).read_text()
+    assert "What each merge did" not in text and not (run / "plots" / MERGE_PLOT).exists()
+
+    _integration(run, 1, TASKS[0], {"effective_scale": 0.2, "diagnostics": {"dev_sum": {"mean": 0.0}}})
+    _integration(
+        run,
+        2,
+        TASKS[1],
+        {
+            "effective_scale": 0.41,
+            "diagnostics": {
+                "dev_sum": {"mean": 0.023, "attention": 0.02, "mlp": 0.026},
+                "dev_sum_relation": {"mean": 0.007},
+            },
+        },
+    )
+    _integration(run, 3, TASKS[2], {"global_scale": None})  # a step without the diagnostics: no row
+    text = write_report(run).read_text()
+    assert "## What each merge did (METHOD §2.10)" in text
+    assert "| 2 | past_tense | 0.0230 | 0.0200 | 0.0260 | 0.410 |" in text
+    assert (
+        "- step 2 (past_tense): merge within 2.3 % of plain addition (relation branch 0.7 %); "
+        "effective scale 0.41 of a mean task vector"
+    ) in text
+    assert "- step 1 (plural): merge within 0.0 % of plain addition; effective scale 0.20 of a mean task vector" in text
+    assert "- step 3 (negation): merge" not in text and "| 3 | negation | -" not in text
+    assert f"](plots/{MERGE_PLOT})" in text
+    assert_png(run / "plots" / MERGE_PLOT)
+
+
+def test_report_of_a_real_task_arithmetic_merge(tmp_path, base):
+    """The pipeline's JSON summary → the report's verdict (λ = 0.3: 0 % from plain addition, scale 0.30)."""
+    from cpt.report.loading import RunData
+    from cpt.report.merge_effect import merge_effects, merge_verdict
+
+    stats = _run(TaskArithmetic(TaskArithmeticParams(scaling=0.3)), tmp_path, base, [perturbed(base, 17)])
+    data = RunData(tmp_path, {}, ["t1"], [], [], {}, {}, {1: {"step": 1, "task": "t1", **stats[0]}}, [])
+    (effect,) = merge_effects(data)
+    assert merge_verdict(effect) == "merge within 0.0 % of plain addition; effective scale 0.30 of a mean task vector"
