@@ -264,22 +264,41 @@ def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
     if not GRAM_SUBSET_EIGH or d.device.type != "cpu" or not 0 < k < size:
         evals, evecs = _desc_eigh(_sym(d.mT @ d) if right else _sym(d @ d.mT))
         return evals[..., :k], evecs[..., :k]
+    values = torch.empty(d.shape[0], k, dtype=torch.float64)
+    vectors = torch.empty(d.shape[0], size, k, dtype=torch.float64)
+    with _one_blas_thread():
+        for index, matrix in enumerate(d.contiguous().numpy()):
+            _top_pairs_into(matrix, k, size, right, values[index], vectors[index])
+    return values, vectors
+
+
+def _one_blas_thread():
+    """scipy's BLAS/LAPACK on one thread for the small Gram solves (a few hundred rows gain
+    nothing from more, and on a machine shared with other processes the extra threads spin:
+    measured 4–6× slower with two threads on the loaded 2-core machine). A no-op when
+    ``threadpoolctl`` is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _top_pairs_into(matrix, k: int, size: int, right: bool, values: Tensor, vectors: Tensor) -> None:
+    """One float64 ``matrix [m, n]`` (numpy): its Gram's top-``k`` pairs written, descending, into the outputs."""
     import scipy.linalg
     from scipy.linalg import blas
 
-    m, n = d.shape[-2:]
-    values = torch.empty(d.shape[0], k, dtype=torch.float64)
-    vectors = torch.empty(d.shape[0], size, k, dtype=torch.float64)
-    for index, matrix in enumerate(d.contiguous().numpy()):
-        # matrix.T is a Fortran-ordered view (no copy): syrk(a, trans=0) = a aᵀ = dᵀd and
-        # syrk(a, trans=1) = aᵀ a = d dᵀ, upper triangle only, which eigh(lower=False) reads.
-        gram = blas.dsyrk(1.0, matrix.T, trans=0 if right else 1, lower=0)
-        w, v = scipy.linalg.eigh(
-            gram, lower=False, subset_by_index=[size - k, size - 1], driver="evr", overwrite_a=True, check_finite=False
-        )
-        values[index] = torch.from_numpy(w[::-1].copy())  # dsyevr: ascending
-        vectors[index] = torch.from_numpy(v[:, ::-1].copy())
-    return values, vectors
+    # matrix.T is a Fortran-ordered view (no copy): syrk(a, trans=0) = a aᵀ = dᵀd and
+    # syrk(a, trans=1) = aᵀ a = d dᵀ, upper triangle only, which eigh(lower=False) reads.
+    gram = blas.dsyrk(1.0, matrix.T, trans=0 if right else 1, lower=0)
+    w, v = scipy.linalg.eigh(
+        gram, lower=False, subset_by_index=[size - k, size - 1], driver="evr", overwrite_a=True, check_finite=False
+    )
+    values.copy_(torch.from_numpy(w[::-1].copy()))  # dsyevr: ascending
+    vectors.copy_(torch.from_numpy(v[:, ::-1].copy()))
 
 
 def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
