@@ -144,6 +144,9 @@ class GeometryConflictCallback(TrainerCallback):
         self._marker_at_begin: dict | None = None
         self.trainer = None
         self.report: dict[str, Any] | None = None
+        #: θ_{t−1} = θ0 for the task being measured (step 1): the conflicts are undefined, so
+        #: :meth:`measure` computes no bases (only the norms; METHOD §1).
+        self._state_is_base = False
 
     @property
     def base_dir(self) -> Path:
@@ -167,7 +170,9 @@ class GeometryConflictCallback(TrainerCallback):
 
     def measure(self, names: list[str], state_delta, update, group_key=None) -> dict[str, dict]:
         """Per-tensor values; ``state_delta(name)`` and ``update(name)`` load one delta."""
-        per_tensor = pair_geometry(names, state_delta, update, self.settings, self._device(), group_key)
+        per_tensor = pair_geometry(
+            names, state_delta, update, self.settings, self._device(), group_key, zero_a=self._state_is_base
+        )
         return {
             name: {
                 "geometry_conflict": row["geometry_conflict"],
@@ -268,6 +273,7 @@ class GeometryConflictCallback(TrainerCallback):
         names = base.names()
         shapes = {name: base.shape(name) for name in names}
         targets = self.select_targets(names, shapes)
+        self._state_is_base = previous is base
 
         def state_delta(name: str) -> torch.Tensor:
             if previous is base:

@@ -20,6 +20,7 @@ from cpt.geometry import (
     LowRankDelta,
     RightBasis,
     conflict_from_bases,
+    frobenius_norm,
     right_basis,
     state_relative_geometry,
 )
@@ -83,6 +84,8 @@ def pair_geometry(
     settings: GeometrySettings = GeometrySettings(),
     device: str | torch.device = "cpu",
     group_key: Callable[[str], tuple[tuple, int]] | None = None,
+    *,
+    zero_a: bool = False,
 ) -> dict[str, dict[str, float | int | None]]:
     """Per tensor: conflict, SAR both ways, norms and ranks of two deltas (METHOD §1).
 
@@ -91,7 +94,14 @@ def pair_geometry(
     :func:`cpt.geometry.state_relative_geometry`, ``b`` the update's. Undefined values
     (a zero delta) are ``None``. ``group_key(name) -> (batching key, bytes)`` says which
     tensors batch together without loading them (default: load both deltas to see).
+
+    ``zero_a=True`` says ``a`` is zero for every name (the state at step 1, θ_{t−1} = θ0):
+    then the conflict and SAR(a → b) are undefined and SAR(b → a) is 0 whatever ``b`` is,
+    so no basis and no Bures solve is computed — only ``‖b‖`` (see :func:`_zero_a_rows`;
+    ``rank_b`` and ``union_rank`` are ``None`` there, as they would need ``b``'s basis).
     """
+    if zero_a:
+        return _zero_a_rows(names, delta_b, device)
     if group_key is None:
 
         def group_key(name: str) -> tuple[tuple, int]:
@@ -118,6 +128,30 @@ def pair_geometry(
                 "union_rank": int(out["union_rank"][index]),
             }
     return {name: results[name] for name in names}
+
+
+def _zero_a_rows(
+    names: list[str], delta_b: Callable[[str], Delta], device: str | torch.device
+) -> dict[str, dict[str, float | int | None]]:
+    """:func:`pair_geometry`'s rows when ``a = 0``: the same keys, the norms, nothing undefined computed.
+
+    With ``Δ_a = 0`` (METHOD §1): GC needs both bases (undefined), SAR(a → b) = 0/0
+    (undefined), SAR(b → a) = ‖Δ_b V_a‖/‖Δ_b‖ with an empty ``V_a`` = 0 where ``Δ_b ≠ 0``.
+    """
+    rows = {}
+    for name in names:
+        norm_b = float(frobenius_norm(_to(delta_b(name), device)))
+        rows[name] = {
+            "geometry_conflict": None,
+            "sar_a_to_b": None,
+            "sar_b_to_a": 0.0 if norm_b > 0 else None,
+            "norm_a": 0.0,
+            "norm_b": norm_b,
+            "rank_a": 0,
+            "rank_b": None,
+            "union_rank": None,
+        }
+    return rows
 
 
 def right_bases(

@@ -23,6 +23,9 @@ class Average(MergeStrategy):
     def rows_separable(self, target):
         return True  # element-wise on every tensor
 
+    def plain_sum_weights(self, step):
+        return ((step - 1) / step, 1 / step)  # θ_t − θ0 = ((t−1)/t)(θ_{t−1} − θ0) + τ_t/t: dev_sum = 0
+
     def merge(self, batch: TensorBatch) -> MergeResult:
         t = batch.step
         new_state = ((t - 1) * batch.state + batch.expert) / t

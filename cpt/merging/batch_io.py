@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json, staged_dir
 from cpt.merging.contract import MergeStrategy, TensorBatch, combine_row_stats
+from cpt.merging.merge_diagnostics import StepDiagnostics
 from cpt.tensors import (
     STATE_MARKER,
     ModelWeights,
@@ -260,13 +261,18 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
     keys = strategy.history_keys(step, scalars)
     readers = {key: history.reader(step - 1, key) for key in keys}
     strategy.begin_step(step, source, scalars)
+    diagnostics = _step_diagnostics(strategy, step, scalars)
 
     with staged_dir(context.state_dir) as staged_state, staged_dir(history.step_dir(step)) as staged_history:
-        per_tensor = _merge_batches(strategy, context, source, readers, scalars, staged_state, staged_history)
+        per_tensor = _merge_batches(
+            strategy, context, source, readers, scalars, staged_state, staged_history, diagnostics
+        )
         summary = strategy.end_step(step, scalars)
         scale = strategy.finalize_scale(step, scalars)
         if scale is not None:
             _rescale_state(staged_state, source.base, scale)
+        if diagnostics is not None:
+            _record_diagnostics(diagnostics, scale, summary, per_tensor, scalars)
         atomic_write_json(staged_history / "scalars.json", scalars)
         write_model_files(
             staged_state,
@@ -287,9 +293,10 @@ def _merge_batches(
     scalars: dict[str, Any],
     staged_state: Path,
     staged_history: Path,
+    diagnostics: StepDiagnostics | None = None,
 ) -> dict[str, dict]:
     """Run the rule over every batch, writing θ_t and the kept tensors shard by shard;
-    returns the per-tensor statistics."""
+    returns the per-tensor statistics (``diagnostics`` observes the target batches)."""
     step, device = context.step, source.device
     state_writer = _ShardWriter(staged_state, "model")
     history_writers: dict[str, _ShardWriter] = {}
@@ -309,6 +316,8 @@ def _merge_batches(
         new_state = result.state.to(torch.float32)
         if not torch.isfinite(new_state).all():
             raise FloatingPointError(f"{strategy.__class__.__name__} produced non-finite values for {names[0]}")
+        if diagnostics is not None and target:
+            diagnostics.observe(names, base, state, new_state, task_vector)
         out_dtype = source.dtype(names[0])
         _write(state_writer, names, rows, new_state.to(out_dtype).cpu(), source.shapes)
         for key, tensors in result.history.items():
@@ -331,6 +340,35 @@ def _merge_batches(
     for writer in history_writers.values():
         writer.close()
     return per_tensor
+
+
+def _step_diagnostics(strategy: MergeStrategy, step: int, scalars: dict[str, Any]) -> StepDiagnostics | None:
+    """What the merge did (METHOD §2.10), for any strategy that does not record it itself."""
+    weights = strategy.plain_sum_weights(step)
+    if weights is None:
+        return None
+    return StepDiagnostics(step, weights, scalars.get(StepDiagnostics.CARRIED_KEY))
+
+
+def _record_diagnostics(
+    diagnostics: StepDiagnostics,
+    scale: float | None,
+    summary: dict[str, Any],
+    per_tensor: dict[str, dict],
+    scalars: dict[str, Any],
+) -> None:
+    """Adds dev_sum and the effective scale to the per-tensor rows and the step's summary
+    (a strategy's own keys win) and carries the task-vector norms to step t+1."""
+    rows, step_summary = diagnostics.finish(scale)
+    for name, row in rows.items():
+        for key, value in row.items():
+            per_tensor.setdefault(name, {}).setdefault(key, value)
+    nested = summary.setdefault("diagnostics", {})
+    for key, value in step_summary.pop("diagnostics").items():
+        nested.setdefault(key, value)
+    for key, value in step_summary.items():
+        summary.setdefault(key, value)
+    scalars[StepDiagnostics.CARRIED_KEY] = diagnostics.carried()
 
 
 def _write(

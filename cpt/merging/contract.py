@@ -68,6 +68,7 @@ class MergeStrategy(Strategy):
     integration is a per-batch rule; subclasses implement :meth:`merge`.
 
     Optional overrides: :meth:`history_keys` (which kept tensors step t needs),
+    :meth:`plain_sum_weights` (the plain sum METHOD §2.10's ``dev_sum`` compares with),
     :meth:`begin_step` (whole-model quantities before the batches, e.g. norms),
     :meth:`end_step` (scalars to carry, a summary), :meth:`finalize_scale` (a global
     rescale of θ_t − θ0 that needs every tensor first; see OPCM). :meth:`integrate` runs
@@ -88,6 +89,20 @@ class MergeStrategy(Strategy):
         overwrite, per-name quantities. Default ``False`` (whole tensors only).
         """
         return False
+
+    def plain_sum_weights(self, step: int) -> tuple[float, float] | None:
+        """``(w_state, w_task)``: the plain sum ``s = w_state (θ_{t−1} − θ0) + w_task τ_t`` this
+        rule's merged delta ``θ_t − θ0`` is compared with (METHOD §2.10, ``dev_sum``; recorded
+        by the pipeline for every strategy, see :class:`~cpt.merging.merge_diagnostics.StepDiagnostics`).
+
+        Default ``(1, λ)``, λ the strategy's ``scaling`` parameter when it has one (else 1): the
+        continual task-arithmetic step, so ``dev_sum`` says how far the rule moved from plain
+        addition (0 for task arithmetic) and the size shows in the effective scale. Override
+        when the rule's plain form weighs them otherwise (averaging: ``((t−1)/t, 1/t)``), or
+        return ``None`` when the strategy records §2.10 itself (GCWM).
+        """
+        scaling = getattr(self.params, "scaling", 1.0)
+        return (1.0, float(scaling) if isinstance(scaling, (int, float)) else 1.0)
 
     def begin_step(self, step: int, batches: BatchSource, scalars: dict[str, Any]) -> None:
         """Called before the batches; ``batches.iterate()`` streams them if a pre-pass is needed."""

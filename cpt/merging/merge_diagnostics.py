@@ -8,7 +8,9 @@ With ``s = Σ_i w_i v_i`` the plain sum of a step's active set:
   displacement ``‖m − m_0‖ / ‖m_0‖``);
 - :func:`effective_scale` — ``‖θ_t − θ0‖ / n̄_t``, the size of the state's delta in units of
   a mean task vector (whole model over the target tensors, or per tensor);
-- :func:`aggregate_by_family` — per-step mean over tensors, and per family (attention, MLP).
+- :func:`aggregate_by_family` — per-step mean over tensors, and per family (attention, MLP);
+- :class:`StepDiagnostics` — the same for any merge strategy, accumulated by the pipeline
+  over a step's batches (what :func:`cpt.merging.batch_io.run_merge` records).
 
 No files, no model objects: callers pass tensors (batched over leading dimensions, norms
 over the last two) and floats. Undefined values (a zero reference) are NaN, and the
@@ -18,14 +20,24 @@ aggregates ignore them.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from cpt.naming import tensor_family
 
-__all__ = ["aggregate_by_family", "dev_sum", "effective_scale", "plain_sum", "relative_change", "relative_norm"]
+__all__ = [
+    "StepDiagnostics",
+    "aggregate_by_family",
+    "dev_sum",
+    "effective_scale",
+    "plain_sum",
+    "relative_change",
+    "relative_norm",
+]
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -93,3 +105,118 @@ def aggregate_by_family(values: Mapping[str, float]) -> dict[str, float]:
         groups["mean"].append(float(value))
         groups.setdefault(tensor_family(name), []).append(float(value))
     return {key: sum(items) / len(items) for key, items in groups.items() if items}
+
+
+class StepDiagnostics:
+    """METHOD §2.10 for any merge strategy, accumulated over one step's target tensors.
+
+    The pipeline (:func:`cpt.merging.batch_io.run_merge`) feeds every target batch to
+    :meth:`observe` and calls :meth:`finish` once θ_t is complete. What is compared:
+
+    - the merged delta ``m = θ_t − θ0`` of each target tensor;
+    - the plain sum of the step's active deltas ``s = w_state (θ_{t−1} − θ0) + w_task τ_t`` —
+      in continual form the active set of every merge rule is what it carries (the state's
+      delta) and the new task vector; the weights come from
+      :meth:`~cpt.merging.contract.MergeStrategy.plain_sum_weights` (``(1, λ)`` by default,
+      so continual task arithmetic gives ``dev_sum = 0``, as METHOD states);
+    - ``dev_sum = ‖m − s‖ / ‖s‖`` per tensor, and ``effective_scale = ‖θ_t − θ0‖ / n̄_t``
+      (whole model over the targets, and per tensor), ``n̄_t`` the mean of the whole-model
+      ``‖τ_1‖ … ‖τ_t‖`` carried across steps (:meth:`carried`).
+
+    A tensor that arrives in row blocks is combined exactly (squared norms are summed
+    per name before the ratios). ``dev_sum`` is taken before a global rescale
+    (:meth:`~cpt.merging.contract.MergeStrategy.finalize_scale`): a rescale changes the size,
+    not the shape, and shows in the effective scale, which uses the rescaled state.
+    """
+
+    #: The key of the pipeline's own carried scalars (``history/step-<t>/scalars.json``).
+    CARRIED_KEY = "merge_diagnostics"
+
+    def __init__(self, step: int, weights: tuple[float, float], carried: Mapping[str, Any] | None = None):
+        carried = carried or {}
+        self.step = step
+        self.weights = (float(weights[0]), float(weights[1]))
+        norms = [float(norm) for norm in carried.get("task_vector_norms", [])] if step > 1 else []
+        self.complete = len(norms) == step - 1
+        self._earlier_norms = norms
+        self._earlier_sums = {str(k): float(v) for k, v in carried.get("task_vector_norm_sums", {}).items()}
+        if step == 1:
+            self._earlier_sums = {}
+        self._deviation_sq: dict[str, float] = defaultdict(float)
+        self._sum_sq: dict[str, float] = defaultdict(float)
+        self._state_delta_sq: dict[str, float] = defaultdict(float)
+        self._task_sq: dict[str, float] = defaultdict(float)
+
+    def observe(
+        self,
+        names: Sequence[str],
+        base: Tensor,
+        state: Tensor,
+        new_state: Tensor,
+        task_vector: Tensor,
+    ) -> None:
+        """One target batch: θ0, θ_{t−1}, θ_t and τ_t ``[n, ...]`` (a row block of one tensor counts as a batch)."""
+        merged = new_state - base
+        plain = plain_sum([state - base, task_vector], list(self.weights))
+
+        def squares(x: Tensor) -> list[float]:
+            return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).square().tolist()
+
+        for accumulator, values in (
+            (self._deviation_sq, squares(merged - plain)),
+            (self._sum_sq, squares(plain)),
+            (self._state_delta_sq, squares(merged)),
+            (self._task_sq, squares(task_vector)),
+        ):
+            for name, value in zip(names, values):
+                accumulator[name] += value
+
+    def carried(self) -> dict[str, Any]:
+        """What step t+1 needs: the whole-model ``‖τ_1‖ … ‖τ_t‖`` and per tensor ``Σ_s ‖τ_s‖``."""
+        sums = dict(self._earlier_sums)
+        for name, square in self._task_sq.items():
+            sums[name] = sums.get(name, 0.0) + math.sqrt(square)
+        return {"task_vector_norms": self._task_norms(), "task_vector_norm_sums": sums}
+
+    def _task_norms(self) -> list[float]:
+        return [*self._earlier_norms, math.sqrt(sum(self._task_sq.values()))]
+
+    def finish(self, scale: float | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        """(per-tensor rows ``{name: {dev_sum, effective_scale, norm_task_vector}}``, the step's
+        summary) after the batches; ``scale``: the global rescale of θ_t − θ0, if any. The
+        summary's keys are GCWM's (``mean_task_norm``, ``norm_state_delta``, ``effective_scale``,
+        ``effective_scale_per_tensor``, ``diagnostics``: per quantity its mean and per family)."""
+        factor = 1.0 if scale is None else abs(float(scale))
+        norms = self._task_norms()
+        mean_norm = sum(norms) / len(norms)
+        count = len(norms)
+        sums = self.carried()["task_vector_norm_sums"]
+        rows: dict[str, dict[str, float]] = {}
+        deviations: dict[str, float] = {}
+        per_tensor_scale: dict[str, float] = {}
+        for name in self._state_delta_sq:
+            state_norm = factor * math.sqrt(self._state_delta_sq[name])
+            mean_tensor = sums.get(name, 0.0) / count
+            row = {"norm_task_vector": math.sqrt(self._task_sq[name])}
+            if self._sum_sq[name] > 0:
+                deviations[name] = row["dev_sum"] = math.sqrt(self._deviation_sq[name] / self._sum_sq[name])
+            if mean_tensor > 0:
+                per_tensor_scale[name] = row["effective_scale"] = state_norm / mean_tensor
+            rows[name] = row
+        state_delta_norm = factor * math.sqrt(sum(self._state_delta_sq.values()))
+        summary: dict[str, Any] = {
+            "mean_task_norm": mean_norm,
+            "norm_state_delta": state_delta_norm,
+            "effective_scale": state_delta_norm / mean_norm if mean_norm > 0 else None,
+            "effective_scale_per_tensor": per_tensor_scale,
+            "diagnostics": {
+                **({"dev_sum": aggregate_by_family(deviations)} if deviations else {}),
+                "effective_scale": aggregate_by_family(per_tensor_scale),
+            },
+        }
+        if not self.complete:
+            summary["warning"] = (
+                f"norms of τ_1..τ_{self.step - 1} missing from the carried scalars (earlier steps ran "
+                "without them): n̄_t and the effective scales use the available ones"
+            )
+        return rows, summary

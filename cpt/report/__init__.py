@@ -16,6 +16,8 @@ Where each piece lives:
   global backend change) and the tensor order of the conflict heatmap;
 * :mod:`~cpt.report.markdown` — the text of ``report.md`` (:func:`render_report`) and
   :func:`write_report`;
+* :mod:`~cpt.report.merge_effect` — what each step's merge did (METHOD §2.10), its verdict
+  (:func:`merge_effects`, :func:`merge_verdict`);
 * :mod:`~cpt.report.comparison` — ``cpt compare`` (:func:`compare_runs`).
 """
 
@@ -25,8 +27,10 @@ from cpt.naming import tensor_family
 from cpt.report.comparison import compare_runs
 from cpt.report.loading import TOP_K, RunData, StepGeometry, load_run
 from cpt.report.markdown import render_report, write_report
+from cpt.report.merge_effect import MergeEffect, merge_effects, merge_verdict
 from cpt.report.plots import (
     MATRIX_PLOT,
+    MERGE_PLOT,
     PLOTS,
     REPORT_PLOTS,
     SCATTER_PLOT,
@@ -34,6 +38,7 @@ from cpt.report.plots import (
     TENSOR_PLOT,
     plot_accuracy_matrix,
     plot_conflict_vs_forgetting,
+    plot_merge_effect,
     plot_run_comparison,
     plot_task_scores,
     plot_tensor_conflict,
@@ -45,12 +50,15 @@ from cpt.report.statistics import MIN_PAIRS, Correlation, ForgettingPair, correl
 __all__ = [
     "Correlation",
     "ForgettingPair",
+    "MergeEffect",
     "RunData",
     "StepGeometry",
     "compare_runs",
     "correlations",
     "forgetting_pairs",
     "load_run",
+    "merge_effects",
+    "merge_verdict",
     "render_report",
     "spearman",
     "tensor_family",

@@ -15,9 +15,11 @@ from pathlib import Path
 from cpt.evaluation.continual import format_matrix_table
 from cpt.io import atomic_write_text
 from cpt.report.loading import TOP_K, RunData, finite_number, load_run
+from cpt.report.merge_effect import MergeEffect, merge_effects, merge_verdict
 from cpt.report.plots import (
     FAMILY_ORDER,
     MATRIX_PLOT,
+    MERGE_PLOT,
     PLOTS,
     REPORT_PLOTS,
     SCATTER_PLOT,
@@ -25,6 +27,7 @@ from cpt.report.plots import (
     TENSOR_PLOT,
     plot_accuracy_matrix,
     plot_conflict_vs_forgetting,
+    plot_merge_effect,
     plot_task_scores,
     plot_tensor_conflict,
 )
@@ -202,6 +205,8 @@ def render_report(
     if finite_number(manifest.get("base_eval_seconds")) is not None:
         out += [f"Base evaluation: {manifest['base_eval_seconds']:.1f} s.", ""]
 
+    out += render_merge_effect(merge_effects(data), plots)
+
     out += ["## Geometry: state-relative conflict (METHOD §1)", ""]
     if not data.geometry:
         out += [
@@ -313,6 +318,40 @@ def render_report(
     return "\n".join(out)
 
 
+def render_merge_effect(effects: list[MergeEffect], plots: dict[str, str]) -> list[str]:
+    """The "What each merge did" section (METHOD §2.10): a table and a verdict per step; nothing
+    for runs whose integration files do not record it (training-time strategies, older runs)."""
+    if not effects:
+        return []
+    out = ["## What each merge did (METHOD §2.10)", ""]
+    out += [
+        (
+            "dev_sum = ‖m − s‖ / ‖s‖ per target tensor (mean, and per family): how far the merged delta m is from "
+            "the plain sum s of the step's active deltas (0 = the merge is plain addition); effective scale = "
+            "‖θ_t − θ0‖ / n̄_t, the state's delta in units of a mean task vector. Together they say whether the "
+            "merge rule changed the result, or only the step coefficient did."
+        ),
+        "",
+    ]
+    families = [family for family in ("attention", "mlp") if any(family in e.dev_sum_by_family for e in effects)]
+    header = ["step", "task", "dev_sum", *[("MLP" if f == "mlp" else f) for f in families], "effective scale"]
+    rows = [
+        [
+            str(effect.step),
+            escape_markdown(effect.task),
+            format_value(effect.dev_sum, ".4f"),
+            *[format_value(effect.dev_sum_by_family.get(family), ".4f") for family in families],
+            format_value(effect.effective_scale, ".3f"),
+        ]
+        for effect in effects
+    ]
+    out += [markdown_table(header, rows), ""]
+    out += [f"- step {e.step} ({escape_markdown(e.task)}): {merge_verdict(e)}" for e in effects] + [""]
+    if "merge" in plots:
+        out += [f"![what each merge did]({plots['merge']})", ""]
+    return out
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``RUN_DIR/report.md`` and ``RUN_DIR/plots/*.png`` for what the run holds; returns the report's path."""
     data = load_run(run_dir)
@@ -339,6 +378,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         draw("tensors", TENSOR_PLOT, plot_tensor_conflict)
     if any(pair.conflict is not None or pair.norm is not None for pair in pairs):
         draw("scatter", SCATTER_PLOT, plot_conflict_vs_forgetting, pairs, stats)
+    effects = merge_effects(data)
+    if effects:
+        draw("merge", MERGE_PLOT, plot_merge_effect, effects)
     written = {Path(relative).name for relative in plots.values()}
     for stale in REPORT_PLOTS:  # plots of an earlier report this one no longer has
         if stale not in written:

@@ -9,6 +9,8 @@
 * ``plots/conflict_vs_forgetting.png`` (:func:`plot_conflict_vs_forgetting`) — the
   forgetting caused by a step against that step's mean state-relative conflict, beside the
   same against its mean ``‖Δ‖``, each with Spearman's ρ and its p-value;
+* ``plots/merge_effect.png`` (:func:`plot_merge_effect`) — what each step's merge did
+  (METHOD §2.10): ``dev_sum`` (mean and per family) and the effective scale per step;
 * ``compare.png`` (:func:`plot_run_comparison`) — ACC and forgetting per run, for ``cpt compare``.
 
 Every PNG is written atomically (:func:`_save_png`).
@@ -30,7 +32,8 @@ MATRIX_PLOT = "accuracy_matrix.png"
 SCORES_PLOT = "task_scores.png"
 TENSOR_PLOT = "conflict_per_tensor.png"
 SCATTER_PLOT = "conflict_vs_forgetting.png"
-REPORT_PLOTS = (MATRIX_PLOT, SCORES_PLOT, TENSOR_PLOT, SCATTER_PLOT)
+MERGE_PLOT = "merge_effect.png"
+REPORT_PLOTS = (MATRIX_PLOT, SCORES_PLOT, TENSOR_PLOT, SCATTER_PLOT, MERGE_PLOT)
 
 # Tensors in the conflict heatmap: attention, then MLP, then the rest (cpt.naming's families).
 FAMILY_ORDER = {"attention": 0, "mlp": 1, "other": 2}
@@ -242,6 +245,38 @@ def plot_conflict_vs_forgetting(
 
 
 # ---------------------------------------------------------------------- cpt compare
+def plot_merge_effect(data: RunData, effects, path: Path) -> None:
+    """Two panels over the steps: ``dev_sum`` in % (mean, attention, MLP) and the effective scale."""
+    fig = _figure(8.0, 3.4)
+    deviation, scale = fig.subplots(1, 2)
+    steps = [effect.step for effect in effects]
+    labels = [f"{effect.step}. {effect.task}" for effect in effects]
+    series = {"mean": [effect.dev_sum for effect in effects]}
+    for family in ("attention", "mlp"):
+        values = [effect.dev_sum_by_family.get(family) for effect in effects]
+        if any(value is not None for value in values):
+            series["MLP" if family == "mlp" else family] = values
+    for label, values in series.items():
+        points = [(step, 100 * value) for step, value in zip(steps, values) if value is not None]
+        if points:
+            deviation.plot(*zip(*points), marker="o", label=label)
+    deviation.set_ylabel("dev_sum = ‖m − s‖ / ‖s‖ (%)")
+    deviation.set_title("distance from plain addition", fontsize=10)
+    deviation.legend(fontsize=8, loc="best")
+    points = [(effect.step, effect.effective_scale) for effect in effects if effect.effective_scale is not None]
+    if points:
+        scale.plot(*zip(*points), marker="o", color="tab:purple")
+    scale.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    scale.set_ylabel("‖θ_t − θ0‖ / n̄_t")
+    scale.set_title("effective scale (1 = one mean task vector)", fontsize=10)
+    for ax in (deviation, scale):
+        ax.set_xticks(steps, labels, rotation=30 if len(steps) > 3 else 0, ha="right" if len(steps) > 3 else "center")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{data.name}: what each merge did (METHOD §2.10)", fontsize=10)
+    _save_png(fig, path)
+
+
 def plot_run_comparison(labels: list[str], runs: list[RunData], path: Path) -> None:
     """Bars of ACC and forgetting per run (``n/a`` where a run has none)."""
     num_runs = len(runs)

@@ -95,6 +95,9 @@ class GCWM(MergeStrategy):
         error = residual / task_vector.flatten(1).norm(dim=1).clamp_min(1e-30)
         return {"left": left, "right": basis}, error
 
+    def plain_sum_weights(self, step: int) -> None:
+        return None  # GCWM records METHOD §2.10 itself, per branch and against its own active set
+
     def rows_separable(self, target):
         return not target  # non-target rule is element-wise; targets need whole matrices
 
