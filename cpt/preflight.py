@@ -241,7 +241,7 @@ def _tensor_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
 
 def uses_targets(recipe: Recipe) -> bool:
     """Whether the run reads the ``targets`` tensors: merge strategies and the geometry diagnostics."""
-    from cpt.merging.pipeline import MergeStrategy
+    from cpt.merging.contract import MergeStrategy
     from cpt.strategies import get_strategy
 
     return recipe.geometry.enabled or issubclass(get_strategy(recipe.strategy.name).integrator_class, MergeStrategy)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cpt.merging.pipeline import MergeResult, MergeStrategy, TensorBatch
+from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
 from cpt.strategies import register_strategy
 
 

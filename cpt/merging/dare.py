@@ -53,7 +53,7 @@ import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from pydantic import Field
 
-from cpt.merging.pipeline import (
+from cpt.merging.contract import (
     MergeResult,
     MergeStrategy,
     RunningMergeStrategy,

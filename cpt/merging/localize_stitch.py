@@ -45,8 +45,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
 from cpt.merging.magnitude import kth_largest_magnitudes
-from cpt.merging.pipeline import MergeResult, MergeStrategy, TensorBatch
 from cpt.strategies import register_strategy
 
 

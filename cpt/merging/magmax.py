@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cpt.merging.pipeline import RunningMergeStrategy
+from cpt.merging.contract import RunningMergeStrategy
 from cpt.strategies import register_strategy
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json, staged_dir, staging_dir
-from cpt.merging.pipeline import MergeStrategy
+from cpt.merging.contract import MergeStrategy
 from cpt.recipe import DEFAULT_TARGETS, parse_overrides
 from cpt.strategies import get_strategy
 

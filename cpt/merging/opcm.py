@@ -43,7 +43,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from cpt.merging.pipeline import MergeResult, MergeStrategy, TensorBatch
+from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
 from cpt.strategies import register_strategy
 
 

@@ -61,8 +61,8 @@ import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from pydantic import Field
 
+from cpt.merging.contract import MergeResult, RunningMergeStrategy
 from cpt.merging.magnitude import kth_largest_magnitudes
-from cpt.merging.pipeline import MergeResult, RunningMergeStrategy
 from cpt.strategies import register_strategy
 
 

@@ -37,8 +37,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
 from cpt.merging.inner_solver import adam_merge
-from cpt.merging.pipeline import MergeResult, MergeStrategy, TensorBatch
 from cpt.strategies import register_strategy
 
 
