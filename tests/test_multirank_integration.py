@@ -1,0 +1,215 @@
+"""End-of-task work divided among ranks: 2 processes give the 1-process state and geometry.
+
+The test launches this file under ``torch.distributed.run`` (gloo, CPU) with 1 and with
+2 processes. Each process drives a two-task sequence by hand through the two callbacks, as
+a trainer would at ``on_train_end``: the expert of task t is θ0 plus a seeded perturbation
+(the same on every rank, as after a DDP/ZeRO step), the geometry callback measures it
+against θ_{t−1} and the integration callback merges it. The 2-process run must leave the
+same state (atol 1e-5), history and geometry JSON as the 1-process run; its integration
+statistics say how the work was split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+STRATEGIES = {
+    "task_arithmetic": {"scaling": 0.7},
+    "gcwm": {"iters": 3, "rank": 4, "bary_iters": 5, "history_rank": -1},
+}
+
+
+# ---------------------------------------------------------------------- the worker (one rank)
+def perturbed_expert(base: Path, step: int):
+    """θ0 + a seeded perturbation of every parameter, identical on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1000 + step)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def worker(base: Path, out: Path, strategy: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, TrainerControl, TrainerState
+
+    from cpt.callbacks import GeometryConflictCallback, IntegrationCallback
+    from cpt.diagnostics import GeometrySettings
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    state_dir = out / "state"
+    geometry = GeometryConflictCallback(
+        base=base,
+        output_dir=out / "geometry",
+        state_dir=state_dir,
+        train_from="base",
+        settings=GeometrySettings(rank=4),
+        keep_updates=True,
+    )
+    integration = IntegrationCallback(
+        strategy, base=base, state_dir=state_dir, output_dir=out / "integration", params=STRATEGIES[strategy]
+    )
+    timings = []
+    for step in (1, 2):
+        model = perturbed_expert(base, step)
+        args = type("Args", (), {"run_name": f"task{step}"})()
+        state = TrainerState(is_world_process_zero=rank == 0)
+        control = TrainerControl()
+        for callback in (geometry, integration):
+            callback.on_train_begin(args, state, control)
+        wall, cpu = time.perf_counter(), time.process_time()
+        geometry.on_train_end(args, state, control, model=model)
+        geometry_wall, geometry_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu = time.perf_counter(), time.process_time()
+        integration.on_train_end(args, state, control, model=model, processing_class=tokenizer)
+        if dist.is_initialized():  # as the runner does: the next task starts from the committed θ_t
+            dist.barrier()
+        timings.append(
+            {
+                "step": step,
+                "geometry_wall_s": geometry_wall,
+                "geometry_cpu_s": geometry_cpu,
+                "integration_wall_s": time.perf_counter() - wall,
+                "integration_cpu_s": time.process_time() - cpu,
+            }
+        )
+    (out / f"timings-rank{rank}.json").write_text(json.dumps(timings))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- the test
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(base: Path, out: Path, strategy: str, processes: int) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        str(base),
+        str(out),
+        strategy,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (out / "stderr.txt").write_text(result.stderr)
+
+
+def load_folder(folder: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / f"{prefix}.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(folder / file))
+    assert sorted(tensors) == sorted(index["weight_map"]), f"{folder}: the index and the shards disagree"
+    return tensors
+
+
+def assert_same_json(one, two, path: str = "") -> None:
+    """Equal structures (key order included); floats equal to 1e-6 relative (batch composition may
+    change the last bits of a batched decomposition); the wall-clock ``seconds`` is left out."""
+    if isinstance(one, dict):
+        assert list(two) == list(one), f"{path}: keys differ"
+        for key in one:
+            if key != "seconds":
+                assert_same_json(one[key], two[key], f"{path}/{key}")
+    elif isinstance(one, list):
+        assert len(one) == len(two), f"{path}: lengths differ"
+        for index, (a, b) in enumerate(zip(one, two, strict=True)):
+            assert_same_json(a, b, f"{path}[{index}]")
+    elif isinstance(one, float) and isinstance(two, float):
+        assert math.isclose(one, two, rel_tol=1e-6, abs_tol=1e-9), f"{path}: {one} != {two}"
+    else:
+        assert one == two, f"{path}: {one!r} != {two!r}"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from cpt.testing import build_tiny_model
+
+    return Path(build_tiny_model(tmp_path_factory.mktemp("multirank") / "tiny", seed=0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_two_ranks_give_the_one_rank_state_and_geometry(base, tmp_path, strategy):
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(base, one, strategy, processes=1)
+    launch(base, two, strategy, processes=2)
+
+    state_one, state_two = load_folder(one / "state"), load_folder(two / "state")
+    assert sorted(state_two) == sorted(state_one)
+    for name, value in state_one.items():
+        torch.testing.assert_close(state_two[name], value, rtol=0, atol=1e-5, msg=name)
+    assert json.loads((two / "state" / "cpt_state.json").read_text()) == json.loads(
+        (one / "state" / "cpt_state.json").read_text()
+    )
+    for key_dir in sorted((one / "history" / "step-2").iterdir()):
+        if key_dir.is_dir():
+            kept_one, kept_two = (
+                load_folder(key_dir, key_dir.name),
+                load_folder(two / "history" / "step-2" / key_dir.name, key_dir.name),
+            )
+            assert sorted(kept_two) == sorted(kept_one)
+            for name, value in kept_one.items():
+                torch.testing.assert_close(kept_two[name], value, rtol=0, atol=1e-5, msg=f"{key_dir.name}/{name}")
+    assert not list((two / "state").glob("*rank*.index.json")), "per-rank indexes must be joined and removed"
+
+    for step in (1, 2):
+        geometry_one = json.loads((one / "geometry" / f"{step}_task{step}.json").read_text())
+        geometry_two = json.loads((two / "geometry" / f"{step}_task{step}.json").read_text())
+        assert geometry_one["num_tensors"] > 0
+        assert_same_json(geometry_one, geometry_two)
+
+        stats_one = json.loads((one / "integration" / f"{step}_task{step}.json").read_text())
+        stats_two = json.loads((two / "integration" / f"{step}_task{step}.json").read_text())
+        ranks_split = stats_two["summary"].pop("ranks", None)
+        if strategy == "task_arithmetic":  # batch-local: split, each rank a real share
+            assert ranks_split is not None and len(ranks_split) == 2
+            assert all(share["tensors"] > 0 for share in ranks_split)
+            assert sum(share["tensors"] for share in ranks_split) == len(stats_one["per_tensor"])
+            loads = [share["bytes"] for share in ranks_split]
+            assert max(loads) <= 2 * min(loads)
+            assert list((two / "state").glob("model-rank00001-*.safetensors"))
+        else:  # GCWM's norms and c_t need every tensor: rank 0 merges alone
+            assert ranks_split is None
+            assert "runs on rank 0 only" in (two / "stderr.txt").read_text()
+        assert_same_json(stats_one["per_tensor"], stats_two["per_tensor"])
+    assert "geometry of task 2 split over 2 ranks" in (two / "stderr.txt").read_text()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
