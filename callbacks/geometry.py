@@ -52,6 +52,10 @@ class GeometryConflictCallback(TrainerCallback):
     folder (θ0 at t = 1). Put it before :class:`~cpt.callbacks.IntegrationCallback` in
     ``callbacks=[...]``: the state must still be θ_{t−1} when it measures.
 
+    In a multi-process run every rank measures its share of the target tensors (balanced
+    by bytes, :func:`cpt.ranks.assign_balanced`) and rank 0 gathers the per-tensor rows
+    and writes the same report as one process would.
+
     With ``keep_updates=True`` each task's update is also kept as its right bases
     (``<output_dir>/bases/<t>_<task>.safetensors``, rank ≤ ``settings.rank``: small) and
     the conflict of Δ_t with every earlier task's update is reported too.

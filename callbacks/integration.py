@@ -34,6 +34,14 @@ class IntegrationCallback(TrainerCallback):
     is read from ``state_dir``'s marker (one more than the step it holds; 1 when there is
     no state yet), and the state in that folder is θ_{t−1}.
 
+    In a multi-process run (``accelerate launch --num_processes N``, DDP or DeepSpeed) a
+    merge strategy whose rule is batch-local (task arithmetic, DARE, MagMax, …; see
+    :func:`cpt.merging.batch_io.splits_across_ranks`) is integrated by every rank, each
+    merging its share of the tensor batches into the same staging folder; rank 0 joins the
+    shard indexes, commits θ_t, records and logs. Other strategies (a whole-model pass:
+    GCWM, OPCM, TIES fusionbench, LiNeS, Localize-and-Stitch; training-side strategies)
+    integrate on rank 0 while the others go on, as in one process (the log says so).
+
     Usage::
 
         from cpt.callbacks import IntegrationCallback

@@ -155,6 +155,75 @@ def assert_same_json(one, two, path: str = "") -> None:
         assert one == two, f"{path}: {one!r} != {two!r}"
 
 
+def test_assign_balanced_hand_worked():
+    from cpt.ranks import assign_balanced
+
+    # largest first, each to the least-loaded rank: 5→0, 4→1, 3→1 (4<5), 3→0 (5<7), 1→1 (7<8): 8 bytes each
+    assert assign_balanced([5, 4, 3, 3, 1], 2) == [0, 1, 1, 0, 1]
+    assert assign_balanced([2, 2], 2) == [0, 1]  # ties: the lower rank first
+    assert assign_balanced([7, 7, 7], 1) == [0, 0, 0]
+    assert assign_balanced([], 2) == []
+    assert assign_balanced([1], 3) == [0]
+
+
+def test_rank_shares_keep_a_tensors_row_blocks_together_and_balance_bytes():
+    from cpt.merging.batch_io import rank_shares
+
+    shapes = {
+        "embed": torch.Size([64, 16]),
+        "a": torch.Size([16, 16]),
+        "b": torch.Size([16, 16]),
+        "n": torch.Size([16]),
+    }
+    groups = [
+        (False, ["embed"], slice(0, 16)),
+        (False, ["embed"], slice(16, 32)),
+        (False, ["embed"], slice(32, 64)),
+        (True, ["a", "b"], None),
+        (False, ["n"], None),
+    ]
+    owners = rank_shares(groups, shapes, 2)
+    assert owners[0] == owners[1] == owners[2]  # embed (4096 B) on one rank ...
+    assert owners[3] != owners[0]  # ... a+b (2048 B) on the other, with n (64 B): the lighter one
+    assert owners[4] == owners[3]
+    assert rank_shares(groups, shapes, 1) == [0] * len(groups)
+
+
+@pytest.mark.parametrize(
+    "name, splits",
+    [
+        ("task_arithmetic", True),
+        ("dare_ta", True),
+        ("dare_ties", True),
+        ("magmax", True),
+        ("average", True),
+        ("wudi", True),
+        ("nufilt", True),
+        ("gcwm", False),  # whole-model norms, c_t and (step_coef: norm) the rescale
+        ("opcm", False),  # λ_t from whole-model norms, a global rescale
+        ("ties", False),  # fusionbench form: whole-model thresholds
+        ("lines", False),  # a pre-pass over every tensor
+        ("localize_stitch", False),  # a global threshold
+    ],
+)
+def test_which_strategies_split_across_ranks(name, splits):
+    from cpt.merging.batch_io import splits_across_ranks
+    from cpt.strategies import get_strategy
+
+    assert splits_across_ranks(get_strategy(name).build({})) is splits
+
+
+def test_one_process_collectives_are_identities():
+    from cpt import ranks
+
+    assert ranks.world() == (0, 1)
+    assert ranks.all_gather({"x": 1}) == [{"x": 1}]
+    assert ranks.broadcast_from_main("path") == "path"
+    ranks.barrier()
+    with pytest.raises(RuntimeError, match="rank 1 failed: ValueError: boom"):
+        ranks.raise_if_any_failed([(None, 1), ("ValueError: boom", None)], None, "merge")
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     from cpt.testing import build_tiny_model
