@@ -279,6 +279,41 @@ def test_two_ranks_give_the_one_rank_state_and_geometry(base, tmp_path, strategy
     assert "geometry of task 2 split over 2 ranks" in (two / "stderr.txt").read_text()
 
 
+@pytest.mark.slow
+def test_a_zero3_run_on_two_processes_splits_its_merge(tmp_path):
+    """The runner under ``accelerate launch`` (ZeRO-3, 2 CPU processes): the merge is split (the
+    expert gathered to a folder every rank reads) and the run's state is the plain run's."""
+    pytest.importorskip("deepspeed")
+    import yaml
+    from test_deepspeed import assert_same_run, recipe_file
+
+    from cpt.recipe import validate_recipe
+    from cpt.runner import TaskSequenceRunner
+    from cpt.testing import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    path = recipe_file(tmp_path, model, "zero3-2-ta", {"name": "task_arithmetic", "scaling": 0.5})
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/zero3.yaml"),
+        *("--num_processes", "2", "--main_process_port", str(free_port()), "cpt/run.py", str(path)),
+        *("--set", "training.per_device_train_batch_size=2"),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "integration of task 2 split over 2 ranks" in result.stderr
+    run_dir = tmp_path / "runs" / "zero3-2-ta"
+    for step, task in ((1, "plural"), (2, "upper")):
+        stats = json.loads((run_dir / "integration" / f"{step}_{task}.json").read_text())
+        shares = stats["summary"]["ranks"]
+        assert len(shares) == 2 and all(share["tensors"] > 0 for share in shares)
+        assert sum(share["tensors"] for share in shares) == len(stats["per_tensor"])
+    plain = validate_recipe({**yaml.safe_load(path.read_text()), "name": "plain-zero3-2-ta"})
+    plain.training["per_device_train_batch_size"] = 4  # the same global batch as 2 ranks × 2
+    TaskSequenceRunner(plain).run()
+    assert_same_run(plain.run_dir, run_dir)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
