@@ -231,6 +231,8 @@ class GeometryConflictCallback(TrainerCallback):
             try:
                 # In a multi-process run every rank measures its share of the tensors (rank 0 gathers
                 # and writes); the check runs on every rank, so all raise together, before any collective.
+                if ranks.world()[1] > 1:  # an expert folder rank 0 writes (ZeRO-3) is complete once all are here
+                    ranks.barrier()
                 if state.is_world_process_zero or ranks.world()[1] > 1:
                     self._check_state_unchanged()
                     self._measure_and_report(state, model, expert_dir)

@@ -201,6 +201,10 @@ class IntegrationCallback(TrainerCallback):
         every_rank = self._splits_across_ranks()
         if not state.is_world_process_zero and not every_rank:
             return
+        if every_rank:  # an expert folder rank 0 writes (ZeRO-3) is complete once all ranks are here
+            from cpt import ranks
+
+            ranks.barrier()
         context = self.make_context(model, self.tokenizer if self.tokenizer is not None else processing_class)
         context.expert_dir = expert_dir
         try:
