@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from cpt import ranks
 from cpt.diagnostics import GeometrySettings, basis_conflict, pair_geometry, right_bases, summarize
 from cpt.errors import CptError
 from cpt.geometry import LowRankDelta
@@ -50,6 +51,10 @@ class GeometryConflictCallback(TrainerCallback):
     folder holds; 1 when there is no state yet) and measures against the state in that
     folder (θ0 at t = 1). Put it before :class:`~cpt.callbacks.IntegrationCallback` in
     ``callbacks=[...]``: the state must still be θ_{t−1} when it measures.
+
+    In a multi-process run every rank measures its share of the target tensors (balanced
+    by bytes, :func:`cpt.ranks.assign_balanced`) and rank 0 gathers the per-tensor rows
+    and writes the same report as one process would.
 
     With ``keep_updates=True`` each task's update is also kept as its right bases
     (``<output_dir>/bases/<t>_<task>.safetensors``, rank ≤ ``settings.rank``: small) and
@@ -228,14 +233,19 @@ class GeometryConflictCallback(TrainerCallback):
             if expert_dir is None:
                 expert_dir = gather_expert_folder(model, self.output_dir / f".expert-{self.step}")  # every rank
                 temporary = expert_dir is not None
-            if not state.is_world_process_zero:
-                return
             try:
-                self._check_state_unchanged()
-                self._measure_and_report(state, model, expert_dir)
+                # In a multi-process run every rank measures its share of the tensors (rank 0 gathers
+                # and writes); the check runs on every rank, so all raise together, before any collective.
+                if ranks.world()[1] > 1:  # an expert folder rank 0 writes (ZeRO-3) is complete once all are here
+                    ranks.barrier()
+                if state.is_world_process_zero or ranks.world()[1] > 1:
+                    self._check_state_unchanged()
+                    self._measure_and_report(state, model, expert_dir)
             finally:
                 if temporary:
-                    shutil.rmtree(expert_dir, ignore_errors=True)
+                    ranks.barrier()  # every rank has read the gathered expert
+                    if state.is_world_process_zero:
+                        shutil.rmtree(expert_dir, ignore_errors=True)
         finally:
             self._position = None  # the next task reads the marker again
 
@@ -295,7 +305,13 @@ class GeometryConflictCallback(TrainerCallback):
                 return (shape, tuple(lora_b.shape)), 4 * math.prod(shape)
             return (shape, "dense"), 4 * math.prod(shape)
 
-        per_tensor = self.measure(targets, state_delta, update, group_key)
+        rank, world_size = ranks.world()
+        if world_size > 1:
+            per_tensor, current_bases = self._measure_share(targets, state_delta, update, group_key, shapes, factors)
+            if rank != 0:
+                return
+        else:
+            per_tensor, current_bases = self.measure(targets, state_delta, update, group_key), None
         report: dict[str, Any] = {
             "step": self.step,
             "task": self.task_name,
@@ -306,7 +322,7 @@ class GeometryConflictCallback(TrainerCallback):
             "per_tensor": per_tensor,
         }
         if self.keep_updates:
-            report["earlier_updates"] = self._compare_with_earlier(targets, update, group_key)
+            report["earlier_updates"] = self._compare_with_earlier(targets, update, group_key, current_bases)
         report["seconds"] = round(time.perf_counter() - started, 3)
         self.write(report)
         self.report = report
@@ -316,9 +332,59 @@ class GeometryConflictCallback(TrainerCallback):
         else:
             state.log_history.append({**metrics, "step": state.global_step})
 
-    def _compare_with_earlier(self, targets: list[str], update, group_key) -> dict[str, Any]:
+    def _measure_share(
+        self, targets: list[str], state_delta, update, group_key, shapes, factors
+    ) -> tuple[dict[str, dict], dict | None]:
+        """A collective: this rank measures its share of ``targets`` (balanced by bytes,
+        :func:`cpt.ranks.assign_balanced`; the same on every rank) and the rows (and, with
+        ``keep_updates``, the right bases) of every rank are gathered, in ``targets``' order.
+
+        The per-tensor math does not depend on which tensors share a batch, so the report
+        is the one-process report. A rank that fails makes every rank raise.
+        """
+        rank, world_size = ranks.world()
+
+        def measured_bytes(name: str) -> int:
+            if name in factors:  # LoRA: the factors are what is decomposed
+                lora_b, lora_a, _ = factors[name]
+                return 4 * (lora_b.numel() + lora_a.numel())
+            return 4 * math.prod(shapes[name])
+
+        sizes = [measured_bytes(name) for name in targets]
+        owners = ranks.assign_balanced(sizes, world_size)
+        mine = [name for name, owner in zip(targets, owners, strict=True) if owner == rank]
+        error, result = None, None
+        try:
+            started = time.perf_counter()
+            rows = self.measure(mine, state_delta, update, group_key) if mine else {}
+            bases = (
+                right_bases(mine, update, self.settings, self._device(), group_key)
+                if self.keep_updates and mine
+                else {}
+            )
+            share = {
+                "tensors": len(mine),
+                "bytes": sum(size for size, owner in zip(sizes, owners, strict=True) if owner == rank),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            result = (rows, {name: (v.cpu(), s.cpu()) for name, (v, s) in bases.items()}, share)
+        except BaseException as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
+            error = exc
+        gathered = ranks.all_gather((None if error is None else f"{type(error).__name__}: {error}", result))
+        ranks.raise_if_any_failed(gathered, error, f"geometry of task {self.step}")
+        per_tensor, current = {}, {}
+        for _, (rows, bases, _) in gathered:
+            per_tensor.update(rows)
+            current.update(bases)
+        if rank == 0:
+            ranks.log(ranks.describe_split(f"geometry of task {self.step}", [share for _, (_, _, share) in gathered]))
+        return {name: per_tensor[name] for name in targets}, (current if self.keep_updates else None)
+
+    def _compare_with_earlier(self, targets: list[str], update, group_key, current=None) -> dict[str, Any]:
         folder = self.output_dir / "bases"
-        current = right_bases(targets, update, self.settings, self._device(), group_key)
+        if current is None:
+            current = right_bases(targets, update, self.settings, self._device(), group_key)
+        current = {name: current[name] for name in targets if name in current}
         comparisons = {}
         for file in (
             sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0])) if folder.exists() else []

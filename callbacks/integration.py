@@ -34,6 +34,14 @@ class IntegrationCallback(TrainerCallback):
     is read from ``state_dir``'s marker (one more than the step it holds; 1 when there is
     no state yet), and the state in that folder is θ_{t−1}.
 
+    In a multi-process run (``accelerate launch --num_processes N``, DDP or DeepSpeed) a
+    merge strategy whose rule is batch-local (task arithmetic, DARE, MagMax, …; see
+    :func:`cpt.merging.batch_io.splits_across_ranks`) is integrated by every rank, each
+    merging its share of the tensor batches into the same staging folder; rank 0 joins the
+    shard indexes, commits θ_t, records and logs. Other strategies (a whole-model pass:
+    GCWM, OPCM, TIES fusionbench, LiNeS, Localize-and-Stitch; training-side strategies)
+    integrate on rank 0 while the others go on, as in one process (the log says so).
+
     Usage::
 
         from cpt.callbacks import IntegrationCallback
@@ -190,16 +198,23 @@ class IntegrationCallback(TrainerCallback):
         if expert_dir is None:
             expert_dir = gather_expert_folder(model, self.state_dir.parent / f".expert-{self.step}")  # every rank
             temporary = expert_dir is not None
-        if not state.is_world_process_zero:
+        every_rank = self._splits_across_ranks()
+        if not state.is_world_process_zero and not every_rank:
             return
+        if every_rank:  # an expert folder rank 0 writes (ZeRO-3) is complete once all ranks are here
+            from cpt import ranks
+
+            ranks.barrier()
         context = self.make_context(model, self.tokenizer if self.tokenizer is not None else processing_class)
         context.expert_dir = expert_dir
         try:
             stats = self.integrator.integrate(context) or {}
         finally:
-            if temporary:
+            if temporary and state.is_world_process_zero:  # rank 0 wrote it (the others may still read it)
                 shutil.rmtree(expert_dir, ignore_errors=True)
         self.seconds = time.perf_counter() - started
+        if not state.is_world_process_zero:  # its share is merged; rank 0 records and logs the step
+            return
         self.stats = {"step": self.step, "task": self.task_name, "seconds": self.seconds, **stats}
         self.record(self.stats)
         metrics = self.log_metrics(self.stats)
@@ -207,6 +222,19 @@ class IntegrationCallback(TrainerCallback):
             self.trainer.log(metrics)
         else:
             state.log_history.append({**metrics, "step": state.global_step})
+
+    def _splits_across_ranks(self) -> bool:
+        """In a multi-process run, whether every rank takes part in ``integrate`` (a merge
+        strategy whose batches are divided among the ranks, :func:`cpt.merging.batch_io.splits_across_ranks`);
+        otherwise rank 0 integrates alone while the others go on."""
+        from cpt import ranks
+        from cpt.merging.contract import MergeStrategy
+
+        if ranks.world()[1] == 1 or not isinstance(self.integrator, MergeStrategy):
+            return False
+        from cpt.merging.batch_io import splits_across_ranks
+
+        return splits_across_ranks(self.integrator)
 
     def _start_task(self, args) -> None:
         self._position = resolve_task(args, state_dir=self.state_dir, **self._overrides)

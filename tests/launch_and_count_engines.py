@@ -44,13 +44,14 @@ def record_live_objects(largest: dict[str, int]) -> None:
 def count_after_each_task(largest: dict[str, int]) -> None:
     from cpt.runner import TaskSequenceRunner
 
-    train_and_integrate = TaskSequenceRunner._train_and_integrate
+    train_task = TaskSequenceRunner.train_task
 
     def counted(self, *args, **kwargs):
-        train_and_integrate(self, *args, **kwargs)
+        live_state = train_task(self, *args, **kwargs)
         record_live_objects(largest)
+        return live_state
 
-    TaskSequenceRunner._train_and_integrate = counted
+    TaskSequenceRunner.train_task = counted
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,8 +39,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from cpt import ranks
 from cpt.integration import IntegrationContext
-from cpt.io import atomic_write_json, staged_dir
+from cpt.io import atomic_write_json, commit_dir, staged_dir, staging_dir
 from cpt.merging.contract import MergeStrategy, TensorBatch, combine_row_stats
 from cpt.merging.merge_diagnostics import StepDiagnostics
 from cpt.tensors import (
@@ -129,12 +131,13 @@ class BatchSource:
         return base, state, expert, expert - start
 
     def iterate(
-        self, desc: str | None = None
+        self, desc: str | None = None, groups: list[tuple[bool, list[str], slice | None]] | None = None
     ) -> Iterator[tuple[bool, list[str], slice | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(target, names, rows, θ0, θ_{t−1}, E_t, τ_t)`` per batch, freeing each before the next."""
+        """``(target, names, rows, θ0, θ_{t−1}, E_t, τ_t)`` per batch of ``groups`` (default:
+        all of :meth:`groups`), freeing each before the next."""
         from tqdm.auto import tqdm
 
-        groups = self.groups()
+        groups = self.groups() if groups is None else groups
         for target, names, rows in tqdm(
             groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None
         ):
@@ -252,7 +255,22 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
     θ_t and the strategy's kept tensors are built in staging folders; the history of step t
     is committed before θ_t (a kill between the two re-runs step t from θ_{t−1}, which still
     reads step t−1's history), and older history is pruned only after θ_t is committed.
+
+    In a multi-process run (``torch.distributed`` initialised, every rank calling this) the
+    batches are divided among the ranks (:func:`_run_merge_split`) when the strategy's rule
+    is batch-local (:func:`splits_across_ranks`); otherwise the main rank merges alone (and
+    says so) while the others return ``{}`` at once, as before.
     """
+    rank, world_size = ranks.world()
+    if world_size > 1:
+        if splits_across_ranks(strategy):
+            return _run_merge_split(strategy, context)
+        if rank != 0:
+            return {}
+        ranks.log(
+            f"integration of task {context.step} runs on rank 0 only: {type(strategy).__name__} "
+            "gathers whole-model quantities (begin_step/end_step/finalize_scale) before writing"
+        )
     step = context.step
     device = _merge_device()
     source = BatchSource(context, device, rows_separable=strategy.rows_separable)
@@ -285,6 +303,187 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
     return {"summary": {**summary, "global_scale": scale}, "per_tensor": per_tensor}
 
 
+#: The hooks whose default (no-op) implementation makes a strategy's step a sum of
+#: independent per-batch rules, so the batches may be merged on different ranks.
+_WHOLE_MODEL_HOOKS = ("begin_step", "end_step", "finalize_scale")
+
+
+def splits_across_ranks(strategy: MergeStrategy) -> bool:
+    """Whether ``strategy``'s batches may be merged on different ranks with the same result.
+
+    True when the strategy keeps the base class's ``begin_step``, ``end_step`` and
+    ``finalize_scale`` (no whole-model pre-pass, accumulator or rescale: each batch's θ_t,
+    kept tensors and statistics depend on that batch only; seeded rules such as DARE seed
+    per tensor name) and does not set the class attribute ``rank_split = False``. Strategies
+    that need a global pass (GCWM's norms and c_t, OPCM's λ_t, TIES/Localize-and-Stitch
+    global thresholds, LiNeS's pre-pass) run on one rank.
+    """
+    if getattr(type(strategy), "rank_split", True) is False:
+        return False
+    return all(getattr(type(strategy), hook) is getattr(MergeStrategy, hook) for hook in _WHOLE_MODEL_HOOKS)
+
+
+def rank_shares(
+    groups: list[tuple[bool, list[str], slice | None]], shapes: dict[str, torch.Size], world_size: int
+) -> list[int]:
+    """The rank that merges each batch of ``groups``: balanced by float32 bytes
+    (:func:`cpt.ranks.assign_balanced`); the row blocks of one tensor stay on one rank (its
+    buffer is assembled there, and per-name quantities accumulate over its blocks)."""
+    units: dict[Any, int] = {}  # a batch, or a tensor split into row blocks → its bytes
+    unit_of: list[Any] = []
+    for index, (_, names, rows) in enumerate(groups):
+        unit = ("rows", names[0]) if rows is not None else index
+        nbytes = 4 * sum(math.prod(shapes[name]) for name in names)
+        if rows is not None:
+            nbytes = 4 * (rows.stop - rows.start) * math.prod(shapes[names[0]][1:])
+        units[unit] = units.get(unit, 0) + nbytes
+        unit_of.append(unit)
+    order = list(units)
+    owners = dict(zip(order, ranks.assign_balanced([units[unit] for unit in order], world_size), strict=True))
+    return [owners[unit] for unit in unit_of]
+
+
+def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> dict[str, Any]:
+    """:func:`run_merge` with the batches divided among the ranks (a collective: every rank calls it).
+
+    1. The main rank creates the staging folders of θ_t and of step t's history next to
+       their final homes and broadcasts their paths (ranks share the run directory's
+       filesystem), so every rank writes into the same folders.
+    2. Each rank merges its share of the batches (:func:`rank_shares`, the same on every
+       rank) and writes its own shards, ``model-rank<r>-*.safetensors`` and
+       ``<key>/<key>-rank<r>-*.safetensors``, each with a per-rank index.
+    3. Every rank's per-tensor statistics (or its error) are gathered; if any rank failed,
+       the staging folders are removed and every rank raises.
+    4. The main rank joins the per-rank indexes into ``model.safetensors.index.json`` (and
+       each history key's), writes the state folder's other files, commits the history then
+       θ_t, prunes older history; a barrier then lets every rank return with θ_t committed.
+    """
+    rank, world_size = ranks.world()
+    step = context.step
+    device = _merge_device()
+    source = BatchSource(context, device, rows_separable=strategy.rows_separable)
+    history = _History(context.history_dir)
+    scalars = history.scalars(step - 1)
+    keys = strategy.history_keys(step, scalars)
+    groups = source.groups()
+    owners = rank_shares(groups, source.shapes, world_size)
+    mine = [group for group, owner in zip(groups, owners, strict=True) if owner == rank]
+
+    staged = None
+    if rank == 0:
+        staged = (str(staging_dir(context.state_dir)), str(staging_dir(history.step_dir(step))))
+    staged_state, staged_history = (Path(path) for path in ranks.broadcast_from_main(staged))
+
+    error: BaseException | None = None
+    result: tuple[dict, dict] | None = None
+    try:
+        started = time.perf_counter()
+        readers = {key: history.reader(step - 1, key) for key in keys}
+        strategy.begin_step(step, source, scalars)
+        diagnostics = _step_diagnostics(strategy, step, scalars)
+        per_tensor = _merge_batches(
+            strategy,
+            context,
+            source,
+            readers,
+            scalars,
+            staged_state,
+            staged_history,
+            diagnostics=diagnostics,
+            groups=mine,
+            suffix=f"-rank{rank:05d}",
+        )
+        share = {
+            "tensors": len({name for _, names, _ in mine for name in names}),
+            "batches": len(mine),
+            "bytes": sum(_group_bytes(group, source.shapes) for group in mine),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        result = (per_tensor, share, None if diagnostics is None else diagnostics.accumulators())
+    except BaseException as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
+        error = exc
+    gathered = ranks.all_gather([(None if error is None else f"{type(error).__name__}: {error}", result)])
+    gathered = [item[0] for item in gathered]
+    try:
+        ranks.raise_if_any_failed(gathered, error, f"integration of task {step}")
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(staged_state, ignore_errors=True)
+            shutil.rmtree(staged_history, ignore_errors=True)
+        raise
+
+    shares = [share for _, (_, share, _) in gathered]
+    order = dict.fromkeys(name for _, names, _ in groups for name in names)  # the one-process order
+    per_tensor = {}
+    for _, (rank_rows, _, _) in gathered:
+        per_tensor.update(rank_rows)
+    per_tensor = {name: per_tensor[name] for name in order if name in per_tensor}
+
+    failure = None
+    if rank == 0:
+        try:
+            ranks.log(ranks.describe_split(f"integration of task {step}", shares))
+            _join_rank_indexes(staged_state, "model", world_size)
+            for key_dir in sorted(path for path in staged_history.iterdir() if path.is_dir()):
+                _join_rank_indexes(key_dir, key_dir.name, world_size)
+            summary = strategy.end_step(step, scalars)
+            scale = strategy.finalize_scale(step, scalars)
+            if scale is not None:  # not reached: such strategies run on one rank (splits_across_ranks)
+                _rescale_state(staged_state, source.base, scale)
+            combined = _step_diagnostics(strategy, step, scalars)  # METHOD §2.10 over every rank's tensors
+            if combined is not None:
+                for _, (_, _, accumulators) in gathered:
+                    combined.absorb(accumulators)
+                _record_diagnostics(combined, scale, summary, per_tensor, scalars)
+            atomic_write_json(staged_history / "scalars.json", scalars)
+            write_model_files(
+                staged_state,
+                model=context.model,
+                config_from=context.expert_dir,
+                tokenizer=context.tokenizer,
+                marker=context.marker(),
+            )
+            commit_dir(staged_history, history.step_dir(step))
+            commit_dir(staged_state, context.state_dir)
+            history.prune(keep=step)
+        except BaseException as exc:  # noqa: BLE001 - the other ranks wait for the verdict below
+            failure = exc
+            shutil.rmtree(staged_state, ignore_errors=True)
+            shutil.rmtree(staged_history, ignore_errors=True)
+    verdict = ranks.broadcast_from_main(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if verdict is not None:
+        raise RuntimeError(f"integration of task {step}: rank 0 failed while committing: {verdict}")
+    if rank != 0:
+        return {}
+    return {"summary": {**summary, "global_scale": scale, "ranks": shares}, "per_tensor": per_tensor}
+
+
+def _group_bytes(group: tuple[bool, list[str], slice | None], shapes: dict[str, torch.Size]) -> int:
+    _, names, rows = group
+    if rows is not None:
+        return 4 * (rows.stop - rows.start) * math.prod(shapes[names[0]][1:])
+    return 4 * sum(math.prod(shapes[name]) for name in names)
+
+
+def _join_rank_indexes(folder: Path, prefix: str, world_size: int) -> None:
+    """``<prefix>.safetensors.index.json`` from the per-rank ``<prefix>-rank<r>.safetensors.index.json``
+    (which are removed): one HF index over every rank's shards."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for rank in range(world_size):
+        path = folder / f"{prefix}-rank{rank:05d}.safetensors.index.json"
+        if not path.exists():  # this rank kept nothing under this key
+            continue
+        index = json.loads(path.read_text())
+        weight_map.update(index["weight_map"])
+        total += int(index.get("metadata", {}).get("total_size", 0))
+        path.unlink()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_json(folder / f"{prefix}.safetensors.index.json", index)
+
+
 def _merge_batches(
     strategy: MergeStrategy,
     context: IntegrationContext,
@@ -294,15 +493,20 @@ def _merge_batches(
     staged_state: Path,
     staged_history: Path,
     diagnostics: StepDiagnostics | None = None,
+    groups: list[tuple[bool, list[str], slice | None]] | None = None,
+    suffix: str = "",
 ) -> dict[str, dict]:
-    """Run the rule over every batch, writing θ_t and the kept tensors shard by shard;
-    returns the per-tensor statistics (``diagnostics`` observes the target batches)."""
+    """Run the rule over every batch (or only ``groups``), writing θ_t and the kept tensors
+    shard by shard (file and index names ``model<suffix>``, ``<key><suffix>``); returns the
+    per-tensor statistics (``diagnostics`` observes the target batches)."""
     step, device = context.step, source.device
-    state_writer = _ShardWriter(staged_state, "model")
+    state_writer = _ShardWriter(staged_state, "model" + suffix)
     history_writers: dict[str, _ShardWriter] = {}
     per_tensor: dict[str, dict] = {}
     row_stats: dict[str, list[tuple[int, dict]]] = defaultdict(list)
-    for target, names, rows, base, state, expert, task_vector in source.iterate(desc=f"integrate {context.task_name}"):
+    for target, names, rows, base, state, expert, task_vector in source.iterate(
+        desc=f"integrate {context.task_name}", groups=groups
+    ):
         kept = {
             key: (
                 torch.stack([read_rows(reader, name, rows).to(device, torch.float32) for name in names])
@@ -321,7 +525,7 @@ def _merge_batches(
         out_dtype = source.dtype(names[0])
         _write(state_writer, names, rows, new_state.to(out_dtype).cpu(), source.shapes)
         for key, tensors in result.history.items():
-            writer = history_writers.setdefault(key, _ShardWriter(staged_history / key, key))
+            writer = history_writers.setdefault(key, _ShardWriter(staged_history / key, key + suffix))
             _write(writer, names, rows, tensors.to(torch.float32).cpu(), source.shapes)
         for i, name in enumerate(names):
             entry = result.stats[i] if result.stats else {}

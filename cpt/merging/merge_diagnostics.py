@@ -171,6 +171,26 @@ class StepDiagnostics:
             for name, value in zip(names, values):
                 accumulator[name] += value
 
+    def accumulators(self) -> dict[str, dict[str, float]]:
+        """The per-tensor sums observed so far (plain floats: sent between ranks)."""
+        return {
+            "deviation_sq": dict(self._deviation_sq),
+            "sum_sq": dict(self._sum_sq),
+            "state_delta_sq": dict(self._state_delta_sq),
+            "task_sq": dict(self._task_sq),
+        }
+
+    def absorb(self, accumulators: Mapping[str, Mapping[str, float]]) -> None:
+        """Add another process's :meth:`accumulators` (ranks merge disjoint tensors; sums are exact)."""
+        for key, target in (
+            ("deviation_sq", self._deviation_sq),
+            ("sum_sq", self._sum_sq),
+            ("state_delta_sq", self._state_delta_sq),
+            ("task_sq", self._task_sq),
+        ):
+            for name, value in accumulators[key].items():
+                target[name] += value
+
     def carried(self) -> dict[str, Any]:
         """What step t+1 needs: the whole-model ``‖τ_1‖ … ‖τ_t‖`` and per tensor ``Σ_s ‖τ_s‖``."""
         sums = dict(self._earlier_sums)

@@ -1,0 +1,319 @@
+"""End-of-task work divided among ranks: 2 processes give the 1-process state and geometry.
+
+The test launches this file under ``torch.distributed.run`` (gloo, CPU) with 1 and with
+2 processes. Each process drives a two-task sequence by hand through the two callbacks, as
+a trainer would at ``on_train_end``: the expert of task t is θ0 plus a seeded perturbation
+(the same on every rank, as after a DDP/ZeRO step), the geometry callback measures it
+against θ_{t−1} and the integration callback merges it. The 2-process run must leave the
+same state (atol 1e-5), history and geometry JSON as the 1-process run; its integration
+statistics say how the work was split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+STRATEGIES = {
+    "task_arithmetic": {"scaling": 0.7},
+    "gcwm": {"iters": 3, "rank": 4, "bary_iters": 5, "history_rank": -1},
+}
+
+
+# ---------------------------------------------------------------------- the worker (one rank)
+def perturbed_expert(base: Path, step: int):
+    """θ0 + a seeded perturbation of every parameter, identical on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1000 + step)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def worker(base: Path, out: Path, strategy: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, TrainerControl, TrainerState
+
+    from cpt.callbacks import GeometryConflictCallback, IntegrationCallback
+    from cpt.diagnostics import GeometrySettings
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    state_dir = out / "state"
+    geometry = GeometryConflictCallback(
+        base=base,
+        output_dir=out / "geometry",
+        state_dir=state_dir,
+        train_from="base",
+        settings=GeometrySettings(rank=4),
+        keep_updates=True,
+    )
+    integration = IntegrationCallback(
+        strategy, base=base, state_dir=state_dir, output_dir=out / "integration", params=STRATEGIES[strategy]
+    )
+    timings = []
+    for step in (1, 2):
+        model = perturbed_expert(base, step)
+        args = type("Args", (), {"run_name": f"task{step}"})()
+        state = TrainerState(is_world_process_zero=rank == 0)
+        control = TrainerControl()
+        for callback in (geometry, integration):
+            callback.on_train_begin(args, state, control)
+        wall, cpu = time.perf_counter(), time.process_time()
+        geometry.on_train_end(args, state, control, model=model)
+        geometry_wall, geometry_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu = time.perf_counter(), time.process_time()
+        integration.on_train_end(args, state, control, model=model, processing_class=tokenizer)
+        if dist.is_initialized():  # as the runner does: the next task starts from the committed θ_t
+            dist.barrier()
+        timings.append(
+            {
+                "step": step,
+                "geometry_wall_s": geometry_wall,
+                "geometry_cpu_s": geometry_cpu,
+                "integration_wall_s": time.perf_counter() - wall,
+                "integration_cpu_s": time.process_time() - cpu,
+            }
+        )
+    (out / f"timings-rank{rank}.json").write_text(json.dumps(timings))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- the test
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(base: Path, out: Path, strategy: str, processes: int) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        str(base),
+        str(out),
+        strategy,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (out / "stderr.txt").write_text(result.stderr)
+
+
+def load_folder(folder: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / f"{prefix}.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(folder / file))
+    assert sorted(tensors) == sorted(index["weight_map"]), f"{folder}: the index and the shards disagree"
+    return tensors
+
+
+def assert_same_json(one, two, path: str = "") -> None:
+    """Equal structures (key order included); floats equal to 1e-6 relative (batch composition may
+    change the last bits of a batched decomposition); the wall-clock ``seconds`` is left out."""
+    if isinstance(one, dict):
+        assert list(two) == list(one), f"{path}: keys differ"
+        for key in one:
+            if key != "seconds":
+                assert_same_json(one[key], two[key], f"{path}/{key}")
+    elif isinstance(one, list):
+        assert len(one) == len(two), f"{path}: lengths differ"
+        for index, (a, b) in enumerate(zip(one, two, strict=True)):
+            assert_same_json(a, b, f"{path}[{index}]")
+    elif isinstance(one, float) and isinstance(two, float):
+        assert math.isclose(one, two, rel_tol=1e-6, abs_tol=1e-9), f"{path}: {one} != {two}"
+    else:
+        assert one == two, f"{path}: {one!r} != {two!r}"
+
+
+def test_assign_balanced_hand_worked():
+    from cpt.ranks import assign_balanced
+
+    # largest first, each to the least-loaded rank: 5→0, 4→1, 3→1 (4<5), 3→0 (5<7), 1→1 (7<8): 8 bytes each
+    assert assign_balanced([5, 4, 3, 3, 1], 2) == [0, 1, 1, 0, 1]
+    assert assign_balanced([2, 2], 2) == [0, 1]  # ties: the lower rank first
+    assert assign_balanced([7, 7, 7], 1) == [0, 0, 0]
+    assert assign_balanced([], 2) == []
+    assert assign_balanced([1], 3) == [0]
+
+
+def test_rank_shares_keep_a_tensors_row_blocks_together_and_balance_bytes():
+    from cpt.merging.batch_io import rank_shares
+
+    shapes = {
+        "embed": torch.Size([64, 16]),
+        "a": torch.Size([16, 16]),
+        "b": torch.Size([16, 16]),
+        "n": torch.Size([16]),
+    }
+    groups = [
+        (False, ["embed"], slice(0, 16)),
+        (False, ["embed"], slice(16, 32)),
+        (False, ["embed"], slice(32, 64)),
+        (True, ["a", "b"], None),
+        (False, ["n"], None),
+    ]
+    owners = rank_shares(groups, shapes, 2)
+    assert owners[0] == owners[1] == owners[2]  # embed (4096 B) on one rank ...
+    assert owners[3] != owners[0]  # ... a+b (2048 B) on the other, with n (64 B): the lighter one
+    assert owners[4] == owners[3]
+    assert rank_shares(groups, shapes, 1) == [0] * len(groups)
+
+
+@pytest.mark.parametrize(
+    "name, splits",
+    [
+        ("task_arithmetic", True),
+        ("dare_ta", True),
+        ("dare_ties", True),
+        ("magmax", True),
+        ("average", True),
+        ("wudi", True),
+        ("nufilt", True),
+        ("gcwm", False),  # whole-model norms, c_t and (step_coef: norm) the rescale
+        ("opcm", False),  # λ_t from whole-model norms, a global rescale
+        ("ties", False),  # fusionbench form: whole-model thresholds
+        ("lines", False),  # a pre-pass over every tensor
+        ("localize_stitch", False),  # a global threshold
+    ],
+)
+def test_which_strategies_split_across_ranks(name, splits):
+    from cpt.merging.batch_io import splits_across_ranks
+    from cpt.strategies import get_strategy
+
+    assert splits_across_ranks(get_strategy(name).build({})) is splits
+
+
+def test_one_process_collectives_are_identities():
+    from cpt import ranks
+
+    assert ranks.world() == (0, 1)
+    assert ranks.all_gather({"x": 1}) == [{"x": 1}]
+    assert ranks.broadcast_from_main("path") == "path"
+    ranks.barrier()
+    with pytest.raises(RuntimeError, match="rank 1 failed: ValueError: boom"):
+        ranks.raise_if_any_failed([(None, 1), ("ValueError: boom", None)], None, "merge")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from cpt.testing import build_tiny_model
+
+    return Path(build_tiny_model(tmp_path_factory.mktemp("multirank") / "tiny", seed=0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_two_ranks_give_the_one_rank_state_and_geometry(base, tmp_path, strategy):
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(base, one, strategy, processes=1)
+    launch(base, two, strategy, processes=2)
+
+    state_one, state_two = load_folder(one / "state"), load_folder(two / "state")
+    assert sorted(state_two) == sorted(state_one)
+    for name, value in state_one.items():
+        torch.testing.assert_close(state_two[name], value, rtol=0, atol=1e-5, msg=name)
+    assert json.loads((two / "state" / "cpt_state.json").read_text()) == json.loads(
+        (one / "state" / "cpt_state.json").read_text()
+    )
+    for key_dir in sorted((one / "history" / "step-2").iterdir()):
+        if key_dir.is_dir():
+            kept_one, kept_two = (
+                load_folder(key_dir, key_dir.name),
+                load_folder(two / "history" / "step-2" / key_dir.name, key_dir.name),
+            )
+            assert sorted(kept_two) == sorted(kept_one)
+            for name, value in kept_one.items():
+                torch.testing.assert_close(kept_two[name], value, rtol=0, atol=1e-5, msg=f"{key_dir.name}/{name}")
+    assert not list((two / "state").glob("*rank*.index.json")), "per-rank indexes must be joined and removed"
+
+    for step in (1, 2):
+        geometry_one = json.loads((one / "geometry" / f"{step}_task{step}.json").read_text())
+        geometry_two = json.loads((two / "geometry" / f"{step}_task{step}.json").read_text())
+        assert geometry_one["num_tensors"] > 0
+        assert_same_json(geometry_one, geometry_two)
+
+        stats_one = json.loads((one / "integration" / f"{step}_task{step}.json").read_text())
+        stats_two = json.loads((two / "integration" / f"{step}_task{step}.json").read_text())
+        ranks_split = stats_two["summary"].pop("ranks", None)
+        if strategy == "task_arithmetic":  # batch-local: split, each rank a real share
+            assert ranks_split is not None and len(ranks_split) == 2
+            assert all(share["tensors"] > 0 for share in ranks_split)
+            assert sum(share["tensors"] for share in ranks_split) == len(stats_one["per_tensor"])
+            loads = [share["bytes"] for share in ranks_split]
+            assert max(loads) <= 2 * min(loads)
+            assert list((two / "state").glob("model-rank00001-*.safetensors"))
+        else:  # GCWM's norms and c_t need every tensor: rank 0 merges alone
+            assert ranks_split is None
+            assert "runs on rank 0 only" in (two / "stderr.txt").read_text()
+        assert_same_json(stats_one["per_tensor"], stats_two["per_tensor"])
+    assert "geometry of task 2 split over 2 ranks" in (two / "stderr.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_zero3_run_on_two_processes_splits_its_merge(tmp_path):
+    """The runner under ``accelerate launch`` (ZeRO-3, 2 CPU processes): the merge is split (the
+    expert gathered to a folder every rank reads) and the run's state is the plain run's."""
+    pytest.importorskip("deepspeed")
+    import yaml
+    from test_deepspeed import assert_same_run, recipe_file
+
+    from cpt.recipe import validate_recipe
+    from cpt.runner import TaskSequenceRunner
+    from cpt.testing import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    path = recipe_file(tmp_path, model, "zero3-2-ta", {"name": "task_arithmetic", "scaling": 0.5})
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/zero3.yaml"),
+        *("--num_processes", "2", "--main_process_port", str(free_port()), "cpt/run.py", str(path)),
+        *("--set", "training.per_device_train_batch_size=2"),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "integration of task 2 split over 2 ranks" in result.stderr
+    run_dir = tmp_path / "runs" / "zero3-2-ta"
+    for step, task in ((1, "plural"), (2, "upper")):
+        stats = json.loads((run_dir / "integration" / f"{step}_{task}.json").read_text())
+        shares = stats["summary"]["ranks"]
+        assert len(shares) == 2 and all(share["tensors"] > 0 for share in shares)
+        assert sum(share["tensors"] for share in shares) == len(stats["per_tensor"])
+    plain = validate_recipe({**yaml.safe_load(path.read_text()), "name": "plain-zero3-2-ta"})
+    plain.training["per_device_train_batch_size"] = 4  # the same global batch as 2 ranks × 2
+    TaskSequenceRunner(plain).run()
+    assert_same_run(plain.run_dir, run_dir)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
