@@ -24,6 +24,8 @@ from cpt.training.aim import (
     merge_weights,
 )
 
+from tiny_recipes import strategy_recipe
+
 CALIBRATION = [1.0, 1.2, 0.8, 1.0, 1.1, 0.9]  # §4.B test 2: mean 1.0, δ = 2.0
 
 
@@ -454,56 +456,15 @@ def test_parameters_defaults_and_bad_values():
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_task_aim_run_merges_with_outer_steps(tmp_path, lora):
     tiny = build_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32)
-    words = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
-    plural = tmp_path / "plural.jsonl"
-    plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in words))
-    upper = tmp_path / "upper.jsonl"
-    upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in words))
-    data = {"peft": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
-    recipe = validate_recipe(
-        {
-            **data,
-            "name": "aim",
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 3,
-            "model": {"name_or_path": tiny},
-            "strategy": {
-                "name": "aim_merging",
-                "inner_iterations": 2,
-                "outer_iterations": 2,
-                "memory_ratio": 50,
-                "outer_batch_size": 2,
-            },
-            "training": {
-                "max_steps": 9,
-                "learning_rate": 1e-3,
-                "per_device_train_batch_size": 4,
-                "logging_steps": 1,
-                "disable_tqdm": True,
-            },
-            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
-            "geometry": {"enabled": False},
-            "tasks": [
-                {
-                    "name": "plural",
-                    "train": {"path": str(plural)},
-                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
-                    "eval": {"held_out": 4},
-                },
-                {
-                    "name": "upper",
-                    "train": {"path": str(upper)},
-                    "fields": {
-                        "prompt": "word",
-                        "completion": "answer",
-                        "prompt_template": "Upper case of {prompt}:",
-                        "completion_template": " {completion}",
-                    },
-                    "eval": {"held_out": 4},
-                },
-            ],
-        }
-    )
+    strategy = {
+        "name": "aim_merging",
+        "inner_iterations": 2,
+        "outer_iterations": 2,
+        "memory_ratio": 50,
+        "outer_batch_size": 2,
+    }
+    lora_config = {"peft": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
+    recipe = validate_recipe(strategy_recipe(tmp_path, tiny, strategy, max_steps=9, **lora_config))
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3
     strategy_dir = recipe.run_dir / "strategy"

@@ -15,6 +15,8 @@ from cpt.strategies import get_strategy
 from cpt.testing import build_tiny_model
 from cpt.training.replay import ReplayParams, buffer_count, stratified_counts
 
+from tiny_recipes import strategy_recipe
+
 TASKS = ["a", "b", "c", "d"]
 
 
@@ -154,48 +156,7 @@ def test_bad_parameters_are_refused():
 
 def test_two_task_replay_run(tmp_path):
     tiny = build_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32)
-    words = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
-    plural = tmp_path / "plural.jsonl"
-    plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in words))
-    upper = tmp_path / "upper.jsonl"
-    upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in words))
-    recipe = validate_recipe(
-        {
-            "name": "replay",
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 3,
-            "model": {"name_or_path": tiny},
-            "strategy": {"name": "replay", "buffer_size": 3, "ratio": 0.5},
-            "training": {
-                "max_steps": 2,
-                "learning_rate": 1e-3,
-                "per_device_train_batch_size": 4,
-                "logging_steps": 1,
-                "disable_tqdm": True,
-            },
-            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
-            "geometry": {"enabled": False},
-            "tasks": [
-                {
-                    "name": "plural",
-                    "train": {"path": str(plural)},
-                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
-                    "eval": {"held_out": 4},
-                },
-                {
-                    "name": "upper",
-                    "train": {"path": str(upper)},
-                    "fields": {
-                        "prompt": "word",
-                        "completion": "answer",
-                        "prompt_template": "Upper case of {prompt}:",
-                        "completion_template": " {completion}",
-                    },
-                    "eval": {"held_out": 4},
-                },
-            ],
-        }
-    )
+    recipe = validate_recipe(strategy_recipe(tmp_path, tiny, {"name": "replay", "buffer_size": 3, "ratio": 0.5}))
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3 and all(len(row) == 2 for row in result.matrix[1:])
     folder = recipe.run_dir / "strategy" / "replay"
