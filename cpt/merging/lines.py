@@ -159,7 +159,7 @@ class Lines(MergeStrategy):
 
     def _ties_norms(self, step: int, batches) -> tuple[float, float]:
         """‖S_t‖₁ and ‖M_t‖₁ over the target tensors, before the merge (``base: ties``)."""
-        from cpt.merging.pipeline import _History, read_rows
+        from cpt.merging.batch_io import _History, read_rows
 
         history = _History(batches.context.history_dir)
         readers = {key: history.reader(step - 1, key) for key in (self.SUM_KEY, self.MERGED_KEY)}

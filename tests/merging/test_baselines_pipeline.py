@@ -263,7 +263,7 @@ def test_ties_fusionbench_through_run_merge(tmp_path, base, experts, split, monk
     blocks when ``split``) equals the transcription of FusionBench's continual TIES."""
     from test_ties_fusionbench import fusionbench_continual_ties
 
-    from cpt.merging import pipeline
+    import cpt.merging.batch_io as pipeline  # where run_merge reads its batch limits
 
     monkeypatch.setattr(pipeline, "BATCH_MODEL_FRACTION", 1.0)  # whole tensors ...
     if split:
