@@ -7,43 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_steps import context, perturbed, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cpt.merging.batch_io as pipeline
-from cpt.integration import IntegrationContext
 from cpt.merging.average import Average, AverageParams
 from cpt.merging.pipeline import MergeResult, MergeStrategy, run_merge
 from cpt.merging.task_arithmetic import TaskArithmetic, TaskArithmeticParams
-from cpt.recipe import DEFAULT_TARGETS
-
-
-def perturbed(base: Path, seed: int):
-    model = AutoModelForCausalLM.from_pretrained(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.01 * torch.randn(param.shape, generator=generator))
-    return model
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
-
-
-def context(tmp_path, base, model, step, train_from="base") -> IntegrationContext:
-    run = tmp_path / "run"
-    return IntegrationContext(
-        step=step,
-        task_name=f"t{step}",
-        model=model,
-        tokenizer=AutoTokenizer.from_pretrained(base),
-        state_dir=run / "state",
-        base_dir=base,
-        previous_state_dir=(run / "state") if step > 1 else None,
-        history_dir=run / "history",
-        target_patterns=DEFAULT_TARGETS,
-        train_from=train_from,
-    )
 
 
 def test_task_arithmetic_two_steps_exact(tmp_path, base):
