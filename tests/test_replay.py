@@ -13,7 +13,7 @@ from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.strategies import get_strategy
 from cpt.testing import build_tiny_model
-from cpt.training.replay import ReplayParams, buffer_count, stratified_counts
+from cpt.training.replay import ReplayParams, buffer_count, prompt_completion_rows, stratified_counts
 
 from tiny_recipes import strategy_recipe
 
@@ -142,6 +142,16 @@ def test_missing_buffer_is_a_clear_error(tmp_path):
     replay = get_strategy("replay").build({})
     with pytest.raises(CptError, match="the buffer of task 'a' .* is missing"):
         replay.prepare_train_dataset(context(2, task_rows("b", 20), tmp_path))
+
+
+def test_rows_without_prompt_or_completion_are_a_clear_error(tmp_path):
+    """Replay and AIMMerging's memory keep prompt/completion rows; each names what is missing and why it needs it."""
+    rows = [{"prompt": f"a-{i}:", "text": "x"} for i in range(4)]
+    with pytest.raises(CptError, match=r"^replay: task 'a' has no completion column\(s\); replay mixes prompt/"):
+        get_strategy("replay").build({}).prepare_train_dataset(context(1, rows, tmp_path))
+    with pytest.raises(CptError, match=r"^aim_merging: task 'a' has no completion column\(s\); its memory keeps"):
+        get_strategy("aim_merging").build({}).write_memory(context(1, rows, tmp_path))
+    assert prompt_completion_rows(datasets.Dataset.from_list(task_rows("a", 2)), "replay", "a", "") == task_rows("a", 2)
 
 
 def test_bad_parameters_are_refused():
