@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from task_contexts import task_context
 
 from cpt.callbacks import AIMMergingCallback
 from cpt.errors import CptError
-from cpt.integration import TaskContext
 from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.strategies import get_strategy
@@ -411,14 +411,7 @@ def test_strategy_persists_memories_and_builds_the_callback(tmp_path):
 
     def context(step):
         rows = [{"prompt": f"{names[step - 1]}-{i}:", "completion": f" {i % 2}"} for i in range(100)]
-        return TaskContext(
-            step=step,
-            task_name=names[step - 1],
-            task_names=names,
-            train_dataset=datasets.Dataset.from_list(rows),
-            strategy_dir=tmp_path,
-            seed=5,
-        )
+        return task_context(step, names, rows, tmp_path, seed=5)
 
     strategy = get_strategy("aim_merging").build({"memory_ratio": 4})
     [first] = strategy.training_callbacks(context(1))

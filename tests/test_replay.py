@@ -6,6 +6,7 @@ from collections import Counter
 
 import datasets
 import pytest
+from task_contexts import task_context
 
 from cpt.errors import CptError
 from cpt.integration import TaskContext
@@ -33,14 +34,7 @@ def task_rows(task: str, count: int, chat: bool = False) -> list[dict]:
 
 
 def context(step: int, rows: list[dict], strategy_dir, seed: int = 7) -> TaskContext:
-    return TaskContext(
-        step=step,
-        task_name=TASKS[step - 1],
-        task_names=TASKS,
-        train_dataset=datasets.Dataset.from_list(rows),
-        strategy_dir=strategy_dir,
-        seed=seed,
-    )
+    return task_context(step, TASKS, rows, strategy_dir, seed)
 
 
 def build(strategy_dir, params: dict, sizes=(20, 20, 20, 10), chat=False) -> list[list[dict]]:
