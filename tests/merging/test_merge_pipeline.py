@@ -142,25 +142,15 @@ def test_cpt_merge_command(tmp_path, base):
         experts.append(tmp_path / f"e{seed}")
     out = tmp_path / "merged"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cpt.cli",
-            "merge",
-            "--method",
-            "task_arithmetic",
-            str(base),
-            *map(str, experts),
-            "--output",
-            str(out),
-            "--set",
-            "scaling=0.5",
-            "--save-steps",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+
+    def cpt_merge(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cpt.cli", "merge", *args], capture_output=True, text=True, env=env
+        )
+
+    task_arithmetic = ["--method", "task_arithmetic", str(base)]
+    result = cpt_merge(
+        *task_arithmetic, *map(str, experts), "--output", str(out), "--set", "scaling=0.5", "--save-steps"
     )
     assert result.returncode == 0, result.stderr
     theta0 = weights(base)
@@ -176,43 +166,9 @@ def test_cpt_merge_command(tmp_path, base):
     assert AutoTokenizer.from_pretrained(out) is not None
     assert not list(tmp_path.glob(".merged*")), "the work folder is removed"
 
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cpt.cli",
-            "merge",
-            "--method",
-            "sequential",
-            str(base),
-            str(experts[0]),
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = cpt_merge("--method", "sequential", str(base), str(experts[0]), "--output", str(out))
     assert bad.returncode == 2 and "not a data-free merge strategy" in bad.stderr and "Traceback" not in bad.stderr
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cpt.cli",
-            "merge",
-            "--method",
-            "task_arithmetic",
-            str(base),
-            str(experts[0]),
-            "--output",
-            str(out),
-            "--set",
-            "scalin=1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = cpt_merge(*task_arithmetic, str(experts[0]), "--output", str(out), "--set", "scalin=1")
     assert (
         bad.returncode == 2
         and "scalin: unknown parameter of strategy 'task_arithmetic' (did you mean 'scaling'?)" in bad.stderr
