@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from task_contexts import task_context
 
 from cpt.callbacks import AIMMergingCallback
 from cpt.errors import CptError
-from cpt.integration import TaskContext
 from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.strategies import get_strategy
@@ -23,6 +23,8 @@ from cpt.training.aim import (
     merge_tensor,
     merge_weights,
 )
+
+from tiny_recipes import strategy_recipe
 
 CALIBRATION = [1.0, 1.2, 0.8, 1.0, 1.1, 0.9]  # §4.B test 2: mean 1.0, δ = 2.0
 
@@ -409,14 +411,7 @@ def test_strategy_persists_memories_and_builds_the_callback(tmp_path):
 
     def context(step):
         rows = [{"prompt": f"{names[step - 1]}-{i}:", "completion": f" {i % 2}"} for i in range(100)]
-        return TaskContext(
-            step=step,
-            task_name=names[step - 1],
-            task_names=names,
-            train_dataset=datasets.Dataset.from_list(rows),
-            strategy_dir=tmp_path,
-            seed=5,
-        )
+        return task_context(step, names, rows, tmp_path, seed=5)
 
     strategy = get_strategy("aim_merging").build({"memory_ratio": 4})
     [first] = strategy.training_callbacks(context(1))
@@ -454,56 +449,15 @@ def test_parameters_defaults_and_bad_values():
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_task_aim_run_merges_with_outer_steps(tmp_path, lora):
     tiny = build_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32)
-    words = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
-    plural = tmp_path / "plural.jsonl"
-    plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in words))
-    upper = tmp_path / "upper.jsonl"
-    upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in words))
-    data = {"peft": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
-    recipe = validate_recipe(
-        {
-            **data,
-            "name": "aim",
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 3,
-            "model": {"name_or_path": tiny},
-            "strategy": {
-                "name": "aim_merging",
-                "inner_iterations": 2,
-                "outer_iterations": 2,
-                "memory_ratio": 50,
-                "outer_batch_size": 2,
-            },
-            "training": {
-                "max_steps": 9,
-                "learning_rate": 1e-3,
-                "per_device_train_batch_size": 4,
-                "logging_steps": 1,
-                "disable_tqdm": True,
-            },
-            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
-            "geometry": {"enabled": False},
-            "tasks": [
-                {
-                    "name": "plural",
-                    "train": {"path": str(plural)},
-                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
-                    "eval": {"held_out": 4},
-                },
-                {
-                    "name": "upper",
-                    "train": {"path": str(upper)},
-                    "fields": {
-                        "prompt": "word",
-                        "completion": "answer",
-                        "prompt_template": "Upper case of {prompt}:",
-                        "completion_template": " {completion}",
-                    },
-                    "eval": {"held_out": 4},
-                },
-            ],
-        }
-    )
+    strategy = {
+        "name": "aim_merging",
+        "inner_iterations": 2,
+        "outer_iterations": 2,
+        "memory_ratio": 50,
+        "outer_batch_size": 2,
+    }
+    lora_config = {"peft": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
+    recipe = validate_recipe(strategy_recipe(tmp_path, tiny, strategy, max_steps=9, **lora_config))
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3
     strategy_dir = recipe.run_dir / "strategy"

@@ -227,8 +227,9 @@ def test_integration_statistics_are_flat_scalar_metrics(tmp_path):
 def _loop(work: Path, base: str, strategy: str, train_from: str, steps: int = 2):
     """The examples' loop: two tasks, one geometry and one integration callback for both; keeps each expert and θ_t."""
     import datasets
+    from tiny_training import quiet_cpu_sft_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from cpt.callbacks import GeometryConflictCallback, IntegrationCallback
 
@@ -246,19 +247,7 @@ def _loop(work: Path, base: str, strategy: str, train_from: str, steps: int = 2)
     for task, rows in tasks.items():
         start = work / "state" if train_from == "state" and (work / "state").exists() else base
         model = AutoModelForCausalLM.from_pretrained(start)
-        config = SFTConfig(
-            output_dir=str(work / "trainer" / task),
-            run_name=task,
-            use_cpu=True,
-            bf16=False,
-            max_steps=steps,
-            learning_rate=5e-3,
-            per_device_train_batch_size=2,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=0,
-        )
+        config = quiet_cpu_sft_config(work / "trainer" / task, max_steps=steps, run_name=task)
         trainer = SFTTrainer(
             model,
             config,

@@ -19,7 +19,7 @@ from cpt.testing import build_tiny_model
 from cpt.training.ewc import empirical_fisher, penalised_tensors, stored_steps
 from cpt.training.trainer import CptSFTTrainer
 
-WORDS = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
+from tiny_recipes import WORDS, strategy_recipe
 
 
 @pytest.fixture(scope="module")
@@ -332,42 +332,9 @@ def test_optimizer_sees_sft_loss_plus_penalty(tiny_path, tokenizer, tmp_path, ac
 
 # ---------------------------------------------------------------------- end to end
 def test_two_task_ewc_run(tmp_path, tiny_path):
-    plural = tmp_path / "plural.jsonl"
-    plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in WORDS))
-    upper = tmp_path / "upper.jsonl"
-    upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in WORDS))
-    recipe = validate_recipe(
-        {
-            "name": "ewc",
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 3,
-            "model": {"name_or_path": tiny_path},
-            "strategy": {"name": "ewc", "ewc_lambda": 1000.0, "gamma": 0.9, "fisher_examples": 4},
-            "training": {
-                "max_steps": 2,
-                "learning_rate": 1e-3,
-                "per_device_train_batch_size": 4,
-                "logging_steps": 1,
-                "disable_tqdm": True,
-            },
-            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
-            "geometry": {"enabled": False},
-            "tasks": [
-                {
-                    "name": "plural",
-                    "train": {"path": str(plural)},
-                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
-                    "eval": {"held_out": 4},
-                },
-                {
-                    "name": "upper",
-                    "train": {"path": str(upper)},
-                    "fields": {"prompt": "word", "completion": "answer", "chat": True},
-                    "eval": {"held_out": 4},
-                },
-            ],
-        }
-    )
+    strategy = {"name": "ewc", "ewc_lambda": 1000.0, "gamma": 0.9, "fisher_examples": 4}
+    upper_fields = {"prompt": "word", "completion": "answer", "chat": True}
+    recipe = validate_recipe(strategy_recipe(tmp_path, tiny_path, strategy, upper_fields=upper_fields))
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3 and all(len(row) == 2 for row in result.matrix[1:])
     folder = recipe.run_dir / "strategy" / "ewc"

@@ -5,8 +5,9 @@ import json
 import datasets
 import pytest
 import torch
+from tiny_training import quiet_cpu_sft_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from cpt.callbacks import GeometryConflictCallback
 from cpt.diagnostics import tensor_depth, tensor_family
@@ -48,18 +49,7 @@ def train(start, callback, peft_config=None, steps=3):
     data = datasets.Dataset.from_list(
         [{"prompt": f"Plural of {w}:", "completion": f" {w}s"} for w in ["cat", "dog", "tree", "car"]]
     )
-    args = SFTConfig(
-        output_dir=str(callback.output_dir / "trainer"),
-        use_cpu=True,
-        bf16=False,
-        max_steps=steps,
-        learning_rate=5e-3,
-        per_device_train_batch_size=2,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = quiet_cpu_sft_config(callback.output_dir / "trainer", max_steps=steps)
     trainer = SFTTrainer(
         model, args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback]
     )

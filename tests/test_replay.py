@@ -6,6 +6,7 @@ from collections import Counter
 
 import datasets
 import pytest
+from task_contexts import task_context
 
 from cpt.errors import CptError
 from cpt.integration import TaskContext
@@ -13,7 +14,9 @@ from cpt.recipe import validate_recipe
 from cpt.runner import TaskSequenceRunner
 from cpt.strategies import get_strategy
 from cpt.testing import build_tiny_model
-from cpt.training.replay import ReplayParams, buffer_count, stratified_counts
+from cpt.training.replay import ReplayParams, buffer_count, prompt_completion_rows, stratified_counts
+
+from tiny_recipes import strategy_recipe
 
 TASKS = ["a", "b", "c", "d"]
 
@@ -31,14 +34,7 @@ def task_rows(task: str, count: int, chat: bool = False) -> list[dict]:
 
 
 def context(step: int, rows: list[dict], strategy_dir, seed: int = 7) -> TaskContext:
-    return TaskContext(
-        step=step,
-        task_name=TASKS[step - 1],
-        task_names=TASKS,
-        train_dataset=datasets.Dataset.from_list(rows),
-        strategy_dir=strategy_dir,
-        seed=seed,
-    )
+    return task_context(step, TASKS, rows, strategy_dir, seed)
 
 
 def build(strategy_dir, params: dict, sizes=(20, 20, 20, 10), chat=False) -> list[list[dict]]:
@@ -142,6 +138,16 @@ def test_missing_buffer_is_a_clear_error(tmp_path):
         replay.prepare_train_dataset(context(2, task_rows("b", 20), tmp_path))
 
 
+def test_rows_without_prompt_or_completion_are_a_clear_error(tmp_path):
+    """Replay and AIMMerging's memory keep prompt/completion rows; each names what is missing and why it needs it."""
+    rows = [{"prompt": f"a-{i}:", "text": "x"} for i in range(4)]
+    with pytest.raises(CptError, match=r"^replay: task 'a' has no completion column\(s\); replay mixes prompt/"):
+        get_strategy("replay").build({}).prepare_train_dataset(context(1, rows, tmp_path))
+    with pytest.raises(CptError, match=r"^aim_merging: task 'a' has no completion column\(s\); its memory keeps"):
+        get_strategy("aim_merging").build({}).write_memory(context(1, rows, tmp_path))
+    assert prompt_completion_rows(datasets.Dataset.from_list(task_rows("a", 2)), "replay", "a", "") == task_rows("a", 2)
+
+
 def test_bad_parameters_are_refused():
     for bad, message in [
         ({"ratio": -0.1}, "ratio"),
@@ -154,48 +160,7 @@ def test_bad_parameters_are_refused():
 
 def test_two_task_replay_run(tmp_path):
     tiny = build_tiny_model(tmp_path / "tiny", seed=0, hidden_size=32)
-    words = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
-    plural = tmp_path / "plural.jsonl"
-    plural.write_text("".join(json.dumps({"input": w, "target": w + "s"}) + "\n" for w in words))
-    upper = tmp_path / "upper.jsonl"
-    upper.write_text("".join(json.dumps({"word": w, "answer": w.upper()}) + "\n" for w in words))
-    recipe = validate_recipe(
-        {
-            "name": "replay",
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 3,
-            "model": {"name_or_path": tiny},
-            "strategy": {"name": "replay", "buffer_size": 3, "ratio": 0.5},
-            "training": {
-                "max_steps": 2,
-                "learning_rate": 1e-3,
-                "per_device_train_batch_size": 4,
-                "logging_steps": 1,
-                "disable_tqdm": True,
-            },
-            "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
-            "geometry": {"enabled": False},
-            "tasks": [
-                {
-                    "name": "plural",
-                    "train": {"path": str(plural)},
-                    "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
-                    "eval": {"held_out": 4},
-                },
-                {
-                    "name": "upper",
-                    "train": {"path": str(upper)},
-                    "fields": {
-                        "prompt": "word",
-                        "completion": "answer",
-                        "prompt_template": "Upper case of {prompt}:",
-                        "completion_template": " {completion}",
-                    },
-                    "eval": {"held_out": 4},
-                },
-            ],
-        }
-    )
+    recipe = validate_recipe(strategy_recipe(tmp_path, tiny, {"name": "replay", "buffer_size": 3, "ratio": 0.5}))
     result = TaskSequenceRunner(recipe).run()
     assert len(result.matrix) == 3 and all(len(row) == 2 for row in result.matrix[1:])
     folder = recipe.run_dir / "strategy" / "replay"

@@ -14,6 +14,7 @@ import datasets
 import pytest
 import tomllib
 import torch
+from merge_steps import perturbed
 from safetensors.torch import load_file
 
 import cpt.strategies as strategies
@@ -180,17 +181,6 @@ def test_an_entry_point_named_unlike_its_strategy_is_an_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------- a third-party package, installed
-def save_perturbed(base: Path, folder: Path, seed: int) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.01 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(folder)
-
-
 @pytest.mark.slow
 def test_example_package_installs_and_merges(tmp_path):
     """examples/cpt_strategy_example, installed like any package, is listed and merges through `cpt merge`."""
@@ -228,7 +218,7 @@ def test_example_package_installs_and_merges(tmp_path):
 
     base = Path(build_tiny_model(tmp_path / "base", seed=0))
     for seed in (1, 2):
-        save_perturbed(base, tmp_path / f"expert{seed}", seed)
+        perturbed(base, seed).save_pretrained(tmp_path / f"expert{seed}")
     merged = cpt(
         "merge",
         "--method",

@@ -48,3 +48,57 @@ def make_recipe(tmp_path: Path, model: str, *, steps=(4, 4), **extra) -> dict:
     }
     recipe.update(extra)
     return recipe
+
+
+# The upper-case task's fields as plain templates (the strategy tests that check prompts in their memory use these).
+UPPER_TEMPLATE_FIELDS = {
+    "prompt": "word",
+    "completion": "answer",
+    "prompt_template": "Upper case of {prompt}:",
+    "completion_template": " {completion}",
+}
+
+
+def strategy_recipe(
+    tmp_path: Path,
+    model: str,
+    strategy: dict,
+    *,
+    max_steps: int = 2,
+    upper_fields: dict = UPPER_TEMPLATE_FIELDS,
+    **extra,
+) -> dict:
+    """Two tasks (plural, upper; 8 training and 4 held-out rows each) for one strategy's end-to-end run.
+
+    No geometry and no base evaluation, so the run spends its time on what the strategy does; the recipe's name is
+    the strategy's name.
+    """
+    plural = write_jsonl(tmp_path / "plural.jsonl", [{"input": w, "target": w + "s"} for w in WORDS])
+    upper = write_jsonl(tmp_path / "upper.jsonl", [{"word": w, "answer": w.upper()} for w in WORDS])
+    recipe = {
+        "name": strategy["name"],
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 3,
+        "model": {"name_or_path": model},
+        "strategy": strategy,
+        "training": {
+            "max_steps": max_steps,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "disable_tqdm": True,
+        },
+        "evaluation": {"batch_size": 8, "max_new_tokens": 3, "evaluate_base": False},
+        "geometry": {"enabled": False},
+        "tasks": [
+            {
+                "name": "plural",
+                "train": {"path": plural},
+                "fields": {"prompt_template": "Plural of {prompt}:", "completion_template": " {completion}"},
+                "eval": {"held_out": 4},
+            },
+            {"name": "upper", "train": {"path": upper}, "fields": dict(upper_fields), "eval": {"held_out": 4}},
+        ],
+    }
+    recipe.update(extra)
+    return recipe

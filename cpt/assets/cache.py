@@ -14,9 +14,22 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from cpt.io import read_json
+
 # Bump when the layout or the columns of converted assets change: older cache folders
 # are then rebuilt on their next use.
 ASSET_FORMAT = 1
+
+
+def asset_complete(folder: Path, marker: str, files: tuple[str, ...]) -> bool:
+    """Whether ``folder`` holds a finished asset: its ``marker`` JSON records the current :data:`ASSET_FORMAT` and
+    every one of ``files`` is there (an older or half-written folder is rebuilt)."""
+    info = read_json(folder / marker) if folder.is_dir() else None
+    return (
+        isinstance(info, dict)
+        and info.get("format") == ASSET_FORMAT
+        and all((folder / name).is_file() for name in files)
+    )
 
 
 def cache_dir() -> Path:

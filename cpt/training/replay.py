@@ -88,6 +88,18 @@ def draw(buffer: list[dict[str, Any]], count: int, seed: int, step: int, source_
     return [buffer[order[index % len(order)]] for index in range(count)]
 
 
+def prompt_completion_rows(dataset: datasets.Dataset, strategy: str, task_name: str, why: str) -> list[dict[str, Any]]:
+    """The training set's rows as the buffers keep them (prompt and completion only).
+
+    A set without those columns is a `CptError` naming ``strategy``, the task, the missing columns and ``why``
+    the strategy needs them.
+    """
+    missing = [column for column in COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise CptError(f"{strategy}: task {task_name!r} has no {', '.join(missing)} column(s); {why}")
+    return dataset.select_columns(list(COLUMNS)).to_list()
+
+
 def _is_conversational(row: dict[str, Any]) -> bool:
     return isinstance(row["prompt"], list)
 
@@ -134,13 +146,7 @@ class Replay(Strategy):
     def prepare_train_dataset(self, context: TaskContext) -> datasets.Dataset:
         """Write task t's buffer (if not there yet) and return its examples mixed with replayed ones."""
         own = context.train_dataset
-        missing = [column for column in COLUMNS if column not in own.column_names]
-        if missing:
-            raise CptError(
-                f"replay: task {context.task_name!r} has no {', '.join(missing)} column(s); "
-                "replay mixes prompt/completion rows"
-            )
-        own_rows = own.select_columns(list(COLUMNS)).to_list()
+        own_rows = prompt_completion_rows(own, "replay", context.task_name, "replay mixes prompt/completion rows")
         buffers = self.buffers(context)
         if not buffers.path(context.task_name).is_file():
             buffers.write(

@@ -66,25 +66,15 @@ def test_exact_match_on_own_outputs(tiny):
     preds = evaluate_generation(
         model, tokenizer, [GenerationExample(p, "") for p in PROMPTS], max_new_tokens=MAX_NEW, progress=False
     ).predictions
-    same = evaluate_generation(
-        model,
-        tokenizer,
-        [GenerationExample(p, t) for p, t in zip(PROMPTS, preds)],
-        batch_size=4,
-        max_new_tokens=MAX_NEW,
-        progress=False,
-    )
+
+    def scored_against(references):
+        examples = [GenerationExample(p, t) for p, t in zip(PROMPTS, references)]
+        return evaluate_generation(model, tokenizer, examples, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
+
+    same = scored_against(preds)
     assert same.score == 1.0
     assert same.references == preds
-    perturbed = [t + " zz" if i % 2 == 0 else t for i, t in enumerate(preds)]
-    half = evaluate_generation(
-        model,
-        tokenizer,
-        [GenerationExample(p, t) for p, t in zip(PROMPTS, perturbed)],
-        batch_size=4,
-        max_new_tokens=MAX_NEW,
-        progress=False,
-    )
+    half = scored_against([t + " zz" if i % 2 == 0 else t for i, t in enumerate(preds)])
     assert half.score == pytest.approx(0.5)
 
 

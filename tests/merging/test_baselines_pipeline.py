@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_steps import context, perturbed, weights
 from peft.utils.merge_utils import ties as peft_ties
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from cpt.integration import IntegrationContext
 from cpt.merging.pipeline import run_merge
-from cpt.recipe import DEFAULT_TARGETS, load_recipe
+from cpt.recipe import load_recipe
 from cpt.strategies import get_strategy
 from cpt.testing import build_tiny_model
 
@@ -33,40 +33,15 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def experts(base):
-    models = []
-    for seed in (11, 12, 13):
-        model = AutoModelForCausalLM.from_pretrained(base)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.01 * torch.randn(param.shape, generator=generator))
-        models.append(model)
-    return models
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+    return [perturbed(base, seed) for seed in (11, 12, 13)]
 
 
 def run_three(tmp_path, base, experts, name, params=None):
     strategy = get_strategy(name).build(params if params is not None else FAST.get(name, {}))
-    run = tmp_path / name
     states, results = [], []
     for step, model in enumerate(experts, start=1):
-        context = IntegrationContext(
-            step=step,
-            task_name=f"t{step}",
-            model=model,
-            tokenizer=AutoTokenizer.from_pretrained(base),
-            state_dir=run / "state",
-            base_dir=base,
-            previous_state_dir=(run / "state") if step > 1 else None,
-            history_dir=run / "history",
-            target_patterns=DEFAULT_TARGETS,
-            train_from="base",
-        )
-        results.append(run_merge(strategy, context))
-        states.append(weights(run / "state"))
+        results.append(run_merge(strategy, context(tmp_path / name, base, model, step)))
+        states.append(weights(tmp_path / name / "run" / "state"))
     return states, results
 
 

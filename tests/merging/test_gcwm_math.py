@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
+from synthetic_deltas import delta, relative_error
 
 from cpt.geometry import covariance_conflict, geometry_conflict, wasserstein_barycenter
 from cpt.merging.gcwm import (
@@ -29,20 +30,6 @@ F64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def delta(shape, rank=4, seed=0, scale=0.02, noise=1e-3, dtype=F64):
-    """Low-rank-plus-noise delta ``[..., d_out, d_in]``."""
-    g = torch.Generator().manual_seed(seed)
-    *batch, d_out, d_in = shape
-    b = torch.randn(*batch, d_out, rank, generator=g, dtype=F64)
-    a = torch.randn(*batch, rank, d_in, generator=g, dtype=F64)
-    x = scale * (b @ a) / math.sqrt(rank) + noise * torch.randn(*shape, generator=g, dtype=F64)
-    return x.to(dtype)
-
-
-def rel(a, b):
-    return float(torch.linalg.norm((a - b).double()) / torch.linalg.norm(b.double()))
 
 
 def hand_alpha(c, c0=0.12, s=12.0, lo=0.15, hi=0.95):
@@ -82,10 +69,10 @@ def test_adam_loop_has_torch_optim_adam_iterates(iters, lr):
     m0 = sum(us)
     ref = torch_adam_iterate(us, w, lr, iters, F64)
     ours = adam_merge(us, w, lr=lr, iters=iters, adam_dtype=F64)
-    assert rel(ours - m0, ref - m0) < 1e-9
+    assert relative_error(ours - m0, ref - m0) < 1e-9
     # The default float32 loop stays on the same trajectory.
     ours32 = adam_merge(us, w, lr=lr, iters=iters)
-    assert rel(ours32 - m0, ref - m0) < 1e-4
+    assert relative_error(ours32 - m0, ref - m0) < 1e-4
 
 
 def test_fused_and_op_by_op_adam_agree():
@@ -97,7 +84,7 @@ def test_fused_and_op_by_op_adam_agree():
     coef = torch.stack([1.0 / u.square().sum((-2, -1)) for u in us], -1)
     _, fused = _adam_displacement(us, coef, 1e-4, 40, F64, fused=True)
     _, plain = _adam_displacement(us, coef, 1e-4, 40, F64, fused=False)
-    assert rel(fused, plain) < 1e-12
+    assert relative_error(fused, plain) < 1e-12
     # loop_tf32 only affects CUDA matmuls: a no-op on CPU
     _, same = _adam_displacement(us, coef, 1e-4, 40, F64, fused=True, loop_tf32=True)
     assert torch.equal(same, fused)
@@ -123,7 +110,7 @@ def test_adam_merge_zero_vectors_and_weights():
 def test_single_delta_is_returned_with_zero_conflict():
     a = delta((3, 16, 10), seed=1, dtype=torch.float32)
     m, stats = gcwm_merge([a], [1.0])
-    assert rel(m, a) < 1e-6
+    assert relative_error(m, a) < 1e-6
     assert torch.equal(stats["conflict"], torch.zeros(3, dtype=F64))
     assert torch.allclose(stats["alpha"], torch.full((3,), hand_alpha(0.0), dtype=F64), atol=1e-15)
     assert abs(hand_alpha(0.0) - 0.303236) < 1e-6  # 0.15 + 0.8·σ(−1.44)
@@ -199,7 +186,7 @@ def test_branch_skipping_thresholds_and_mixture():
     m_mix, st = gcwm_merge([a, b], [1.0, 1.0], fixed(0.3))
     assert int(st["branch"]) == BRANCH_BOTH
     assert torch.allclose(m_mix, 0.3 * m_rel + 0.7 * m_plain, rtol=0, atol=1e-12)
-    assert rel(m_rel, m_plain) > 1e-4  # the branches really differ
+    assert relative_error(m_rel, m_plain) > 1e-4  # the branches really differ
     _, st = gcwm_merge([a, b], [1.0, 1.0], fixed(0.2, skip_tol=0.25))
     assert int(st["branch"]) == BRANCH_PLAIN
 
@@ -218,12 +205,12 @@ def test_metric_mean_and_barycenter():
     bary = gcwm_geometry(ds, w, GCWMParams())
     ref, _ = wasserstein_barycenter(bary.covariances, torch.tensor(w, dtype=F64), dims=bary.union_rank)
     assert torch.allclose(bary.metric, ref, rtol=1e-12, atol=1e-16)
-    assert rel(bary.metric, mean.metric) > 1e-3
+    assert relative_error(bary.metric, mean.metric) > 1e-3
     assert torch.equal(mean.conflict, bary.conflict)  # the metric does not enter c
     m_mean, st = gcwm_merge(ds, w, GCWMParams(metric="mean"))
     m_bary, _ = gcwm_merge(ds, w)
     assert st["bary_iters"].tolist() == [0, 0]
-    assert torch.isfinite(m_mean).all() and rel(m_mean, m_bary) > 1e-7
+    assert torch.isfinite(m_mean).all() and relative_error(m_mean, m_bary) > 1e-7
 
 
 # ------------------------------------------------------------- batching, degenerate input
@@ -237,7 +224,7 @@ def test_batched_equals_unbatched():
     m, stats = gcwm_merge([a, b], [1.0, 2.0], p)
     for i in range(3):
         mi, si = gcwm_merge([a[i], b[i]], [1.0, 2.0], p)
-        assert rel(m[i], mi) < 1e-6
+        assert relative_error(m[i], mi) < 1e-6
         for key in ("conflict", "alpha"):
             assert abs(float(stats[key][i]) - float(si[key])) < 1e-12
         for key in ("union_rank", "branch", "bary_iters", "active"):
@@ -248,7 +235,7 @@ def test_batched_equals_unbatched():
     m4, s4 = gcwm_merge([a.reshape(3, 1, 18, 12), b.reshape(3, 1, 18, 12)], [1.0, 2.0], p)
     assert m4.shape == (3, 1, 18, 12) and s4["norm_inputs"].shape == (3, 1, 2)
     assert s4["conflict"].shape == (3, 1)
-    assert rel(m4.reshape(3, 18, 12), m) < 1e-6
+    assert relative_error(m4.reshape(3, 18, 12), m) < 1e-6
 
 
 def test_zero_deltas_are_dropped():
@@ -281,7 +268,7 @@ def test_continual_step_active_sets_and_increments():
     taus = [delta((2, 16, 12), rank=3, seed=70 + t, dtype=torch.float32) for t in range(3)]
     p = GCWMParams(decay=0.5)
     m1, inc1, _st1 = gcwm_continual_step(1, taus[0], None, None, p)
-    assert rel(m1, taus[0]) < 1e-6  # [τ_1] alone
+    assert relative_error(m1, taus[0]) < 1e-6  # [τ_1] alone
     assert torch.allclose(inc1, 0.2 * m1)
     m2, inc2, st2 = gcwm_continual_step(2, taus[1], m1, None, p)
     ref2, _ = gcwm_merge([m1, taus[1]], [1.0, 1.0], p)
@@ -396,5 +383,5 @@ def test_cuda_matches_cpu():
     m_cpu, s_cpu = gcwm_merge([a, b], [1.0, 1.0])
     m_gpu, s_gpu = gcwm_merge([a.cuda(), b.cuda()], [1.0, 1.0])
     assert m_gpu.device.type == "cuda"
-    assert rel(m_gpu.cpu(), m_cpu) < 1e-5
+    assert relative_error(m_gpu.cpu(), m_cpu) < 1e-5
     assert torch.allclose(s_gpu["conflict"].cpu(), s_cpu["conflict"], atol=1e-6)

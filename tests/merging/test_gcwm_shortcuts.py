@@ -3,10 +3,9 @@ the result equals the long path (``exact_shortcuts=False``) to float rounding.""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from synthetic_deltas import delta, relative_error
 
 import cpt.merging.gcwm.merge as gcwm_merge_module
 from cpt.merging.gcwm import GCWMParams, gcwm_continual_step, gcwm_merge
@@ -14,20 +13,6 @@ from cpt.merging.inner_solver import adam_displacement
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def delta(shape, rank=4, seed=0, scale=0.02, noise=1e-3, dtype=F64):
-    """Low-rank-plus-noise delta ``[..., d_out, d_in]``."""
-    g = torch.Generator().manual_seed(seed)
-    *batch, d_out, d_in = shape
-    b = torch.randn(*batch, d_out, rank, generator=g, dtype=F64)
-    a = torch.randn(*batch, rank, d_in, generator=g, dtype=F64)
-    x = scale * (b @ a) / math.sqrt(rank) + noise * torch.randn(*shape, generator=g, dtype=F64)
-    return x.to(dtype)
-
-
-def rel(a, b):
-    return float(torch.linalg.norm((a - b).double()) / torch.linalg.norm(b.double()))
 
 
 @pytest.fixture
@@ -63,7 +48,7 @@ def test_one_active_delta_is_the_merge(name, dtype, tol, solve_calls):
     assert len(solve_calls) == solves_long, "the shortcut ran an inner solve"
     assert solves_long >= 1
     assert torch.equal(short, u)  # the merge is the delta itself, bit for bit
-    assert rel(short, long_path) < tol  # and the long path gets there up to rounding
+    assert relative_error(short, long_path) < tol  # and the long path gets there up to rounding
     for key in ("conflict", "alpha", "union_rank", "branch", "active", "norm_inputs"):
         assert torch.equal(short_stats[key], long_stats[key]), key
     assert bool((short_stats["bary_iters"] == 0).all())  # B* = B_1: no fixed point run
@@ -92,9 +77,9 @@ def test_mixed_batch_solves_only_the_elements_with_two_deltas(solve_calls):
     assert solve_calls and all(size == 1 for size in solve_calls)  # only element 0 is solved
     assert torch.equal(short[1], first[1])
     assert torch.equal(short_stats["alpha"], long_stats["alpha"])  # the same geometry either way
-    assert rel(short[1], long_path[1]) < 1e-12
-    assert rel(short[0], long_path[0]) < 1e-12
-    assert rel(short[0], first[0] + second[0]) > 1e-6  # element 0 did move: a real merge
+    assert relative_error(short[1], long_path[1]) < 1e-12
+    assert relative_error(short[0], long_path[0]) < 1e-12
+    assert relative_error(short[0], first[0] + second[0]) > 1e-6  # element 0 did move: a real merge
 
 
 @pytest.mark.parametrize("memory", ["current_anchor", "all_history"])
@@ -107,7 +92,7 @@ def test_continual_step_one_skips_every_solve(memory, solve_calls):
     assert solve_calls == []
     assert torch.equal(merged, tau)
     assert torch.equal(increment, 0.2 * tau)
-    assert rel(merged, merged_long) < 1e-6 and rel(increment, inc_long) < 1e-6
+    assert relative_error(merged, merged_long) < 1e-6 and relative_error(increment, inc_long) < 1e-6
 
 
 def test_window_of_one_at_a_later_step(solve_calls):
@@ -118,7 +103,7 @@ def test_window_of_one_at_a_later_step(solve_calls):
     assert solve_calls == []
     assert torch.equal(merged, taus[2])
     long_merged, long_increment, _ = gcwm_continual_step(3, taus[2], previous, [], params, exact_shortcuts=False)
-    assert rel(merged, long_merged) < 1e-12 and rel(increment, long_increment) < 1e-10
+    assert relative_error(merged, long_merged) < 1e-12 and relative_error(increment, long_increment) < 1e-10
 
 
 def test_zero_start_gradient_skips_adam_exactly():
@@ -137,7 +122,7 @@ def test_zero_start_gradient_skips_adam_exactly():
     assert torch.equal(moved[:2], torch.zeros_like(moved[:2]))
     assert torch.equal(long_moved[:2], torch.zeros_like(moved[:2]))  # Adam indeed never moves
     assert moved[2].abs().max() > 0
-    assert rel(moved[2], long_moved[2]) < 1e-12
+    assert relative_error(moved[2], long_moved[2]) < 1e-12
 
 
 def test_a_branch_of_weight_zero_is_never_computed(solve_calls):

@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
+from merge_steps import context, perturbed, weights
 from pydantic import TypeAdapter, ValidationError
 
 from cpt.merging.gcwm import GCWM, GCWMParams, gcwm_continual_step, norm_step_coefficient, step_coefficient
 from cpt.merging.pipeline import run_merge
 from cpt.recipe import DEFAULT_TARGETS
 from cpt.tensors import compile_targets, is_target
-
-from test_merge_pipeline import context, perturbed, weights
 
 
 def test_norm_step_coefficient_hand_worked():

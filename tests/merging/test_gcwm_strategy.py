@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from merge_steps import context, perturbed, weights
 
 from cpt.merging.gcwm import GCWM, GCWMParams, gcwm_continual_step
 from cpt.merging.pipeline import run_merge
-
-from test_merge_pipeline import context, perturbed, weights
 
 TARGET = "model.layers.1.mlp.down_proj.weight"
 

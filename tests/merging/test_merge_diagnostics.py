@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from synthetic_deltas import delta
 
 from cpt.merging.gcwm import GCWMParams, gcwm_merge
 from cpt.merging.inner_solver import adam_merge
@@ -57,14 +58,6 @@ def test_aggregate_by_family():
     }
     assert aggregate_by_family(values) == pytest.approx({"mean": 0.3, "attention": 0.2, "mlp": 0.5})
     assert aggregate_by_family({}) == {}
-
-
-def delta(shape, rank=4, seed=0, scale=0.02, noise=1e-3):
-    g = torch.Generator().manual_seed(seed)
-    *batch, d_out, d_in = shape
-    b = torch.randn(*batch, d_out, rank, generator=g, dtype=F64)
-    a = torch.randn(*batch, rank, d_in, generator=g, dtype=F64)
-    return scale * (b @ a) / math.sqrt(rank) + noise * torch.randn(*shape, generator=g, dtype=F64)
 
 
 def test_gcwm_records_against_independent_computations():

@@ -7,43 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_steps import context, perturbed, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cpt.merging.batch_io as pipeline
-from cpt.integration import IntegrationContext
 from cpt.merging.average import Average, AverageParams
 from cpt.merging.pipeline import MergeResult, MergeStrategy, run_merge
 from cpt.merging.task_arithmetic import TaskArithmetic, TaskArithmeticParams
-from cpt.recipe import DEFAULT_TARGETS
-
-
-def perturbed(base: Path, seed: int):
-    model = AutoModelForCausalLM.from_pretrained(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.01 * torch.randn(param.shape, generator=generator))
-    return model
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
-
-
-def context(tmp_path, base, model, step, train_from="base") -> IntegrationContext:
-    run = tmp_path / "run"
-    return IntegrationContext(
-        step=step,
-        task_name=f"t{step}",
-        model=model,
-        tokenizer=AutoTokenizer.from_pretrained(base),
-        state_dir=run / "state",
-        base_dir=base,
-        previous_state_dir=(run / "state") if step > 1 else None,
-        history_dir=run / "history",
-        target_patterns=DEFAULT_TARGETS,
-        train_from=train_from,
-    )
 
 
 def test_task_arithmetic_two_steps_exact(tmp_path, base):
@@ -172,25 +142,15 @@ def test_cpt_merge_command(tmp_path, base):
         experts.append(tmp_path / f"e{seed}")
     out = tmp_path / "merged"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cpt.cli",
-            "merge",
-            "--method",
-            "task_arithmetic",
-            str(base),
-            *map(str, experts),
-            "--output",
-            str(out),
-            "--set",
-            "scaling=0.5",
-            "--save-steps",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+
+    def cpt_merge(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cpt.cli", "merge", *args], capture_output=True, text=True, env=env
+        )
+
+    task_arithmetic = ["--method", "task_arithmetic", str(base)]
+    result = cpt_merge(
+        *task_arithmetic, *map(str, experts), "--output", str(out), "--set", "scaling=0.5", "--save-steps"
     )
     assert result.returncode == 0, result.stderr
     theta0 = weights(base)
@@ -206,43 +166,9 @@ def test_cpt_merge_command(tmp_path, base):
     assert AutoTokenizer.from_pretrained(out) is not None
     assert not list(tmp_path.glob(".merged*")), "the work folder is removed"
 
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cpt.cli",
-            "merge",
-            "--method",
-            "sequential",
-            str(base),
-            str(experts[0]),
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = cpt_merge("--method", "sequential", str(base), str(experts[0]), "--output", str(out))
     assert bad.returncode == 2 and "not a data-free merge strategy" in bad.stderr and "Traceback" not in bad.stderr
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cpt.cli",
-            "merge",
-            "--method",
-            "task_arithmetic",
-            str(base),
-            str(experts[0]),
-            "--output",
-            str(out),
-            "--set",
-            "scalin=1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = cpt_merge(*task_arithmetic, str(experts[0]), "--output", str(out), "--set", "scalin=1")
     assert (
         bad.returncode == 2
         and "scalin: unknown parameter of strategy 'task_arithmetic' (did you mean 'scaling'?)" in bad.stderr

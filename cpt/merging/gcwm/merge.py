@@ -317,11 +317,18 @@ def gcwm_merge(
     solve = ~single if exact_shortcuts else torch.ones_like(single)
     need_plain = (branch != BRANCH_RELATION) & solve
     need_relation = (branch != BRANCH_PLAIN) & solve
-    coef_plain = torch.where(
-        active_weights > 0,
-        active_weights / squared_norms.clamp_min(torch.finfo(f64).tiny),
-        torch.zeros_like(active_weights),
-    )
+
+    def inverse_square_coefficients(weights: Tensor, squared: Tensor) -> Tensor:
+        # w_i / ‖v_i‖²: each branch's inner objective weighs its vectors by their inverse squared norm (0 where w_i = 0).
+        return torch.where(weights > 0, weights / squared.clamp_min(torch.finfo(f64).tiny), torch.zeros_like(weights))
+
+    def inner_adam(vectors: list[Tensor], coef: Tensor) -> tuple[Tensor, Tensor]:
+        # Both branches run the same inner solver, with the same settings.
+        return adam_displacement(
+            vectors, coef, params.lr, params.iters, adam_dtype, loop_tf32=loop_tf32, skip_stationary=exact_shortcuts
+        )
+
+    coef_plain = inverse_square_coefficients(active_weights, squared_norms)
 
     def select(values: Tensor, mask: Tensor) -> Tensor:
         return values if bool(mask.all()) else values[mask]
@@ -339,15 +346,7 @@ def gcwm_merge(
 
     if bool(need_plain.any()):
         selected = [select(delta, need_plain) for delta in flat]
-        start_plain, displacement_plain = adam_displacement(
-            selected,
-            select(coef_plain, need_plain),
-            params.lr,
-            params.iters,
-            adam_dtype,
-            loop_tf32=loop_tf32,
-            skip_stationary=exact_shortcuts,
-        )
+        start_plain, displacement_plain = inner_adam(selected, select(coef_plain, need_plain))
         if record:
             branch_records["displacement_plain"][need_plain] = relative_norm(displacement_plain, start_plain)
         m_plain = start_plain.add_(displacement_plain.to(work_dtype))
@@ -385,20 +384,8 @@ def gcwm_merge(
             [torch.linalg.vector_norm(vector, dim=(-2, -1), dtype=f64).square() for vector in whitened], -1
         )
         weights_sel = select(active_weights, need_relation)
-        coef_relation = torch.where(
-            weights_sel > 0,
-            weights_sel / squared_whitened.clamp_min(torch.finfo(f64).tiny),
-            torch.zeros_like(weights_sel),
-        )
-        start_whitened, displacement_relation = adam_displacement(
-            whitened,
-            coef_relation,
-            params.lr,
-            params.iters,
-            adam_dtype,
-            loop_tf32=loop_tf32,
-            skip_stationary=exact_shortcuts,
-        )
+        coef_relation = inverse_square_coefficients(weights_sel, squared_whitened)
+        start_whitened, displacement_relation = inner_adam(whitened, coef_relation)
         if record:
             branch_records["displacement_relation"][need_relation] = relative_norm(
                 displacement_relation, start_whitened

@@ -36,7 +36,7 @@ class EWC(Strategy):
     """Integration is sequential; the training-time work is :class:`callbacks.EWCCallback`."""
 
     def __init__(self, params: EWCParams):
-        self.params = params
+        super().__init__(params)
         self.callback = None
 
     def training_callbacks(self, context: TaskContext) -> list:
