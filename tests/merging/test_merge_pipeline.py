@@ -79,7 +79,9 @@ def test_average_and_small_batches_give_same_result(tmp_path, base, monkeypatch)
         torch.testing.assert_close(big[name], mean[name], rtol=0, atol=1e-6)
         torch.testing.assert_close(small[name], big[name], rtol=0, atol=0)
     # however small the batches, the state is save_pretrained's one file (tests/merging/test_shards.py)
-    assert [path.name for path in (tmp_path / "small" / "run" / "state").glob("*.safetensors*")] == ["model.safetensors"]
+    assert [path.name for path in (tmp_path / "small" / "run" / "state").glob("*.safetensors*")] == [
+        "model.safetensors"
+    ]
 
 
 @dataclass

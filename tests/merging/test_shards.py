@@ -84,7 +84,9 @@ def test_small_max_shard_size_writes_hf_shards_and_index(tmp_path, base):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shard_files = sorted(set(index["weight_map"].values()))
     assert len(shard_files) >= 3
-    assert shard_files == [f"model-{i:05d}-of-{len(shard_files):05d}.safetensors" for i in range(1, len(shard_files) + 1)]
+    assert shard_files == [
+        f"model-{i:05d}-of-{len(shard_files):05d}.safetensors" for i in range(1, len(shard_files) + 1)
+    ]
     assert sorted(path.name for path in sharded.glob("model*.safetensors")) == shard_files
     assert not (sharded / "model.safetensors").exists()
     # save_pretrained's own plan for the same tensors gives the same files and metadata
