@@ -131,10 +131,10 @@ def test_adapters_that_are_not_plain_lora_are_refused(tmp_path, experts):
 
 def test_lora_run_keeps_adapters_and_they_reproduce_the_state(tmp_path, experts):
     """A task-arithmetic LoRA run keeps experts/<t>_<task>/ adapters; `cpt merge` of them is the run's state."""
-    from tiny_recipes import make_recipe
-
     from cpt.recipe import validate_recipe
     from cpt.runner import TaskSequenceRunner
+
+    from tiny_recipes import make_recipe
 
     base = experts[0]
     data = make_recipe(tmp_path, str(base), steps=(2, 2))

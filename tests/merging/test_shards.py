@@ -140,6 +140,7 @@ def test_streaming_writer_row_blocks_any_order_and_dtypes(tmp_path):
 
 def test_recipe_and_cli_take_max_shard_size(tmp_path, base):
     from cpt.recipe import validate_recipe
+
     from tiny_recipes import make_recipe
 
     data = make_recipe(tmp_path, str(base))
