@@ -84,7 +84,9 @@ class ModelWeights:
 
     Plain models: references to the module's tensors (no copy). PEFT LoRA: ``W + ΔW`` is
     computed when a weight is asked for, so at most one merged tensor exists per access
-    and the live module (and its adapter) is left untouched for the training script.
+    and the live module (and its adapter) is left untouched for the training script. A
+    merged weight comes in float32 (or wider) whatever the model's dtype, so a bf16
+    model's update is not rounded away before the merge; :meth:`dtype` is the model's.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -122,19 +124,28 @@ class ModelWeights:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         layer = self._lora.get(name)
-        return self._tensors[name] if layer is None else merged_lora_weight(layer, self._tensors[name])
+        if layer is None:
+            return self._tensors[name]
+        weight = self._tensors[name]
+        return merged_lora_weight(layer, weight, torch.promote_types(weight.dtype, torch.float32))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         return ((name, self[name]) for name in self._tensors)
 
 
-def merged_lora_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """``W + ΔW`` of a LoRA layer (every active adapter), a new detached tensor; the layer is left as it is."""
-    delta = torch.zeros_like(weight)
+def merged_lora_weight(layer: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W + ΔW`` of a LoRA layer (every active adapter), a new detached tensor; the layer is left as it is.
+
+    The sum is formed in float32 (at least) and returned in ``dtype`` (default: W's). A bf16
+    W + ΔW rounded to bf16 loses most of a small update (METHOD §1 computes in float32/64),
+    so readers that merge ask for float32; writers of a state ask for the model's dtype.
+    """
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    delta = torch.zeros(weight.shape, dtype=compute, device=weight.device)
     for adapter in layer.active_adapters:
         if adapter in layer.lora_A:
-            delta += layer.get_delta_weight(adapter).to(weight.dtype)
-    return (weight + delta).detach()
+            delta += layer.get_delta_weight(adapter).to(compute)
+    return (weight.to(compute) + delta).to(dtype or weight.dtype).detach()
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -286,7 +297,8 @@ def save_model_folder(
             return
         write_model_files(folder, model=model, tokenizer=tokenizer, marker=marker)
     else:
-        state_dict = {name: tensor.contiguous() for name, tensor in model_tensors(model)}
+        weights = ModelWeights(model)  # the model's dtype: a bf16 model's folder is bf16
+        state_dict = {name: tensor.to(weights.dtype(name)).contiguous() for name, tensor in weights.items()}
         shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         plain_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True, **shards)
         write_model_files(folder, tokenizer=tokenizer, marker=marker)
@@ -312,8 +324,12 @@ def write_model_files(
     """
     folder = Path(folder)
     if model is not None:
+        import copy
+
         hf_model = plain_model(model)
-        hf_model.config.save_pretrained(folder)
+        config = copy.deepcopy(hf_model.config)
+        config.dtype = hf_model.dtype  # the dtype the weights are written in, as save_pretrained records it
+        config.save_pretrained(folder)
         if getattr(hf_model, "generation_config", None) is not None:
             hf_model.generation_config.save_pretrained(folder)
     elif config_from is not None:
