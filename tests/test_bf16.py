@@ -168,7 +168,7 @@ def test_bf16_lora_run_state_merge_and_geometry(tmp_path, bf16_base):
     for name, value in theta0.items():
         theta1[name] = (value + 0.5 * adapters[0].delta(name) if name in adapters[0] else value).to(torch.bfloat16)
     got = tensors(state)
-    for name, value in theta0.items():
+    for name in theta0:
         expected = theta1[name].float() + (0.5 * adapters[1].delta(name) if name in adapters[1] else 0)
         torch.testing.assert_close(got[name], expected.to(torch.bfloat16), rtol=0, atol=0)
     # geometry of step 2: GC(θ1 − θ0, Δ2) from float32 deltas of the bf16 tensors (dense here)
@@ -188,7 +188,10 @@ def test_bf16_lora_run_state_merge_and_geometry(tmp_path, bf16_base):
             if key in rows[name] and isinstance(value, float):
                 assert rows[name][key] == pytest.approx(value, abs=1e-5), (name, key)
                 compared += 1
-    assert compared >= len(names)
+    adapted = [name for name in names if name in adapters[1]]
+    assert len(adapted) == 2 * len(LORA_TARGETS)  # two layers
+    assert all(rows[name]["geometry_conflict"] is not None for name in adapted)
+    assert compared >= len(adapted)
 
 
 @pytest.mark.parametrize(
