@@ -9,8 +9,12 @@ does everything else, the same way for every method, so comparisons are fair:
 * a single tensor bigger than one batch (an embedding, say) is split into row blocks when
   the strategy's rule for it is row-separable (:meth:`MergeStrategy.rows_separable`), so
   no operand is ever larger than one batch;
-* each batch's new state θ_t is written at once as its own safetensors shard (an HF
-  sharded checkpoint with an index), so nothing model-sized is held;
+* each batch's new state θ_t is written at once into the state's files, which are laid
+  out as ``save_pretrained`` lays out a model (``model.safetensors``, or shards of at most
+  ``max_shard_size`` with ``model.safetensors.index.json``; :class:`StreamingShardWriter`),
+  so nothing model-sized is held however large a shard is;
+* tensors are read and merged in float32 whatever the model's dtype (METHOD §1–§3), and
+  θ_t is written in the expert's dtype (a bf16 model's state is bf16);
 * freed buffers are handed back to the OS after every batch (:func:`release_freed_host_memory`):
   without it glibc keeps them, and resident memory grows with every tensor read;
 * what a strategy keeps across steps (e.g. GCWM's previous merged delta, the task vectors
@@ -121,7 +125,8 @@ class BatchSource:
     def load(
         self, names: list[str], rows: slice | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(θ0, θ_{t−1}, E_t, τ_t) for ``names`` (only ``rows`` of them if given), float32 on the merge device."""
+        """(θ0, θ_{t−1}, E_t, τ_t) for ``names`` (only ``rows`` of them if given), float32 on the merge device
+        (a bf16 model's tensors are upcast here: no merge arithmetic runs in bf16)."""
 
         def stack(tensors):
             return torch.stack([tensor.to(self.device, torch.float32) for tensor in tensors])
