@@ -154,3 +154,34 @@ def test_lora_run_keeps_adapters_and_they_reproduce_the_state(tmp_path, experts)
     assert run_state.keys() == again.keys()
     for name, value in run_state.items():
         torch.testing.assert_close(again[name], value, rtol=0, atol=1e-6)
+
+
+def test_cli_takes_adapter_folders(tmp_path, experts):
+    """`cpt merge` (through its preflight) and `cpt geometry` accept adapter folders as experts."""
+    import os
+    import subprocess
+    import sys
+
+    base, adapters, dense = experts
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args):
+        result = subprocess.run(
+            [sys.executable, "-m", "cpt.cli", *map(str, args)], capture_output=True, text=True, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        return result
+
+    cli(
+        "merge", "--method", "task_arithmetic", base, *adapters, "--output", tmp_path / "m", "--max-shard-size", "100KB"
+    )
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    expected = merge_checkpoints("task_arithmetic", str(base), list(map(str, dense)), tmp_path / "d")
+    assert expected["steps"]
+    merged, reference = state(tmp_path / "m"), state(tmp_path / "d")
+    for name, value in reference.items():
+        torch.testing.assert_close(merged[name], value, rtol=0, atol=1e-6)
+    cli("geometry", base, *adapters, "--output", tmp_path / "g.json", "--rank", "8")
+    pair = json.loads((tmp_path / "g.json").read_text())["pairs"][0]
+    assert 0 < pair["mean_geometry_conflict"] <= 1
