@@ -221,7 +221,10 @@ def checkpoint_geometry(
 ) -> dict:
     """Conflict and SAR between every unordered pair of checkpoints, deltas against ``base``.
 
-    The ``cpt geometry`` command. Tensors are read one batch at a time from safetensors.
+    The ``cpt geometry`` command. Tensors are read one batch at a time from safetensors, and
+    deltas are formed in float32 whatever the checkpoints' dtype (METHOD §1). A checkpoint
+    may be a PEFT LoRA adapter folder over ``base``: its deltas are its factors
+    (:class:`~cpt.geometry.LowRankDelta`), never the dense product ``B·A``.
     """
     import itertools
 

@@ -2,7 +2,8 @@
 
 Like the reference's continual merge: E_1, E_2, … (fine-tunes of BASE) are integrated one
 after another, exactly as the runner would at the end of each task (task vectors against
-BASE), with every tensor read lazily from safetensors.
+BASE), with every tensor read lazily from safetensors. An expert may be a PEFT LoRA adapter
+folder over BASE (``adapter_config.json``): its dense update is formed one tensor at a time.
 """
 
 from __future__ import annotations
