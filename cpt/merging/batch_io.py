@@ -262,14 +262,25 @@ class StreamingShardWriter:
     tensors — is what this writes.) :meth:`close` checks every byte of every tensor was
     written.
 
+    Several processes can fill one set of files: one creates them (``create=True``), the
+    others attach to them after it (``create=False``: same layout, same plan, nothing
+    written until they write tensors) and each writes only its own tensors; once all
+    are done, the creator calls ``close(check=False)`` (each writer knows only its own
+    writes: check those with :meth:`written_complete`) to write the index.
+
     Args:
         folder: the (staging) folder to write into.
         layout: ``{name: (shape, dtype)}`` of every tensor, in the order HF should plan shards.
         max_shard_size: e.g. ``"500MB"`` or bytes; None: :func:`default_max_shard_size`.
+        create: create the shard files (one writer does); False attaches to files another made.
     """
 
     def __init__(
-        self, folder: Path, layout: dict[str, tuple[torch.Size, torch.dtype]], max_shard_size: int | str | None = None
+        self,
+        folder: Path,
+        layout: dict[str, tuple[torch.Size, torch.dtype]],
+        max_shard_size: int | str | None = None,
+        create: bool = True,
     ):
         from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -297,10 +308,11 @@ class StreamingShardWriter:
             encoded = json.dumps(header, separators=(",", ":")).encode()
             encoded += b" " * (-len(encoded) % 8)
             path = self.folder / file
-            with open(path, "wb") as handle:
-                handle.write(struct.pack("<Q", len(encoded)))
-                handle.write(encoded)
-                handle.truncate(8 + len(encoded) + offset)
+            if create:
+                with open(path, "wb") as handle:
+                    handle.write(struct.pack("<Q", len(encoded)))
+                    handle.write(encoded)
+                    handle.truncate(8 + len(encoded) + offset)
             for name in names:
                 shape, dtype = layout[name]
                 begin, end = header[name]["data_offsets"]
@@ -327,14 +339,19 @@ class StreamingShardWriter:
         """Rows ``rows`` of ``name`` (the layout's dtype)."""
         self._put(name, rows.start * self._where[name][2], block)
 
-    def close(self) -> None:
-        """Check every tensor is complete; write the index when sharded (as ``save_pretrained``)."""
-        for name, (_, _, _, nbytes) in self._where.items():
+    def close(self, check: bool = True) -> None:
+        """Check every tensor is complete (``check``: this writer wrote them all); write the
+        index when sharded (as ``save_pretrained``). Call on one writer only."""
+        for name, (_, _, _, nbytes) in self._where.items() if check else ():
             if self._written[name] != nbytes:
                 raise RuntimeError(f"{name}: {self._written[name]} of its {nbytes} bytes were written")
         if self.plan.is_sharded:
             index = {"metadata": self.plan.metadata, "weight_map": self.plan.tensor_to_filename}
             atomic_write_json(self.folder / "model.safetensors.index.json", index)
+
+    def written_complete(self, names: list[str]) -> bool:
+        """Whether this writer wrote every byte of ``names`` (its share in a multi-process write)."""
+        return all(self._written[name] == self._where[name][3] for name in names)
 
     def files(self) -> list[Path]:
         return [self.folder / file for file in self.plan.filename_to_tensors]

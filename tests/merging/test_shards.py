@@ -149,3 +149,23 @@ def test_recipe_and_cli_take_max_shard_size(tmp_path, base):
     assert recipe.fingerprint() == validate_recipe(data).fingerprint()  # only how files are split
     with pytest.raises(CptError, match="max_shard_size"):
         validate_recipe({**data, "max_shard_size": "huge"})
+
+
+def test_two_writers_fill_one_set_of_shards(tmp_path):
+    """One writer creates the HF-planned files, another attaches; each writes its share (as ranks would)."""
+    generator = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(6, 4, generator=generator).to(torch.bfloat16) for i in range(5)}
+    layout = {name: (value.shape, value.dtype) for name, value in tensors.items()}
+    first = StreamingShardWriter(tmp_path, layout, max_shard_size=100)
+    second = StreamingShardWriter(tmp_path, layout, max_shard_size=100, create=False)
+    first.write({name: tensors[name] for name in ("t0", "t3")})
+    second.write({name: tensors[name] for name in ("t1", "t2", "t4")})
+    assert first.written_complete(["t0", "t3"]) and second.written_complete(["t1", "t2", "t4"])
+    assert not first.written_complete(["t1"])
+    first.close(check=False)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    read = {}
+    for file in set(index["weight_map"].values()):
+        read.update(load_file(tmp_path / file))
+    for name, value in tensors.items():
+        torch.testing.assert_close(read[name], value, rtol=0, atol=0)
