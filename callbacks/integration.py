@@ -14,7 +14,7 @@ from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json
 from cpt.recipe import DEFAULT_TARGETS
 from cpt.strategies import get_strategy
-from cpt.tensors import gather_expert_folder, local_model_folder
+from cpt.tensors import gather_expert_folder, local_model_folder, save_lora_adapter
 
 from ._common import TaskPosition, check_train_from, renamed_keyword, resolve_task
 
@@ -73,6 +73,11 @@ class IntegrationCallback(TrainerCallback):
         task_name: the task's name in the marker and file names; default the trainer's
             ``args.run_name`` when set, else ``task<t>``.
         previous_state_dir: θ_{t−1} when it is not in ``state_dir``.
+        max_shard_size: largest safetensors shard of θ_t (e.g. ``"500MB"``; default
+            ``save_pretrained``'s).
+        adapter_dir: with a PEFT (LoRA) model, each task's adapter is also kept here as
+            ``<t>_<task>/`` (``adapter_config.json`` + ``adapter_model.safetensors``), which
+            ``cpt merge`` and ``cpt geometry`` accept as experts; None: not kept.
         base_dir: deprecated name of ``base`` (a local folder, used as given).
         stats_path: deprecated: the statistics file itself (use ``output_dir``).
 
@@ -96,6 +101,8 @@ class IntegrationCallback(TrainerCallback):
         step: int | None = None,
         task_name: str | None = None,
         previous_state_dir: str | Path | None = None,
+        max_shard_size: int | str | None = None,
+        adapter_dir: str | Path | None = None,
         base_dir: str | Path | None = None,
         stats_path: str | Path | None = None,
     ):
@@ -120,6 +127,8 @@ class IntegrationCallback(TrainerCallback):
         #: An HF folder holding E_t (read lazily instead of the live model). Under ZeRO-3,
         #: when unset, the callback writes one itself (all ranks take part in the gathers).
         self.expert_dir = Path(expert_dir) if expert_dir else None
+        self.max_shard_size = max_shard_size
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._overrides = {
             "step": step,
             "task_name": task_name,
@@ -158,6 +167,7 @@ class IntegrationCallback(TrainerCallback):
             history_dir=self.history_dir,
             target_patterns=self.targets,
             train_from=self.train_from,
+            max_shard_size=self.max_shard_size,
         )
 
     def record(self, stats: dict[str, Any]) -> None:
@@ -198,6 +208,8 @@ class IntegrationCallback(TrainerCallback):
         if expert_dir is None:
             expert_dir = gather_expert_folder(model, self.state_dir.parent / f".expert-{self.step}")  # every rank
             temporary = expert_dir is not None
+        if self.adapter_dir is not None:  # every rank (a ZeRO-3 gather); the state is unchanged by it
+            save_lora_adapter(model, self.adapter_dir / f"{self.step}_{self.task_name}")
         every_rank = self._splits_across_ranks()
         if not state.is_world_process_zero and not every_rank:
             return

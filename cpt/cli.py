@@ -116,7 +116,12 @@ def _add_geometry(subparsers) -> None:
         "geometry", help="geometry conflict and SAR between fine-tuned checkpoints (METHOD §1)"
     )
     geometry.add_argument("base", help="the common base: HF folder, asset name or hub id")
-    geometry.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more fine-tunes of BASE")
+    geometry.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CKPT",
+        help="two or more fine-tunes of BASE: HF folders, or PEFT LoRA adapter folders (geometry from their factors)",
+    )
     geometry.add_argument("--output", required=True, help="JSON file to write")
     # Defaults None: the analysis defaults are cpt.diagnostics.GeometrySettings's (read when the command runs).
     geometry.add_argument("--rank", type=int, help="right-basis rank cap (default: GeometrySettings.rank)")
@@ -169,7 +174,12 @@ def _add_merge(subparsers) -> None:
         "--method", required=True, help="a merge strategy, e.g. gcwm, ties, task_arithmetic (see `cpt strategies`)"
     )
     merge.add_argument("base", help="the common base: HF folder, asset name or hub id")
-    merge.add_argument("experts", nargs="+", metavar="EXPERT", help="fine-tunes of BASE, integrated in this order")
+    merge.add_argument(
+        "experts",
+        nargs="+",
+        metavar="EXPERT",
+        help="fine-tunes of BASE (HF folders, or PEFT LoRA adapter folders over BASE), integrated in this order",
+    )
     merge.add_argument("--output", required=True, help="HF folder to write the final state to (with merge_stats.json)")
     merge.add_argument(
         "--set",
@@ -185,6 +195,11 @@ def _add_merge(subparsers) -> None:
     merge.add_argument(
         "--targets", nargs="+", help="regexes selecting target tensors (default: q/k/v/o/gate/up/down projections)"
     )
+    merge.add_argument(
+        "--max-shard-size",
+        default=None,
+        help='largest safetensors shard of the state, e.g. "500MB" (default: save_pretrained\'s, one file up to 50GB)',
+    )
     merge.set_defaults(handler=_merge)
 
 
@@ -194,7 +209,16 @@ def _merge(args) -> int:
 
     check_output_path(args.output, folder=True)
     check_checkpoint_set(args.base, args.experts, args.targets)
-    merge_checkpoints(args.method, args.base, args.experts, args.output, args.overrides, args.save_steps, args.targets)
+    merge_checkpoints(
+        args.method,
+        args.base,
+        args.experts,
+        args.output,
+        args.overrides,
+        args.save_steps,
+        args.targets,
+        max_shard_size=args.max_shard_size,
+    )
     print(f"state written to {args.output}")
     return 0
 

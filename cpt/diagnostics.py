@@ -255,16 +255,19 @@ def checkpoint_geometry(
 ) -> dict:
     """Conflict and SAR between every unordered pair of checkpoints, deltas against ``base``.
 
-    The ``cpt geometry`` command. Tensors are read one batch at a time from safetensors.
+    The ``cpt geometry`` command. Tensors are read one batch at a time from safetensors, and
+    deltas are formed in float32 whatever the checkpoints' dtype (METHOD §1). A checkpoint
+    may be a PEFT LoRA adapter folder over ``base``: its deltas are its factors
+    (:class:`~cpt.geometry.LowRankDelta`), never the dense product ``B·A``.
     """
     import itertools
 
     from cpt.errors import CptError
     from cpt.recipe import DEFAULT_TARGETS
-    from cpt.tensors import SafetensorsWeights, compile_targets, is_target
+    from cpt.tensors import AdapterExpertWeights, SafetensorsWeights, compile_targets, expert_weights, is_target
 
     base_weights = SafetensorsWeights(checkpoint_folder(base))
-    weights = [SafetensorsWeights(checkpoint_folder(path)) for path in checkpoints]
+    weights = [expert_weights(checkpoint_folder(path), base_weights) for path in checkpoints]
     patterns = compile_targets(targets or DEFAULT_TARGETS)
     names = [name for name in base_weights.names() if len(base_weights.shape(name)) == 2 and is_target(name, patterns)]
     if not names:
@@ -278,15 +281,38 @@ def checkpoint_geometry(
                 f"{path}: {len(missing)} target tensors missing or of another shape than in the base (e.g. {missing[0]}); is it a fine-tune of {base}?"
             )
 
-    def loader(checkpoint: SafetensorsWeights):
+    def loader(checkpoint) -> Callable[[str], Delta]:
+        """One tensor's delta against the base, float32: LoRA factors for an adapter (the dense
+        product is never formed, METHOD §1), else the difference of the two folders' tensors."""
+        if isinstance(checkpoint, AdapterExpertWeights):
+            adapter = checkpoint.adapter
+
+            def adapter_delta(name: str) -> Delta:
+                if name not in adapter:  # a target the adapter does not train: a zero update
+                    return torch.zeros(tuple(base_weights.shape(name)), dtype=torch.float32)
+                lora_b, lora_a, scale = adapter.factors(name)
+                return LowRankDelta(lora_b, lora_a, scale)
+
+            return adapter_delta
         return lambda name: checkpoint.get(name).float() - base_weights.get(name).float()
 
-    def group_key(name: str) -> tuple[tuple, int]:
+    def kind(checkpoint, name: str) -> tuple[tuple, int]:
+        if isinstance(checkpoint, AdapterExpertWeights) and name in checkpoint.adapter:
+            shape_b, shape_a = checkpoint.adapter.factor_shapes(name)
+            return ("lora", shape_b, shape_a), 4 * (math.prod(shape_b) + math.prod(shape_a))
         shape = tuple(base_weights.shape(name))
-        return shape, 4 * math.prod(shape)
+        return ("dense", shape), 4 * math.prod(shape)
+
+    def pair_key(first, second) -> Callable[[str], tuple[tuple, int]]:
+        def group_key(name: str) -> tuple[tuple, int]:
+            (key_a, bytes_a), (key_b, _) = kind(first, name), kind(second, name)
+            return key_a + key_b, bytes_a
+
+        return group_key
 
     pairs = []
     for (i, a), (j, b) in itertools.combinations(enumerate(checkpoints), 2):
+        group_key = pair_key(weights[i], weights[j])
         per_tensor = pair_geometry(names, loader(weights[i]), loader(weights[j]), settings, device, group_key)
         summary = summarize(per_tensor, "geometry_conflict")
         pairs.append(

@@ -40,6 +40,8 @@ class IntegrationContext:
     """What the expert trained from: ``state`` (θ_{t−1}) or ``base`` (θ0)."""
     expert_dir: Path | None = None
     """An HF folder of E_t, read tensor by tensor instead of a live model (``cpt merge``)."""
+    max_shard_size: int | str | None = None
+    """Largest shard of θ_t's safetensors files (e.g. ``"500MB"``); None: ``save_pretrained``'s default."""
 
     def marker(self) -> dict[str, Any]:
         return {"step": self.step, "task": self.task_name}
@@ -52,7 +54,11 @@ class IntegrationContext:
                 write_model_files(staged, tokenizer=self.tokenizer, marker=self.marker())
             else:
                 save_model_folder(
-                    model if model is not None else self.model, self.tokenizer, staged, marker=self.marker()
+                    model if model is not None else self.model,
+                    self.tokenizer,
+                    staged,
+                    marker=self.marker(),
+                    max_shard_size=self.max_shard_size,
                 )
 
 

@@ -655,7 +655,7 @@ def check_checkpoint_set(base: str, checkpoints: list[str], targets: list[str] |
     same shapes, and ``targets`` select some of them."""
     from cpt.diagnostics import checkpoint_folder
     from cpt.recipe import DEFAULT_TARGETS
-    from cpt.tensors import SafetensorsWeights, compile_targets, is_target
+    from cpt.tensors import SafetensorsWeights, compile_targets, expert_weights, is_target
 
     check_target_patterns(targets)
     base_weights = SafetensorsWeights(checkpoint_folder(base))
@@ -666,7 +666,7 @@ def check_checkpoint_set(base: str, checkpoints: list[str], targets: list[str] |
             f"--targets: {targets or DEFAULT_TARGETS} select no 2-D tensor of {base} (a name looks like {names[0]!r})"
         )
     for path in checkpoints:
-        weights = SafetensorsWeights(checkpoint_folder(path))
+        weights = expert_weights(checkpoint_folder(path), base_weights)  # an HF folder or a LoRA adapter
         for name in names:
             if name not in weights:
                 raise CptError(f"{path}: has no tensor {name} of the base; is it a fine-tune of {base}?")

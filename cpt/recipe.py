@@ -330,6 +330,10 @@ class Recipe(_Strict):
     training: dict[str, Any] = Field({}, description="SFTConfig fields for every task")
     strategy: StrategySpec = StrategySpec()
     targets: list[str] = Field(DEFAULT_TARGETS, min_length=1, description="regexes selecting target tensors")
+    max_shard_size: int | str | None = Field(
+        None,
+        description='largest safetensors shard of a written state, e.g. "500MB" (default: save_pretrained\'s)',
+    )
     geometry: GeometrySpec = GeometrySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     divergence: DivergenceSpec = DivergenceSpec()
@@ -347,6 +351,21 @@ class Recipe(_Strict):
     @classmethod
     def _strategy_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: int | str | None) -> int | str | None:
+        if value is None:
+            return value
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        try:
+            size = value if isinstance(value, int) else parse_size_to_int(value)
+        except (ValueError, TypeError):
+            raise ValueError(f'{value!r} is not a size; write e.g. "500MB", "2GB" or a number of bytes') from None
+        if size <= 0:
+            raise ValueError(f"must be positive (got {value!r})")
+        return value
 
     @field_validator("targets")
     @classmethod
@@ -388,7 +407,8 @@ class Recipe(_Strict):
         what the run's records hold); a recipe without probes leaves the key out, so runs made
         before probes existed keep their fingerprint.
         """
-        dumped = self.model_dump(mode="json", exclude={"divergence"})
+        # max_shard_size only changes how the state's bytes are split into files
+        dumped = self.model_dump(mode="json", exclude={"divergence", "max_shard_size"})
         if not dumped["probes"]:
             del dumped["probes"]
         canonical = json.dumps(dumped, sort_keys=True)

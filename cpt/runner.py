@@ -537,6 +537,8 @@ class TaskSequenceRunner:
             train_from=self.train_from,
             tokenizer=self.tokenizer,
             output_dir=self.rundir.integration,  # <t>_<task>.json
+            max_shard_size=self.recipe.max_shard_size,
+            adapter_dir=self.rundir.root / "experts",  # LoRA runs keep each task's adapter (<t>_<task>/)
         )
 
     def _geometry_callbacks(self, step: int, task: TaskSpec, previous_state: Path | None) -> list:

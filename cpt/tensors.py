@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -83,7 +84,9 @@ class ModelWeights:
 
     Plain models: references to the module's tensors (no copy). PEFT LoRA: ``W + ΔW`` is
     computed when a weight is asked for, so at most one merged tensor exists per access
-    and the live module (and its adapter) is left untouched for the training script.
+    and the live module (and its adapter) is left untouched for the training script. A
+    merged weight comes in float32 (or wider) whatever the model's dtype, so a bf16
+    model's update is not rounded away before the merge; :meth:`dtype` is the model's.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -121,19 +124,28 @@ class ModelWeights:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         layer = self._lora.get(name)
-        return self._tensors[name] if layer is None else merged_lora_weight(layer, self._tensors[name])
+        if layer is None:
+            return self._tensors[name]
+        weight = self._tensors[name]
+        return merged_lora_weight(layer, weight, torch.promote_types(weight.dtype, torch.float32))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         return ((name, self[name]) for name in self._tensors)
 
 
-def merged_lora_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """``W + ΔW`` of a LoRA layer (every active adapter), a new detached tensor; the layer is left as it is."""
-    delta = torch.zeros_like(weight)
+def merged_lora_weight(layer: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W + ΔW`` of a LoRA layer (every active adapter), a new detached tensor; the layer is left as it is.
+
+    The sum is formed in float32 (at least) and returned in ``dtype`` (default: W's). A bf16
+    W + ΔW rounded to bf16 loses most of a small update (METHOD §1 computes in float32/64),
+    so readers that merge ask for float32; writers of a state ask for the model's dtype.
+    """
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    delta = torch.zeros(weight.shape, dtype=compute, device=weight.device)
     for adapter in layer.active_adapters:
         if adapter in layer.lora_A:
-            delta += layer.get_delta_weight(adapter).to(weight.dtype)
-    return (weight + delta).detach()
+            delta += layer.get_delta_weight(adapter).to(compute)
+    return (weight.to(compute) + delta).to(dtype or weight.dtype).detach()
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -263,10 +275,17 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def save_model_folder(model: torch.nn.Module, tokenizer, folder: str | os.PathLike, marker: dict | None = None) -> None:
+def save_model_folder(
+    model: torch.nn.Module,
+    tokenizer,
+    folder: str | os.PathLike,
+    marker: dict | None = None,
+    max_shard_size: int | str | None = None,
+) -> None:
     """Write the model's full (LoRA-merged) weights as an HF safetensors folder + tokenizer.
 
-    ``marker`` is written as ``cpt_state.json`` inside the folder, so a folder always says
+    The weights keep the model's dtype; ``max_shard_size`` is ``save_pretrained``'s (None:
+    its default). ``marker`` is written as ``cpt_state.json`` inside the folder, so a folder always says
     which step it holds; call inside :func:`cpt.io.staged_dir` for an atomic replace.
     """
     folder = Path(folder)
@@ -278,8 +297,10 @@ def save_model_folder(model: torch.nn.Module, tokenizer, folder: str | os.PathLi
             return
         write_model_files(folder, model=model, tokenizer=tokenizer, marker=marker)
     else:
-        state_dict = {name: tensor.contiguous() for name, tensor in model_tensors(model)}
-        plain_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)  # + its config
+        weights = ModelWeights(model)  # the model's dtype: a bf16 model's folder is bf16
+        state_dict = {name: tensor.to(weights.dtype(name)).contiguous() for name, tensor in weights.items()}
+        shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        plain_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True, **shards)
         write_model_files(folder, tokenizer=tokenizer, marker=marker)
 
 
@@ -303,8 +324,12 @@ def write_model_files(
     """
     folder = Path(folder)
     if model is not None:
+        import copy
+
         hf_model = plain_model(model)
-        hf_model.config.save_pretrained(folder)
+        config = copy.deepcopy(hf_model.config)
+        config.dtype = hf_model.dtype  # the dtype the weights are written in, as save_pretrained records it
+        config.save_pretrained(folder)
         if getattr(hf_model, "generation_config", None) is not None:
             hf_model.generation_config.save_pretrained(folder)
     elif config_from is not None:
@@ -494,3 +519,169 @@ def local_model_folder(name_or_path: str | os.PathLike, revision: str | None = N
             f"{field}: {str(name_or_path)!r} is not a local folder and cannot be fetched from the Hugging Face hub "
             f"({type(exc).__name__}); pass a local HF folder, or download it first while online"
         ) from None
+
+
+# ---------------------------------------------------------------------- LoRA adapter folders
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def is_adapter_folder(folder: str | os.PathLike) -> bool:
+    """A PEFT adapter folder (``adapter_config.json``), as ``PeftModel.save_pretrained`` writes it."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+class LoraAdapter:
+    """The LoRA factors of a PEFT adapter folder, by the base tensor they update: Δ = scale·B@A.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (lazily, one factor at a
+    time). ``scale`` is PEFT's: ``lora_alpha / r`` (``/ √r`` with ``use_rslora``), with
+    ``alpha_pattern`` and the rank of each module's own factors (so ``rank_pattern`` is
+    honoured). Adapters this cannot express as ``W + scale·B@A`` on plain weights — DoRA,
+    ``fan_in_fan_out``, embedding LoRA, trained biases or ``modules_to_save`` — are refused
+    with a :class:`CptError` naming the field.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        config = json.loads((self.folder / ADAPTER_CONFIG).read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise CptError(f"{self.folder}: a {config.get('peft_type')} adapter; cpt reads LoRA adapters only")
+        for field, value in (("use_dora", True), ("fan_in_fan_out", True)):
+            if config.get(field) == value:
+                raise CptError(f"{self.folder}: {field}: true adapters are not supported; merge it with peft first")
+        if config.get("modules_to_save"):
+            raise CptError(
+                f"{self.folder}: modules_to_save={config['modules_to_save']} is not supported; merge it with peft first"
+            )
+        weights = self.folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise CptError(f"{self.folder}: no {ADAPTER_WEIGHTS} (cpt reads safetensors adapters only)")
+        self.config = config
+        self._file = weights
+        self._keys: dict[str, dict[str, str]] = {}
+        with safe_open(weights, framework="pt") as handle:
+            for key in handle.keys():
+                match = _ADAPTER_KEY.match(key)
+                if match is None:
+                    raise CptError(f"{weights}: tensor {key!r} is not a LoRA factor of a linear layer; not supported")
+                self._keys.setdefault(f"{match['module']}.weight", {})[match["factor"]] = key
+        incomplete = [name for name, factors in self._keys.items() if len(factors) != 2]
+        if incomplete:
+            raise CptError(f"{weights}: {incomplete[0]} has only one of lora_A / lora_B")
+
+    def names(self) -> list[str]:
+        """The base weights this adapter updates."""
+        return list(self._keys)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._keys
+
+    def scale(self, name: str, rank: int) -> float:
+        module = name.removesuffix(".weight")
+        alpha = self.config.get("lora_alpha", 8)
+        alpha_pattern = self.config.get("alpha_pattern") or {}
+        for pattern, value in alpha_pattern.items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = value
+                break
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(lora_B [d_out, r], lora_A [r, d_in], scale)`` of ``name``, float32."""
+        keys = self._keys[name]
+        with safe_open(self._file, framework="pt") as handle:
+            lora_a = handle.get_tensor(keys["A"]).to(torch.float32)
+            lora_b = handle.get_tensor(keys["B"]).to(torch.float32)
+        return lora_b, lora_a, self.scale(name, lora_a.shape[0])
+
+    def factor_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        keys = self._keys[name]
+        with safe_open(self._file, framework="pt") as handle:
+            return (
+                tuple(handle.get_slice(keys["B"]).get_shape()),
+                tuple(handle.get_slice(keys["A"]).get_shape()),
+            )
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The dense ``scale·B@A`` of one tensor, float32 (merging only; geometry uses :meth:`factors`)."""
+        lora_b, lora_a, scale = self.factors(name)
+        return scale * (lora_b @ lora_a)
+
+
+class AdapterExpertWeights:
+    """An expert given as a LoRA adapter over a base, read like :class:`SafetensorsWeights`.
+
+    ``expert[name]`` is ``θ0[name] + scale·B@A`` in float32 for a tensor the adapter
+    updates (the dense delta of one tensor at a time, never the whole model), else θ0's
+    tensor; ``dtype(name)`` is the base's, so a state written from it keeps the model's dtype.
+    """
+
+    def __init__(self, adapter: str | os.PathLike | LoraAdapter, base: SafetensorsWeights):
+        self.adapter = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
+        self.base = base
+        unknown = [name for name in self.adapter.names() if name not in base]
+        if unknown:
+            raise CptError(
+                f"{self.adapter.folder}: the adapter updates {unknown[0]!r}, which the base {base.folder} lacks; "
+                "is it an adapter of this base?"
+            )
+        for name in self.adapter.names():
+            (d_out, _), (_, d_in) = self.adapter.factor_shapes(name)
+            if tuple(base.shape(name)) != (d_out, d_in):
+                raise CptError(
+                    f"{self.adapter.folder}: {name} is {d_out}×{d_in} in the adapter but "
+                    f"{tuple(base.shape(name))} in the base {base.folder}"
+                )
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def shape(self, name: str) -> torch.Size:
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.adapter:
+            return self.base[name]
+        return self.base[name].to(torch.float32) + self.adapter.delta(name)
+
+    def get_rows(self, name: str, rows: slice) -> torch.Tensor:
+        return self[name][rows]
+
+    def release(self) -> None:
+        self.base.release()
+
+
+def save_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> Path | None:
+    """Write a PEFT model's adapter (``adapter_config.json`` + ``adapter_model.safetensors``) to ``folder``.
+
+    Returns the folder on the main process, None elsewhere or when ``model`` is not a PEFT
+    model. Under ZeRO-3 the adapter's parameters are gathered first (a collective: every
+    rank must call this). Written into a staging folder and renamed, so the folder is whole.
+    """
+    from cpt.io import staged_dir
+
+    model = unwrap_model(model)
+    if not is_peft_model(model):
+        return None
+    main = _is_main_process()
+    params = [param for name, param in model.named_parameters() if "lora_" in name]
+    gathered = zero3_gathered(params) if is_zero3(model) else contextlib.nullcontext()
+    with gathered:
+        if not main:
+            return None
+        with staged_dir(Path(folder)) as staged:
+            model.save_pretrained(staged, safe_serialization=True)
+    return Path(folder)
+
+
+def expert_weights(folder: str | os.PathLike, base: SafetensorsWeights) -> SafetensorsWeights | AdapterExpertWeights:
+    """An expert folder's full weights: an HF model folder, or a LoRA adapter folder over ``base``."""
+    return AdapterExpertWeights(folder, base) if is_adapter_folder(folder) else SafetensorsWeights(folder)

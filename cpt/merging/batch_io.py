@@ -9,8 +9,12 @@ does everything else, the same way for every method, so comparisons are fair:
 * a single tensor bigger than one batch (an embedding, say) is split into row blocks when
   the strategy's rule for it is row-separable (:meth:`MergeStrategy.rows_separable`), so
   no operand is ever larger than one batch;
-* each batch's new state θ_t is written at once as its own safetensors shard (an HF
-  sharded checkpoint with an index), so nothing model-sized is held;
+* each batch's new state θ_t is written at once into the state's files, which are laid
+  out as ``save_pretrained`` lays out a model (``model.safetensors``, or shards of at most
+  ``max_shard_size`` with ``model.safetensors.index.json``; :class:`StreamingShardWriter`),
+  so nothing model-sized is held however large a shard is;
+* tensors are read and merged in float32 whatever the model's dtype (METHOD §1–§3), and
+  θ_t is written in the expert's dtype (a bf16 model's state is bf16);
 * freed buffers are handed back to the OS after every batch (:func:`release_freed_host_memory`):
   without it glibc keeps them, and resident memory grows with every tensor read;
 * what a strategy keeps across steps (e.g. GCWM's previous merged delta, the task vectors
@@ -30,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -40,15 +45,19 @@ import torch
 from safetensors.torch import save_file
 
 from cpt import ranks
+from cpt.errors import CptError
 from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json, commit_dir, staged_dir, staging_dir
 from cpt.merging.contract import MergeStrategy, TensorBatch, combine_row_stats
 from cpt.merging.merge_diagnostics import StepDiagnostics
 from cpt.tensors import (
+    _SAFETENSORS_DTYPES,
     STATE_MARKER,
     ModelWeights,
     SafetensorsWeights,
     compile_targets,
+    expert_weights,
+    is_adapter_folder,
     is_target,
     release_freed_host_memory,
     write_model_files,
@@ -81,8 +90,8 @@ class BatchSource:
             else self.base
         )
         self.start = self.previous if context.train_from == "state" else self.base
-        if context.expert_dir is not None:  # an expert on disk: read lazily, like θ0
-            self.expert = SafetensorsWeights(context.expert_dir)
+        if context.expert_dir is not None:  # an expert on disk (HF folder or LoRA adapter): read lazily, like θ0
+            self.expert = expert_weights(context.expert_dir, self.base)
         else:  # references into the live model (no copy), LoRA adapters merged per tensor on access
             self.expert = ModelWeights(context.model)
         patterns = compile_targets(context.target_patterns)
@@ -119,7 +128,8 @@ class BatchSource:
     def load(
         self, names: list[str], rows: slice | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(θ0, θ_{t−1}, E_t, τ_t) for ``names`` (only ``rows`` of them if given), float32 on the merge device."""
+        """(θ0, θ_{t−1}, E_t, τ_t) for ``names`` (only ``rows`` of them if given), float32 on the merge device
+        (a bf16 model's tensors are upcast here: no merge arithmetic runs in bf16)."""
 
         def stack(tensors):
             return torch.stack([tensor.to(self.device, torch.float32) for tensor in tensors])
@@ -174,10 +184,11 @@ def batch_limit(shapes) -> int:
 
 
 class _ShardWriter:
-    """Writes named tensors shard by shard into a folder, with an HF index file.
+    """Writes a strategy's kept tensors batch by batch into a folder (one file a batch), with an index.
 
-    A tensor that arrives in row blocks (:meth:`write_rows`) is assembled in one buffer of
-    its own size and written as its own shard when its last block arrives.
+    Internal to ``history/`` (read back only by :class:`_IndexedWeights`). A tensor that
+    arrives in row blocks (:meth:`write_rows`) is assembled in one buffer of its own size
+    and written as its own shard when its last block arrives.
     """
 
     def __init__(self, folder: Path, prefix: str):
@@ -212,6 +223,158 @@ class _ShardWriter:
             raise RuntimeError(f"row blocks missing for {sorted(self._pending)[0]}")
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def default_max_shard_size() -> int | str:
+    """``save_pretrained``'s default ``max_shard_size`` in the installed transformers ("50GB" in 5.x)."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    return inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+
+
+def parse_max_shard_size(value: int | str | None, field: str = "max_shard_size") -> int:
+    """Bytes of ``value`` ("500MB", "2GiB", an int; None: :func:`default_max_shard_size`), as HF parses it."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    value = default_max_shard_size() if value is None else value
+    try:
+        size = value if isinstance(value, int) else parse_size_to_int(value)
+    except (ValueError, TypeError):
+        raise CptError(f'{field}: {value!r} is not a size; write e.g. "500MB", "2GB" or a number of bytes') from None
+    if size <= 0:
+        raise CptError(f"{field}: must be positive (got {value!r})")
+    return size
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class StreamingShardWriter:
+    """θ_t written as ``save_pretrained`` writes a model, one batch at a time.
+
+    The shard plan is HF's own (:func:`huggingface_hub.split_torch_state_dict_into_shards`,
+    which ``save_pretrained`` calls), made up front from every tensor's name, shape and
+    dtype: ``model.safetensors`` when everything fits in ``max_shard_size``, else
+    ``model-0000i-of-0000n.safetensors`` with the standard ``model.safetensors.index.json``.
+    Each shard file is created with its safetensors header and its full size, and every
+    tensor (or row block of one) is written at its byte offset as it arrives, so nothing
+    larger than one batch is ever held, whatever the shard size. (safetensors' own
+    ``save_file`` needs every tensor of a file in memory at once; the file format — an
+    8-byte little-endian header length, a JSON header padded to 8 bytes, then the raw
+    tensors — is what this writes.) :meth:`close` checks every byte of every tensor was
+    written.
+
+    Several processes can fill one set of files: one creates them (``create=True``), the
+    others attach to them after it (``create=False``: same layout, same plan, nothing
+    written until they write tensors) and each writes only its own tensors; once all
+    are done, the creator calls ``close(check=False)`` (each writer knows only its own
+    writes: check those with :meth:`written_complete`) to write the index.
+
+    Args:
+        folder: the (staging) folder to write into.
+        layout: ``{name: (shape, dtype)}`` of every tensor, in the order HF should plan shards.
+        max_shard_size: e.g. ``"500MB"`` or bytes; None: :func:`default_max_shard_size`.
+        create: create the shard files (one writer does); False attaches to files another made.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        layout: dict[str, tuple[torch.Size, torch.dtype]],
+        max_shard_size: int | str | None = None,
+        create: bool = True,
+    ):
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        placeholders = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in layout.items()}
+        self.plan = split_torch_state_dict_into_shards(
+            placeholders, max_shard_size=parse_max_shard_size(max_shard_size)
+        )
+        #: name -> (file, absolute byte offset of its data, bytes of one row, total bytes)
+        self._where: dict[str, tuple[Path, int, int, int]] = {}
+        self._written: dict[str, int] = {}
+        for file, names in self.plan.filename_to_tensors.items():
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name in names:
+                shape, dtype = layout[name]
+                nbytes = math.prod(shape) * dtype.itemsize
+                header[name] = {
+                    "dtype": _DTYPE_NAMES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
+                offset += nbytes
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)
+            path = self.folder / file
+            if create:
+                with open(path, "wb") as handle:
+                    handle.write(struct.pack("<Q", len(encoded)))
+                    handle.write(encoded)
+                    handle.truncate(8 + len(encoded) + offset)
+            for name in names:
+                shape, dtype = layout[name]
+                begin, end = header[name]["data_offsets"]
+                row_bytes = (math.prod(shape[1:]) if len(shape) else 1) * dtype.itemsize
+                self._where[name] = (path, 8 + len(encoded) + begin, row_bytes, end - begin)
+                self._written[name] = 0
+
+    def _put(self, name: str, byte_offset: int, tensor: torch.Tensor) -> None:
+        path, start, _, nbytes = self._where[name]
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if byte_offset + data.nbytes > nbytes:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes at {byte_offset} overflow its {nbytes} bytes")
+        with open(path, "r+b") as handle:
+            handle.seek(start + byte_offset)
+            handle.write(memoryview(data))
+        self._written[name] += data.nbytes
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Whole tensors, each in the dtype and shape of the layout."""
+        for name, tensor in tensors.items():
+            self._put(name, 0, tensor)
+
+    def write_rows(self, name: str, rows: slice, block: torch.Tensor, shape: torch.Size) -> None:
+        """Rows ``rows`` of ``name`` (the layout's dtype)."""
+        self._put(name, rows.start * self._where[name][2], block)
+
+    def close(self, check: bool = True) -> None:
+        """Check every tensor is complete (``check``: this writer wrote them all); write the
+        index when sharded (as ``save_pretrained``). Call on one writer only."""
+        for name, (_, _, _, nbytes) in self._where.items() if check else ():
+            if self._written[name] != nbytes:
+                raise RuntimeError(f"{name}: {self._written[name]} of its {nbytes} bytes were written")
+        if self.plan.is_sharded:
+            index = {"metadata": self.plan.metadata, "weight_map": self.plan.tensor_to_filename}
+            atomic_write_json(self.folder / "model.safetensors.index.json", index)
+
+    def written_complete(self, names: list[str]) -> bool:
+        """Whether this writer wrote every byte of ``names`` (its share in a multi-process write)."""
+        return all(self._written[name] == self._where[name][3] for name in names)
+
+    def files(self) -> list[Path]:
+        return [self.folder / file for file in self.plan.filename_to_tensors]
+
+
+def rewrite_in_place(file: Path, name: str, rows: slice | None, values: torch.Tensor) -> None:
+    """Overwrite ``name`` (or its ``rows``) inside an existing safetensors ``file``, same dtype and shape."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    entry = header[name]
+    if _DTYPE_NAMES[values.dtype] != entry["dtype"]:
+        raise ValueError(f"{name}: {values.dtype} does not match the file's {entry['dtype']}")
+    row_bytes = (math.prod(entry["shape"][1:]) if entry["shape"] else 1) * values.dtype.itemsize
+    offset = 8 + length + entry["data_offsets"][0] + (rows.start * row_bytes if rows is not None else 0)
+    data = values.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    with open(file, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(memoryview(data))
 
 
 class _History:
@@ -295,7 +458,7 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
         write_model_files(
             staged_state,
             model=context.model,
-            config_from=context.expert_dir,
+            config_from=_config_folder(context),
             tokenizer=context.tokenizer,
             marker=context.marker(),
         )
@@ -439,7 +602,7 @@ def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> di
             write_model_files(
                 staged_state,
                 model=context.model,
-                config_from=context.expert_dir,
+                config_from=_config_folder(context),
                 tokenizer=context.tokenizer,
                 marker=context.marker(),
             )
@@ -484,6 +647,14 @@ def _join_rank_indexes(folder: Path, prefix: str, world_size: int) -> None:
     atomic_write_json(folder / f"{prefix}.safetensors.index.json", index)
 
 
+def _config_folder(context: IntegrationContext) -> Path | None:
+    """Where θ_t's ``config.json`` comes from when there is no live model: the expert's
+    folder, or θ0's when the expert is a LoRA adapter (which has none)."""
+    if context.expert_dir is not None and is_adapter_folder(context.expert_dir):
+        return context.base_dir
+    return context.expert_dir
+
+
 def _merge_batches(
     strategy: MergeStrategy,
     context: IntegrationContext,
@@ -500,7 +671,11 @@ def _merge_batches(
     shard by shard (file and index names ``model<suffix>``, ``<key><suffix>``); returns the
     per-tensor statistics (``diagnostics`` observes the target batches)."""
     step, device = context.step, source.device
-    state_writer = _ShardWriter(staged_state, "model" + suffix)
+    if suffix:  # one rank's share of a split merge: its own shards, joined into one index by rank 0
+        state_writer = _ShardWriter(staged_state, "model" + suffix)
+    else:
+        layout = {name: (source.shapes[name], source.dtype(name)) for name in source.names}
+        state_writer = StreamingShardWriter(staged_state, layout, getattr(context, "max_shard_size", None))
     history_writers: dict[str, _ShardWriter] = {}
     per_tensor: dict[str, dict] = {}
     row_stats: dict[str, list[tuple[int, dict]]] = defaultdict(list)
@@ -522,8 +697,7 @@ def _merge_batches(
             raise FloatingPointError(f"{strategy.__class__.__name__} produced non-finite values for {names[0]}")
         if diagnostics is not None and target:
             diagnostics.observe(names, base, state, new_state, task_vector)
-        out_dtype = source.dtype(names[0])
-        _write(state_writer, names, rows, new_state.to(out_dtype).cpu(), source.shapes)
+        _write(state_writer, names, rows, new_state.cpu(), source.shapes, dtype=source.dtype)
         for key, tensors in result.history.items():
             writer = history_writers.setdefault(key, _ShardWriter(staged_history / key, key + suffix))
             _write(writer, names, rows, tensors.to(torch.float32).cpu(), source.shapes)
@@ -576,33 +750,39 @@ def _record_diagnostics(
 
 
 def _write(
-    writer: _ShardWriter, names: list[str], rows: slice | None, values: torch.Tensor, shapes: dict[str, torch.Size]
+    writer: _ShardWriter | StreamingShardWriter,
+    names: list[str],
+    rows: slice | None,
+    values: torch.Tensor,
+    shapes: dict[str, torch.Size],
+    dtype: Callable[[str], torch.dtype] | None = None,
 ) -> None:
+    """Write a batch's ``values`` (float32), each tensor cast to ``dtype(name)`` when given
+    (the state keeps the expert's precision: a bf16 model's state is bf16)."""
+
+    def cast(name: str, value: torch.Tensor) -> torch.Tensor:
+        return value if dtype is None else value.to(dtype(name))
+
     if rows is None:
-        writer.write({name: values[i] for i, name in enumerate(names)})
+        writer.write({name: cast(name, values[i]) for i, name in enumerate(names)})
     else:
-        writer.write_rows(names[0], rows, values[0], shapes[names[0]])
+        writer.write_rows(names[0], rows, cast(names[0], values[0]), shapes[names[0]])
 
 
 def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None:
-    """θ_t ← θ0 + s·(θ_t − θ0), shard by shard (used by OPCM's norm-preserving rescale).
+    """θ_t ← θ0 + s·(θ_t − θ0), tensor by tensor, in place in the written shards (OPCM's
+    norm-preserving rescale).
 
-    Each tensor is rescaled in row blocks of one batch (:func:`batch_limit`) into one
-    output buffer, so a shard holding one large tensor costs that tensor once, not four times.
+    Each tensor is rescaled in row blocks of one batch (:func:`batch_limit`) and written
+    back at its own bytes (:func:`rewrite_in_place`), so however large a shard is, no more
+    than one batch is held.
     """
-    staged = _IndexedWeights(folder, "model")
+    staged = SafetensorsWeights(folder)
     limit = batch_limit(staged.shape(name) for name in staged.names())
-    for file in sorted({path for path in staged._files.values()}):
-        names = [name for name, path in staged._files.items() if path == file]
-        tensors = {}
-        for name in names:
-            shape, dtype = staged.shape(name), staged.dtype(name)
-            out = torch.empty(shape, dtype=dtype)
-            for rows in row_blocks(shape, limit) if len(shape) else [None]:
-                value, theta0 = (read_rows(weights, name, rows).to(torch.float32) for weights in (staged, base))
-                out[... if rows is None else rows] = (theta0 + scale * (value - theta0)).to(dtype)
-            tensors[name] = out
-        staged.release()
-        save_file(tensors, file)
-        del tensors
+    for name in staged.names():
+        shape, dtype, file = staged.shape(name), staged.dtype(name), staged._files[name]
+        for rows in row_blocks(shape, limit) if len(shape) else [None]:
+            value, theta0 = (read_rows(weights, name, rows).to(torch.float32) for weights in (staged, base))
+            staged.release()
+            rewrite_in_place(file, name, rows, (theta0 + scale * (value - theta0)).to(dtype))
         release_freed_host_memory()

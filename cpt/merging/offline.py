@@ -2,7 +2,8 @@
 
 Like the reference's continual merge: E_1, E_2, … (fine-tunes of BASE) are integrated one
 after another, exactly as the runner would at the end of each task (task vectors against
-BASE), with every tensor read lazily from safetensors.
+BASE), with every tensor read lazily from safetensors. An expert may be a PEFT LoRA adapter
+folder over BASE (``adapter_config.json``): its dense update is formed one tensor at a time.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ def merge_checkpoints(
     overrides: list[str] | None = None,
     save_steps: bool = False,
     targets: list[str] | None = None,
+    max_shard_size: int | str | None = None,
 ) -> dict[str, Any]:
+    """Integrate ``experts`` into ``base`` in order with ``method``; the final state goes to ``output``.
+
+    An expert is an HF folder or a PEFT LoRA adapter folder (``adapter_config.json``) over
+    ``base``; an adapter's dense delta is formed one tensor at a time. The state is written
+    in shards of at most ``max_shard_size`` (default: ``save_pretrained``'s).
+    """
     from transformers import AutoTokenizer
 
     from cpt.diagnostics import checkpoint_folder
+    from cpt.merging.batch_io import parse_max_shard_size
 
     info = get_strategy(method)
     if not issubclass(info.integrator_class, MergeStrategy):
@@ -49,6 +58,7 @@ def merge_checkpoints(
     except CptError as exc:
         raise CptError(f"--set: {exc}") from None
 
+    parse_max_shard_size(max_shard_size, "--max-shard-size")  # a bad size fails before any work
     base_dir = Path(checkpoint_folder(base))
     expert_dirs = [Path(checkpoint_folder(expert)) for expert in experts]
     output = Path(output)
@@ -74,6 +84,7 @@ def merge_checkpoints(
                 target_patterns=targets or list(DEFAULT_TARGETS),
                 train_from="base",
                 expert_dir=expert_dir,
+                max_shard_size=max_shard_size,
             )
             stats = strategy.integrate(context)
             seconds = time.perf_counter() - started

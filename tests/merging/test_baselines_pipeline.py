@@ -166,7 +166,7 @@ def test_runner_one_short_run(tmp_path, base, name):
     assert len(result.matrix) >= 2
     stats = json.loads((recipe.run_dir / "integration" / "2_upper.json").read_text())
     assert stats["step"] == 2 and any(s.get("target") for s in stats["per_tensor"].values())
-    assert (recipe.run_dir / "state" / "model.safetensors.index.json").exists()
+    assert (recipe.run_dir / "state" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "average", *METHODS, "gcwm", "replay", "ewc"])
