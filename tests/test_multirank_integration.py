@@ -129,6 +129,10 @@ def launch(base: Path, out: Path, strategy: str, processes: int) -> None:
 def load_folder(folder: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    single = folder / f"{prefix}.safetensors"
+    if single.exists():  # one shard (HF's layout below the shard size): no index
+        assert not (folder / f"{prefix}.safetensors.index.json").exists()
+        return load_file(single)
     index = json.loads((folder / f"{prefix}.safetensors.index.json").read_text())
     tensors = {}
     for file in sorted(set(index["weight_map"].values())):
