@@ -83,3 +83,20 @@ def resolve_task(
     if previous_state_dir is None and step > 1 and state_dir is not None and (state_dir / "config.json").exists():
         previous_state_dir = state_dir
     return TaskPosition(step, task_name, previous_state_dir)
+
+
+class SequencePosition:
+    """Where a callback is in the task sequence: explicit ``step``/``task_name``/``previous_state_dir``
+    overrides, else (at ``on_train_begin``) the state folder's marker (:func:`resolve_task`)."""
+
+    def _init_position(self, step: int | None, task_name: str | None, previous_state_dir) -> None:
+        self._overrides = {
+            "step": step,
+            "task_name": task_name,
+            "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None,
+        }
+        #: The task at hand (set at ``on_train_begin``, or from the overrides until then).
+        self.step = step if step is not None else 1
+        self.task_name = task_name if task_name is not None else f"task{self.step}"
+        self.previous_state_dir: Path | None = self._overrides["previous_state_dir"]
+        self._position: TaskPosition | None = None

@@ -30,10 +30,10 @@ from cpt.tensors import (
     read_marker,
 )
 
-from ._common import TaskPosition, check_train_from, renamed_keyword, resolve_task
+from ._common import SequencePosition, check_train_from, renamed_keyword, resolve_task
 
 
-class GeometryConflictCallback(TrainerCallback):
+class GeometryConflictCallback(SequencePosition, TrainerCallback):
     """Measures the state-relative geometry conflict of the update a task made (METHOD §1).
 
     At ``on_train_end``, for every target tensor: ``GC(θ_{t−1} − θ0, Δ_t)``, SAR both ways,
@@ -136,16 +136,7 @@ class GeometryConflictCallback(TrainerCallback):
         #: An HF folder holding E_t (read lazily instead of the live model). Under ZeRO-3,
         #: when unset, the callback writes one itself (all ranks take part in the gathers).
         self.expert_dir = Path(expert_dir) if expert_dir else None
-        self._overrides = {
-            "step": step,
-            "task_name": task_name,
-            "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None,
-        }
-        #: The task being measured (set at ``on_train_begin``, or from the overrides until then).
-        self.step = step if step is not None else 1
-        self.task_name = task_name if task_name is not None else f"task{self.step}"
-        self.previous_state_dir: Path | None = self._overrides["previous_state_dir"]
-        self._position: TaskPosition | None = None
+        self._init_position(step, task_name, previous_state_dir)
         self._marker_at_begin: dict | None = None
         self.trainer = None
         self.report: dict[str, Any] | None = None

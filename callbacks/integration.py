@@ -16,10 +16,10 @@ from cpt.recipe import DEFAULT_TARGETS
 from cpt.strategies import get_strategy
 from cpt.tensors import gather_expert_folder, local_model_folder, save_lora_adapter
 
-from ._common import TaskPosition, check_train_from, renamed_keyword, resolve_task
+from ._common import SequencePosition, check_train_from, renamed_keyword, resolve_task
 
 
-class IntegrationCallback(TrainerCallback):
+class IntegrationCallback(SequencePosition, TrainerCallback):
     """Integrates the trained expert E_t into the state θ_t with a registered strategy.
 
     At ``on_train_end`` it builds an :class:`~cpt.integration.IntegrationContext` and calls
@@ -129,16 +129,7 @@ class IntegrationCallback(TrainerCallback):
         self.expert_dir = Path(expert_dir) if expert_dir else None
         self.max_shard_size = max_shard_size
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
-        self._overrides = {
-            "step": step,
-            "task_name": task_name,
-            "previous_state_dir": Path(previous_state_dir) if previous_state_dir else None,
-        }
-        #: The task being integrated (set at ``on_train_begin``, or from the overrides until then).
-        self.step = step if step is not None else 1
-        self.task_name = task_name if task_name is not None else f"task{self.step}"
-        self.previous_state_dir: Path | None = self._overrides["previous_state_dir"]
-        self._position: TaskPosition | None = None
+        self._init_position(step, task_name, previous_state_dir)
         self.trainer = None
         self.seconds: float | None = None
         self.stats: dict[str, Any] | None = None

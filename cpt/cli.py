@@ -9,17 +9,19 @@ import sys
 from cpt.errors import CptError
 
 
+def _add_recipe_arguments(
+    parser, help_set: str = "override a recipe field, e.g. --set training.learning_rate=1e-4"
+) -> None:
+    """The recipe file and its ``--set KEY=VALUE`` overrides, the same for every command that reads a recipe."""
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"{help_set} (repeatable)"
+    )
+
+
 def _add_run(subparsers) -> None:
     run = subparsers.add_parser("run", help="run a continual post-training recipe (resumes if interrupted)")
-    run.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set training.learning_rate=1e-4 (repeatable)",
-    )
+    _add_recipe_arguments(run)
     run.add_argument(
         "--overwrite", action="store_true", help="start again in a run directory that holds another recipe's run"
     )
@@ -48,15 +50,7 @@ def _add_check(subparsers) -> None:
     check = subparsers.add_parser(
         "check", help="check a recipe (model, data, training arguments, strategy) and print the plan; trains nothing"
     )
-    check.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
-    check.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, as for `cpt run` (repeatable)",
-    )
+    _add_recipe_arguments(check, "override a recipe field, as for `cpt run`")
     check.add_argument("--overwrite", action="store_true", help="check as `cpt run --overwrite` would run")
     check.set_defaults(handler=_check)
 
@@ -329,15 +323,7 @@ def _add_plan(subparsers) -> None:
     plan = subparsers.add_parser(
         "plan", help="plan the task order of least predicted geometry conflict (METHOD §7); trains the experts"
     )
-    plan.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
-    plan.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, as for `cpt run` (repeatable)",
-    )
+    _add_recipe_arguments(plan, "override a recipe field, as for `cpt run`")
     plan.add_argument("--write", metavar="OUT.yaml", help="write the recipe with its tasks in the planned order")
     plan.set_defaults(handler=_plan)
 

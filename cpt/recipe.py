@@ -41,6 +41,16 @@ MANAGED_TRAINING_FIELDS = {
 }
 
 
+def _check_regexes(patterns: list[str]) -> list[str]:
+    """Every pattern compiles (recipe fields holding regular expressions)."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+    return patterns
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -213,12 +223,7 @@ class NormalizeSpec(_Strict):
     @field_validator("regexes_to_ignore")
     @classmethod
     def _regexes(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
-        return patterns
+        return _check_regexes(patterns)
 
 
 class EvalSpec(_Strict):
@@ -370,12 +375,7 @@ class Recipe(_Strict):
     @field_validator("targets")
     @classmethod
     def _regexes(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
-        return patterns
+        return _check_regexes(patterns)
 
     @model_validator(mode="after")
     def _unique_task_names(self) -> Recipe:

@@ -454,14 +454,7 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
             _rescale_state(staged_state, source.base, scale)
         if diagnostics is not None:
             _record_diagnostics(diagnostics, scale, summary, per_tensor, scalars)
-        atomic_write_json(staged_history / "scalars.json", scalars)
-        write_model_files(
-            staged_state,
-            model=context.model,
-            config_from=_config_folder(context),
-            tokenizer=context.tokenizer,
-            marker=context.marker(),
-        )
+        _write_step_files(context, scalars, staged_state, staged_history)
     history.prune(keep=step)
     return {"summary": {**summary, "global_scale": scale}, "per_tensor": per_tensor}
 
@@ -598,14 +591,7 @@ def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> di
                 for _, (_, _, accumulators) in gathered:
                     combined.absorb(accumulators)
                 _record_diagnostics(combined, scale, summary, per_tensor, scalars)
-            atomic_write_json(staged_history / "scalars.json", scalars)
-            write_model_files(
-                staged_state,
-                model=context.model,
-                config_from=_config_folder(context),
-                tokenizer=context.tokenizer,
-                marker=context.marker(),
-            )
+            _write_step_files(context, scalars, staged_state, staged_history)
             commit_dir(staged_history, history.step_dir(step))
             commit_dir(staged_state, context.state_dir)
             history.prune(keep=step)
@@ -645,6 +631,20 @@ def _join_rank_indexes(folder: Path, prefix: str, world_size: int) -> None:
         path.unlink()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_json(folder / f"{prefix}.safetensors.index.json", index)
+
+
+def _write_step_files(
+    context: IntegrationContext, scalars: dict[str, Any], staged_state: Path, staged_history: Path
+) -> None:
+    """The files of step t besides the tensors: the carried scalars, θ_t's config, tokenizer and marker."""
+    atomic_write_json(staged_history / "scalars.json", scalars)
+    write_model_files(
+        staged_state,
+        model=context.model,
+        config_from=_config_folder(context),
+        tokenizer=context.tokenizer,
+        marker=context.marker(),
+    )
 
 
 def _config_folder(context: IntegrationContext) -> Path | None:
