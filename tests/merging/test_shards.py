@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_steps import perturbed
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,15 +22,6 @@ from cpt.merging.batch_io import (
 )
 from cpt.merging.task_arithmetic import TaskArithmetic, TaskArithmeticParams
 from cpt.recipe import DEFAULT_TARGETS
-
-
-def perturbed(base: Path, seed: int):
-    model = AutoModelForCausalLM.from_pretrained(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.01 * torch.randn(param.shape, generator=generator))
-    return model
 
 
 def merge_once(run: Path, base: Path, expert, max_shard_size=None) -> Path:
