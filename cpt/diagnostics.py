@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cpt.geometry import (
+    ANALYSIS_DEFAULTS,
     Delta,
     LowRankDelta,
     RightBasis,
@@ -32,11 +33,11 @@ BATCH_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class GeometrySettings:
-    """METHOD §1 analysis defaults."""
+    """METHOD §1 analysis settings; the defaults are :data:`cpt.geometry.ANALYSIS_DEFAULTS` (defined once)."""
 
-    rank: int = 32
-    energy: float = 0.95
-    eps: float = 1e-6
+    rank: int = ANALYSIS_DEFAULTS["rank"]
+    energy: float = ANALYSIS_DEFAULTS["energy"]
+    eps: float = ANALYSIS_DEFAULTS["eps"]
     eig_floor: float = 0.0
 
 

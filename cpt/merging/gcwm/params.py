@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal, get_args, get_origin, get_type_hints
 
+from cpt.geometry import MERGING_DEFAULTS
+
 __all__ = ["GCWMParams"]
 
 
@@ -67,9 +69,9 @@ class GCWMParams:
             exact. The relative error ‖τ − τ_r‖/‖τ‖ is reported per tensor.
     """
 
-    rank: int = 16
-    energy: float = 0.9
-    eps: float = 1e-6
+    rank: int = MERGING_DEFAULTS["rank"]  # METHOD §1/§2 merging defaults, defined once in cpt.geometry
+    energy: float = MERGING_DEFAULTS["energy"]
+    eps: float = MERGING_DEFAULTS["eps"]
     metric: Literal["barycenter", "mean"] = "barycenter"
     bary_iters: int = 50
     bary_tol: float = 1e-5
