@@ -364,13 +364,36 @@ def test_params_names_and_defaults_are_methods():
         {"memory_size": 0},
         {"history_rank": 0},
         {"iters": -1},
+        {"eps": math.inf},
+        {"gate_threshold": math.nan},
+        {"new_weight": 0.0},
+        {"step_coef": math.inf},
+        {"rnak": 3},
     ],
 )
 def test_bad_params_are_rejected(bad):
     with pytest.raises(ValidationError):
         TypeAdapter(GCWMParams).validate_python(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # direct construction validates too (pydantic's ValidationError is a ValueError)
         GCWMParams(**bad)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"rank": 0}, "rank: Input should be greater than or equal to 1 (strategy 'gcwm')"),
+        ({"eps": math.inf}, "eps: Input should be a finite number (strategy 'gcwm')"),
+        ({"memory_size": 0}, "memory_size: must be -1 (off) or >= 1, got 0 (strategy 'gcwm')"),
+        ({"alpha_min": 0.9, "alpha_max": 0.5}, "alpha_min (0.9) must be <= alpha_max (0.5)"),
+    ],
+)
+def test_bad_recipe_params_are_one_line_naming_the_field(bad, message):
+    from cpt.errors import CptError
+    from cpt.strategies import get_strategy
+
+    with pytest.raises(CptError) as caught:
+        get_strategy("gcwm").make_params(bad)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 # ------------------------------------------------------------------------------ devices

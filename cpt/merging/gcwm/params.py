@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, FiniteFloat, model_validator
+from pydantic.dataclasses import dataclass
 
 from cpt.geometry import MERGING_DEFAULTS
 
 __all__ = ["GCWMParams"]
 
 
-@dataclass
+def _minus_one_or_positive(value: int) -> int:
+    if value != -1 and value < 1:
+        raise ValueError(f"must be -1 (off) or >= 1, got {value}")
+    return value
+
+
+def _finite_or_norm(value: float | str) -> float | str:
+    if value != "norm" and not math.isfinite(value):
+        raise ValueError(f"must be a finite number or 'norm', got {value}")
+    return value
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class GCWMParams:
     """GCWM parameters, names and defaults exactly as in METHOD §2's table.
 
-    Validate untrusted input (recipes, ``--set``) with ``pydantic.TypeAdapter(GCWMParams)``:
-    the ``Literal`` fields reject unknown modes and ``__post_init__`` checks ranges (it
-    also runs on direct construction, so bad values never reach the math).
+    A pydantic dataclass: every field's range is in its annotation and the rules that tie
+    fields together (``alpha_min <= alpha_max``, ``step_coef: norm``'s needs) are one model
+    validator, so recipes (``StrategyInfo.make_params``), ``--set`` and direct construction
+    (``GCWMParams(rank=0)`` raises ``pydantic.ValidationError``, a ``ValueError``) all reject
+    bad values the same way and they never reach the math.
 
     Attributes:
         rank: cap on the right-basis rank per delta (§1/§2.1; merging default 16).
@@ -69,84 +85,37 @@ class GCWMParams:
             exact. The relative error ‖τ − τ_r‖/‖τ‖ is reported per tensor.
     """
 
-    rank: int = MERGING_DEFAULTS["rank"]  # METHOD §1/§2 merging defaults, defined once in cpt.geometry
-    energy: float = MERGING_DEFAULTS["energy"]
-    eps: float = MERGING_DEFAULTS["eps"]
+    rank: Annotated[int, Field(ge=1)] = MERGING_DEFAULTS["rank"]  # METHOD §1/§2 defaults, defined once in cpt.geometry
+    energy: Annotated[float, Field(gt=0, le=1)] = MERGING_DEFAULTS["energy"]
+    eps: Annotated[float, Field(gt=0, allow_inf_nan=False)] = MERGING_DEFAULTS["eps"]
     metric: Literal["barycenter", "mean"] = "barycenter"
-    bary_iters: int = 50
-    bary_tol: float = 1e-5
+    bary_iters: Annotated[int, Field(ge=0)] = 50
+    bary_tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-5
     gate: Literal["conflict", "none"] = "conflict"
-    gate_threshold: float = 0.12
-    gate_sharpness: float = 12.0
-    alpha_min: float = 0.15
-    alpha_max: float = 0.95
-    skip_tol: float = 0.05
-    iters: int = 100
-    lr: float = 1e-5
-    eig_floor: float = 0.0
+    gate_threshold: FiniteFloat = 0.12
+    gate_sharpness: FiniteFloat = 12.0
+    alpha_min: Annotated[float, Field(ge=0, le=1)] = 0.15
+    alpha_max: Annotated[float, Field(ge=0, le=1)] = 0.95
+    skip_tol: Annotated[float, Field(ge=0, lt=0.5)] = 0.05
+    iters: Annotated[int, Field(ge=0)] = 100
+    lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-5
+    eig_floor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     memory: Literal["current_anchor", "all_history"] = "current_anchor"
-    memory_size: int = -1
-    old_weight: float = 1.0
-    new_weight: float = 1.0
-    step_coef: float | Literal["norm"] = 0.2
-    decay: float = 1.0
+    memory_size: Annotated[int, AfterValidator(_minus_one_or_positive)] = -1
+    old_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0  # 0 drops m_{t-1}
+    new_weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    step_coef: Annotated[float | Literal["norm"], AfterValidator(_finite_or_norm)] = 0.2
+    decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     non_target: Literal["base", "task_arithmetic", "average"] = "base"
-    history_rank: int = -1
+    history_rank: Annotated[int, AfterValidator(_minus_one_or_positive)] = -1
 
-    def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            hint = hints[f.name]
-            options = get_args(hint) if get_origin(hint) is Literal else ()
-            if f.name == "step_coef" and isinstance(value, str):
-                options = ("norm",)
-            if options and value not in options:
-                raise ValueError(f"GCWMParams.{f.name} must be one of {options}, got {value!r}")
-        problems = []
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                problems.append(msg)
-
-        for name in (
-            "energy",
-            "eps",
-            "bary_tol",
-            "gate_threshold",
-            "gate_sharpness",
-            "alpha_min",
-            "alpha_max",
-            "skip_tol",
-            "lr",
-            "eig_floor",
-            "old_weight",
-            "new_weight",
-            "decay",
-        ):
-            need(math.isfinite(float(getattr(self, name))), f"{name} must be finite")
-        need(self.rank >= 1, "rank must be >= 1")
-        need(0.0 < self.energy <= 1.0, "energy must be in (0, 1]")
-        need(self.eps > 0.0, "eps must be > 0")
-        need(self.bary_iters >= 0, "bary_iters must be >= 0")
-        need(self.bary_tol >= 0.0, "bary_tol must be >= 0")
-        need(0.0 <= self.alpha_min <= self.alpha_max <= 1.0, "need 0 <= alpha_min <= alpha_max <= 1")
-        need(0.0 <= self.skip_tol < 0.5, "skip_tol must be in [0, 0.5)")
-        need(self.iters >= 0, "iters must be >= 0")
-        need(self.lr >= 0.0, "lr must be >= 0")
-        need(self.eig_floor >= 0.0, "eig_floor must be >= 0")
-        need(self.memory_size == -1 or self.memory_size >= 1, "memory_size must be -1 or >= 1")
-        need(self.history_rank == -1 or self.history_rank >= 1, "history_rank must be -1 or >= 1")
-        need(self.old_weight >= 0.0, "old_weight must be >= 0 (0 drops m_{t-1})")
-        need(self.new_weight > 0.0, "new_weight must be > 0")
-        need(self.decay >= 0.0, "decay must be >= 0")
-        if self.step_coef == "norm":
-            need(self.decay == 1.0, "decay must be 1 with step_coef 'norm' (c_t = n̄_t / ‖m_t‖ has no decay)")
-            need(
-                self.non_target == "base",
-                "step_coef 'norm' needs non_target 'base' (c_t is known only after every target tensor)",
-            )
-        else:
-            need(math.isfinite(float(self.step_coef)), "step_coef must be finite or 'norm'")
-        if problems:
-            raise ValueError("invalid GCWMParams: " + "; ".join(problems))
+    @model_validator(mode="after")
+    def _check_cross_field_rules(self) -> GCWMParams:
+        """The rules that tie fields together (single-field ranges live in the annotations above)."""
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"alpha_min ({self.alpha_min}) must be <= alpha_max ({self.alpha_max})")
+        if self.step_coef == "norm" and self.decay != 1.0:
+            raise ValueError("decay must be 1 with step_coef 'norm' (c_t = n̄_t / ‖m_t‖ has no decay)")
+        if self.step_coef == "norm" and self.non_target != "base":
+            raise ValueError("step_coef 'norm' needs non_target 'base' (c_t is known only after every target tensor)")
+        return self
