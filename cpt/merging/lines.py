@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from cpt.errors import CptError
 from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
@@ -54,7 +54,17 @@ from cpt.strategies import register_strategy
 DEFAULT_LAYER_REGEX = r"\.layers\.(\d+)\."
 
 
-@dataclass
+def _one_group_regex(layer_regex: str) -> str:
+    try:
+        groups = re.compile(layer_regex).groups
+    except re.error as exc:
+        raise ValueError(f"{layer_regex!r} is not a regular expression: {exc}") from None
+    if groups != 1:
+        raise ValueError(f"{layer_regex!r} must have exactly one group (the block index), it has {groups}")
+    return layer_regex
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class LinesParams:
     beta: float = 0.5
     """β: the depth slope, λ(ℓ) = α + β·ℓ/(L−1) (0.5: a cpt choice; the reference tunes it on validation)."""
@@ -66,20 +76,10 @@ class LinesParams:
     """TIES's kept fraction per tensor (``base: ties`` only; 0.2 as §3 TIES)."""
     majority_sign: Literal["total", "frequency"] = "total"
     """TIES's sign election (``base: ties`` only)."""
-    layer_regex: str = DEFAULT_LAYER_REGEX
+    layer_regex: Annotated[str, AfterValidator(_one_group_regex)] = DEFAULT_LAYER_REGEX
     """Regular expression whose one group is a tensor's block index ℓ (searched in the name)."""
     num_layers: Annotated[int, Field(ge=2)] | None = None
     """L; None = ``num_hidden_layers`` of θ0's config.json."""
-
-    def __post_init__(self):
-        try:
-            groups = re.compile(self.layer_regex).groups
-        except re.error as exc:
-            raise ValueError(f"layer_regex {self.layer_regex!r} is not a regular expression: {exc}") from None
-        if groups != 1:
-            raise ValueError(
-                f"layer_regex {self.layer_regex!r} must have exactly one group (the block index), it has {groups}"
-            )
 
 
 def layer_index(name: str, pattern: re.Pattern) -> int | None:

@@ -54,19 +54,19 @@ history. ``majority_sign`` must be ``total``. FusionBench's config uses λ = 0.5
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from cpt.merging.contract import MergeResult, RunningMergeStrategy
 from cpt.merging.magnitude import kth_largest_magnitudes
 from cpt.strategies import register_strategy
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class TiesParams:
     density: Annotated[float, Field(gt=0, le=1)] = 0.2
     """k: the fraction of each vector's entries kept (largest magnitudes), per tensor (0.2)."""
@@ -79,9 +79,12 @@ class TiesParams:
     """``running``: M_t = TIES(M_{t−1}, τ_t), θ_t = θ0 + λ M_t (METHOD §3, per-tensor trim, mean);
     ``fusionbench``: θ_t = θ_{t−1} + λ·TIES(θ_{t−1} − θ0, τ_t) with whole-model trim and disjoint sum."""
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _check_cross_field_rules(self) -> TiesParams:
+        """The rule tying ``majority_sign`` to ``form`` (single-field ranges live in the annotations)."""
         if self.form == "fusionbench" and self.majority_sign != "total":
             raise ValueError("majority_sign: form fusionbench elects by the sign of the sum; use majority_sign total")
+        return self
 
 
 def trim_top_k(stacked: torch.Tensor, density: float) -> torch.Tensor:

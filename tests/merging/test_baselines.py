@@ -120,6 +120,13 @@ def test_bad_values_are_rejected():
         get_strategy("opcm").make_params({"alpha": -0.1})
     with pytest.raises(CptError, match="did you mean 'lora_rank'"):
         get_strategy("nufilt").make_params({"lora_rnak": 4})
+    with pytest.raises(CptError, match="majority_sign"):  # the cross-field rule, through the model validator
+        get_strategy("ties").make_params({"form": "fusionbench", "majority_sign": "frequency"})
+    # direct construction validates the same way (pydantic's ValidationError is a ValueError)
+    with pytest.raises(ValueError, match="density"):
+        TiesParams(density=0)
+    with pytest.raises(ValueError, match="majority_sign"):
+        TiesParams(form="fusionbench", majority_sign="frequency")
 
 
 # ---------------------------------------------------------------------------- TIES

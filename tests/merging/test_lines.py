@@ -30,6 +30,10 @@ def test_registered_with_method_defaults():
         get_strategy("lines").make_params({"layer_regex": r"layers\.\d+"})
     with pytest.raises(CptError, match="num_layers"):
         get_strategy("lines").make_params({"num_layers": 1})
+    with pytest.raises(CptError, match=r"^layer_regex: .* is not a regular expression"):
+        get_strategy("lines").make_params({"layer_regex": "("})
+    with pytest.raises(ValueError, match="exactly one group"):  # direct construction validates too
+        LinesParams(layer_regex="x")
 
 
 # ---------------------------------------------------------------------------- § test 1
