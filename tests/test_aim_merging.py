@@ -442,6 +442,8 @@ def test_parameters_defaults_and_bad_values():
     ]:
         with pytest.raises(CptError, match=message):
             get_strategy("aim_merging").make_params(bad)
+    with pytest.raises(ValueError, match="inner_iterations"):  # direct construction validates too
+        AIMMergingParams(inner_iterations=0)
 
 
 # ---------------------------------------------------------------------------- a real run

@@ -72,7 +72,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext, TaskContext
@@ -309,9 +310,9 @@ class AIMSchedule:
 
 
 # ---------------------------------------------------------------------------- the strategy
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class AIMMergingParams:
-    """METHOD §4.B's defaults (the reference scripts')."""
+    """METHOD §4.B's defaults (the reference scripts'); ranges in the annotations, checked by pydantic on every path."""
 
     inner_iterations: Annotated[int, Field(ge=1)] = 8
     """K0, the initial planned interval between merges."""
