@@ -41,6 +41,20 @@ MANAGED_TRAINING_FIELDS = {
 }
 
 
+def size_in_bytes(value: int | str) -> int:
+    """Bytes of a shard size (``"500MB"``, ``"2GiB"`` or an int), parsed as Hugging Face parses it;
+    ValueError naming the value when it is not a positive size."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = value if isinstance(value, int) else parse_size_to_int(value)
+    except (ValueError, TypeError):
+        raise ValueError(f'{value!r} is not a size; write e.g. "500MB", "2GB" or a number of bytes') from None
+    if size <= 0:
+        raise ValueError(f"must be positive (got {value!r})")
+    return size
+
+
 def _check_regexes(patterns: list[str]) -> list[str]:
     """Every pattern compiles (recipe fields holding regular expressions)."""
     for pattern in patterns:
@@ -360,16 +374,8 @@ class Recipe(_Strict):
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, value: int | str | None) -> int | str | None:
-        if value is None:
-            return value
-        from huggingface_hub.serialization._base import parse_size_to_int
-
-        try:
-            size = value if isinstance(value, int) else parse_size_to_int(value)
-        except (ValueError, TypeError):
-            raise ValueError(f'{value!r} is not a size; write e.g. "500MB", "2GB" or a number of bytes') from None
-        if size <= 0:
-            raise ValueError(f"must be positive (got {value!r})")
+        if value is not None:
+            size_in_bytes(value)  # refused here with the same words the merge would use
         return value
 
     @field_validator("targets")

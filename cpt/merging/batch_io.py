@@ -236,16 +236,12 @@ def default_max_shard_size() -> int | str:
 
 def parse_max_shard_size(value: int | str | None, field: str = "max_shard_size") -> int:
     """Bytes of ``value`` ("500MB", "2GiB", an int; None: :func:`default_max_shard_size`), as HF parses it."""
-    from huggingface_hub.serialization._base import parse_size_to_int
+    from cpt.recipe import size_in_bytes
 
-    value = default_max_shard_size() if value is None else value
     try:
-        size = value if isinstance(value, int) else parse_size_to_int(value)
-    except (ValueError, TypeError):
-        raise CptError(f'{field}: {value!r} is not a size; write e.g. "500MB", "2GB" or a number of bytes') from None
-    if size <= 0:
-        raise CptError(f"{field}: must be positive (got {value!r})")
-    return size
+        return size_in_bytes(default_max_shard_size() if value is None else value)
+    except ValueError as exc:
+        raise CptError(f"{field}: {exc}") from None
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
@@ -435,11 +431,7 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
             "gathers whole-model quantities (begin_step/end_step/finalize_scale) before writing"
         )
     step = context.step
-    device = _merge_device()
-    source = BatchSource(context, device, rows_separable=strategy.rows_separable)
-    history = _History(context.history_dir)
-    scalars = history.scalars(step - 1)
-    keys = strategy.history_keys(step, scalars)
+    source, history, scalars, keys = _open_step(strategy, context)
     readers = {key: history.reader(step - 1, key) for key in keys}
     strategy.begin_step(step, source, scalars)
     diagnostics = _step_diagnostics(strategy, step, scalars)
@@ -516,11 +508,7 @@ def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> di
     """
     rank, world_size = ranks.world()
     step = context.step
-    device = _merge_device()
-    source = BatchSource(context, device, rows_separable=strategy.rows_separable)
-    history = _History(context.history_dir)
-    scalars = history.scalars(step - 1)
-    keys = strategy.history_keys(step, scalars)
+    source, history, scalars, keys = _open_step(strategy, context)
     groups = source.groups()
     owners = rank_shares(groups, source.shapes, world_size)
     mine = [group for group, owner in zip(groups, owners, strict=True) if owner == rank]
@@ -631,6 +619,15 @@ def _join_rank_indexes(folder: Path, prefix: str, world_size: int) -> None:
         path.unlink()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_json(folder / f"{prefix}.safetensors.index.json", index)
+
+
+def _open_step(strategy: MergeStrategy, context: IntegrationContext):
+    """What step t reads: the streamed tensors, the kept history, step t−1's carried scalars
+    and the history keys the strategy reads (one process or one rank alike)."""
+    source = BatchSource(context, _merge_device(), rows_separable=strategy.rows_separable)
+    history = _History(context.history_dir)
+    scalars = history.scalars(context.step - 1)
+    return source, history, scalars, strategy.history_keys(context.step, scalars)
 
 
 def _write_step_files(
