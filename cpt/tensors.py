@@ -428,7 +428,9 @@ def save_pretrained_order(model: torch.nn.Module, layout: dict[str, tuple[torch.
     hands it the tensors sorted by ``dot_natural_key`` (``layers.2`` before ``layers.10``)
     whenever the model has weight conversions to revert (``revert_weight_conversion``;
     Llama-like models do), else in ``state_dict`` order. Which one is asked of that same
-    function, on meta tensors (nothing is allocated).
+    function, on meta tensors (nothing is allocated). Only the order is taken: names stay
+    the model's own (a model whose conversions rename or fuse tensors on load is written
+    under its loaded names, as cpt's merge writes every state).
     """
     names = list(layout)
     try:
