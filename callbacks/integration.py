@@ -197,7 +197,10 @@ class IntegrationCallback(SequencePosition, TrainerCallback):
         self._position = None  # the next task reads the marker again
         expert_dir, temporary = self.expert_dir, False
         if expert_dir is None:
-            expert_dir = gather_expert_folder(model, self.state_dir.parent / f".expert-{self.step}")  # every rank
+            # every rank; in the recipe's shards, as a state that is the expert copies this folder
+            expert_dir = gather_expert_folder(
+                model, self.state_dir.parent / f".expert-{self.step}", self.max_shard_size
+            )
             temporary = expert_dir is not None
         if self.adapter_dir is not None:  # every rank (a ZeRO-3 gather); the state is unchanged by it
             save_lora_adapter(model, self.adapter_dir / f"{self.step}_{self.task_name}")

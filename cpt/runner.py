@@ -113,6 +113,7 @@ class ExpertEvaluation(TrainerCallback):
             ``None`` when experts are not evaluated.
         load_model: ``load_model(folder)`` a whole model from an HF folder, for scoring a gathered expert.
         record_trained: ``record_trained(state)`` records the task as trained (every process).
+        max_shard_size: largest shard of the gathered folder (the recipe's: it may become θ_t).
     """
 
     def __init__(
@@ -123,8 +124,10 @@ class ExpertEvaluation(TrainerCallback):
         score_expert: Callable[[torch.nn.Module], None] | None,
         load_model: Callable[[str], torch.nn.Module],
         record_trained: Callable[[Any], None],
+        max_shard_size: int | str | None = None,
     ):
         self.expert_dir = expert_dir
+        self.max_shard_size = max_shard_size
         self.expert_readers = expert_readers
         self.score_expert = score_expert
         self.load_model = load_model
@@ -134,7 +137,7 @@ class ExpertEvaluation(TrainerCallback):
         evaluate = state.is_world_process_zero and self.score_expert is not None
         # ZeRO-3: gather the expert once, module by module, into a folder that evaluation,
         # geometry and integration then read (no rank holds it all). A collective: every rank calls it.
-        gathered = gather_expert_folder(model, self.expert_dir)
+        gathered = gather_expert_folder(model, self.expert_dir, self.max_shard_size)
         if gathered is not None:
             for callback in self.expert_readers:
                 callback.expert_dir = gathered
@@ -291,6 +294,7 @@ class TaskSequenceRunner:
             else None,
             load_model=self._load_eval_model,
             record_trained=lambda state: self._record_trained(record, state, stopwatch),
+            max_shard_size=recipe.max_shard_size,
         )
         trainer = CptSFTTrainer(
             model=model,

@@ -15,8 +15,9 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -165,12 +166,45 @@ def zero3_gathered(params: list[torch.nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full expert tensors of a ZeRO-3 model under plain names, gathered one module at a time.
+class _Zero3Entry(NamedTuple):
+    name: str
+    """Plain name (``model.layers.0.self_attn.q_proj.weight``)."""
+    shape: torch.Size
+    """Full shape (not this rank's partition)."""
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+    """The full tensor as a CPU copy; call only while its group is gathered."""
+    is_parameter: bool
+    """A parameter of the written model (counted in ``total_parameters``), not a buffer."""
 
-    A collective: every rank must iterate it to the end in the same order; the values
-    yielded are CPU copies (use them on the main process, ignore them elsewhere). A LoRA
-    layer is gathered whole and yielded merged (W + ΔW). Tied parameters come once.
+
+class _Zero3Group(NamedTuple):
+    """Tensors of a ZeRO-3 model gathered together: one module's own parameters (a LoRA layer whole)."""
+
+    params: list[torch.nn.Parameter]
+    """What to gather (may be empty: a module with buffers only)."""
+    entries: list[_Zero3Entry]
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone().cpu()
+
+
+def _merged_lora_cpu(layer: torch.nn.Module) -> torch.Tensor:
+    return merged_lora_weight(layer, layer.base_layer.weight).cpu()
+
+
+def _full_shape(param: torch.Tensor) -> torch.Size:
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
+def _zero3_groups(model: torch.nn.Module) -> list[_Zero3Group]:
+    """A ZeRO-3 model's tensors under plain names, in ``state_dict`` order, grouped for gathering.
+
+    Nothing is gathered here: full shapes come from DeepSpeed's ``ds_shape``, so the whole
+    layout of a written folder is known before the first collective. A LoRA layer is one
+    group whose weight is read merged (W + ΔW, in W's dtype); a parameter tied to an
+    earlier one (``lm_head`` to the embedding) is left out, as ``save_pretrained`` leaves it.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -178,6 +212,7 @@ def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
     root = model.get_base_model() if is_peft_model(model) else model
     seen: set[int] = set()
     skip_prefixes: list[str] = []
+    groups: list[_Zero3Group] = []
     for module_name, module in root.named_modules():
         if any(module_name.startswith(prefix) for prefix in skip_prefixes):
             continue
@@ -185,21 +220,63 @@ def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
         if isinstance(module, LoraLayer):
             skip_prefixes.append(prefix)
             params = list(module.parameters())
-            with zero3_gathered(params):
-                yield f"{prefix}weight", merged_lora_weight(module, module.base_layer.weight).cpu()
-                if getattr(module.base_layer, "bias", None) is not None:
-                    yield f"{prefix}bias", module.base_layer.bias.detach().clone().cpu()
+            base = module.base_layer
+            entries = [
+                _Zero3Entry(
+                    f"{prefix}weight",
+                    _full_shape(base.weight),
+                    base.weight.dtype,
+                    functools.partial(_merged_lora_cpu, module),
+                    True,
+                )
+            ]
+            if getattr(base, "bias", None) is not None:
+                entries.append(
+                    _Zero3Entry(
+                        f"{prefix}bias",
+                        _full_shape(base.bias),
+                        base.bias.dtype,
+                        functools.partial(_cpu_copy, base.bias),
+                        True,
+                    )
+                )
+            groups.append(_Zero3Group(params, entries))
             seen.update(id(param) for param in params)
             continue
         params = [(name, param) for name, param in module.named_parameters(recurse=False) if id(param) not in seen]
-        if params:
-            with zero3_gathered([param for _, param in params]):
-                for name, param in params:
-                    yield f"{prefix}{name}", param.detach().clone().cpu()
-            seen.update(id(param) for _, param in params)
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                yield f"{prefix}{name}", buffer.detach().clone().cpu()
+        seen.update(id(param) for _, param in params)
+        entries = [
+            _Zero3Entry(f"{prefix}{name}", _full_shape(param), param.dtype, functools.partial(_cpu_copy, param), True)
+            for name, param in params
+        ]
+        entries += [
+            _Zero3Entry(f"{prefix}{name}", buffer.shape, buffer.dtype, functools.partial(_cpu_copy, buffer), False)
+            for name, buffer in module.named_buffers(recurse=False)
+            if buffer is not None and name not in module._non_persistent_buffers_set
+        ]
+        if entries:
+            groups.append(_Zero3Group([param for _, param in params], entries))
+    return groups
+
+
+def zero3_tensor_layout(model: torch.nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """``{plain name: (full shape, dtype)}`` of what :func:`zero3_named_tensors` yields, in its order; no collective."""
+    return {entry.name: (entry.shape, entry.dtype) for group in _zero3_groups(model) for entry in group.entries}
+
+
+def zero3_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full expert tensors of a ZeRO-3 model under plain names, gathered one module at a time.
+
+    A collective: every rank must iterate it to the end in the same order; the values
+    yielded are CPU copies (use them on the main process, ignore them elsewhere). A LoRA
+    layer is gathered whole and yielded merged (W + ΔW). Tied parameters come once. The
+    order is ``state_dict``'s (:func:`zero3_tensor_layout`).
+    """
+    for group in _zero3_groups(model):
+        gathered = zero3_gathered(group.params) if group.params else contextlib.nullcontext()
+        with gathered:
+            for entry in group.entries:
+                yield entry.name, entry.read()
 
 
 @contextlib.contextmanager
@@ -290,9 +367,9 @@ def save_model_folder(
     """
     folder = Path(folder)
     if is_zero3(model):
-        # Gathered module by module and written shard by shard by the main process:
-        # no rank ever holds the whole model. Every rank must call this.
-        _save_zero3_folder(model, folder)
+        # Gathered module by module and written tensor by tensor into HF's shard plan by
+        # the main process: no rank ever holds the whole model. Every rank must call this.
+        _save_zero3_folder(model, folder, max_shard_size)
         if not _is_main_process():
             return
         write_model_files(folder, model=model, tokenizer=tokenizer, marker=marker)
@@ -344,41 +421,68 @@ def write_model_files(
         (folder / STATE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
-#: Shard size of folders written from ZeRO-3 models (bounds the main process's memory).
-ZERO3_SHARD_BYTES = 512 * 2**20
+def save_pretrained_order(model: torch.nn.Module, layout: dict[str, tuple[torch.Size, torch.dtype]]) -> list[str]:
+    """The order in which ``model.save_pretrained`` plans shards over tensors ``layout`` given in ``state_dict`` order.
+
+    ``huggingface_hub``'s plan fills shards in the order it is given, and transformers 5
+    hands it the tensors sorted by ``dot_natural_key`` (``layers.2`` before ``layers.10``)
+    whenever the model has weight conversions to revert (``revert_weight_conversion``;
+    Llama-like models do), else in ``state_dict`` order. Which one is asked of that same
+    function, on meta tensors (nothing is allocated). Only the order is taken: names stay
+    the model's own (a model whose conversions rename or fuse tensors on load is written
+    under its loaded names, as cpt's merge writes every state).
+    """
+    names = list(layout)
+    try:
+        from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
+    except ImportError:  # transformers 4: save_pretrained keeps the state_dict order
+        return names
+    placeholders = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in layout.items()}
+    try:
+        reverted = revert_weight_conversion(plain_model(model), placeholders)
+    except Exception:  # noqa: BLE001 - a conversion that needs values: there are conversions, so it sorts
+        reverted = None
+    return names if reverted is placeholders else sorted(names, key=dot_natural_key)
 
 
-def _save_zero3_folder(model: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_file
+#: The weight files of an HF folder: ``model.safetensors``, its index, HF's shards and cpt's old ones.
+_HF_WEIGHT_FILE = re.compile(r"model(-\d{5}(-of-\d{5})?)?\.safetensors(\.index\.json)?")
 
-    main = _is_main_process()
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total = 0
 
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        if shard:
-            file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            save_file(shard, folder / file)
-            weight_map.update({name: file for name in shard})
-        shard, shard_bytes = {}, 0
+def _save_zero3_folder(model: torch.nn.Module, folder: Path, max_shard_size: int | str | None = None) -> None:
+    """The weights of a ZeRO-3 model in ``folder``, laid out as ``save_pretrained`` lays them out.
 
-    if main:
-        folder.mkdir(parents=True, exist_ok=True)
+    The shard plan is HF's (:class:`cpt.merging.batch_io.StreamingShardWriter`: file names,
+    ``model.safetensors.index.json``, ``max_shard_size`` with ``save_pretrained``'s default),
+    made from the full shapes before anything is gathered; each module's tensors are then
+    gathered (every rank) and written at their place in their shard (main process), so no
+    rank holds more than one module. Folders written before this by cpt (``model-0000i.safetensors``,
+    512 MiB each, with an index) stay readable: every reader goes through the index.
+    """
+    from cpt.merging.batch_io import StreamingShardWriter
+
+    writer = None
+    if _is_main_process():
+        # As save_pretrained: weight files of an earlier save in this folder go (a stale index
+        # beside a new single model.safetensors would be read instead of it).
+        for stale in Path(folder).glob("model*.safetensors*"):
+            if _HF_WEIGHT_FILE.fullmatch(stale.name):
+                stale.unlink()
+        entries = {entry.name: entry for group in _zero3_groups(model) for entry in group.entries}
+        layout = {name: (entry.shape, entry.dtype) for name, entry in entries.items()}
+        writer = StreamingShardWriter(
+            folder,
+            {name: layout[name] for name in save_pretrained_order(model, layout)},
+            max_shard_size,
+            # the written model's num_parameters(), as save_pretrained records it: tied ones
+            # once, LoRA factors not (they are merged into W)
+            index_metadata={"total_parameters": sum(e.shape.numel() for e in entries.values() if e.is_parameter)},
+        )
     for name, tensor in zero3_named_tensors(model):
-        if not main:
-            continue
-        shard[name] = tensor.contiguous()
-        size = tensor.numel() * tensor.element_size()
-        shard_bytes += size
-        total += size
-        if shard_bytes >= ZERO3_SHARD_BYTES:
-            flush()
-    if main:
-        flush()
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if writer is not None:
+            writer.write({name: tensor})
+    if writer is not None:
+        writer.close()
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:
@@ -485,19 +589,24 @@ class SafetensorsWeights:
 
 
 # ---------------------------------------------------------------------- folders the callbacks read
-def gather_expert_folder(model: torch.nn.Module | None, folder: str | os.PathLike) -> Path | None:
+def gather_expert_folder(
+    model: torch.nn.Module | None, folder: str | os.PathLike, max_shard_size: int | str | None = None
+) -> Path | None:
     """Under DeepSpeed ZeRO-3, write the expert's full weights to ``folder`` and return it; else None.
 
     A ZeRO-3 model's parameters are partitioned across ranks, so whoever reads the expert
     E_t after training (its evaluation, the geometry callback, the integration callback)
     reads this HF folder instead of the live module. It is gathered module by module and
-    written shard by shard by the main process (:func:`save_model_folder`): no rank ever
-    holds the whole model. A collective: every rank must call it. Without ZeRO-3 (or with
-    no model) nothing is written and the caller reads the live model.
+    written tensor by tensor by the main process (:func:`save_model_folder`): no rank ever
+    holds the whole model. Its files are ``save_pretrained``'s, in shards of at most
+    ``max_shard_size`` (None: ``save_pretrained``'s default); give the recipe's when the
+    folder may become the state (a strategy whose state is the expert copies it). A
+    collective: every rank must call it. Without ZeRO-3 (or with no model) nothing is
+    written and the caller reads the live model.
     """
     if model is None or not is_zero3(model):
         return None
-    save_model_folder(model, None, folder)
+    save_model_folder(model, None, folder, max_shard_size=max_shard_size)
     return Path(folder)
 
 

@@ -358,8 +358,8 @@ def test_gcwm_trl_script_example_runs_plain_and_under_zero3(tmp_path):
             from cpt.tensors import gather_expert_folder
 
             gathered = []
-            def recording_gather(model, folder):
-                result = gather_expert_folder(model, folder)
+            def recording_gather(model, folder, *args, **kwargs):
+                result = gather_expert_folder(model, folder, *args, **kwargs)
                 gathered.append(None if result is None else str(result))
                 return result
             cpt.callbacks.geometry.gather_expert_folder = recording_gather

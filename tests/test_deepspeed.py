@@ -139,3 +139,39 @@ def assert_same_ewc_shards(plain: Path, sharded: Path, processes: int) -> None:
             parts = [shard[name] for shard in shards]
             assert all(part.numel() < tensor.numel() for part in parts), name
             torch.testing.assert_close(torch.cat(parts), tensor.reshape(-1), rtol=1e-4, atol=atol, msg=f"{file} {name}")
+
+
+def test_zero3_state_is_written_as_save_pretrained_writes_it(setup):
+    """A 2-rank ZeRO-3 state, gathered module by module, is the files save_pretrained writes for the plain run.
+
+    ``max_shard_size`` splits the tiny model (≈560 kB) into several shards: the ZeRO-3 run's
+    file names and index (weight map, ``total_size``, ``total_parameters``) are those of the
+    plain run's state, which ``save_pretrained`` wrote; both loaders read equal weights.
+    """
+    from cpt.tensors import SafetensorsWeights
+
+    root, model = setup
+    name = "zero3-2-sequential-shards"
+    path = recipe_file(root, model, name, {"name": "sequential"})
+    data = yaml.safe_load(path.read_text())
+    data.update(max_shard_size="200KB", geometry={"enabled": False})
+    path.write_text(yaml.safe_dump(data))
+    launch("zero3", path, 2, ["--set", "training.per_device_train_batch_size=2"])
+
+    plain = validate_recipe({**data, "name": f"plain-{name}"})
+    TaskSequenceRunner(plain).run()
+    zero3_state, plain_state = root / "runs" / name / "state", plain.run_dir / "state"
+
+    def weight_files(folder: Path) -> list[str]:
+        return sorted(file.name for file in folder.iterdir() if "safetensors" in file.name)
+
+    assert weight_files(zero3_state) == weight_files(plain_state)
+    assert len(weight_files(zero3_state)) >= 3, "an index and at least two shards"
+    index = json.loads((zero3_state / "model.safetensors.index.json").read_text())
+    assert index == json.loads((plain_state / "model.safetensors.index.json").read_text())
+    assert_same_run(plain.run_dir, root / "runs" / name)
+    loaded = AutoModelForCausalLM.from_pretrained(zero3_state).state_dict()
+    lazy = SafetensorsWeights(zero3_state)
+    assert sorted(lazy.names()) == sorted(index["weight_map"])
+    for tensor_name in lazy.names():
+        torch.testing.assert_close(lazy[tensor_name], loaded[tensor_name], rtol=0, atol=0, msg=tensor_name)

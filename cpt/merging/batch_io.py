@@ -273,6 +273,8 @@ class StreamingShardWriter:
         layout: ``{name: (shape, dtype)}`` of every tensor, in the order HF should plan shards.
         max_shard_size: e.g. ``"500MB"`` or bytes; None: :func:`default_max_shard_size`.
         create: create the shard files (one writer does); False attaches to files another made.
+        index_metadata: more entries for the index's ``metadata`` beside HF's ``total_size``
+            (``save_pretrained`` also records ``total_parameters``).
     """
 
     def __init__(
@@ -281,10 +283,12 @@ class StreamingShardWriter:
         layout: dict[str, tuple[torch.Size, torch.dtype]],
         max_shard_size: int | str | None = None,
         create: bool = True,
+        index_metadata: dict[str, Any] | None = None,
     ):
         from huggingface_hub import split_torch_state_dict_into_shards
 
         self.folder = Path(folder)
+        self.index_metadata = dict(index_metadata or {})
         self.folder.mkdir(parents=True, exist_ok=True)
         placeholders = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in layout.items()}
         self.plan = split_torch_state_dict_into_shards(
@@ -346,7 +350,10 @@ class StreamingShardWriter:
             if self._written[name] != nbytes:
                 raise RuntimeError(f"{name}: {self._written[name]} of its {nbytes} bytes were written")
         if self.plan.is_sharded:
-            index = {"metadata": self.plan.metadata, "weight_map": self.plan.tensor_to_filename}
+            index = {
+                "metadata": {**self.index_metadata, **self.plan.metadata},
+                "weight_map": self.plan.tensor_to_filename,
+            }
             atomic_write_json(self.folder / "model.safetensors.index.json", index)
 
     def written_complete(self, names: list[str]) -> bool:
