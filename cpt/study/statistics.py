@@ -11,7 +11,8 @@ which
 
 and recomputes ``M`` on the resample: the per-seed accuracy matrices are rebuilt from the
 resampled examples (the *same* example indices for every row of that seed, since every row
-is scored on the same eval set), the metric is computed per drawn seed and averaged over
+is scored on the same eval set; examples are paired across variants by task *name*, so runs
+that train the tasks in different orders — an ordering study — are paired correctly), the metric is computed per drawn seed and averaged over
 the draws. Every variant sees the same resamples, so for two variants A and B the values
 ``M_A − M_B`` of one resample form the paired difference's bootstrap distribution. The
 95 % interval is its 2.5 / 97.5 percentiles; A and B are *distinguishable* when it
@@ -53,7 +54,8 @@ class RunOutcomes:
     Args:
         variant: the study variant's name (runs of one variant share it).
         seed: the run's seed; runs of different variants with the same seed are paired.
-        tasks: task names in training order (``T`` of them).
+        tasks: task names in training order (``T`` of them). Runs of one study have the same task
+            set; their orders may differ (outcomes are paired by task name, not position).
         correct: ``correct[row][task]`` is a 1-D array of 0/1 outcomes over that task's eval
             examples, for rows ``1..T`` (row ``t`` = the state after task ``t``; row 0, the
             base, is allowed and ignored by ACC/BWT/forgetting). Every row of a task lists
@@ -186,9 +188,12 @@ def _check_runs(runs: Sequence[RunOutcomes]) -> tuple[list[str], list[int], list
     variants = list(dict.fromkeys(run.variant for run in runs))
     seeds = sorted({run.seed for run in runs})
     by_key = {}
-    for run in runs:
-        if run.tasks != tasks:
-            raise CptError(f"statistics: run {run.variant}/seed {run.seed} has tasks {run.tasks}, expected {tasks}")
+    for run in runs:  # the same task set; the training order may differ (an ordering study, METHOD §7)
+        if sorted(run.tasks) != sorted(tasks) or len(set(run.tasks)) != len(run.tasks):
+            raise CptError(
+                f"statistics: run {run.variant}/seed {run.seed} has tasks {run.tasks}, expected the tasks {tasks} "
+                "(in any order)"
+            )
         if (run.variant, run.seed) in by_key:
             raise CptError(f"statistics: two runs of variant {run.variant!r} with seed {run.seed}")
         by_key[(run.variant, run.seed)] = run
@@ -265,11 +270,18 @@ def bootstrap_study(
 
     # Stage 1: the drawn seeds of every resample, shared by all variants (paired).
     drawn = rng.integers(0, S, size=(resamples, S))  # indices into `seeds`
-    # R_boot[variant]: (B, S, T, T) resampled accuracy matrices, one per drawn seed slot.
+    # R_boot[variant]: (B, S, T, T) resampled accuracy matrices, one per drawn seed slot, rows and columns in
+    # that run's training order (what metrics_from_matrices expects).
     observed = {v: np.stack([by_key[(v, s)].score_matrix() for s in seeds]) for v in variants}  # (S, T, T)
     if not example_level:
         R_boot = {v: observed[v][drawn] for v in variants}
     else:
+        # Examples are paired by task *name*: column j below is task `tasks[j]` for every variant and seed,
+        # whatever position the run trained it at; each run's columns are put in its own training order after.
+        column_of = {task: j for j, task in enumerate(tasks)}
+        training_columns = {
+            v: np.array([[column_of[task] for task in by_key[(v, s)].tasks] for s in seeds]) for v in variants
+        }  # (S, T): training position → name column
         R_boot = {v: np.empty((resamples, S, T, T)) for v in variants}
         for j, task in enumerate(tasks):
             sizes = np.array([len(by_key[(variants[0], s)].correct[T][task]) for s in seeds])
@@ -289,6 +301,9 @@ def bootstrap_study(
                 for i in range(T):
                     gathered = np.take_along_axis(padded[:, i, :][drawn], index, axis=-1)  # (B, S, width)
                     R_boot[v][:, :, i, j] = np.where(valid, gathered, 0.0).sum(axis=-1) / counts
+        for v in variants:
+            order = training_columns[v][drawn][:, :, None, :]  # (B, S, 1, T): each drawn seed's run's order
+            R_boot[v] = np.take_along_axis(R_boot[v], np.broadcast_to(order, R_boot[v].shape), axis=-1)
 
     # A resample's metric: the per-seed metric averaged over its S drawn seed slots.
     boot_metrics = {
