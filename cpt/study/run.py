@@ -36,7 +36,7 @@ import numpy as np
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json
 from cpt.study.spec import Study, Variant
-from cpt.study.statistics import METRICS, RunOutcomes, bootstrap_study
+from cpt.study.statistics import METRICS, RunOutcomes, bootstrap_study, pooled_spearman
 
 
 def log(message: str) -> None:
@@ -278,6 +278,9 @@ def build_summary(study: Study) -> dict[str, Any]:
     kept = _general_ability_by_variant(study, finished)
     if kept:
         summary["general_ability_kept"] = kept
+    correlation = conflict_vs_forgetting(study, finished)
+    if correlation:
+        summary["conflict_vs_forgetting"] = correlation
     if not complete_seeds:
         summary["statistics"] = None
         summary["note"] = "no seed has finished runs of every variant yet"
@@ -297,6 +300,110 @@ def build_summary(study: Study) -> dict[str, Any]:
         "so they leave out the eval-set sampling error"
     )
     return summary
+
+
+def conflict_vs_forgetting(study: Study, finished: dict) -> dict[str, Any] | None:
+    """The report's conflict-vs-forgetting correlations (METHOD §1), pooled over the study's seeds.
+
+    Per variant whose runs recorded geometry (``geometry/<t>_<task>.json``), and pooled over all
+    such variants when there are several: the (step, earlier task) pairs of every finished run
+    exactly as ``cpt report`` forms them (:func:`cpt.report.statistics.forgetting_pairs`), and for
+    each signal — the state-relative conflict, ``‖Δ‖`` and SAR — Spearman's ρ of the pooled pairs
+    with a cluster-bootstrap interval over seeds and pairs (:func:`pooled_spearman`). ``None``
+    when no finished run has geometry.
+    """
+    from cpt.report.loading import load_run
+    from cpt.report.statistics import MIN_PAIRS, SIGNALS, forgetting_pairs, signal_points
+
+    settings = study.spec.statistics
+    pairs_by_variant: dict[str, dict[int, list]] = {}
+    for variant in study.variants:
+        by_seed = {}
+        for seed in study.spec.seeds:
+            if finished[(variant.name, seed)]:
+                data = load_run(study.runs_dir / study.run_name(variant, seed))
+                by_seed[seed] = forgetting_pairs(data.rows, data.geometry)
+        if any(pair.conflict is not None for pairs in by_seed.values() for pair in pairs):
+            pairs_by_variant[variant.name] = by_seed
+    if not pairs_by_variant:
+        return None
+
+    def correlate(runs_by_seed: dict[int, list[list]]) -> dict[str, dict]:
+        out = {}
+        for signal in SIGNALS:
+            clusters = {seed: [signal_points(pairs, signal) for pairs in runs] for seed, runs in runs_by_seed.items()}
+            if not any(len(x) for runs in clusters.values() for x, _ in runs):
+                continue  # not recorded (e.g. SAR in geometry files from before it was aggregated)
+            result = pooled_spearman(
+                clusters,
+                signal=signal,
+                resamples=settings.resamples,
+                confidence=settings.confidence,
+                seed=settings.seed,
+            )
+            out[signal] = result.as_dict()
+        return out
+
+    groups = {
+        name: correlate({s: [pairs] for s, pairs in by_seed.items()}) for name, by_seed in pairs_by_variant.items()
+    }
+    result: dict[str, Any] = {
+        "resamples": settings.resamples,
+        "confidence": settings.confidence,
+        "min_pairs": MIN_PAIRS,
+        "variants": groups,
+    }
+    if len(pairs_by_variant) > 1:
+        pooled: dict[int, list[list]] = {}
+        for by_seed in pairs_by_variant.values():
+            for seed, pairs in by_seed.items():
+                pooled.setdefault(seed, []).append(pairs)
+        result["pooled"] = correlate(pooled)
+        result["pooled_variants"] = list(pairs_by_variant)
+    return result
+
+
+SIGNAL_LABELS = {"conflict": "conflict", "norm": "‖Δ‖", "sar": "SAR"}
+
+
+def _format_correlation(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    if entry["rho"] is None:
+        return entry["reason"]
+    if entry["low"] is None:
+        return f"{entry['rho']:+.3f} [-]"
+    return f"{entry['rho']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+
+
+def _format_correlations(summary: dict[str, Any]) -> list[str]:
+    """Markdown: the pooled conflict-vs-forgetting table (:func:`conflict_vs_forgetting`)."""
+    found = summary.get("conflict_vs_forgetting")
+    if not found:
+        return []
+    confidence = round(100 * found["confidence"])
+    out = [
+        "",
+        (
+            "Conflict vs forgetting, pooled over seeds (METHOD §1): Spearman ρ of each step's signal against the "
+            "drop of every earlier task's score (the pairs of `cpt report`), with its "
+            f"{confidence} % interval (bootstrap over seeds, then pairs within each seed's runs; METHOD §6). "
+            "ρ > 0: more signal, more forgetting."
+        ),
+        "",
+        "| variant | seeds | pairs | "
+        + " | ".join(f"ρ {SIGNAL_LABELS[s]} [{confidence} % CI]" for s in SIGNAL_LABELS)
+        + " |",
+        "|---|---|---|" + "---|" * len(SIGNAL_LABELS),
+    ]
+    groups = dict(found["variants"])
+    if "pooled" in found:
+        groups[f"all {len(found['pooled_variants'])} variants"] = found["pooled"]
+    for name, by_signal in groups.items():
+        first = by_signal.get("conflict") or next(iter(by_signal.values()), None) or {"n": 0, "seeds": []}
+        cells = [_format_correlation(by_signal.get(signal)) for signal in SIGNAL_LABELS]
+        out.append(f"| {name} | {len(first['seeds'])} | {first['n']} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _task_orders(study: Study) -> dict[str, dict[str, list[str] | None]]:
@@ -422,7 +529,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         out += ["", f"Pending runs (not in the statistics): {', '.join(summary['pending_runs'])}."]
     out += _format_orders(summary)
     if stats is None:
-        return "\n".join(out + ["", summary["note"], ""])
+        return "\n".join(out + _format_correlations(summary) + ["", summary["note"], ""])
     out += ["", f"Seeds in the statistics: {stats['seeds']}; {stats['resamples']} resamples. {summary['note']}.", ""]
     out += format_statistics_tables(stats, summary["variants"])
     if summary.get("general_ability_kept"):  # probes: score after the last task / the base's, mean over seeds
@@ -433,6 +540,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
             mean = "-" if kept["mean"] is None else f"{kept['mean']:.3f}"
             out.append(f"| {name} | {mean} | {per_probe} |")
+    out += _format_correlations(summary)
     costs = summary["costs"]
     out += [
         "",
