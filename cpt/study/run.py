@@ -260,6 +260,9 @@ def build_summary(study: Study) -> dict[str, Any]:
     orders = _task_orders(study)
     if orders:
         summary["task_orders"] = orders
+        same = {str(seed): groups for seed in seeds if (groups := study.same_order_groups(seed))}
+        if same:  # e.g. a random order that happens to be a seed's planned one
+            summary["same_orders"] = same
     if study.plans:
         summary["plans"] = {str(seed): study.plans[seed] for seed in seeds if seed in study.plans}
     costs = {
@@ -446,6 +449,13 @@ def _format_orders(summary: dict[str, Any]) -> list[str]:
         for name, by_seed in orders.items():
             cells = [" → ".join(by_seed[seed]) if by_seed.get(seed) else "(not planned yet)" for seed in seeds]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+    for seed, groups in (summary.get("same_orders") or {}).items():
+        for names in groups:
+            out += [
+                "",
+                f"Seed {seed}: {', '.join(names)} train the tasks in the same order (their difference is "
+                "no effect of the order).",
+            ]
     return out
 
 

@@ -305,6 +305,32 @@ class Study:
         planned = list(self.plans[seed]["planned"])
         return planned if order == "planned" else planned[::-1]
 
+    def same_order_groups(self, seed: int) -> list[list[str]]:
+        """Variants that differ only in their order yet train the same task order on ``seed`` (known orders only):
+        lists of two or more variant names, at least one of them with an order other than ``given``."""
+        groups: dict[tuple, list[Variant]] = {}
+        for variant in self.variants:
+            if variant.needs_plan and seed not in self.plans:
+                continue
+            setting = (variant.strategy, repr(sorted(variant.params.items())), variant.train_from)
+            groups.setdefault((setting, tuple(self.task_order(variant, seed))), []).append(variant)
+        return [
+            [variant.name for variant in group]
+            for group in groups.values()
+            if len(group) > 1 and any(variant.order != "given" for variant in group)
+        ]
+
+    def check_distinct_orders(self) -> None:
+        """Refuse variants whose fixed orders (given, ``random:<k>``, lists) coincide: they would run the same runs."""
+        seed = self.spec.seeds[0]
+        by_name = {variant.name: variant for variant in self.variants}
+        for names in self.same_order_groups(seed):
+            order = " → ".join(self.task_order(by_name[names[0]], seed))
+            raise CptError(
+                f"{self.source}: variants: {', '.join(names)} train the tasks in the same order ({order}); "
+                "give one of them another random:<k> or order"
+            )
+
     def recipe_for(self, variant: Variant, seed: int, *, order: list[str] | None = None) -> Recipe:
         """The run recipe of (variant, seed); ``order`` overrides the variant's task order (validation uses it)."""
         data = copy.deepcopy(self.base_recipe)
@@ -364,4 +390,5 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     for variant in variants:  # validate every variant's recipe now, not after hours of other runs
         # (a planned order is known only once the seed's experts exist; the task set is what matters here)
         study.recipe_for(variant, spec.seeds[0], order=task_names if variant.needs_plan else None)
+    study.check_distinct_orders()
     return study

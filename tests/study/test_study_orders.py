@@ -61,7 +61,7 @@ def test_order_names_and_recipes(tmp_path):
         tmp_path,
         [
             "sequential",
-            {"strategy": "sequential", "orders": ["planned", "reverse_planned", "random:1", "random:2"]},
+            {"strategy": "sequential", "orders": ["planned", "reverse_planned", "random:1", "random:4"]},
             {"strategy": "task_arithmetic", "order": ["reverse", "plural", "upper"]},  # one order, not a grid
             {"strategy": "ties", "density": [0.2, 0.5], "order": "planned"},
         ],
@@ -72,7 +72,7 @@ def test_order_names_and_recipes(tmp_path):
         "sequential-order_planned",
         "sequential-order_reverse_planned",
         "sequential-order_random_1",
-        "sequential-order_random_2",
+        "sequential-order_random_4",
         "task_arithmetic-order_reverse.plural.upper",
         "ties-density0.2-order_planned",
         "ties-density0.5-order_planned",
@@ -91,7 +91,7 @@ def test_order_names_and_recipes(tmp_path):
     # random:<k>: the tasks sorted by sha256("<k>:<name>"), the same for every seed, a permutation.
     import hashlib
 
-    for k in (1, 2):
+    for k in (1, 4):
         expected = sorted(study.task_names, key=lambda n: hashlib.sha256(f"{k}:{n}".encode()).hexdigest())
         variant = by_name[f"sequential-order_random_{k}"]
         assert study.task_order(variant, 0) == study.task_order(variant, 1) == expected
@@ -118,9 +118,15 @@ def test_order_names_and_recipes(tmp_path):
     assert "sequential" not in summary["task_orders"]
     assert {"name": "sequential", "strategy": "sequential", "params": {}} in summary["variants"]
     assert summary["plans"]["0"]["planned"] == ["upper", "reverse", "plural"]
+    # random:1 is seed 0's planned order, random:4 seed 1's: the summary says which runs share an order.
+    assert summary["same_orders"] == {
+        "0": [["sequential-order_planned", "sequential-order_random_1"]],
+        "1": [["sequential-order_planned", "sequential-order_random_4"]],
+    }
     text = format_summary(summary)
     assert "| 0 | upper → reverse → plural | 0.1000 | 0.2000 |" in text
     assert "| sequential-order_planned | upper → reverse → plural | reverse → plural → upper |" in text
+    assert "Seed 0: sequential-order_planned, sequential-order_random_1 train the tasks in the same order" in text
 
 
 @pytest.mark.parametrize(
@@ -145,6 +151,12 @@ def test_order_names_and_recipes(tmp_path):
         ({"strategy": "sequential", "orders": []}, r"orders: give a non-empty list"),
         ({"strategy": "sequential", "orders": ["planned", "planned"]}, r"an order is listed twice"),
         ({"strategy": "sequential", "orders": ["given", ["upper", "plural"]]}, r"leaves out reverse"),
+        # sha256 happens to sort these three tasks alike for k = 1 and 2: the same runs twice, refused.
+        (
+            {"strategy": "sequential", "orders": ["random:1", "random:2"]},
+            r"sequential-order_random_1, sequential-order_random_2 train the tasks in the same order "
+            r"\(upper → reverse → plural\); give one of them another random:<k> or order",
+        ),
     ],
 )
 def test_bad_orders_are_one_line_errors(tmp_path, variant, message):
@@ -288,3 +300,59 @@ def test_planned_variant_runs_in_the_plans_order_and_planning_reuses_cached_expe
     # Starting the finished study again reads the plan file and runs nothing.
     run_study(load_study(path))
     assert len(trainings) == 4
+
+
+def test_shipped_ordering_study():
+    """studies/ordering.yaml: sequential and task_arithmetic in four orders each, 3 seeds (METHOD §7)."""
+    from pathlib import Path
+
+    from cpt.study.spec import StudySpec, expand_variants
+
+    root = Path(__file__).resolve().parents[2]
+    path = root / "studies" / "ordering.yaml"
+    spec = StudySpec.model_validate(yaml.safe_load(path.read_text()))
+    names = [variant.name for variant in expand_variants(spec.variants)]
+    orders = ["order_planned", "order_reverse_planned", "order_random_1", "order_random_3"]
+    assert names == [f"{strategy}-{order}" for strategy in ("sequential", "task_arithmetic") for order in orders]
+    assert spec.seeds == [0, 1, 2] and spec.recipe == "recipes/continual_cpu.yaml"
+    if not (root / spec.recipe).is_file():
+        pytest.skip(f"{spec.recipe} is not in this checkout")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)  # the study's recipe path is relative to the current folder
+    try:
+        study = load_study(path)
+    finally:
+        os.chdir(cwd)
+    assert len(study.task_names) >= 4 and study.needs_plans
+    random_orders = {tuple(study.task_order(v, 0)) for v in study.variants if v.order.startswith("random:")}
+    assert len(random_orders) == 2 and tuple(study.task_names) not in random_orders
+
+
+def test_plan_files_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
+    from cpt.study import run as study_run
+
+    path = write_study(tmp_path, ["sequential", {"strategy": "sequential", "order": "planned"}])
+    study = load_study(path)
+    fingerprint = study_run._planning_recipe(study, 0).fingerprint()
+    record = {"given": study.task_names, "planned": ["reverse", "upper", "plural"], "recipe_fingerprint": fingerprint}
+    study.root.mkdir(parents=True)
+    study.plan_path(0).write_text(json.dumps(record))
+    study.plan_path(1).write_text(json.dumps({**record, "recipe_fingerprint": "another recipe"}))
+
+    study_run.load_plans(study)  # what `cpt study --summary-only` reads
+    assert set(study.plans) == {0}
+    assert study.task_order(study.variants[1], 0) == ["reverse", "upper", "plural"]
+
+    planned = []
+
+    def fake_plan_recipe(recipe, cache=None):  # stands for cpt plan: records which seed was planned
+        planned.append(recipe.seed)
+        raise RuntimeError("planned")
+
+    monkeypatch.setattr("cpt.planning.plan.plan_recipe", fake_plan_recipe)
+    assert study_run.plan_seed(study, 0)["planned"] == ["reverse", "upper", "plural"] and planned == []
+    with pytest.raises(RuntimeError, match="planned"):
+        study_run.plan_seed(study, 1)  # a plan of another recipe is planned again
+    assert planned == [1]
