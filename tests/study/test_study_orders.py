@@ -291,6 +291,15 @@ def test_planned_variant_runs_in_the_plans_order_and_planning_reuses_cached_expe
     assert summary["plans"]["0"]["planned"] == plan["planned"]
     assert summary["task_orders"]["sequential-order_reverse_planned"] == {"0": plan["reverse_planned"]}
     assert set(summary["statistics"]["variants"]) == {"task_arithmetic", "sequential-order_reverse_planned"}
+    # Real geometry files: the report's pairs carry SAR too; one pair a run (two tasks) is too few for ρ.
+    from cpt.report.loading import load_run
+    from cpt.report.statistics import forgetting_pairs
+
+    data = load_run(run)
+    [pair] = forgetting_pairs(data.rows, data.geometry)
+    assert pair.conflict is not None and pair.norm > 0 and 0 <= pair.sar <= 1
+    found = summary["conflict_vs_forgetting"]
+    assert found["pooled"]["conflict"]["n"] == 2 and found["pooled"]["sar"]["reason"].startswith("not enough points")
 
     # Planning again (the plan file gone) takes every expert from the cache: the trainer is not called.
     study.plan_path(0).unlink()
