@@ -561,6 +561,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         ),
         "",
     ]
+    plans = list((summary.get("plans") or {}).values())
+    if plans:  # planning's own cost (its experts are cached: the θ0 variants of the given order reuse them)
+        seconds = sum(plan.get("seconds", {}).get("total", 0.0) for plan in plans)
+        trained = sum(not hit for plan in plans for hit in plan.get("experts_from_cache", []))
+        out[-1:] = [
+            f"Planning: {seconds:.0f} s over {len(plans)} seed{'s' if len(plans) != 1 else ''} ({trained} experts trained for it).",
+            "",
+        ]
     return "\n".join(out)
 
 

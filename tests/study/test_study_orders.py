@@ -290,6 +290,7 @@ def test_planned_variant_runs_in_the_plans_order_and_planning_reuses_cached_expe
     assert matrix["tasks"] == plan["reverse_planned"]
     assert summary["plans"]["0"]["planned"] == plan["planned"]
     assert summary["task_orders"]["sequential-order_reverse_planned"] == {"0": plan["reverse_planned"]}
+    assert "over 1 seed (2 experts trained for it)." in (study.root / "summary.md").read_text()
     assert set(summary["statistics"]["variants"]) == {"task_arithmetic", "sequential-order_reverse_planned"}
     # Real geometry files: the report's pairs carry SAR too; one pair a run (two tasks) is too few for ρ.
     from cpt.report.loading import load_run
