@@ -41,6 +41,8 @@ class StepGeometry:
     per_tensor_conflict: dict[str, float | None]
     count: int | None = None
     undefined: int | None = None
+    mean_sar: float | None = None
+    """Mean over target tensors of SAR(Δ_t → state) (``aggregates.sar_update_to_state``; METHOD §1)."""
 
 
 @dataclass
@@ -172,6 +174,7 @@ def _step_geometry(step: int, task: str, report: dict) -> StepGeometry:
         per_tensor_conflict=conflicts,
         count=aggregate.get("count", len(defined) if per_tensor else None),
         undefined=aggregate.get("undefined", (len(conflicts) - len(defined)) if per_tensor else None),
+        mean_sar=_aggregate_mean(report, "sar_update_to_state", per_tensor),
     )
 
 

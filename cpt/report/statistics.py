@@ -9,7 +9,10 @@ far) and 1 ≤ j < t, when both R[t−1][j] and R[t][j] are present:
   ``GC(θ_{t−1} − θ0, Δ_t)`` of step t (``aggregates.geometry_conflict.mean`` of
   ``geometry/<t>_<task>.json``, or the mean of its defined per-tensor values);
 * for the ``‖Δ‖`` baseline, ``x = n_t``, the mean over target tensors of ``‖Δ_t‖_F``
-  (``aggregates.norm_update.mean``, or the per-tensor mean).
+  (``aggregates.norm_update.mean``, or the per-tensor mean);
+* for the SAR baseline, ``x = s_t``, the mean over target tensors of
+  ``SAR(Δ_t → θ_{t−1} − θ0)`` (METHOD §1; ``aggregates.sar_update_to_state.mean``, or the
+  per-tensor mean) — how much of the update lies in the state's subspace.
 
 **Correlations.** Spearman's ρ and its two-sided p-value are ``scipy.stats.spearmanr(x, y)``
 over the pairs whose x is defined (each signal separately; both come from the same geometry
@@ -45,6 +48,8 @@ class ForgettingPair:
     """x = c_t, step t's mean state-relative conflict (``None``: no geometry for step t)."""
     norm: float | None
     """x = n_t, step t's mean ‖Δ_t‖_F (the baseline signal)."""
+    sar: float | None = None
+    """x = s_t, step t's mean SAR(Δ_t → θ_{t−1} − θ0) (a second baseline; ``None`` when not recorded)."""
 
 
 @dataclass
@@ -70,11 +75,12 @@ def forgetting_pairs(rows: Sequence[Sequence[float | None]], geometry: dict[int,
         step_geometry = geometry.get(t)
         conflict = step_geometry.mean_conflict if step_geometry else None
         norm = step_geometry.mean_norm if step_geometry else None
+        sar = getattr(step_geometry, "mean_sar", None) if step_geometry else None
         for j in range(1, t):
             before, after = rows[t - 1][j - 1], rows[t][j - 1]
             if before is None or after is None:
                 continue
-            pairs.append(ForgettingPair(t, j, before - after, conflict, norm))
+            pairs.append(ForgettingPair(t, j, before - after, conflict, norm, sar))
     return pairs
 
 
@@ -97,10 +103,24 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Correlation:
     return Correlation(n, rho, pvalue)
 
 
-def correlations(pairs: Sequence[ForgettingPair]) -> dict[str, Correlation]:
-    """Spearman of the drop against the step's mean conflict and against its mean ‖Δ‖."""
+#: The step signals a pair carries (:class:`ForgettingPair` fields): the conflict and its two baselines.
+SIGNALS = ("conflict", "norm", "sar")
+
+
+def signal_points(pairs: Sequence[ForgettingPair], signal: str) -> tuple[list[float], list[float]]:
+    """``(x, y)`` of the pairs whose ``signal`` (one of :data:`SIGNALS`) is defined: x the signal, y the drop."""
+    if signal not in SIGNALS:
+        raise ValueError(f"signal {signal!r} is not one of {SIGNALS}")
+    used = [(getattr(pair, signal), pair.drop) for pair in pairs if getattr(pair, signal) is not None]
+    return [x for x, _ in used], [y for _, y in used]
+
+
+def correlations(
+    pairs: Sequence[ForgettingPair], signals: Sequence[str] = ("conflict", "norm")
+) -> dict[str, Correlation]:
+    """Spearman of the drop against each of ``signals`` (default: the step's mean conflict and its mean ‖Δ‖)."""
     by_signal = {}
-    for key in ("conflict", "norm"):
+    for key in signals:
         used = [(getattr(pair, key), pair.drop) for pair in pairs if getattr(pair, key) is not None]
         by_signal[key] = spearman([x for x, _ in used], [y for _, y in used])
     return by_signal

@@ -36,7 +36,7 @@ import numpy as np
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json
 from cpt.study.spec import Study, Variant
-from cpt.study.statistics import METRICS, RunOutcomes, bootstrap_study
+from cpt.study.statistics import METRICS, RunOutcomes, bootstrap_study, pooled_spearman
 
 
 def log(message: str) -> None:
@@ -64,11 +64,15 @@ def _share_base_row(runner, source: Path) -> bool:
     target = runner.rundir
     if target.matrix_path.exists():
         return False  # a resumed run keeps what it has
+    tasks = [task.name for task in runner.recipe.tasks]
+    if sorted(tasks) != sorted(matrix["tasks"]):
+        return False
     runner.prepare_run_dir()
-    num_tasks = len(matrix["tasks"])
+    num_tasks = len(tasks)
+    column = {task: j for j, task in enumerate(matrix["tasks"])}  # the source may train the tasks in another order
     shared = {
-        "tasks": matrix["tasks"],
-        "rows": [matrix["rows"][0]] + [None] * num_tasks,
+        "tasks": tasks,
+        "rows": [[matrix["rows"][0][column[task]] for task in tasks]] + [None] * num_tasks,
         "expert_scores": [None] * num_tasks,
     }
     if matrix.get("probes"):  # the base's probe scores too (their 0_probe-*.jsonl files are copied below)
@@ -98,6 +102,8 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
             f"(experts cached in {cache.root})"
         )
         for seed in study.spec.seeds:
+            if study.needs_plans:
+                plan_seed(study, seed, cache)
             base_source: Path | None = None
             for variant in study.variants:
                 done += 1
@@ -112,9 +118,81 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
                     runner.run()
                 if base_source is None:
                     base_source = recipe.run_dir
+    else:
+        load_plans(study)
     summary = write_summary(study)
     log(f"summary: {study.root / 'summary.md'}")
     return summary
+
+
+# ---------------------------------------------------------------------- planned orders (METHOD §7)
+def _planning_recipe(study: Study, seed: int):
+    """The base recipe in its given order with seed ``seed``: its θ0 experts are those the planner needs, and
+    the same (cache keys) as a given-order θ0 variant's of that seed."""
+    from cpt.recipe import validate_recipe
+
+    data = {**study.base_recipe, "name": f"{study.name}-plan-seed{seed}", "seed": seed}
+    return validate_recipe(data, source=f"{study.source} (planning, seed {seed})")
+
+
+def _plan_is_current(record: dict | None, study: Study, fingerprint: str) -> bool:
+    return bool(record and record.get("recipe_fingerprint") == fingerprint and record.get("given") == study.task_names)
+
+
+def plan_seed(study: Study, seed: int, cache=None) -> dict[str, Any]:
+    """The planned order of ``seed`` (METHOD §7, ``cpt plan``), computed once per (study, seed).
+
+    Read from ``plan-seed<s>.json`` when that file is for the same base recipe (its fingerprint) and
+    task list; otherwise planned with :func:`cpt.planning.plan.plan_recipe` — every task's expert
+    from θ0 through the expert cache, so planning trains nothing when the experts are cached (and a
+    given-order θ0 variant of the seed later reuses the experts planning trained) — and written
+    there. Sets ``study.plans[seed]`` and returns the record.
+    """
+    recipe = _planning_recipe(study, seed)
+    fingerprint = recipe.fingerprint()
+    path = study.plan_path(seed)
+    record = read_json(path)
+    if _plan_is_current(record, study, fingerprint):
+        log(f"seed {seed}: planned order {' → '.join(record['planned'])} (from {path.name})")
+    else:
+        from cpt.planning.plan import plan_recipe
+
+        log(f"seed {seed}: planning the task order (METHOD §7)")
+        result = plan_recipe(recipe, cache=cache)
+        plan = result.plan
+        record = {
+            "seed": seed,
+            "given": result.tasks,
+            "planned": result.planned_tasks,
+            "reverse_planned": result.planned_tasks[::-1],
+            "method": plan.method,
+            "cost": plan.cost,
+            "step_conflicts": plan.step_conflicts,
+            "given_cost": plan.given_cost,
+            "given_step_conflicts": plan.given_step_conflicts,
+            "measured": plan.measured,
+            "seconds": result.seconds,
+            "experts_from_cache": [bool(expert.cache_hit) for expert in result.experts],
+            "recipe_fingerprint": fingerprint,
+        }
+        atomic_write_json(path, record)
+        log(
+            f"seed {seed}: planned order {' → '.join(record['planned'])} (C = {plan.cost:.4f}, given "
+            f"{plan.given_cost:.4f}; {sum(record['experts_from_cache'])}/{len(result.experts)} experts from the "
+            f"cache, {result.seconds['total']:.1f} s) → {path.name}"
+        )
+    study.plans[seed] = record
+    return record
+
+
+def load_plans(study: Study) -> None:
+    """Read the current ``plan-seed<s>.json`` files into ``study.plans`` (for a summary without running)."""
+    if not study.needs_plans:
+        return
+    for seed in study.spec.seeds:
+        record = read_json(study.plan_path(seed))
+        if _plan_is_current(record, study, _planning_recipe(study, seed).fingerprint()):
+            study.plans[seed] = record
 
 
 # ---------------------------------------------------------------------- reading runs
@@ -173,8 +251,20 @@ def build_summary(study: Study) -> dict[str, Any]:
         "seeds": seeds,
         "seeds_used": complete_seeds,
         "pending_runs": pending,
-        "variants": [{"name": v.name, "strategy": v.strategy, "params": v.params} for v in study.variants],
+        "variants": [
+            {"name": v.name, "strategy": v.strategy, "params": v.params}
+            | ({"order": v.order_text} if v.order != "given" else {})
+            for v in study.variants
+        ],
     }
+    orders = _task_orders(study)
+    if orders:
+        summary["task_orders"] = orders
+        same = {str(seed): groups for seed in seeds if (groups := study.same_order_groups(seed))}
+        if same:  # e.g. a random order that happens to be a seed's planned one
+            summary["same_orders"] = same
+    if study.plans:
+        summary["plans"] = {str(seed): study.plans[seed] for seed in seeds if seed in study.plans}
     costs = {
         study.run_name(v, s): _run_costs(study.runs_dir / study.run_name(v, s))
         for v in study.variants
@@ -191,6 +281,9 @@ def build_summary(study: Study) -> dict[str, Any]:
     kept = _general_ability_by_variant(study, finished)
     if kept:
         summary["general_ability_kept"] = kept
+    correlation = conflict_vs_forgetting(study, finished)
+    if correlation:
+        summary["conflict_vs_forgetting"] = correlation
     if not complete_seeds:
         summary["statistics"] = None
         summary["note"] = "no seed has finished runs of every variant yet"
@@ -210,6 +303,160 @@ def build_summary(study: Study) -> dict[str, Any]:
         "so they leave out the eval-set sampling error"
     )
     return summary
+
+
+def conflict_vs_forgetting(study: Study, finished: dict) -> dict[str, Any] | None:
+    """The report's conflict-vs-forgetting correlations (METHOD §1), pooled over the study's seeds.
+
+    Per variant whose runs recorded geometry (``geometry/<t>_<task>.json``), and pooled over all
+    such variants when there are several: the (step, earlier task) pairs of every finished run
+    exactly as ``cpt report`` forms them (:func:`cpt.report.statistics.forgetting_pairs`), and for
+    each signal — the state-relative conflict, ``‖Δ‖`` and SAR — Spearman's ρ of the pooled pairs
+    with a cluster-bootstrap interval over seeds and pairs (:func:`pooled_spearman`). ``None``
+    when no finished run has geometry.
+    """
+    from cpt.report.loading import load_run
+    from cpt.report.statistics import MIN_PAIRS, SIGNALS, forgetting_pairs, signal_points
+
+    settings = study.spec.statistics
+    pairs_by_variant: dict[str, dict[int, list]] = {}
+    for variant in study.variants:
+        by_seed = {}
+        for seed in study.spec.seeds:
+            if finished[(variant.name, seed)]:
+                data = load_run(study.runs_dir / study.run_name(variant, seed))
+                by_seed[seed] = forgetting_pairs(data.rows, data.geometry)
+        if any(pair.conflict is not None for pairs in by_seed.values() for pair in pairs):
+            pairs_by_variant[variant.name] = by_seed
+    if not pairs_by_variant:
+        return None
+
+    def correlate(runs_by_seed: dict[int, list[list]]) -> dict[str, dict]:
+        out = {}
+        for signal in SIGNALS:
+            clusters = {seed: [signal_points(pairs, signal) for pairs in runs] for seed, runs in runs_by_seed.items()}
+            if not any(len(x) for runs in clusters.values() for x, _ in runs):
+                continue  # not recorded (e.g. SAR in geometry files from before it was aggregated)
+            result = pooled_spearman(
+                clusters,
+                signal=signal,
+                resamples=settings.resamples,
+                confidence=settings.confidence,
+                seed=settings.seed,
+            )
+            out[signal] = result.as_dict()
+        return out
+
+    groups = {
+        name: correlate({s: [pairs] for s, pairs in by_seed.items()}) for name, by_seed in pairs_by_variant.items()
+    }
+    result: dict[str, Any] = {
+        "resamples": settings.resamples,
+        "confidence": settings.confidence,
+        "min_pairs": MIN_PAIRS,
+        "variants": groups,
+    }
+    if len(pairs_by_variant) > 1:
+        pooled: dict[int, list[list]] = {}
+        for by_seed in pairs_by_variant.values():
+            for seed, pairs in by_seed.items():
+                pooled.setdefault(seed, []).append(pairs)
+        result["pooled"] = correlate(pooled)
+        result["pooled_variants"] = list(pairs_by_variant)
+    return result
+
+
+SIGNAL_LABELS = {"conflict": "conflict", "norm": "‖Δ‖", "sar": "SAR"}
+
+
+def _format_correlation(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    if entry["rho"] is None:
+        return entry["reason"]
+    if entry["low"] is None:
+        return f"{entry['rho']:+.3f} [-]"
+    return f"{entry['rho']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+
+
+def _format_correlations(summary: dict[str, Any]) -> list[str]:
+    """Markdown: the pooled conflict-vs-forgetting table (:func:`conflict_vs_forgetting`)."""
+    found = summary.get("conflict_vs_forgetting")
+    if not found:
+        return []
+    confidence = round(100 * found["confidence"])
+    out = [
+        "",
+        (
+            "Conflict vs forgetting, pooled over seeds (METHOD §1): Spearman ρ of each step's signal against the "
+            "drop of every earlier task's score (the pairs of `cpt report`), with its "
+            f"{confidence} % interval (bootstrap over seeds, then pairs within each seed's runs; METHOD §6). "
+            "ρ > 0: more signal, more forgetting."
+        ),
+        "",
+        "| variant | seeds | pairs | "
+        + " | ".join(f"ρ {SIGNAL_LABELS[s]} [{confidence} % CI]" for s in SIGNAL_LABELS)
+        + " |",
+        "|---|---|---|" + "---|" * len(SIGNAL_LABELS),
+    ]
+    groups = dict(found["variants"])
+    if "pooled" in found:
+        groups[f"all {len(found['pooled_variants'])} variants"] = found["pooled"]
+    for name, by_signal in groups.items():
+        first = by_signal.get("conflict") or next(iter(by_signal.values()), None) or {"n": 0, "seeds": []}
+        cells = [_format_correlation(by_signal.get(signal)) for signal in SIGNAL_LABELS]
+        out.append(f"| {name} | {len(first['seeds'])} | {first['n']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _task_orders(study: Study) -> dict[str, dict[str, list[str] | None]]:
+    """``{variant: {seed: task names in training order}}`` for the variants not in the given order
+    (``None`` where the seed's plan is not known yet)."""
+    out = {}
+    for variant in study.variants:
+        if variant.order == "given":
+            continue
+        out[variant.name] = {
+            str(seed): study.task_order(variant, seed) if not variant.needs_plan or seed in study.plans else None
+            for seed in study.spec.seeds
+        }
+    return out
+
+
+def _format_orders(summary: dict[str, Any]) -> list[str]:
+    """Markdown: the planned order of every seed (METHOD §7) and each reordered variant's task order."""
+    out: list[str] = []
+    plans = summary.get("plans") or {}
+    if plans:
+        out += [
+            "",
+            "Planned orders (METHOD §7: least predicted conflict C over the θ0 experts' task vectors):",
+            "",
+            "| seed | planned order | C planned | C given | experts from the cache |",
+            "|---|---|---|---|---|",
+        ]
+        for seed, plan in plans.items():
+            hits = plan.get("experts_from_cache") or []
+            out.append(
+                f"| {seed} | {' → '.join(plan['planned'])} | {plan['cost']:.4f} | {plan['given_cost']:.4f} | "
+                f"{sum(hits)}/{len(hits)} |"
+            )
+    orders = summary.get("task_orders") or {}
+    if orders:
+        seeds = [str(seed) for seed in summary["seeds"]]
+        out += ["", "| variant | " + " | ".join(f"order, seed {seed}" for seed in seeds) + " |"]
+        out.append("|---|" + "---|" * len(seeds))
+        for name, by_seed in orders.items():
+            cells = [" → ".join(by_seed[seed]) if by_seed.get(seed) else "(not planned yet)" for seed in seeds]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    for seed, groups in (summary.get("same_orders") or {}).items():
+        for names in groups:
+            out += [
+                "",
+                f"Seed {seed}: {', '.join(names)} train the tasks in the same order (their difference is "
+                "no effect of the order).",
+            ]
+    return out
 
 
 def _general_ability_by_variant(study: Study, finished: dict) -> dict[str, dict]:
@@ -290,8 +537,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     stats = summary.get("statistics")
     if summary["pending_runs"]:
         out += ["", f"Pending runs (not in the statistics): {', '.join(summary['pending_runs'])}."]
+    out += _format_orders(summary)
     if stats is None:
-        return "\n".join(out + ["", summary["note"], ""])
+        return "\n".join(out + _format_correlations(summary) + ["", summary["note"], ""])
     out += ["", f"Seeds in the statistics: {stats['seeds']}; {stats['resamples']} resamples. {summary['note']}.", ""]
     out += format_statistics_tables(stats, summary["variants"])
     if summary.get("general_ability_kept"):  # probes: score after the last task / the base's, mean over seeds
@@ -302,6 +550,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
             mean = "-" if kept["mean"] is None else f"{kept['mean']:.3f}"
             out.append(f"| {name} | {mean} | {per_probe} |")
+    out += _format_correlations(summary)
     costs = summary["costs"]
     out += [
         "",
@@ -312,6 +561,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         ),
         "",
     ]
+    plans = list((summary.get("plans") or {}).values())
+    if plans:  # planning's own cost (its experts are cached: the θ0 variants of the given order reuse them)
+        seconds = sum(plan.get("seconds", {}).get("total", 0.0) for plan in plans)
+        trained = sum(not hit for plan in plans for hit in plan.get("experts_from_cache", []))
+        out[-1:] = [
+            f"Planning: {seconds:.0f} s over {len(plans)} seed{'s' if len(plans) != 1 else ''} ({trained} experts trained for it).",
+            "",
+        ]
     return "\n".join(out)
 
 

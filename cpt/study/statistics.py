@@ -11,7 +11,8 @@ which
 
 and recomputes ``M`` on the resample: the per-seed accuracy matrices are rebuilt from the
 resampled examples (the *same* example indices for every row of that seed, since every row
-is scored on the same eval set), the metric is computed per drawn seed and averaged over
+is scored on the same eval set; examples are paired across variants by task *name*, so runs
+that train the tasks in different orders — an ordering study — are paired correctly), the metric is computed per drawn seed and averaged over
 the draws. Every variant sees the same resamples, so for two variants A and B the values
 ``M_A − M_B`` of one resample form the paired difference's bootstrap distribution. The
 95 % interval is its 2.5 / 97.5 percentiles; A and B are *distinguishable* when it
@@ -53,7 +54,8 @@ class RunOutcomes:
     Args:
         variant: the study variant's name (runs of one variant share it).
         seed: the run's seed; runs of different variants with the same seed are paired.
-        tasks: task names in training order (``T`` of them).
+        tasks: task names in training order (``T`` of them). Runs of one study have the same task
+            set; their orders may differ (outcomes are paired by task name, not position).
         correct: ``correct[row][task]`` is a 1-D array of 0/1 outcomes over that task's eval
             examples, for rows ``1..T`` (row ``t`` = the state after task ``t``; row 0, the
             base, is allowed and ignored by ACC/BWT/forgetting). Every row of a task lists
@@ -186,9 +188,12 @@ def _check_runs(runs: Sequence[RunOutcomes]) -> tuple[list[str], list[int], list
     variants = list(dict.fromkeys(run.variant for run in runs))
     seeds = sorted({run.seed for run in runs})
     by_key = {}
-    for run in runs:
-        if run.tasks != tasks:
-            raise CptError(f"statistics: run {run.variant}/seed {run.seed} has tasks {run.tasks}, expected {tasks}")
+    for run in runs:  # the same task set; the training order may differ (an ordering study, METHOD §7)
+        if sorted(run.tasks) != sorted(tasks) or len(set(run.tasks)) != len(run.tasks):
+            raise CptError(
+                f"statistics: run {run.variant}/seed {run.seed} has tasks {run.tasks}, expected the tasks {tasks} "
+                "(in any order)"
+            )
         if (run.variant, run.seed) in by_key:
             raise CptError(f"statistics: two runs of variant {run.variant!r} with seed {run.seed}")
         by_key[(run.variant, run.seed)] = run
@@ -265,11 +270,18 @@ def bootstrap_study(
 
     # Stage 1: the drawn seeds of every resample, shared by all variants (paired).
     drawn = rng.integers(0, S, size=(resamples, S))  # indices into `seeds`
-    # R_boot[variant]: (B, S, T, T) resampled accuracy matrices, one per drawn seed slot.
+    # R_boot[variant]: (B, S, T, T) resampled accuracy matrices, one per drawn seed slot, rows and columns in
+    # that run's training order (what metrics_from_matrices expects).
     observed = {v: np.stack([by_key[(v, s)].score_matrix() for s in seeds]) for v in variants}  # (S, T, T)
     if not example_level:
         R_boot = {v: observed[v][drawn] for v in variants}
     else:
+        # Examples are paired by task *name*: column j below is task `tasks[j]` for every variant and seed,
+        # whatever position the run trained it at; each run's columns are put in its own training order after.
+        column_of = {task: j for j, task in enumerate(tasks)}
+        training_columns = {
+            v: np.array([[column_of[task] for task in by_key[(v, s)].tasks] for s in seeds]) for v in variants
+        }  # (S, T): training position → name column
         R_boot = {v: np.empty((resamples, S, T, T)) for v in variants}
         for j, task in enumerate(tasks):
             sizes = np.array([len(by_key[(variants[0], s)].correct[T][task]) for s in seeds])
@@ -289,6 +301,9 @@ def bootstrap_study(
                 for i in range(T):
                     gathered = np.take_along_axis(padded[:, i, :][drawn], index, axis=-1)  # (B, S, width)
                     R_boot[v][:, :, i, j] = np.where(valid, gathered, 0.0).sum(axis=-1) / counts
+        for v in variants:
+            order = training_columns[v][drawn][:, :, None, :]  # (B, S, 1, T): each drawn seed's run's order
+            R_boot[v] = np.take_along_axis(R_boot[v], np.broadcast_to(order, R_boot[v].shape), axis=-1)
 
     # A resample's metric: the per-seed metric averaged over its S drawn seed slots.
     boot_metrics = {
@@ -309,3 +324,148 @@ def bootstrap_study(
             distinguishable = bool(np.isfinite(low) and (low > 0 or high < 0))
             pairs[(a, b)][m] = PairedDifference(point[a][m] - point[b][m], low, high, distinguishable)
     return StudyStatistics(summary_variants, pairs, seeds, list(tasks), resamples, confidence, example_level)
+
+
+# ---------------------------------------------------------------------- conflict vs forgetting, pooled over seeds
+@dataclass(frozen=True)
+class PooledCorrelation:
+    """Spearman's ρ of one signal against forgetting, pooled over seeds, with its cluster-bootstrap interval.
+
+    Args:
+        signal: the step signal (``conflict``, ``norm`` or ``sar``; :data:`cpt.report.statistics.SIGNALS`).
+        n: pairs pooled (every seed's runs; the pairs whose signal is defined).
+        seeds: the seeds (clusters) the pairs come from.
+        rho: ρ of the pooled pairs (``None`` with ``reason``: too few pairs or a constant input).
+        low, high: the percentile interval over the resamples where ρ is defined (``None`` when none is).
+        per_seed: ρ of each seed's pairs alone (``None`` where undefined), to see how much seeds agree.
+        undefined_resamples: resamples whose ρ is undefined (a constant signal or drop), left out of the interval.
+        reason: why ``rho`` is undefined (the report's rule, :func:`cpt.report.statistics.spearman`).
+    """
+
+    signal: str
+    n: int
+    seeds: list[int]
+    rho: float | None
+    low: float | None
+    high: float | None
+    per_seed: dict[int, float | None]
+    undefined_resamples: int = 0
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "seeds": self.seeds,
+            "rho": self.rho,
+            "low": self.low,
+            "high": self.high,
+            "per_seed": {str(seed): rho for seed, rho in self.per_seed.items()},
+            "undefined_resamples": self.undefined_resamples,
+            "reason": self.reason,
+        }
+
+
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's ρ of every row of ``x`` and ``y`` (``[B, n]``): Pearson's r of their average ranks (ties share
+    the mean rank, as :func:`scipy.stats.spearmanr`); NaN for a row where either side is constant."""
+    from scipy.stats import rankdata
+
+    rank_x = rankdata(x, axis=-1)
+    rank_y = rankdata(y, axis=-1)
+    rank_x -= rank_x.mean(axis=-1, keepdims=True)
+    rank_y -= rank_y.mean(axis=-1, keepdims=True)
+    numerator = (rank_x * rank_y).sum(axis=-1)
+    denominator = np.sqrt((rank_x**2).sum(axis=-1) * (rank_y**2).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = numerator / denominator
+    rho[denominator <= 1e-12 * np.maximum(1.0, np.abs(numerator))] = np.nan
+    return np.clip(rho, -1.0, 1.0)
+
+
+def pooled_spearman(
+    clusters: Mapping[int, Sequence[tuple[Sequence[float], Sequence[float]]]],
+    *,
+    signal: str = "conflict",
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PooledCorrelation:
+    """Spearman's ρ of ``(x, y)`` pairs pooled over seeds, with a two-stage cluster-bootstrap interval (METHOD §6).
+
+    ``clusters[seed]`` lists that seed's runs, each as ``(x, y)`` (its pairs: the signal and the
+    forgetting, :func:`cpt.report.statistics.forgetting_pairs`). The point estimate is
+    :func:`cpt.report.statistics.spearman` of every pair pooled (the report's rule: fewer than
+    ``MIN_PAIRS`` pairs or a constant input → undefined, with the reason).
+
+    Each of the ``resamples`` resamples follows METHOD §6's cluster bootstrap with seeds as clusters:
+    it draws the seeds with replacement, and within each drawn seed draws every run's pairs with
+    replacement (as many as the run has; a seed drawn twice gets two independent draws; the runs of
+    one seed — the variants pooled — stay together, since they share the seed's base evaluation and
+    experts); ρ is recomputed on the pooled draw. The interval is the ``(1 ± confidence) / 2``
+    percentiles of the defined ρ's. The pairs of one step share its signal value, so within a run
+    they are not independent; the seed stage is what carries the run-to-run variation, and with a
+    single seed the interval reflects the pairs' sampling only. Seeded, so a summary is
+    reproducible.
+    """
+    from cpt.report.statistics import spearman
+
+    if resamples < 1:
+        raise CptError(f"statistics: resamples must be ≥ 1 (got {resamples})")
+    if not 0 < confidence < 1:
+        raise CptError(f"statistics: confidence must be in (0, 1) (got {confidence})")
+    seeds = sorted(clusters)
+    runs = [[(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for x, y in clusters[s]] for s in seeds]
+    for seed_runs in runs:
+        for x, y in seed_runs:
+            if x.shape != y.shape or x.ndim != 1:
+                raise CptError(
+                    f"statistics: {signal}: a run's signal and forgetting have {x.shape} and {y.shape} values"
+                )
+    all_x = np.concatenate([x for seed_runs in runs for x, _ in seed_runs] or [np.empty(0)])
+    all_y = np.concatenate([y for seed_runs in runs for _, y in seed_runs] or [np.empty(0)])
+    point = spearman(all_x.tolist(), all_y.tolist())
+    per_seed = {}
+    for s, seed_runs in zip(seeds, runs):
+        seed_point = spearman(
+            [v for x, _ in seed_runs for v in x.tolist()], [v for _, y in seed_runs for v in y.tolist()]
+        )
+        per_seed[s] = seed_point.rho
+    used_seeds = [s for s, seed_runs in zip(seeds, runs) if any(len(x) for x, _ in seed_runs)]
+    if point.rho is None:
+        return PooledCorrelation(signal, point.n, used_seeds, None, None, None, per_seed, 0, point.reason)
+
+    # Where each seed's pairs sit in the pooled arrays: seed k's p-th pair belongs to a run that starts at
+    # start[k, p] and has span[k, p] pairs; a stage-2 draw for that slot is start + floor(u · span).
+    S = len(seeds)
+    counts = np.array([sum(len(x) for x, _ in seed_runs) for seed_runs in runs])
+    width = max(int(counts.max()), 1)
+    start = np.zeros((S, width), dtype=np.int64)
+    span = np.ones((S, width), dtype=np.int64)
+    offset = 0
+    for k, seed_runs in enumerate(runs):
+        position = 0
+        for x, _ in seed_runs:
+            start[k, position : position + len(x)] = offset
+            span[k, position : position + len(x)] = len(x)
+            position += len(x)
+            offset += len(x)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, S, size=(resamples, S))  # stage 1: seeds with replacement
+    draws = np.floor(rng.random((resamples, S, width)) * span[drawn]).astype(np.int64)  # stage 2: pairs in each run
+    index = (start[drawn] + draws).reshape(resamples, -1)
+    valid = (np.arange(width) < counts[drawn][..., None]).reshape(resamples, -1)  # slots past a seed's pairs: padding
+    lengths = valid.sum(axis=-1)
+    rhos = []
+    for length in np.unique(lengths):  # resamples of one length are ranked together
+        rows = lengths == length
+        if length < 2:
+            rhos.append(np.full(int(rows.sum()), np.nan))
+            continue
+        chosen = index[rows][valid[rows]].reshape(-1, int(length))
+        rhos.append(spearman_rows(all_x[chosen], all_y[chosen]))
+    values = np.concatenate(rhos)
+    undefined = int(np.count_nonzero(~np.isfinite(values)))
+    low, high = _interval(values, confidence)
+    if not np.isfinite(low):
+        low = high = None
+    return PooledCorrelation(signal, point.n, used_seeds, point.rho, low, high, per_seed, undefined, None)
