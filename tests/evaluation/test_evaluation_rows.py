@@ -282,3 +282,21 @@ def test_shipped_study_files_load(monkeypatch):
     assert recipe.evaluation.rows == "needed" and not recipe.evaluation.evaluate_experts and recipe.seed == 2
     assert [task.name for task in recipe.tasks] == ["plural", "past_tense", "negation", "question"]
     assert all(task.max_examples == 192 and task.eval.max_examples is None for task in recipe.tasks)
+
+
+def test_printed_matrix_and_tracker_metrics_leave_skipped_entries_out(all_and_needed):
+    from cpt.evaluation import format_matrix_table
+    from cpt.runner import TaskSequenceRunner, present_rows
+
+    matrix, _ = entries(all_and_needed["needed"])
+    table = format_matrix_table(present_rows(matrix), matrix["tasks"], matrix["expert_scores"], matrix["metrics"])
+    base, after_plural = table.splitlines()[2:4]
+    assert base.split()[:2] == ["base", "-"] and after_plural.split()[-1] == "-"
+
+    recipe = validate_recipe(yaml.safe_load((all_and_needed["needed"] / "recipe.yaml").read_text()))
+    runner = TaskSequenceRunner(recipe)
+    runner.matrix = matrix
+    logged = runner._matrix_row_metrics(1)  # what report_to trackers receive for row 1
+    assert "eval_reverse" not in logged and logged["eval_plural"] == matrix["rows"][1][0]
+    assert logged["eval_fwt"] == pytest.approx(continual_metrics(present_rows(matrix)[:2])["fwt"])
+    assert "eval_plural" not in runner._matrix_row_metrics(0) and "eval_upper" in runner._matrix_row_metrics(0)
