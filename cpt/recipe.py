@@ -424,9 +424,10 @@ class Recipe(_Strict):
         before probes existed keep their fingerprint.
 
         ``evaluation.rows`` is left out: it only decides which matrix entries are scored, and every
-        entry a metric reads is scored either way, so a run started with ``all`` may resume with
-        ``needed`` (its earlier rows simply hold more). The runner refuses the other way round
-        (``needed`` → ``all``) while entries it skipped can no longer be scored.
+        entry a metric reads is scored either way, so a run may resume with the other value: from
+        ``all`` to ``needed`` its earlier rows simply hold more; from ``needed`` to ``all`` the rows
+        scored before keep their skipped (null) entries, since the states they need are gone (the
+        runner says so). Either way every metric equals that of an uninterrupted run.
         """
         # max_shard_size only changes how the state's bytes are split into files
         dumped = self.model_dump(
