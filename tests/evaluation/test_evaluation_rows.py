@@ -300,3 +300,29 @@ def test_printed_matrix_and_tracker_metrics_leave_skipped_entries_out(all_and_ne
     assert "eval_reverse" not in logged and logged["eval_plural"] == matrix["rows"][1][0]
     assert logged["eval_fwt"] == pytest.approx(continual_metrics(present_rows(matrix)[:2])["fwt"])
     assert "eval_plural" not in runner._matrix_row_metrics(0) and "eval_upper" in runner._matrix_row_metrics(0)
+
+
+def test_study_summary_over_a_needed_run(all_and_needed, tmp_path):
+    """A study folder holding the two tiny runs as two variants of one seed: summary.json/md are written and the
+    variants' intervals are the same (the needed run has every entry the statistics read)."""
+    import shutil
+
+    from cpt.study.run import write_summary
+    from cpt.study.spec import load_study
+
+    base = tmp_path / "base.yaml"
+    base.write_text((all_and_needed["all"] / "recipe.yaml").read_text())
+    study_file = tmp_path / "study.yaml"
+    variants = ["sequential", {"strategy": "sequential", "name": "needed"}]
+    study_file.write_text(
+        yaml.safe_dump(
+            {"recipe": str(base), "output_dir": str(tmp_path), "seeds": [3], "variants": variants, "statistics": {}}
+        )
+    )
+    study = load_study(study_file)
+    shutil.copytree(all_and_needed["all"], study.runs_dir / "sequential-seed3")
+    shutil.copytree(all_and_needed["needed"], study.runs_dir / "needed-seed3")
+    summary = write_summary(study)
+    stats = summary["statistics"]
+    assert stats["example_level"] and stats["variants"]["needed"] == stats["variants"]["sequential"]
+    assert "| needed | sequential | - |" in (study.root / "summary.md").read_text()
