@@ -1,138 +1,347 @@
-"""Continual benchmark: every strategy on the same four real BIG-bench tasks, one table.
+"""Continual benchmark: every strategy on four real BIG-bench tasks, 3 seeds, intervals — `cpt study` underneath.
 
-    python benchmarks/continual.py --size cpu                   # reduced: 2-core CPU, ~5 min a strategy
-    python benchmarks/continual.py --size gpu                   # full size on one GPU
-    python benchmarks/continual.py --strategies sequential gcwm --size cpu
+    python benchmarks/continual.py                                  # studies/continual.yaml: 21 variants × 3 seeds
+    python benchmarks/continual.py --seeds 0 --variants sequential gcwm     # a subset (same study folder)
+    python benchmarks/continual.py --alone sequential gcwm          # also: each alone (`cpt run`, no cache), seed 0
+    python benchmarks/continual.py --summary-only                   # rewrite the RESULTS.md section from the runs
+    python benchmarks/continual.py --size gpu                       # ASSETS.md's full training size on one GPU
 
-SmolLM2-135M-Instruct (an offline asset) learns four linguistic mappings in sequence —
-plural → past tense → negation → question formation — on which sequential fine-tuning
-forgets. Each strategy runs from the same recipe (only `strategy:` differs) into
-``<output>/<strategy>/``; ``cpt compare`` then writes one table and one plot, and the
-table goes into ``benchmarks/RESULTS.md`` with the command, machine and date.
+A thin driver over ``cpt study studies/continual.yaml`` (SmolLM2-135M-Instruct, plural → past
+tense → negation → question formation; see the study file for what is shared and skipped).
+Run it again to resume: finished runs are skipped, an interrupted one continues. Each sitting's
+wall time is appended to ``<study folder>/sittings.json``, so the recorded wall time is the
+sum over sittings. The section "Continual benchmark (<size>)" of ``benchmarks/RESULTS.md``
+gets the study's ``summary.json``: ACC, BWT and forgetting with 95 % intervals per variant,
+how many variant pairs are distinguishable, the wall time, where the seconds went, experts
+trained vs reused, and the cost against running each strategy alone — estimated from the runs
+(every reused expert and copied base row charged at what it cost where it was made) and, for
+the variants given to ``--alone``, measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from results import machine, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_STRATEGIES = [
-    "sequential",
-    "replay",
-    "ewc",
-    "gcwm",
-    "task_arithmetic",
-    "average",
-    "ties",
-    "magmax",
-    "wudi",
-    "opcm",
-    "nufilt",
-]
+STUDY = "studies/continual.yaml"
 
-TASKS = [
-    ("plural", "linguistic_mappings/plural_json", "Plural of {prompt}:"),
-    ("past_tense", "linguistic_mappings/past_tense_json", "Past tense of {prompt}:"),
-    ("negation", "linguistic_mappings/sentence_negation_json", "Negate: {prompt}\nNegated:"),
-    ("question", "linguistic_mappings/question_formation_json", "Question: {prompt}\nAs a yes/no question:"),
-]
-
-SIZES = {
-    # Reduced for the 2-core CPU: the quickstart's budget per task.
-    "cpu": {
-        "train": 192,
-        "eval": 48,
-        "training": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 1.0e-4},
-    },
-    # ASSETS.md's reference setting (600 train / 200 test, 3 epochs, lr 5e-5) on a GPU.
-    "gpu": {
-        "train": 600,
-        "eval": 200,
-        "training": {"num_train_epochs": 3, "per_device_train_batch_size": 16, "learning_rate": 5.0e-5, "bf16": True},
-    },
+#: ``--size gpu``: ASSETS.md's reference training (600 examples a task, 3 epochs, lr 5e-5, bf16) as study overrides.
+SIZES: dict[str, list[str]] = {
+    "cpu": [],
+    "gpu": [
+        *(f"tasks.{index}.max_examples=600" for index in range(4)),
+        "training.num_train_epochs=3",
+        "training.learning_rate=5.0e-5",
+        "training.bf16=true",
+    ],
 }
 
+METRICS = (("acc", "ACC", ".3f"), ("bwt", "BWT", "+.3f"), ("forgetting", "forgetting", ".3f"))
 
-def recipe(strategy: str, size: str, output: Path) -> dict:
-    setting = SIZES[size]
+
+# ---------------------------------------------------------------------- the study file this sitting runs
+def variant_name(entry: Any) -> list[str]:
+    """The variant names one entry of a study's ``variants:`` expands to (cpt.study.spec's rule)."""
+    from cpt.study.spec import VariantSpec, expand_variants
+
+    spec = VariantSpec.model_validate({"strategy": entry} if isinstance(entry, str) else entry)
+    return [variant.name for variant in expand_variants([spec])]
+
+
+def derived_study(
+    study_path: Path, size: str, seeds: list[int] | None, variants: list[str] | None, output: Path
+) -> Path:
+    """``study_path`` with only the chosen seeds and variants and the size's overrides, written to ``output``.
+
+    The study keeps its name (``continual``; ``continual-gpu`` for ``--size gpu``) and folder, so a subset
+    reuses and resumes the same run directories as the whole study.
+    """
+    data = yaml.safe_load(study_path.read_text(encoding="utf-8"))
+    data["name"] = data.get("name") or study_path.stem
+    if size != "cpu":
+        data["name"] += f"-{size}"
+    data["set"] = [*data.get("set", []), *SIZES[size]]
+    if seeds:
+        data["seeds"] = list(seeds)
+    if variants:
+        known = {name: entry for entry in data["variants"] for name in variant_name(entry)}
+        unknown = [name for name in variants if name not in known]
+        if unknown:
+            sys.exit(f"--variants: {', '.join(unknown)} not in {study_path}; choose from {', '.join(known)}")
+        data["variants"] = [entry for entry in data["variants"] if set(variant_name(entry)) & set(variants)]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return output
+
+
+def environment(expert_cache: bool | None = None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if expert_cache is False:
+        env.pop("CPT_EXPERT_CACHE", None)
+    return env
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run ``command`` from the repository root; (wall seconds, exit status), also when interrupted."""
+    print("+", " ".join(command), flush=True)
+    started = time.perf_counter()
+    try:
+        status = subprocess.run(command, cwd=REPO, env=env, check=False).returncode
+    except KeyboardInterrupt:
+        status = 130
+    return time.perf_counter() - started, status
+
+
+def record_sitting(root: Path, seconds: float, status: int, command: str) -> None:
+    path = root / "sittings.json"
+    sittings = json.loads(path.read_text()) if path.exists() else []
+    sittings.append(
+        {
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 1),
+            "status": status,
+            "command": command,
+        }
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sittings, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------- strategies alone
+def run_alone(study, names: list[str], seed: int, root: Path) -> dict[str, dict]:
+    """Each named variant of ``study`` as a plain ``cpt run`` of its recipe for ``seed``, without the expert cache,
+    from scratch (its run directory under ``<root>/alone/`` is removed first); wall time and manifest costs go
+    to ``<root>/alone.json``."""
+    by_name = {variant.name: variant for variant in study.variants}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        sys.exit(f"--alone: {', '.join(unknown)} not in the study's variants ({', '.join(by_name)})")
+    path = root / "alone.json"
+    measured = json.loads(path.read_text()) if path.exists() else {}
+    for name in names:
+        recipe = study.recipe_for(by_name[name], seed).model_dump(mode="json")
+        recipe["output_dir"] = str(root / "alone")
+        recipe_path = root / "alone" / f"{recipe['name']}.yaml"
+        recipe_path.parent.mkdir(parents=True, exist_ok=True)
+        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        run_dir = root / "alone" / recipe["name"]
+        shutil.rmtree(run_dir, ignore_errors=True)  # a timing: always the whole run
+        seconds, status = timed([sys.executable, "-m", "cpt.cli", "run", str(recipe_path)], environment(False))
+        if status != 0:
+            sys.exit(f"--alone {name}: cpt run exited with status {status}")
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        measured[name] = {"seed": seed, "wall_seconds": round(seconds, 1), **run_seconds(manifest)}
+        path.write_text(json.dumps(measured, indent=2) + "\n")
+    return measured
+
+
+# ---------------------------------------------------------------------- costs from run directories
+def run_seconds(manifest: dict) -> dict[str, float]:
+    """Seconds a run's manifest accounts for: training, evaluation (base row included), integration, geometry."""
+    tasks = manifest.get("tasks", [])
     return {
-        "name": strategy,
-        "output_dir": str(output),
-        "seed": 0,
-        "model": {"name_or_path": "smollm2-135m-instruct", "dtype": "float32"},
-        "training": {**setting["training"], "lr_scheduler_type": "constant", "max_length": 64, "logging_steps": 5},
-        "strategy": {"name": strategy},
-        "evaluation": {"batch_size": 32, "max_new_tokens": 16},
-        "tasks": [
-            {
-                "name": name,
-                "train": {"asset": f"bigbench:{path}"},
-                "fields": {"prompt_template": template, "completion_template": " {completion}"},
-                "max_examples": setting["train"],
-                "eval": {"max_examples": setting["eval"]},
-            }
-            for name, path, template in TASKS
-        ],
+        "train_seconds": round(sum(t.get("train_seconds", 0.0) for t in tasks), 1),
+        "eval_seconds": round(
+            manifest.get("base_eval_seconds", 0.0) + sum(t.get("eval_seconds", 0.0) for t in tasks), 1
+        ),
+        "integration_seconds": round(sum(t.get("integration_seconds", 0.0) for t in tasks), 1),
+        "geometry_seconds": round(sum(t.get("geometry_seconds", 0.0) for t in tasks), 1),
     }
 
 
-def run(command: list[str]) -> None:
-    print("+", " ".join(command), flush=True)
-    subprocess.run(
-        command, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    )
+def alone_equivalent(runs_dir: Path, run_names: list[str]) -> dict[str, Any]:
+    """What the study's runs account for, and what they would have cost alone: every expert taken from the
+    cache charged at the training seconds of the run that trained it (same cache key), every copied base row at
+    the base evaluation of the run it came from. Keys trained outside these runs (an earlier study) are counted
+    in ``uncharged``."""
+    manifests = {name: json.loads((runs_dir / name / "manifest.json").read_text()) for name in run_names}
+    trained_at: dict[str, float] = {}
+    for manifest in manifests.values():
+        for task in manifest.get("tasks", []):
+            cache = task.get("expert_cache") or {}
+            if cache.get("key") and not cache.get("hit"):
+                trained_at[cache["key"]] = task.get("train_seconds", 0.0)
+    study = alone = 0.0
+    uncharged = 0
+    for manifest in manifests.values():
+        seconds = sum(run_seconds(manifest).values())
+        study += seconds
+        alone += seconds
+        for task in manifest.get("tasks", []):
+            cache = task.get("expert_cache") or {}
+            if cache.get("hit"):
+                if cache.get("key") in trained_at:
+                    alone += trained_at[cache["key"]]
+                else:
+                    uncharged += 1
+        source = manifest.get("base_row_from")
+        if source in manifests:
+            alone += manifests[source].get("base_eval_seconds", 0.0)
+    return {"study_seconds": round(study, 1), "alone_seconds": round(alone, 1), "uncharged_experts": uncharged}
 
 
-def record(table: str, command: str, size: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (one section per size)."""
-    # compare.md's own title and its plot live beside the runs, not in RESULTS.md
-    table = "\n".join(line for line in table.splitlines() if not line.startswith(("# ", "!["))).strip()
-    replace_section(
-        f"Continual benchmark ({size})",
-        f"SmolLM2-135M-Instruct, BIG-bench plural → past tense → negation → question formation, "
-        f"every strategy from the same recipe.\n\n"
-        f"- command: `{command}`\n- machine: {machine()}\n- date: {datetime.date.today().isoformat()}\n\n{table}\n",
-    )
+# ---------------------------------------------------------------------- the RESULTS.md section
+def interval(values: dict | None, spec: str) -> str:
+    if not values or values.get("estimate") is None:
+        return "—"
+    return f"{values['estimate']:{spec}} [{values['low']:{spec}}, {values['high']:{spec}}]"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--strategies", nargs="+", default=ALL_STRATEGIES, choices=ALL_STRATEGIES)
-    parser.add_argument("--output", default="runs/continual-benchmark", help="where the runs go")
-    parser.add_argument("--no-record", action="store_true", help="do not write benchmarks/RESULTS.md")
-    args = parser.parse_args()
+def hours(seconds: float) -> str:
+    return f"{seconds:.0f} s ({seconds / 3600:.2f} h)"
 
-    output = (REPO / args.output).resolve()
-    recipes = output / "recipes"
-    recipes.mkdir(parents=True, exist_ok=True)
-    for strategy in args.strategies:
-        path = recipes / f"{strategy}.yaml"
-        path.write_text(yaml.safe_dump(recipe(strategy, args.size, output), sort_keys=False))
-        run([sys.executable, "-m", "cpt.cli", "run", str(path)])
-    run(
-        [
-            sys.executable,
-            "-m",
-            "cpt.cli",
-            "compare",
-            *(str(output / s) for s in args.strategies),
-            "--output",
-            str(output),
+
+def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict], costs: dict | None) -> str:
+    """The markdown body of the RESULTS.md section from a study's ``summary.json`` (and the driver's records)."""
+    stats = summary.get("statistics")
+    out: list[str] = []
+    if summary.get("pending_runs"):
+        out += [f"Pending runs (not in the table): {', '.join(summary['pending_runs'])}.", ""]
+    if stats is None:
+        return "\n".join(out + [summary.get("note", "no statistics yet"), ""])
+    confidence = round(100 * stats["confidence"])
+    out += [
+        f"Seeds {stats['seeds']}; {stats['resamples']} resamples of the paired cluster bootstrap over seeds "
+        f"{'and eval examples' if stats['example_level'] else '(no per-example outcomes)'} (METHOD §6); "
+        f"{confidence} % intervals.",
+        "",
+        f"| variant | strategy | parameters | ACC [{confidence} % CI] | BWT | forgetting |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in summary["variants"]:
+        metrics = stats["variants"][variant["name"]]
+        params = ", ".join(f"{key}={value}" for key, value in variant["params"].items()) or "—"
+        cells = [interval(metrics.get(key), spec) for key, _, spec in METRICS]
+        out.append(f"| {variant['name']} | {variant['strategy']} | {params} | " + " | ".join(cells) + " |")
+    pairs = stats["pairs"]
+    counts = {key: sum(bool(pair[key]["distinguishable"]) for pair in pairs) for key, _, _ in METRICS}
+    any_metric = sum(any(pair[key]["distinguishable"] for key, _, _ in METRICS) for pair in pairs)
+    out += [
+        "",
+        f"Distinguishable pairs (the {confidence} % interval of the paired difference excludes 0), of "
+        f"{len(pairs)}: ACC {counts['acc']}, BWT {counts['bwt']}, forgetting {counts['forgetting']}; "
+        f"on at least one of them {any_metric}. Every pair's interval: `summary.md` in the study folder.",
+        "",
+    ]
+    run_costs = summary["costs"]
+    wall = sum(sitting["seconds"] for sitting in sittings)
+    out += [
+        f"- wall time: {hours(wall)} over {len(sittings)} sitting(s) (`sittings.json`)"
+        if sittings
+        else "- wall time: not recorded (the study was not run through this driver)",
+        f"- seconds the runs account for: training {run_costs['train_seconds']:.0f}, evaluation "
+        f"{run_costs['eval_seconds']:.0f}, integration {run_costs['integration_seconds']:.0f} "
+        f"(the rest: model loading, geometry diagnostics, start-up)",
+        f"- experts: {run_costs['experts_trained']} trained, {run_costs['experts_reused']} reused from the cache",
+    ]
+    if costs:
+        ratio = costs["study_seconds"] / costs["alone_seconds"] if costs["alone_seconds"] else float("nan")
+        uncharged = (
+            f"; {costs['uncharged_experts']} reused experts were trained before this study and are not charged"
+            if costs["uncharged_experts"]
+            else ""
+        )
+        out.append(
+            f"- cost vs each strategy alone (from the runs): {costs['study_seconds']:.0f} s in the study against "
+            f"{costs['alone_seconds']:.0f} s alone — every reused expert and copied base row charged at what it "
+            f"cost where it was made — so the study costs {ratio:.2f}× running each strategy alone{uncharged}"
+        )
+    out.append("")
+    if alone:
+        out += [
+            "Measured alone (`--alone`: `cpt run` of the variant's recipe for one seed, no expert cache) against "
+            "the same run in the study:",
+            "",
+            "| variant | seed | alone: wall s | alone: train / eval / integration s | in the study: train / eval / "
+            "integration s |",
+            "|---|---|---|---|---|",
         ]
+        study_runs = run_costs.get("runs", {})
+        for name, measured in alone.items():
+            in_study = study_runs.get(f"{name}-seed{measured['seed']}")
+            study_cells = (
+                f"{in_study['train_seconds']:.0f} / {in_study['eval_seconds']:.0f} / "
+                f"{in_study['integration_seconds']:.0f}"
+                if in_study
+                else "—"
+            )
+            out.append(
+                f"| {name} | {measured['seed']} | {measured['wall_seconds']:.0f} | "
+                f"{measured['train_seconds']:.0f} / {measured['eval_seconds']:.0f} / "
+                f"{measured['integration_seconds']:.0f} | {study_cells} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def record(root: Path, size: str, command: str) -> str:
+    """Write the "Continual benchmark (<size>)" section of RESULTS.md from the study folder ``root``."""
+    summary = json.loads((root / "summary.json").read_text())
+    sittings = json.loads((root / "sittings.json").read_text()) if (root / "sittings.json").exists() else []
+    alone = json.loads((root / "alone.json").read_text()) if (root / "alone.json").exists() else {}
+    finished = [name for name in summary["costs"]["runs"]]
+    costs = alone_equivalent(root / "runs", finished) if finished else None
+    body = (
+        "SmolLM2-135M-Instruct, BIG-bench plural → past tense → negation → question formation "
+        f"(`recipes/continual_cpu.yaml`: 192 training examples a task, each task's whole test split as its eval "
+        f"set), every strategy of `{STUDY}` at its recipe defaults plus the GCWM control rows.\n\n"
+        f"- command: `{command}`\n- machine: {machine()}\n- date: {datetime.date.today().isoformat()}\n\n"
+        + results_section(summary, sittings, alone, costs)
     )
-    table = (output / "compare.md").read_text()
-    print(table)
+    replace_section(f"Continual benchmark ({size})", body)
+    return body
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default=STUDY, help="the study file (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the study's)")
+    parser.add_argument("--variants", nargs="+", help="only these variants (default: all of the study's)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu: the study as it is; gpu: ASSETS.md")
+    parser.add_argument("--alone", nargs="+", default=[], metavar="VARIANT", help="also time these variants alone")
+    parser.add_argument("--summary-only", action="store_true", help="run nothing; rebuild the summary and the section")
+    parser.add_argument("--no-record", action="store_true", help="do not write benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/continual.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    sys.path.insert(0, str(REPO))
+    os.chdir(REPO)  # the study's paths are relative to the repository root
+    from cpt.study.spec import load_study
+
+    original = load_study(args.study)  # validates every variant before anything runs
+    derived = derived_study(
+        Path(args.study),
+        args.size,
+        args.seeds,
+        args.variants,
+        original.root.parent / f".{original.name}-benchmark.yaml",
+    )
+    study = load_study(derived)
+    study_command = [sys.executable, "-m", "cpt.cli", "study", str(derived)]
+    if args.summary_only:
+        study_command.append("--summary-only")
+    seconds, status = timed(study_command, environment())
+    if not args.summary_only:
+        record_sitting(study.root, seconds, status, command)
+    if status != 0:
+        sys.exit(f"cpt study exited with status {status}; run the same command again to resume")
+    if args.alone:  # any variant of the study file, at this sitting's size, for its first seed
+        sized = load_study(args.study, SIZES[args.size])
+        run_alone(sized, args.alone, study.spec.seeds[0], study.root)
     if not args.no_record:
-        record(table, "python benchmarks/continual.py " + " ".join(sys.argv[1:]), args.size)
+        print(record(study.root, args.size, command))
 
 
 if __name__ == "__main__":

@@ -154,10 +154,20 @@ class DivergenceSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
+    """``evaluation:`` — how the accuracy matrix R (METHOD §5) is scored."""
+
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     evaluate_base: bool = True
     evaluate_experts: bool = True
+    rows: Literal["all", "needed"] = Field(
+        "all",
+        description=(
+            "which entries of the accuracy matrix to score: 'all' (every task after every step) or 'needed' "
+            "(only the entries METHOD §5's ACC, BWT, FWT and forgetting read, "
+            "cpt.evaluation.continual.needed_entries; the others stay null)"
+        ),
+    )
 
 
 class DataSource(_Strict):
@@ -412,9 +422,17 @@ class Recipe(_Strict):
         ``probes`` count like the ``evaluation`` settings (which are in the hash: both decide
         what the run's records hold); a recipe without probes leaves the key out, so runs made
         before probes existed keep their fingerprint.
+
+        ``evaluation.rows`` is left out: it only decides which matrix entries are scored, and every
+        entry a metric reads is scored either way, so a run may resume with the other value: from
+        ``all`` to ``needed`` its earlier rows simply hold more; from ``needed`` to ``all`` the rows
+        scored before keep their skipped (null) entries, since the states they need are gone (the
+        runner says so). Either way every metric equals that of an uninterrupted run.
         """
         # max_shard_size only changes how the state's bytes are split into files
-        dumped = self.model_dump(mode="json", exclude={"divergence", "max_shard_size"})
+        dumped = self.model_dump(
+            mode="json", exclude={"divergence": True, "max_shard_size": True, "evaluation": {"rows"}}
+        )
         if not dumped["probes"]:
             del dumped["probes"]
         canonical = json.dumps(dumped, sort_keys=True)

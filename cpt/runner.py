@@ -59,6 +59,11 @@ def log(message: str) -> None:
     print(f"[cpt] {message}", file=sys.stderr, flush=True)
 
 
+def _scores_text(task_names: list[str], row: list[float | None]) -> str:
+    """``plural=0.854  past_tense=-`` (``-``: an entry not evaluated, e.g. with ``evaluation.rows: needed``)."""
+    return "  ".join(f"{name}={'-' if score is None else f'{score:.3f}'}" for name, score in zip(task_names, row))
+
+
 def _peak_memory() -> dict[str, float]:
     """This process's peak resident memory so far, and its peak CUDA allocation since the task began (GiB)."""
     import resource
@@ -215,6 +220,7 @@ class TaskSequenceRunner:
         if recipe.probes:  # probe columns beside the task columns, rows aligned (old matrices have none)
             self.matrix.setdefault("probes", [probe.name for probe in recipe.probes])
             self.matrix.setdefault("probe_rows", [None] * (len(self.task_names) + 1))
+        self._check_evaluation_rows()
         if self.matrix["rows"][0] is None and recipe.evaluation.evaluate_base:
             self._evaluate_base()
         elif recipe.probes and self.matrix["probe_rows"][0] is None and recipe.evaluation.evaluate_base:
@@ -498,11 +504,36 @@ class TaskSequenceRunner:
         write_outcomes(outcomes_path(self.rundir.root / "eval", row, outcome_name or task.name), result)
         return float(result.score)
 
-    def _evaluate_row(self, model, tokenizer, task_data, label: str, row: int) -> list[float]:
+    def _evaluate_row(self, model, tokenizer, task_data, label: str, row: int) -> list[float | None]:
+        """Row ``row`` of R: a score per task, ``None`` for a task ``evaluation.rows`` skips."""
+        scored = self._scored_tasks(row)
         return [
             self._evaluate(model, tokenizer, task, data, desc=f"eval {label} on {task.name}", row=row)
-            for task, data in zip(self.recipe.tasks, task_data)
+            if step in scored
+            else None
+            for step, (task, data) in enumerate(zip(self.recipe.tasks, task_data), start=1)
         ]
+
+    def _scored_tasks(self, row: int) -> set[int]:
+        """The tasks (numbered from 1) scored in row ``row``: every task, or with ``evaluation.rows: needed`` the
+        entries METHOD §5's metrics read (:func:`cpt.evaluation.needed_entries`); the manifest then says so."""
+        num_tasks = len(self.recipe.tasks)
+        if self.recipe.evaluation.rows == "all":
+            return set(range(1, num_tasks + 1))
+        from cpt.evaluation import needed_entries
+
+        self.manifest["evaluation_rows"] = "needed"  # sticky: some row of this run skips entries
+        return set(needed_entries(num_tasks)[row])
+
+    def _check_evaluation_rows(self) -> None:
+        """``evaluation.rows`` is outside the fingerprint (every entry a metric reads is scored either way): a run
+        may resume with the other value. Rows scored with ``needed`` before keep their skipped (null) entries."""
+        unfinished = any(task["status"] != "done" for task in self.manifest["tasks"])
+        if self.recipe.evaluation.rows == "all" and self.manifest.get("evaluation_rows") == "needed" and unfinished:
+            log(
+                "note: rows evaluated before this resume used evaluation.rows: needed; their skipped entries stay "
+                "null (the states they need are gone); the metrics are unaffected"
+            )
 
     def _save_matrix(self, matrix: dict) -> None:
         from cpt.evaluation import continual_metrics
@@ -658,10 +689,7 @@ class TaskSequenceRunner:
             self.manifest["base_eval_seconds"] = round(time.perf_counter() - started, 3)
             self._save_matrix(self.matrix)
             self.rundir.write_manifest(self.manifest)
-            log(
-                "base: "
-                + "  ".join(f"{name}={score:.3f}" for name, score in zip(self.task_names, self.matrix["rows"][0]))
-            )
+            log("base: " + _scores_text(self.task_names, self.matrix["rows"][0]))
             del model
         self.distributed.wait_for_everyone()
 
@@ -708,7 +736,7 @@ class TaskSequenceRunner:
     def _summarise(self, step: int, task: TaskSpec, record: dict, matrix: dict) -> None:
         row = matrix["rows"][step]
         expert = matrix["expert_scores"][step - 1]
-        scores = "  ".join(f"{name}={score:.3f}" for name, score in zip(matrix["tasks"], row))
+        scores = _scores_text(matrix["tasks"], row)
         timing = (
             f"train {record.get('train_seconds', 0):.0f}s, integrate {record.get('integration_seconds', 0):.1f}s, "
             f"eval {record.get('eval_seconds', 0):.0f}s"

@@ -78,8 +78,11 @@ def test_probe_recipe_validation(tmp_path, tiny_model):
 
 def test_fingerprint_unchanged_without_probes_and_changed_with_them(tmp_path, tiny_model):
     plain = validate_recipe(make_recipe(tmp_path, tiny_model))
-    # The hash as computed before probes (and max_shard_size, also left out) existed: old run directories resume.
-    dumped = plain.model_dump(mode="json", exclude={"divergence", "probes", "max_shard_size"})
+    # The hash as computed before probes (and max_shard_size and evaluation.rows, also left out) existed: old run
+    # directories resume.
+    dumped = plain.model_dump(
+        mode="json", exclude={"divergence": True, "probes": True, "max_shard_size": True, "evaluation": {"rows"}}
+    )
     assert plain.fingerprint() == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
     probed = validate_recipe({**make_recipe(tmp_path, tiny_model), "probes": [reverse_probe(tmp_path)]})
     assert probed.fingerprint() != plain.fingerprint()  # like the evaluation settings, probes are in the hash

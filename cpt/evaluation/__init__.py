@@ -7,7 +7,7 @@ Importing this package is cheap (torch, transformers and evaluate load on first 
 - :func:`evaluate_choice` — log-likelihood of each :class:`ChoiceExample` choice,
   scored with the shipped ``choice_accuracy`` metric.
 - :func:`continual_metrics`, :func:`format_matrix_table` — ACC/BWT/FWT/forgetting of an
-  accuracy matrix and a text table of it.
+  accuracy matrix and a text table of it; :func:`needed_entries` — the entries they read.
 - :func:`load_metric` — the metric modules cpt ships, loaded by path with ``evaluate``.
 - :func:`write_outcomes`, :func:`read_outcomes`, :func:`wrong_answers` — per-example
   outcomes of an evaluation as JSON lines (``eval/<row>_<task>.jsonl``, METHOD §6).
@@ -27,6 +27,7 @@ from cpt.evaluation.continual import (
     format_general_ability,
     format_matrix_table,
     general_ability_kept,
+    needed_entries,
 )
 from cpt.evaluation.generation import (
     EvalResult,
@@ -64,6 +65,7 @@ __all__ = [
     "general_ability_kept",
     "generate_greedy",
     "load_metric",
+    "needed_entries",
     "outcome_records",
     "outcomes_path",
     "read_outcomes",

@@ -134,6 +134,38 @@ def continual_metrics(
     }
 
 
+def needed_entries(num_tasks: int) -> list[list[int]]:
+    """Per row ``i = 0..T``, the tasks ``j`` (numbered from 1) whose entry ``R[i][j]`` METHOD §5's
+    metrics of the finished run read — what ``evaluation.rows: needed`` scores.
+
+    Read off the definitions of METHOD §5 term by term:
+
+    - ``ACC = mean_j R[T][j]``: row T, every task;
+    - ``BWT = mean_{j<T} (R[T][j] − R[j][j])``: row T and the diagonal ``R[j][j]``, j < T;
+    - ``FWT = mean_{j>1} (R[j−1][j] − R[0][j])``: the base row's tasks 2..T and the entry just
+      above the diagonal, ``R[j−1][j]`` (row t's score on task t+1, before it is learnt);
+    - forgetting ``= mean_{j<T} (max_{1≤i<T} R[i][j] − R[T][j])``: every row 1..T−1 on every
+      task j < T — the max runs over all earlier rows, including those before task j was
+      learnt (as :func:`continual_metrics` and :mod:`cpt.study.statistics` compute it).
+
+    So the base row skips task 1, rows ``1..T−2`` skip task T, rows ``T−1`` and ``T`` are whole
+    (for T = 4, 3 of the 20 entries). Every metric of a run in progress (after
+    ``k < T`` tasks, :func:`continual_metrics`) reads a subset of these too: row k on tasks
+    ``≤ k+1``, earlier rows on tasks ``< k``.
+    """
+    T = num_tasks
+    needed: list[set[int]] = [set() for _ in range(T + 1)]
+    needed[T].update(range(1, T + 1))  # ACC (and the R[T][j] of BWT and forgetting)
+    for j in range(1, T):
+        needed[j].add(j)  # BWT: R[j][j]
+        for i in range(1, T):
+            needed[i].add(j)  # forgetting: max over rows 1..T-1
+    for j in range(2, T + 1):
+        needed[j - 1].add(j)  # FWT: R[j-1][j]
+        needed[0].add(j)  # FWT: R[0][j]
+    return [sorted(tasks) for tasks in needed]
+
+
 def general_ability_kept(probe_rows: Sequence[Sequence[float | None] | None], probe_names: Sequence[str]) -> dict:
     """The "general ability kept" figure of probe scores: score after the last task / the base's.
 
@@ -242,4 +274,10 @@ def format_matrix_table(
     return "\n".join(lines)
 
 
-__all__ = ["continual_metrics", "format_general_ability", "format_matrix_table", "general_ability_kept"]
+__all__ = [
+    "continual_metrics",
+    "format_general_ability",
+    "format_matrix_table",
+    "general_ability_kept",
+    "needed_entries",
+]

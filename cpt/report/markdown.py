@@ -111,6 +111,12 @@ def render_report(
         probe_columns = {"probe_rows": data.probe_rows, "probe_names": data.probe_names} if data.probe_names else {}
         table = format_matrix_table(data.rows, data.task_names, data.expert_scores, data.metrics, **probe_columns)
         out += ["```text", table, "```", ""]
+        if manifest.get("evaluation_rows") == "needed":
+            out += [
+                "`-` in the matrix: not evaluated (`evaluation.rows: needed` scores only the entries METHOD §5's "
+                "ACC, BWT, FWT and forgetting read).",
+                "",
+            ]
         if "matrix" in plots:
             out += [f"![accuracy matrix]({plots['matrix']})", ""]
 

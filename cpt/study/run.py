@@ -61,6 +61,8 @@ def _share_base_row(runner, source: Path) -> bool:
     matrix = read_json(source / "eval" / "matrix.json")
     if not matrix or not matrix.get("rows") or matrix["rows"][0] is None:
         return False
+    if runner.recipe.evaluation.rows == "all" and None in matrix["rows"][0]:
+        return False  # the source skipped base entries (evaluation.rows: needed) that this run scores
     target = runner.rundir
     if target.matrix_path.exists():
         return False  # a resumed run keeps what it has
@@ -198,12 +200,15 @@ def load_plans(study: Study) -> None:
 # ---------------------------------------------------------------------- reading runs
 def read_run_outcomes(run_dir: Path, variant: str, seed: int) -> RunOutcomes:
     """Per-example outcomes of a finished run from ``eval/<row>_<task>.jsonl`` (rows 1..T),
-    or — when any of those files is missing — its score matrix (seed-level statistics only)."""
+    or — when any of those files is missing — its score matrix (seed-level statistics only).
+
+    An entry that is null in the matrix was not evaluated (``evaluation.rows: needed``): it has
+    no file and is left out of ``correct`` and ``scores``, not a reason to fall back."""
     matrix = read_json(run_dir / "eval" / "matrix.json")
     tasks = list(matrix["tasks"])
     T = len(tasks)
     scores = {
-        i: {task: matrix["rows"][i][j] for j, task in enumerate(tasks)}
+        i: {task: matrix["rows"][i][j] for j, task in enumerate(tasks) if matrix["rows"][i][j] is not None}
         for i in range(1, T + 1)
         if matrix["rows"][i] is not None
     }
@@ -211,6 +216,8 @@ def read_run_outcomes(run_dir: Path, variant: str, seed: int) -> RunOutcomes:
     ids: dict[str, list[str]] = {}
     for i in range(1, T + 1):
         for task in tasks:
+            if task not in scores.get(i, {}):
+                continue  # not evaluated: no per-example file to read
             path = run_dir / "eval" / f"{i}_{task}.jsonl"
             if not path.exists():
                 return RunOutcomes(variant, seed, tasks, scores=scores)

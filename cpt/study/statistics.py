@@ -202,15 +202,20 @@ def _check_runs(runs: Sequence[RunOutcomes]) -> tuple[list[str], list[int], list
         raise CptError(f"statistics: paired comparison needs every variant on every seed; missing {', '.join(missing)}")
     example_level = all(run.has_examples for run in runs)
     if example_level:
+        from cpt.evaluation.continual import needed_entries
+
         T = len(tasks)
+        needed = needed_entries(T)  # entries a run may lack (evaluation.rows: needed) are those no metric reads
         for seed in seeds:
             reference = by_key[(variants[0], seed)]
-            for task in tasks:
+            for j, task in enumerate(tasks, start=1):
                 n = len(reference.correct[T][task])
                 for variant in variants:
                     run = by_key[(variant, seed)]
                     for row in range(1, T + 1):
                         values = run.correct.get(row, {}).get(task)
+                        if values is None and j not in needed[row]:
+                            continue
                         if values is None or len(values) != n or n == 0:
                             raise CptError(
                                 f"statistics: {variant}/seed {seed} row {row} task {task!r} has "
@@ -297,7 +302,8 @@ def bootstrap_study(
                 for k, s in enumerate(seeds):
                     run = by_key[(v, s)]
                     for i in range(1, T + 1):
-                        padded[k, i - 1, : sizes[k]] = run.correct[i][task]
+                        # an entry not evaluated (read by no metric, see _check_runs) stays NaN
+                        padded[k, i - 1, : sizes[k]] = run.correct[i].get(task, np.nan) if i in run.correct else np.nan
                 for i in range(T):
                     gathered = np.take_along_axis(padded[:, i, :][drawn], index, axis=-1)  # (B, S, width)
                     R_boot[v][:, :, i, j] = np.where(valid, gathered, 0.0).sum(axis=-1) / counts
