@@ -425,8 +425,9 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
 
     In a multi-process run (``torch.distributed`` initialised, every rank calling this) the
     batches are divided among the ranks (:func:`_run_merge_split`) when the strategy's rule
-    is batch-local (:func:`splits_across_ranks`); otherwise the main rank merges alone (and
-    says so) while the others return ``{}`` at once, as before.
+    is batch-local or keeps the gather contract (:func:`splits_across_ranks`; every built-in
+    strategy does); otherwise the main rank merges alone (and says so) while the others
+    return ``{}`` at once.
     """
     rank, world_size = ranks.world()
     if world_size > 1:
@@ -435,8 +436,8 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
         if rank != 0:
             return {}
         ranks.log(
-            f"integration of task {context.step} runs on rank 0 only: {type(strategy).__name__} "
-            "gathers whole-model quantities (begin_step/end_step/finalize_scale) before writing"
+            f"integration of task {context.step} runs on rank 0 only: {type(strategy).__name__} has "
+            "whole-model hooks (begin_step/end_step/finalize_scale) and does not declare rank_split = True"
         )
     step = context.step
     source, history, scalars, keys = _open_step(strategy, context)
@@ -561,15 +562,18 @@ def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> di
         accumulators = None if diagnostics is None else diagnostics.accumulators()
         return per_tensor, share, accumulators, strategy.rank_partials()
 
-    def end_step() -> tuple[dict[str, Any], float | None]:
+    ended: dict[str, Any] = {}
+
+    def finish_step() -> float | None:  # the same on every rank: each has the whole step's accumulators
         strategy.absorb_rank_partials([partials for *_, partials in gathered], list(order))
-        return strategy.end_step(step, scalars), strategy.finalize_scale(step, scalars)
+        ended["summary"] = strategy.end_step(step, scalars)
+        return strategy.finalize_scale(step, scalars)
 
     try:
         gathered = ranks.gather_guarded(merge_share, what)
         order = dict.fromkeys(name for _, names, _ in groups for name in names)  # the one-process order
-        # every rank ends the step with the whole step's accumulators; rank 0's summary and scale are used
-        summary, scale = ranks.gather_guarded(end_step, what)[0]
+        scale = ranks.gather_guarded(finish_step, what)[0]  # rank 0's, applied by every rank
+        summary = ended["summary"]
         if scale is not None:  # each rank rescales the tensors it wrote
             ranks.gather_guarded(
                 lambda: _rescale_state(

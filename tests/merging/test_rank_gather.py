@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -290,3 +292,56 @@ def test_gather_shares_in_one_process():
     assert ranks.gather_guarded(lambda: {"x": 1}, "phase") == [{"x": 1}]
     with pytest.raises(ZeroDivisionError):  # one process: the exception itself, unwrapped
         ranks.gather_guarded(lambda: 1 / 0, "phase")
+
+
+# ---------------------------------------------------------------------- real processes (gloo)
+def gloo_worker(out: Path) -> None:
+    """One rank of :func:`test_guarded_gathers_over_two_processes` (run under torch.distributed.run)."""
+    import torch.distributed as dist
+
+    from cpt import ranks
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    report: dict = {}
+    try:  # rank 1 fails inside the phase: every rank raises at the same collective, none hangs
+        ranks.gather_guarded(lambda: 1 / 0 if rank == 1 else rank, "phase one")
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        report["failure"] = f"{type(exc).__name__}: {exc}"
+    report["next"] = ranks.gather_guarded(lambda: 10 * rank, "phase two")  # the ranks are still in step
+    generator = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(40 + 13 * index, generator=generator) for index in range(5)]
+    share = chunks[rank::2]  # each rank streams its own chunks
+    threshold = kth_largest_magnitudes(
+        lambda: ((chunk,) for chunk in share),
+        [lambda size: int(0.3 * size)],
+        gather=lambda compute: ranks.gather_guarded(compute, "threshold"),
+    )[0]
+    everything = torch.cat(chunks).abs()
+    report["threshold"] = [threshold, float(everything.topk(int(0.3 * everything.numel())).values[-1])]
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_guarded_gathers_over_two_processes(tmp_path):
+    import os
+    import subprocess
+
+    from test_multirank_integration import REPO, free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(free_port()), __file__, str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert reports[0]["failure"] == "RuntimeError: phase one: rank 1 failed: ZeroDivisionError: division by zero"
+    assert reports[1]["failure"] == "ZeroDivisionError: division by zero"  # its own error, unwrapped
+    for report in reports:
+        assert report["next"] == [0, 10]
+        assert report["threshold"][0] == report["threshold"][1]  # exact, bit for bit
+
+
+if __name__ == "__main__":
+    gloo_worker(Path(sys.argv[1]))
