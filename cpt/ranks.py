@@ -8,13 +8,14 @@ tensor. Every function here is a no-op collective when ``torch.distributed`` is 
 initialised (one process), so the one-process path is unchanged.
 
 Failures: a rank that raises while the others wait in a collective would hang the job, so
-the work phase is closed by :func:`all_gather` of each rank's result *or* error message
-(:func:`raise_if_any_failed`), and every rank raises together.
+every phase of work is closed by :func:`all_gather` of each rank's result *or* error message
+(:func:`gather_guarded`, :func:`raise_if_any_failed`), and every rank raises together.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -62,6 +63,28 @@ def raise_if_any_failed(results: list[tuple[str | None, Any]], error: BaseExcept
             raise RuntimeError(f"{what}: rank {rank} failed: {message}")
 
 
+def gather_guarded(compute: Callable[[], Any], what: str) -> list[Any]:
+    """Every rank's ``compute()`` in rank order; if it raised on any rank, every rank raises.
+
+    The one collective closing a phase of work: each rank runs its part, then all of them
+    exchange ``(error message or None, result)``, so a rank that failed still takes part in
+    the collective and the others learn of it there instead of waiting for it forever. The
+    ranks must call it the same number of times, in the same order: whatever a rank may fail
+    at on its own belongs inside ``compute``. One process: ``[compute()]``, an exception
+    propagating as is."""
+    if world()[1] == 1:
+        return [compute()]
+    error: BaseException | None = None
+    result = None
+    try:
+        result = compute()
+    except BaseException as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
+        error = exc
+    gathered = all_gather((None if error is None else f"{type(error).__name__}: {error}", result))
+    raise_if_any_failed(gathered, error, what)
+    return [value for _, value in gathered]
+
+
 def assign_balanced(sizes: list[int], world_size: int) -> list[int]:
     """The rank that owns each item: largest items first, each to the least-loaded rank
     (ties: the lower rank), so the ranks' byte totals differ by at most one item.
@@ -81,6 +104,7 @@ def describe_split(what: str, shares: list[dict[str, Any]]) -> str:
     parts = [
         f"rank {rank}: {share['tensors']} tensors, {share['bytes'] / 2**20:.1f} MB"
         + (f", {share['seconds']:.2f} s" if "seconds" in share else "")
+        + (f" ({share['cpu_seconds']:.2f} CPU s)" if "cpu_seconds" in share else "")
         for rank, share in enumerate(shares)
     ]
     return f"{what} split over {len(shares)} ranks: " + "; ".join(parts)

@@ -1,12 +1,14 @@
 """End-of-task work divided among ranks: 2 processes give the 1-process state and geometry.
 
 The test launches this file under ``torch.distributed.run`` (gloo, CPU) with 1 and with
-2 processes. Each process drives a two-task sequence by hand through the two callbacks, as
+2 processes. Each process drives a task sequence by hand through the two callbacks, as
 a trainer would at ``on_train_end``: the expert of task t is θ0 plus a seeded perturbation
 (the same on every rank, as after a DDP/ZeRO step), the geometry callback measures it
-against θ_{t−1} and the integration callback merges it. The 2-process run must leave the
-same state (atol 1e-5), history and geometry JSON as the 1-process run; its integration
-statistics say how the work was split.
+against θ_{t−1} and the integration callback merges it. After every step rank 0 copies the
+state and the kept history aside, and the 2-process run must leave, step by step, the same
+state (atol 1e-5), history and geometry and integration JSON as the 1-process run; its
+integration statistics say how the work was split. Every strategy with whole-model
+quantities (the gather contract of ``cpt.merging.contract.MergeStrategy``) has a case.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-STRATEGIES = {
-    "task_arithmetic": {"scaling": 0.7},
-    "gcwm": {"iters": 3, "rank": 4, "bary_iters": 5, "history_rank": -1},
+_GCWM_TINY = {"iters": 3, "rank": 4, "bary_iters": 5, "history_rank": -1}
+#: case → (strategy, params, whether the geometry callback runs too)
+CASES = {
+    "task_arithmetic": ("task_arithmetic", {"scaling": 0.7}, True),
+    "gcwm": ("gcwm", _GCWM_TINY, True),
+    # c_t = n̄_t/‖m_t‖ from gathered norms and a rescale of each rank's shards; τ_k kept as history
+    "gcwm_norm_all_history": ("gcwm", {**_GCWM_TINY, "step_coef": "norm", "memory": "all_history"}, False),
+    "opcm": ("opcm", {"alpha": 0.5}, False),  # ‖τ_t‖ pre-pass, λ_t, the global rescale
+    "ties_fusionbench": ("ties", {"form": "fusionbench", "density": 0.3}, False),  # global thresholds, majority
+    "localize_stitch": ("localize_stitch", {"sparsity": 0.2, "non_target": "average"}, False),  # global q
+    "lines_ties": ("lines", {"base": "ties", "beta": 0.5}, False),  # ‖S_t‖₁/‖M_t‖₁ pre-pass, layer scales
 }
 
 
@@ -44,7 +54,9 @@ def perturbed_expert(base: Path, step: int):
     return model
 
 
-def worker(base: Path, out: Path, strategy: str) -> None:
+def worker(base: Path, out: Path, case: str, steps: list[int]) -> None:
+    import shutil
+
     import torch.distributed as dist
     from transformers import AutoTokenizer, TrainerControl, TrainerState
 
@@ -64,19 +76,24 @@ def worker(base: Path, out: Path, strategy: str) -> None:
         settings=GeometrySettings(rank=4),
         keep_updates=True,
     )
+    strategy, params, with_geometry = CASES[case]
     integration = IntegrationCallback(
-        strategy, base=base, state_dir=state_dir, output_dir=out / "integration", params=STRATEGIES[strategy]
+        strategy, base=base, state_dir=state_dir, output_dir=out / "integration", params=params
     )
+    callbacks = (geometry, integration) if with_geometry else (integration,)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     timings = []
-    for step in (1, 2):
+    for step in steps:
         model = perturbed_expert(base, step)
         args = type("Args", (), {"run_name": f"task{step}"})()
         state = TrainerState(is_world_process_zero=rank == 0)
         control = TrainerControl()
-        for callback in (geometry, integration):
+        for callback in callbacks:
             callback.on_train_begin(args, state, control)
+        assert integration.step == step, f"the state folder says step {integration.step}, expected {step}"
         wall, cpu = time.perf_counter(), time.process_time()
-        geometry.on_train_end(args, state, control, model=model)
+        if with_geometry:
+            geometry.on_train_end(args, state, control, model=model)
         geometry_wall, geometry_cpu = time.perf_counter() - wall, time.process_time() - cpu
         wall, cpu = time.perf_counter(), time.process_time()
         integration.on_train_end(args, state, control, model=model, processing_class=tokenizer)
@@ -85,13 +102,18 @@ def worker(base: Path, out: Path, strategy: str) -> None:
         timings.append(
             {
                 "step": step,
+                "processes": world_size,
                 "geometry_wall_s": geometry_wall,
                 "geometry_cpu_s": geometry_cpu,
                 "integration_wall_s": time.perf_counter() - wall,
                 "integration_cpu_s": time.process_time() - cpu,
             }
         )
-    (out / f"timings-rank{rank}.json").write_text(json.dumps(timings))
+        if rank == 0:  # the next step replaces the state and prunes this step's history
+            shutil.copytree(state_dir, out / "snapshots" / f"step-{step}" / "state")
+            shutil.copytree(out / "history" / f"step-{step}", out / "snapshots" / f"step-{step}" / "history")
+    path = out / f"timings-{world_size}p-rank{rank}.json"
+    path.write_text(json.dumps([*(json.loads(path.read_text()) if path.exists() else []), *timings]))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -104,7 +126,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(base: Path, out: Path, strategy: str, processes: int) -> None:
+def launch(base: Path, out: Path, case: str, processes: int, steps: tuple[int, ...] = (1, 2)) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [
         sys.executable,
@@ -119,11 +141,13 @@ def launch(base: Path, out: Path, strategy: str, processes: int) -> None:
         __file__,
         str(base),
         str(out),
-        strategy,
+        case,
+        ",".join(str(step) for step in steps),
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    (out / "stderr.txt").write_text(result.stderr)
+    with open(out / "stderr.txt", "a") as log:
+        log.write(result.stderr)
 
 
 def load_folder(folder: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
@@ -193,28 +217,52 @@ def test_rank_shares_keep_a_tensors_row_blocks_together_and_balance_bytes():
     assert rank_shares(groups, shapes, 1) == [0] * len(groups)
 
 
-@pytest.mark.parametrize(
-    "name, splits",
-    [
-        ("task_arithmetic", True),
-        ("dare_ta", True),
-        ("dare_ties", True),
-        ("magmax", True),
-        ("average", True),
-        ("wudi", True),
-        ("nufilt", True),
-        ("gcwm", False),  # whole-model norms, c_t and (step_coef: norm) the rescale
-        ("opcm", False),  # λ_t from whole-model norms, a global rescale
-        ("ties", False),  # fusionbench form: whole-model thresholds
-        ("lines", False),  # a pre-pass over every tensor
-        ("localize_stitch", False),  # a global threshold
-    ],
-)
-def test_which_strategies_split_across_ranks(name, splits):
+@pytest.mark.parametrize("name", ["task_arithmetic", "dare_ta", "dare_ties", "magmax", "average", "wudi", "nufilt"])
+def test_batch_local_strategies_split_across_ranks(name):
     from cpt.merging.batch_io import splits_across_ranks
     from cpt.strategies import get_strategy
 
-    assert splits_across_ranks(get_strategy(name).build({})) is splits
+    strategy = get_strategy(name).build({})
+    assert type(strategy).rank_split is None  # decided from the hooks: none is overridden
+    assert splits_across_ranks(strategy)
+
+
+@pytest.mark.parametrize("name", ["gcwm", "opcm", "ties", "lines", "localize_stitch"])
+def test_whole_model_strategies_split_by_the_gather_contract(name):
+    from cpt.merging.batch_io import splits_across_ranks
+    from cpt.merging.contract import MergeStrategy
+    from cpt.strategies import get_strategy
+
+    strategy = get_strategy(name).build({})
+    assert type(strategy).rank_split is True and splits_across_ranks(strategy)
+    if type(strategy).end_step is not MergeStrategy.end_step and name != "ties":  # ties' summary is its pre-pass'
+        assert type(strategy).rank_partials is not MergeStrategy.rank_partials, "end_step's accumulators"
+        assert type(strategy).absorb_rank_partials is not MergeStrategy.absorb_rank_partials
+
+
+def test_a_whole_model_hook_without_the_contract_stays_on_one_rank():
+    from cpt.merging.batch_io import splits_across_ranks
+    from cpt.merging.contract import MergeResult, MergeStrategy
+
+    class Rescaled(MergeStrategy):
+        def merge(self, batch):
+            return MergeResult(state=batch.expert)
+
+        def finalize_scale(self, step, scalars):
+            return 0.5
+
+    class Declared(Rescaled):
+        rank_split = True
+
+    class Refused(MergeStrategy):
+        rank_split = False
+
+        def merge(self, batch):
+            return MergeResult(state=batch.expert)
+
+    assert not splits_across_ranks(Rescaled(None))
+    assert splits_across_ranks(Declared(None))
+    assert not splits_across_ranks(Refused(None))
 
 
 def test_one_process_collectives_are_identities():
@@ -235,52 +283,82 @@ def base(tmp_path_factory) -> Path:
     return Path(build_tiny_model(tmp_path_factory.mktemp("multirank") / "tiny", seed=0))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_two_ranks_give_the_one_rank_state_and_geometry(base, tmp_path, strategy):
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch(base, one, strategy, processes=1)
-    launch(base, two, strategy, processes=2)
+def assert_same_folder(one: Path, two: Path, prefix: str) -> None:
+    tensors_one, tensors_two = load_folder(one, prefix), load_folder(two, prefix)
+    assert sorted(tensors_two) == sorted(tensors_one), f"{two}: other tensors"
+    for name, value in tensors_one.items():
+        assert tensors_two[name].dtype == value.dtype, name
+        torch.testing.assert_close(tensors_two[name], value, rtol=0, atol=1e-5, msg=f"{two.name}/{name}")
 
-    state_one, state_two = load_folder(one / "state"), load_folder(two / "state")
-    assert sorted(state_two) == sorted(state_one)
-    for name, value in state_one.items():
-        torch.testing.assert_close(state_two[name], value, rtol=0, atol=1e-5, msg=name)
-    assert json.loads((two / "state" / "cpt_state.json").read_text()) == json.loads(
-        (one / "state" / "cpt_state.json").read_text()
+
+def assert_same_step(one: Path, two: Path, step: int) -> None:
+    """θ_t, the kept history and the carried scalars of step ``step`` (the snapshots rank 0 took)."""
+    snap_one, snap_two = one / "snapshots" / f"step-{step}", two / "snapshots" / f"step-{step}"
+    assert_same_folder(snap_one / "state", snap_two / "state", "model")
+    assert not list((snap_two / "state").glob("*rank*.index.json")), "per-rank indexes must be joined and removed"
+    assert json.loads((snap_two / "state" / "cpt_state.json").read_text()) == json.loads(
+        (snap_one / "state" / "cpt_state.json").read_text()
     )
-    for key_dir in sorted((one / "history" / "step-2").iterdir()):
-        if key_dir.is_dir():
-            kept_one, kept_two = (
-                load_folder(key_dir, key_dir.name),
-                load_folder(two / "history" / "step-2" / key_dir.name, key_dir.name),
-            )
-            assert sorted(kept_two) == sorted(kept_one)
-            for name, value in kept_one.items():
-                torch.testing.assert_close(kept_two[name], value, rtol=0, atol=1e-5, msg=f"{key_dir.name}/{name}")
-    assert not list((two / "state").glob("*rank*.index.json")), "per-rank indexes must be joined and removed"
+    keys_one = sorted(path.name for path in (snap_one / "history").iterdir() if path.is_dir())
+    assert sorted(path.name for path in (snap_two / "history").iterdir() if path.is_dir()) == keys_one
+    for key in keys_one:
+        assert_same_folder(snap_one / "history" / key, snap_two / "history" / key, key)
+        assert not list((snap_two / "history" / key).glob("*rank*.index.json"))
+    assert_same_json(
+        json.loads((snap_one / "history" / "scalars.json").read_text()),
+        json.loads((snap_two / "history" / "scalars.json").read_text()),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_give_the_one_rank_state_and_geometry(base, tmp_path, case):
+    """Each rank merges a real share of every step; state, history, scalars and JSON are the one-process ones."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(base, one, case, processes=1)
+    launch(base, two, case, processes=2)
+    with_geometry = CASES[case][2]
 
     for step in (1, 2):
-        geometry_one = json.loads((one / "geometry" / f"{step}_task{step}.json").read_text())
-        geometry_two = json.loads((two / "geometry" / f"{step}_task{step}.json").read_text())
-        assert geometry_one["num_tensors"] > 0
-        assert_same_json(geometry_one, geometry_two)
+        assert_same_step(one, two, step)
+        if with_geometry:
+            geometry_one = json.loads((one / "geometry" / f"{step}_task{step}.json").read_text())
+            geometry_two = json.loads((two / "geometry" / f"{step}_task{step}.json").read_text())
+            assert geometry_one["num_tensors"] > 0
+            assert_same_json(geometry_one, geometry_two)
 
         stats_one = json.loads((one / "integration" / f"{step}_task{step}.json").read_text())
         stats_two = json.loads((two / "integration" / f"{step}_task{step}.json").read_text())
         ranks_split = stats_two["summary"].pop("ranks", None)
-        if strategy == "task_arithmetic":  # batch-local: split, each rank a real share
-            assert ranks_split is not None and len(ranks_split) == 2
-            assert all(share["tensors"] > 0 for share in ranks_split)
-            assert sum(share["tensors"] for share in ranks_split) == len(stats_one["per_tensor"])
-            loads = [share["bytes"] for share in ranks_split]
-            assert max(loads) <= 2 * min(loads)
-            assert list((two / "state").glob("model-rank00001-*.safetensors"))
-        else:  # GCWM's norms and c_t need every tensor: rank 0 merges alone
-            assert ranks_split is None
-            assert "runs on rank 0 only" in (two / "stderr.txt").read_text()
+        assert ranks_split is not None and len(ranks_split) == 2
+        assert all(share["tensors"] > 0 for share in ranks_split)
+        assert sum(share["tensors"] for share in ranks_split) == len(stats_one["per_tensor"])
+        loads = [share["bytes"] for share in ranks_split]
+        assert max(loads) <= 2 * min(loads)
+        assert_same_json(stats_one["summary"], stats_two["summary"])
         assert_same_json(stats_one["per_tensor"], stats_two["per_tensor"])
-    assert "geometry of task 2 split over 2 ranks" in (two / "stderr.txt").read_text()
+    assert list((two / "snapshots" / "step-2" / "state").glob("model-rank00001-*.safetensors"))
+    assert "runs on rank 0 only" not in (two / "stderr.txt").read_text()
+    assert "integration of task 2 split over 2 ranks" in (two / "stderr.txt").read_text()
+    if with_geometry:
+        assert "geometry of task 2 split over 2 ranks" in (two / "stderr.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_history_two_ranks_wrote_resumes_in_one_process(base, tmp_path):
+    """GCWM (all_history, step_coef norm) on 2 processes for tasks 1–2, then task 3 in one
+    process from the per-rank shards: the state of the 3 tasks in one process throughout."""
+    case = "gcwm_norm_all_history"
+    one, mixed = tmp_path / "one", tmp_path / "mixed"
+    launch(base, one, case, processes=1, steps=(1, 2, 3))
+    launch(base, mixed, case, processes=2, steps=(1, 2))
+    assert list((mixed / "history" / "step-2" / "merged").glob("merged-rank00001-*.safetensors"))
+    launch(base, mixed, case, processes=1, steps=(3,))
+    for step in (1, 2, 3):
+        assert_same_step(one, mixed, step)
+    stats_one = json.loads((one / "integration" / "3_task3.json").read_text())
+    stats_mixed = json.loads((mixed / "integration" / "3_task3.json").read_text())
+    assert_same_json(stats_one, stats_mixed)
 
 
 @pytest.mark.slow
@@ -320,4 +398,4 @@ def test_a_zero3_run_on_two_processes_splits_its_merge(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+    worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], [int(step) for step in sys.argv[4].split(",")])

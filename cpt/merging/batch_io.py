@@ -48,7 +48,7 @@ from cpt import ranks
 from cpt.errors import CptError
 from cpt.integration import IntegrationContext
 from cpt.io import atomic_write_json, commit_dir, staged_dir, staging_dir
-from cpt.merging.contract import MergeStrategy, TensorBatch, combine_row_stats
+from cpt.merging.contract import MergeStrategy, TensorBatch, combine_row_stats, ordered_union
 from cpt.merging.merge_diagnostics import StepDiagnostics
 from cpt.tensors import (
     _SAFETENSORS_DTYPES,
@@ -103,6 +103,13 @@ class BatchSource:
             )
         self.shapes = {name: self.base.shape(name) for name in self.names}
         self.is_target = {name: len(self.shapes[name]) == 2 and is_target(name, patterns) for name in self.names}
+        #: This rank's batches in a multi-process merge (:func:`_run_merge_split`); None: all of them.
+        self.share: list[tuple[bool, list[str], slice | None]] | None = None
+
+    def gather(self, compute: Callable[[], Any]) -> list[Any]:
+        """Every rank's ``compute()`` (its partial statistics over its :attr:`share`), in rank
+        order; ``[compute()]`` in one process. See :func:`cpt.merging.contract.gather_shares`."""
+        return ranks.gather_guarded(compute, f"the whole-model pre-pass of task {self.context.step}")
 
     def dtype(self, name: str) -> torch.dtype:
         """The expert's precision for ``name`` (the new state keeps it)."""
@@ -144,10 +151,11 @@ class BatchSource:
         self, desc: str | None = None, groups: list[tuple[bool, list[str], slice | None]] | None = None
     ) -> Iterator[tuple[bool, list[str], slice | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(target, names, rows, θ0, θ_{t−1}, E_t, τ_t)`` per batch of ``groups`` (default:
-        all of :meth:`groups`), freeing each before the next."""
+        this rank's :attr:`share`, all of :meth:`groups` in one process), freeing each before the next."""
         from tqdm.auto import tqdm
 
-        groups = self.groups() if groups is None else groups
+        if groups is None:
+            groups = self.groups() if self.share is None else self.share
         for target, names, rows in tqdm(
             groups, total=len(groups), unit="batch", leave=False, desc=desc, disable=desc is None
         ):
@@ -424,8 +432,9 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
 
     In a multi-process run (``torch.distributed`` initialised, every rank calling this) the
     batches are divided among the ranks (:func:`_run_merge_split`) when the strategy's rule
-    is batch-local (:func:`splits_across_ranks`); otherwise the main rank merges alone (and
-    says so) while the others return ``{}`` at once, as before.
+    is batch-local or keeps the gather contract (:func:`splits_across_ranks`; every built-in
+    strategy does); otherwise the main rank merges alone (and says so) while the others
+    return ``{}`` at once.
     """
     rank, world_size = ranks.world()
     if world_size > 1:
@@ -434,8 +443,8 @@ def run_merge(strategy: MergeStrategy, context: IntegrationContext) -> dict[str,
         if rank != 0:
             return {}
         ranks.log(
-            f"integration of task {context.step} runs on rank 0 only: {type(strategy).__name__} "
-            "gathers whole-model quantities (begin_step/end_step/finalize_scale) before writing"
+            f"integration of task {context.step} runs on rank 0 only: {type(strategy).__name__} has "
+            "whole-model hooks (begin_step/end_step/finalize_scale) and does not declare rank_split = True"
         )
     step = context.step
     source, history, scalars, keys = _open_step(strategy, context)
@@ -466,15 +475,16 @@ _WHOLE_MODEL_HOOKS = ("begin_step", "end_step", "finalize_scale")
 def splits_across_ranks(strategy: MergeStrategy) -> bool:
     """Whether ``strategy``'s batches may be merged on different ranks with the same result.
 
-    True when the strategy keeps the base class's ``begin_step``, ``end_step`` and
-    ``finalize_scale`` (no whole-model pre-pass, accumulator or rescale: each batch's θ_t,
-    kept tensors and statistics depend on that batch only; seeded rules such as DARE seed
-    per tensor name) and does not set the class attribute ``rank_split = False``. Strategies
-    that need a global pass (GCWM's norms and c_t, OPCM's λ_t, TIES/Localize-and-Stitch
-    global thresholds, LiNeS's pre-pass) run on one rank.
+    The strategy's class attribute ``rank_split`` decides when set: ``True`` — it keeps the
+    gather contract (:class:`~cpt.merging.contract.MergeStrategy`: whole-model quantities
+    from exact per-rank partials), ``False`` — its step runs on one rank. Unset: True when
+    the strategy keeps the base class's ``begin_step``, ``end_step`` and ``finalize_scale``
+    (each batch's θ_t, kept tensors and statistics depend on that batch only; seeded rules
+    such as DARE seed per tensor name).
     """
-    if getattr(type(strategy), "rank_split", True) is False:
-        return False
+    declared = getattr(type(strategy), "rank_split", None)
+    if declared is not None:
+        return bool(declared)
     return all(getattr(type(strategy), hook) is getattr(MergeStrategy, hook) for hook in _WHOLE_MODEL_HOOKS)
 
 
@@ -504,33 +514,38 @@ def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> di
     1. The main rank creates the staging folders of θ_t and of step t's history next to
        their final homes and broadcasts their paths (ranks share the run directory's
        filesystem), so every rank writes into the same folders.
-    2. Each rank merges its share of the batches (:func:`rank_shares`, the same on every
-       rank) and writes its own shards, ``model-rank<r>-*.safetensors`` and
-       ``<key>/<key>-rank<r>-*.safetensors``, each with a per-rank index.
-    3. Every rank's per-tensor statistics (or its error) are gathered; if any rank failed,
-       the staging folders are removed and every rank raises.
+    2. Each rank runs ``begin_step`` over its share (:func:`rank_shares`, the same on every
+       rank; a whole-model pre-pass reduces every rank's partials, see the gather contract
+       of :class:`~cpt.merging.contract.MergeStrategy`), merges its batches and writes its own
+       shards, ``model-rank<r>-*.safetensors`` and ``<key>/<key>-rank<r>-*.safetensors``,
+       each with a per-rank index.
+    3. Every rank's per-tensor statistics and the strategy's partial accumulators (or its
+       error) are gathered; every rank absorbs the partials and runs ``end_step`` and
+       ``finalize_scale``; each applies the main rank's rescale (if any) to its own shards.
     4. The main rank joins the per-rank indexes into ``model.safetensors.index.json`` (and
        each history key's), writes the state folder's other files, commits the history then
        θ_t, prunes older history; a barrier then lets every rank return with θ_t committed.
+
+    If any rank fails at any phase, every rank raises and the staging folders are removed.
     """
     rank, world_size = ranks.world()
     step = context.step
+    what = f"integration of task {step}"
     source, history, scalars, keys = _open_step(strategy, context)
     groups = source.groups()
     owners = rank_shares(groups, source.shapes, world_size)
-    mine = [group for group, owner in zip(groups, owners, strict=True) if owner == rank]
+    source.share = [group for group, owner in zip(groups, owners, strict=True) if owner == rank]
+    suffix = f"-rank{rank:05d}"
 
     staged = None
     if rank == 0:
         staged = (str(staging_dir(context.state_dir)), str(staging_dir(history.step_dir(step))))
     staged_state, staged_history = (Path(path) for path in ranks.broadcast_from_main(staged))
 
-    error: BaseException | None = None
-    result: tuple[dict, dict] | None = None
-    try:
-        started = time.perf_counter()
+    def merge_share() -> tuple[dict, dict, dict | None, Any]:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        strategy.begin_step(step, source, scalars)  # its pre-pass gathers are collectives
         readers = {key: history.reader(step - 1, key) for key in keys}
-        strategy.begin_step(step, source, scalars)
         diagnostics = _step_diagnostics(strategy, step, scalars)
         per_tensor = _merge_batches(
             strategy,
@@ -541,50 +556,61 @@ def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> di
             staged_state,
             staged_history,
             diagnostics=diagnostics,
-            groups=mine,
-            suffix=f"-rank{rank:05d}",
+            groups=source.share,
+            suffix=suffix,
         )
         share = {
-            "tensors": len({name for _, names, _ in mine for name in names}),
-            "batches": len(mine),
-            "bytes": sum(_group_bytes(group, source.shapes) for group in mine),
+            "tensors": len({name for _, names, _ in source.share for name in names}),
+            "batches": len(source.share),
+            "bytes": sum(_group_bytes(group, source.shapes) for group in source.share),
             "seconds": round(time.perf_counter() - started, 3),
+            "cpu_seconds": round(time.process_time() - cpu_started, 3),
         }
-        result = (per_tensor, share, None if diagnostics is None else diagnostics.accumulators())
-    except BaseException as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
-        error = exc
-    gathered = ranks.all_gather([(None if error is None else f"{type(error).__name__}: {error}", result)])
-    gathered = [item[0] for item in gathered]
+        accumulators = None if diagnostics is None else diagnostics.accumulators()
+        return per_tensor, share, accumulators, strategy.rank_partials()
+
+    ended: dict[str, Any] = {}
+
+    def finish_step() -> float | None:  # the same on every rank: each has the whole step's accumulators
+        strategy.absorb_rank_partials([partials for *_, partials in gathered], list(order))
+        ended["summary"] = strategy.end_step(step, scalars)
+        return strategy.finalize_scale(step, scalars)
+
     try:
-        ranks.raise_if_any_failed(gathered, error, f"integration of task {step}")
+        gathered = ranks.gather_guarded(merge_share, what)
+        order = dict.fromkeys(name for _, names, _ in groups for name in names)  # the one-process order
+        scale = ranks.gather_guarded(finish_step, what)[0]  # rank 0's, applied by every rank
+        summary = ended["summary"]
+        if scale is not None:  # each rank rescales the tensors it wrote
+            ranks.gather_guarded(
+                lambda: _rescale_state(
+                    staged_state, source.base, scale, prefix="model" + suffix, limit=batch_limit(source.shapes.values())
+                ),
+                what,
+            )
     except BaseException:
         if rank == 0:
             shutil.rmtree(staged_state, ignore_errors=True)
             shutil.rmtree(staged_history, ignore_errors=True)
         raise
 
-    shares = [share for _, (_, share, _) in gathered]
-    order = dict.fromkeys(name for _, names, _ in groups for name in names)  # the one-process order
+    shares = [share for _, share, _, _ in gathered]
     per_tensor = {}
-    for _, (rank_rows, _, _) in gathered:
+    for rank_rows, _, _, _ in gathered:
         per_tensor.update(rank_rows)
     per_tensor = {name: per_tensor[name] for name in order if name in per_tensor}
 
     failure = None
     if rank == 0:
         try:
-            ranks.log(ranks.describe_split(f"integration of task {step}", shares))
+            ranks.log(ranks.describe_split(what, shares))
             _join_rank_indexes(staged_state, "model", world_size)
             for key_dir in sorted(path for path in staged_history.iterdir() if path.is_dir()):
                 _join_rank_indexes(key_dir, key_dir.name, world_size)
-            summary = strategy.end_step(step, scalars)
-            scale = strategy.finalize_scale(step, scalars)
-            if scale is not None:  # not reached: such strategies run on one rank (splits_across_ranks)
-                _rescale_state(staged_state, source.base, scale)
             combined = _step_diagnostics(strategy, step, scalars)  # METHOD §2.10 over every rank's tensors
-            if combined is not None:
-                for _, (_, _, accumulators) in gathered:
-                    combined.absorb(accumulators)
+            if combined is not None:  # the ranks' per-tensor sums, keyed in the one-process order
+                parts = [accumulators for _, _, accumulators, _ in gathered]
+                combined.absorb({key: ordered_union([part[key] for part in parts], order) for key in parts[0]})
                 _record_diagnostics(combined, scale, summary, per_tensor, scalars)
             _write_step_files(context, scalars, staged_state, staged_history)
             commit_dir(staged_history, history.step_dir(step))
@@ -598,7 +624,7 @@ def _run_merge_split(strategy: MergeStrategy, context: IntegrationContext) -> di
     if failure is not None:
         raise failure
     if verdict is not None:
-        raise RuntimeError(f"integration of task {step}: rank 0 failed while committing: {verdict}")
+        raise RuntimeError(f"{what}: rank 0 failed while committing: {verdict}")
     if rank != 0:
         return {}
     return {"summary": {**summary, "global_scale": scale, "ranks": shares}, "per_tensor": per_tensor}
@@ -773,16 +799,20 @@ def _write(
         writer.write_rows(names[0], rows, cast(names[0], values[0]), shapes[names[0]])
 
 
-def _rescale_state(folder: Path, base: SafetensorsWeights, scale: float) -> None:
+def _rescale_state(
+    folder: Path, base: SafetensorsWeights, scale: float, prefix: str = "model", limit: int | None = None
+) -> None:
     """θ_t ← θ0 + s·(θ_t − θ0), tensor by tensor, in place in the written shards (OPCM's
-    norm-preserving rescale).
+    norm-preserving rescale): those of ``model.safetensors`` (or its index), or with another
+    ``prefix`` those a ``<prefix>.safetensors.index.json`` names (one rank's, in a split merge).
 
-    Each tensor is rescaled in row blocks of one batch (:func:`batch_limit`) and written
-    back at its own bytes (:func:`rewrite_in_place`), so however large a shard is, no more
-    than one batch is held.
+    Each tensor is rescaled in row blocks of at most ``limit`` bytes (default: one batch,
+    :func:`batch_limit`) and written back at its own bytes (:func:`rewrite_in_place`), so
+    however large a shard is, no more than one batch is held.
     """
-    staged = SafetensorsWeights(folder)
-    limit = batch_limit(staged.shape(name) for name in staged.names())
+    staged = SafetensorsWeights(folder) if prefix == "model" else _IndexedWeights(folder, prefix)
+    if limit is None:
+        limit = batch_limit(staged.shape(name) for name in staged.names())
     for name in staged.names():
         shape, dtype, file = staged.shape(name), staged.dtype(name), staged._files[name]
         for rows in row_blocks(shape, limit) if len(shape) else [None]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -22,6 +23,8 @@ from cpt.strategies import Strategy
 if TYPE_CHECKING:  # pragma: no cover
     from cpt.integration import IntegrationContext
     from cpt.merging.batch_io import BatchSource
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,7 +76,32 @@ class MergeStrategy(Strategy):
     :meth:`end_step` (scalars to carry, a summary), :meth:`finalize_scale` (a global
     rescale of θ_t − θ0 that needs every tensor first; see OPCM). :meth:`integrate` runs
     the rule over the whole model with :func:`cpt.merging.batch_io.run_merge`.
+
+    **Multi-process runs (the gather contract).** Under DDP or DeepSpeed the batches of a
+    step are divided among the ranks (:func:`cpt.merging.batch_io.rank_shares`). A rule
+    that is batch-local (none of the three whole-model hooks overridden) splits as it is.
+    A strategy with whole-model quantities splits when it sets ``rank_split = True`` and
+    keeps two rules, so that every rank ends the step with the one-process values:
+
+    1. in :meth:`begin_step`, ``batches.iterate()`` yields only this rank's share: a
+       pre-pass computes this rank's *partial* statistics inside :func:`gather_shares`
+       (sums, counts, exact histograms — never an approximation) and reduces the list of
+       every rank's partials it returns; what follows from the reduced values runs the same
+       on every rank;
+    2. what :meth:`merge` accumulates for :meth:`end_step` is sent to every rank after the
+       batches (:meth:`rank_partials`) and combined (:meth:`absorb_rank_partials`); every
+       rank then calls :meth:`end_step` and :meth:`finalize_scale`, and each rank applies
+       the main rank's rescale to the tensors it wrote.
+
+    One process never calls the two partials hooks, and :func:`gather_shares` returns
+    ``[compute()]``, so the one-process result is the same bit for bit. ``rank_split = False``
+    keeps a strategy on the main rank (say why in its module).
     """
+
+    #: Whether the batches of a step may be divided among ranks: ``None`` decides from the
+    #: hooks (batch-local when begin_step, end_step and finalize_scale are not overridden),
+    #: ``True`` declares the gather contract above, ``False`` keeps the step on rank 0.
+    rank_split: ClassVar[bool | None] = None
 
     # ---------------------------------------------------------------- hooks
     def history_keys(self, step: int, scalars: dict[str, Any]) -> list[str]:
@@ -118,6 +146,17 @@ class MergeStrategy(Strategy):
     def finalize_scale(self, step: int, scalars: dict[str, Any]) -> float | None:
         """A factor s applied as θ_t = θ0 + s·(θ_t − θ0) after all batches (None: no rescale)."""
         return None
+
+    def rank_partials(self) -> Any:
+        """What this rank's :meth:`merge` calls accumulated for :meth:`end_step`, picklable
+        (multi-process runs only; see the gather contract in the class docstring)."""
+        return None
+
+    def absorb_rank_partials(self, partials: list[Any], order: list[str]) -> None:
+        """Replace this rank's accumulators by the whole step's, from every rank's
+        :meth:`rank_partials` (in rank order; each rank merged disjoint tensors). ``order``
+        is every tensor name in the one-process merge order, for per-name accumulators
+        (see :func:`ordered_union`), so the step's summary lists them as one process does."""
 
     # ---------------------------------------------------------------- entry point
     def integrate(self, context: IntegrationContext) -> dict[str, Any]:
@@ -193,3 +232,29 @@ def combine_row_stats(blocks: list[tuple[int, dict[str, Any]]]) -> dict[str, Any
         else:
             combined[key] = values[-1][1]
     return combined
+
+
+def gather_shares(batches: BatchSource, compute: Callable[[], T]) -> list[T]:
+    """``compute()`` over this rank's share of the batches, and every rank's result in rank order.
+
+    The pre-pass side of the gather contract (:class:`MergeStrategy`): ``compute`` iterates
+    ``batches`` (this rank's share in a multi-process run) and returns partial statistics;
+    the caller reduces the list. If ``compute`` raises on any rank, every rank raises here.
+    One process (or a ``batches`` without ``gather``, as in unit tests): ``[compute()]``.
+    """
+    gather = getattr(batches, "gather", None)
+    return [compute()] if gather is None else gather(compute)
+
+
+def ordered_union(parts: list[Mapping[str, Any]], order: list[str]) -> dict[str, Any]:
+    """One dict from per-rank dicts with disjoint keys (tensor names), keyed in ``order``
+    (names absent from ``order`` after, in rank order)."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for name, value in part.items():
+            if name in merged:
+                raise ValueError(f"{name} was merged on two ranks")
+            merged[name] = value
+    ordered = {name: merged.pop(name) for name in order if name in merged}
+    ordered.update(merged)
+    return ordered

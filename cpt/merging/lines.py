@@ -30,6 +30,12 @@ If the kept S (or M) of a tensor is missing at t ≥ 2, it is recovered from the
 ``(θ_{t−1} − θ0)/λ_{t−1}(ℓ)`` with the carried ``α_{t−1}`` (exact for ``ta``; for ``ties``
 S is then approximated by M) and the tensor's stats say so.
 
+**Multi-process runs** (the gather contract of :class:`~cpt.merging.contract.MergeStrategy`):
+L comes from the config and λ(ℓ) from the tensor's name, the same on every rank; the
+``base: ties`` pre-pass sums ‖S_t‖₁ and ‖M_t‖₁ per rank over its share and adds the ranks'
+sums; the summary's L1 norms and layer scales are gathered after the merge. Only the order
+of the float64 sums differs from one process.
+
 Recorded per tensor: ``layer`` (−1 outside the blocks), ``scale`` λ(ℓ), ``norm_update``;
 per step: ``alpha``, ``beta``, ``layer_scales`` (λ per layer), ``norm_l1_sum`` (‖S_t‖₁) and
 ``norm_l1_merged`` (‖M_t‖₁) over the target tensors.
@@ -47,7 +53,7 @@ from pydantic import AfterValidator, ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 from cpt.errors import CptError
-from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
+from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch, gather_shares
 from cpt.merging.ties import ties_merge
 from cpt.strategies import register_strategy
 
@@ -123,6 +129,7 @@ def _num_hidden_layers(base_dir: Path) -> int:
 )
 class Lines(MergeStrategy):
     SUM_KEY, MERGED_KEY = "task_sum", "merged"
+    rank_split = True
 
     def __init__(self, params):
         super().__init__(params)
@@ -158,31 +165,36 @@ class Lines(MergeStrategy):
             self._alpha = multitask_alpha(step, norm_sum, norm_merged)
 
     def _ties_norms(self, step: int, batches) -> tuple[float, float]:
-        """‖S_t‖₁ and ‖M_t‖₁ over the target tensors, before the merge (``base: ties``)."""
+        """‖S_t‖₁ and ‖M_t‖₁ over the target tensors, before the merge (``base: ties``; each
+        rank's share, the ranks' sums added)."""
         from cpt.merging.batch_io import _History, read_rows
 
-        history = _History(batches.context.history_dir)
-        readers = {key: history.reader(step - 1, key) for key in (self.SUM_KEY, self.MERGED_KEY)}
-        norm_sum = norm_merged = 0.0
-        for target, names, rows, base, state, _expert, task_vector in batches.iterate():
-            if not target:
-                continue
-            kept = {
-                key: (
-                    torch.stack([read_rows(reader, n, rows).to(task_vector.device, torch.float32) for n in names])
-                    if reader is not None and all(n in reader for n in names)
-                    else None
-                )
-                for key, reader in readers.items()
-            }
-            previous_sum, previous_merged, _ = self._previous(names, state - base, kept)
-            merged, _ = ties_merge(previous_merged, task_vector, self.params.density, self.params.majority_sign)
-            norm_sum += float((previous_sum + task_vector).abs().double().sum())
-            norm_merged += float(merged.abs().double().sum())
-        for reader in readers.values():
-            if reader is not None:
-                reader.release()
-        return norm_sum, norm_merged
+        def share_norms() -> tuple[float, float]:
+            history = _History(batches.context.history_dir)
+            readers = {key: history.reader(step - 1, key) for key in (self.SUM_KEY, self.MERGED_KEY)}
+            norm_sum = norm_merged = 0.0
+            for target, names, rows, base, state, _expert, task_vector in batches.iterate():
+                if not target:
+                    continue
+                kept = {
+                    key: (
+                        torch.stack([read_rows(reader, n, rows).to(task_vector.device, torch.float32) for n in names])
+                        if reader is not None and all(n in reader for n in names)
+                        else None
+                    )
+                    for key, reader in readers.items()
+                }
+                previous_sum, previous_merged, _ = self._previous(names, state - base, kept)
+                merged, _ = ties_merge(previous_merged, task_vector, self.params.density, self.params.majority_sign)
+                norm_sum += float((previous_sum + task_vector).abs().double().sum())
+                norm_merged += float(merged.abs().double().sum())
+            for reader in readers.values():
+                if reader is not None:
+                    reader.release()
+            return norm_sum, norm_merged
+
+        parts = gather_shares(batches, share_norms)
+        return sum(part[0] for part in parts), sum(part[1] for part in parts)
 
     def _scales(self, names: list[str], alpha: float) -> list[tuple[int | None, float]]:
         return [
@@ -242,6 +254,14 @@ class Lines(MergeStrategy):
         ]
         history = {self.SUM_KEY: task_sum, **({self.MERGED_KEY: merged} if p.base == "ties" else {})}
         return MergeResult(state=new_state, history=history, stats=stats)
+
+    def rank_partials(self):
+        return {"norm_sum": self._norm_sum, "norm_merged": self._norm_merged, "layers": self._layers}
+
+    def absorb_rank_partials(self, partials, order):
+        self._norm_sum = sum(part["norm_sum"] for part in partials)
+        self._norm_merged = sum(part["norm_merged"] for part in partials)
+        self._layers = {layer: scale for part in partials for layer, scale in part["layers"].items()}
 
     def end_step(self, step, scalars):
         scalars["alpha"] = self._alpha

@@ -30,6 +30,11 @@ and the tensor's stats say so.
 ``θ_t = θ_{t−1} + non_target_scaling · τ_t``, ``average`` the running mean of the task vectors
 ``θ_t − θ0 = ((t−1)(θ_{t−1} − θ0) + τ_t)/t``.
 
+**Multi-process runs** (the gather contract of :class:`~cpt.merging.contract.MergeStrategy`):
+the global threshold's two histogram passes count each rank's share and add the counts, so q
+is the one-process value bit for bit; the summary's totals (counts, and the max count) are
+gathered after the merge. Masks, S and C are per tensor.
+
 Recorded: per target tensor ``kept_fraction``, ``overlap`` (``|m_t ∧ (C_{t−1}>0)|/|m_t|``),
 ``shared_fraction`` (support entries with ``c ≥ 2``), ``max_count`` and (per_tensor scope)
 ``threshold``; the step summary has the global ``threshold`` q, ``kept_fraction``, ``overlap``,
@@ -45,7 +50,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
+from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch, gather_shares
 from cpt.merging.magnitude import kth_largest_magnitudes
 from cpt.strategies import register_strategy
 
@@ -105,6 +110,7 @@ def stitch_update(
 )
 class LocalizeStitch(MergeStrategy):
     SUM_KEY, COUNT_KEY = "stitched_sum", "stitch_count"
+    rank_split = True
 
     def history_keys(self, step, scalars):
         return [self.SUM_KEY, self.COUNT_KEY]
@@ -123,7 +129,9 @@ class LocalizeStitch(MergeStrategy):
                     if target:
                         yield (task_vector,)
 
-            self._threshold = kth_largest_magnitudes(targets, [lambda size: int(p.sparsity * size)])[0]
+            self._threshold = kth_largest_magnitudes(
+                targets, [lambda size: int(p.sparsity * size)], gather=lambda compute: gather_shares(batches, compute)
+            )[0]
 
     def merge(self, batch: TensorBatch) -> MergeResult:
         p = self.params
@@ -185,6 +193,14 @@ class LocalizeStitch(MergeStrategy):
             new_state = batch.base + ((t - 1) * batch.state_delta + batch.task_vector) / t
         update = (new_state - batch.state).flatten(1).norm(dim=1)
         return MergeResult(state=new_state, stats=[{"norm_update": float(u)} for u in update])
+
+    def rank_partials(self):
+        return dict(self._totals)
+
+    def absorb_rank_partials(self, partials, order):
+        self._totals = {
+            key: (max if key == "max_count" else sum)(part[key] for part in partials) for key in self._totals
+        }
 
     def end_step(self, step, scalars):
         totals = self._totals

@@ -28,6 +28,11 @@ Implementation notes:
   ``n̄`` and ``λ_t`` are carried as scalars. ``merge`` returns the unscaled ``θ0 + D_t``
   and accumulates ``‖D_t‖²``; the pipeline then applies ``finalize_scale``'s
   ``s = n̄/‖D_t‖`` as ``θ_t = θ0 + s·(θ_t − θ0)`` (no rescale at t = 1, where s = 1).
+* Multi-process runs (the gather contract of :class:`~cpt.merging.contract.MergeStrategy`):
+  ‖τ_t‖² is summed per rank over its share in the pre-pass and the ranks' sums added;
+  ‖D_t‖² and the per-tensor pieces of the update norms are gathered after the merge, so
+  every rank finds the same λ_t and s, and each rescales the tensors it wrote. The
+  projection is per tensor. Only the order of the float64 sums differs from one process.
 * Stats: per tensor ``split_rank`` (target tensors, t ≥ 2), the norms of ``τ_t``, ``τ̃``,
   the unscaled ``D_t`` and ``P``; the summary holds ``lambda``, ``mean_task_norm``, the
   global ``scale`` and the true per-tensor update norms ``‖θ_t − θ_{t−1}‖`` (known only
@@ -43,7 +48,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch
+from cpt.merging.contract import MergeResult, MergeStrategy, TensorBatch, gather_shares, ordered_union
 from cpt.strategies import register_strategy
 
 
@@ -83,10 +88,16 @@ def opcm_project(previous: torch.Tensor, task_vector: torch.Tensor, alpha: float
     description="orthogonal projection continual merging with norm-preserving rescale (METHOD §3)",
 )
 class OPCM(MergeStrategy):
+    rank_split = True
+
     def begin_step(self, step, batches, scalars):
-        self._task_sq = 0.0
-        for _target, _names, _rows, _base, _state, _expert, task_vector in batches.iterate():
-            self._task_sq += float(task_vector.double().square().sum())
+        def task_sq() -> float:  # ‖τ_t‖² over this rank's share
+            total = 0.0
+            for _target, _names, _rows, _base, _state, _expert, task_vector in batches.iterate():
+                total += float(task_vector.double().square().sum())
+            return total
+
+        self._task_sq = sum(gather_shares(batches, task_sq))
         norms = list(scalars.get("task_norms", []))
         self._carried = step == 1 or (len(norms) == step - 1 and "lambda" in scalars)
         self._previous_lambda = float(scalars.get("lambda", 1.0)) if step > 1 else 1.0
@@ -127,6 +138,13 @@ class OPCM(MergeStrategy):
                 entry["split_rank"] = int(split[i])
             stats.append(entry)
         return MergeResult(state=batch.base + delta, stats=stats)
+
+    def rank_partials(self):
+        return {"delta_sq": self._delta_sq, "pieces": self._pieces}
+
+    def absorb_rank_partials(self, partials, order):
+        self._delta_sq = sum(part["delta_sq"] for part in partials)
+        self._pieces = ordered_union([part["pieces"] for part in partials], order)
 
     def end_step(self, step, scalars):
         norms = [*(scalars.get("task_norms", []) if self._carried else []), math.sqrt(self._task_sq)]

@@ -47,7 +47,11 @@ where ``TIES_fb`` works on each vector flattened over the *whole model* (every t
 The whole-model thresholds are found exactly in two streamed passes
 (:func:`cpt.merging.magnitude.kth_largest_magnitudes`) and the global majority in a third,
 before the merge; the merge itself is then element-wise (row blocks allowed) and keeps no
-history. ``majority_sign`` must be ``total``. FusionBench's config uses λ = 0.5
+history. ``majority_sign`` must be ``total``. In a multi-process run each rank counts its
+share in each of the three passes and the counts are added (the gather contract of
+:class:`~cpt.merging.contract.MergeStrategy`): the thresholds and the majority are the
+one-process values exactly (histogram counts and sign counts are integers). The running
+form is per tensor and splits as it is. FusionBench's config uses λ = 0.5
 (``config/method/opcm/ties_merging.yaml``); cpt's default stays METHOD's 0.3 for both forms.
 """
 
@@ -61,7 +65,7 @@ from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from cpt.merging.contract import MergeResult, RunningMergeStrategy
+from cpt.merging.contract import MergeResult, RunningMergeStrategy, gather_shares
 from cpt.merging.magnitude import kth_largest_magnitudes
 from cpt.strategies import register_strategy
 
@@ -146,6 +150,8 @@ def fusionbench_ties_step(
     " form fusionbench: θ_t = θ_{t-1} + λ·TIES(θ_{t-1}−θ0, τ_t) (METHOD §3)",
 )
 class Ties(RunningMergeStrategy):
+    rank_split = True
+
     def history_keys(self, step, scalars):
         return [] if self.params.form == "fusionbench" else super().history_keys(step, scalars)
 
@@ -163,13 +169,19 @@ class Ties(RunningMergeStrategy):
                 yield state - base, task_vector
 
         rank = lambda size: int(density * size) + 1
-        self._thresholds = tuple(kth_largest_magnitudes(vectors, [rank, rank]))
-        sign_sum = 0.0
-        for previous, task_vector in vectors():
-            trimmed = previous * (previous.abs() >= self._thresholds[0]) + task_vector * (
-                task_vector.abs() >= self._thresholds[1]
-            )
-            sign_sum += float(torch.sign(trimmed).double().sum())
+        gather = lambda compute: gather_shares(batches, compute)
+        self._thresholds = tuple(kth_largest_magnitudes(vectors, [rank, rank], gather=gather))
+
+        def sign_sum() -> float:  # Σ sign(trimmed sum) over this rank's share: an integer, exact in float64
+            total = 0.0
+            for previous, task_vector in vectors():
+                trimmed = previous * (previous.abs() >= self._thresholds[0]) + task_vector * (
+                    task_vector.abs() >= self._thresholds[1]
+                )
+                total += float(torch.sign(trimmed).double().sum())
+            return total
+
+        sign_sum = sum(gather(sign_sum))
         self._majority = float(math.copysign(1.0, sign_sum)) if sign_sum != 0 else 0.0
         self._summary = {
             "threshold_previous": self._thresholds[0],

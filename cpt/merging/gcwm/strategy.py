@@ -9,6 +9,7 @@ import torch
 
 from ...geometry import right_basis
 from ...strategies import register_strategy
+from ..contract import ordered_union
 from ..merge_diagnostics import aggregate_by_family
 from ..pipeline import MergeResult, MergeStrategy, TensorBatch
 from .continual import gcwm_continual_step, gcwm_non_target_step, norm_step_coefficient, step_coefficient
@@ -48,7 +49,18 @@ class GCWM(MergeStrategy):
     ``effective_scale`` (‖θ_t − θ0‖ / n̄_t, METHOD §2.10), ``effective_scale_per_tensor``
     ({name: ‖θ_t − θ0‖_i / mean_s ‖τ_s‖_i}) and ``diagnostics``: per METHOD §2.10 quantity
     its mean over the target tensors and per family (attention, MLP).
+
+    Multi-process runs (the gather contract of :class:`~cpt.merging.contract.MergeStrategy`):
+    the inner solve, m_t and the kept tensors are per tensor, so each rank merges its share
+    and writes its own shards of ``merged`` and ``tau_<k>`` (joined into one index per key:
+    step t+1 reads them as one process's, whatever the number of ranks). The whole-model
+    quantities — ‖τ_t‖², ‖m_t‖², the per-tensor norms and METHOD §2.10 diagnostics — are
+    accumulated by :meth:`merge` and gathered after the batches (:meth:`rank_partials`), so
+    every rank finds the same c_t (and under ``step_coef: norm`` rescales its own tensors).
+    Only the order of the float64 sums differs from one process.
     """
+
+    rank_split = True
 
     def begin_step(self, step: int, batches, scalars: dict[str, Any]) -> None:
         """Reset the step's whole-model accumulators (no pre-pass over the tensors)."""
@@ -164,6 +176,24 @@ class GCWM(MergeStrategy):
             self._task_norms[name] = float(task_norms[i])
             per_tensor.append(row)
         return MergeResult(state=new_state, history=keep, stats=per_tensor)
+
+    def rank_partials(self) -> dict[str, Any]:
+        return {
+            "task_sq": self._task_sq,
+            "merged_sq": self._merged_sq,
+            "state_delta_sq": self._state_delta_sq,
+            "task_norms": self._task_norms,
+            "diagnostics": self._diagnostics,
+        }
+
+    def absorb_rank_partials(self, partials: list[dict[str, Any]], order: list[str]) -> None:
+        self._task_sq = sum(part["task_sq"] for part in partials)
+        self._merged_sq = sum(part["merged_sq"] for part in partials)
+        self._state_delta_sq = ordered_union([part["state_delta_sq"] for part in partials], order)
+        self._task_norms = ordered_union([part["task_norms"] for part in partials], order)
+        self._diagnostics = {
+            key: ordered_union([part["diagnostics"][key] for part in partials], order) for key in _DIAGNOSTIC_KEYS
+        }
 
     def end_step(self, step: int, scalars: dict) -> dict:
         """c_t (and, under ``step_coef: norm``, the rescale), n̄_t, ‖m_t‖ and what the merge did
