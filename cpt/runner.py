@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json, recover_dir
+from cpt.models import RecipeModels
 from cpt.recipe import Recipe, TaskSpec
 from cpt.run_directory import MANIFEST_FORMAT, VERSIONED_PACKAGES, RunDirectory, library_versions, utc_now
 from cpt.tensors import gather_expert_folder, is_zero3, no_zero3_init, read_marker, release_deepspeed_engine
@@ -174,6 +175,8 @@ class TaskSequenceRunner:
         self.expert_cache = expert_cache
         self.distributed = PartialState()
         self.is_main = self.distributed.is_main_process
+        #: θ0, models, tokenizer and LoRA config, loaded as the recipe says (also used by ``cpt plan``).
+        self.models = RecipeModels(recipe, self.distributed)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> RunResult:
@@ -397,66 +400,21 @@ class TaskSequenceRunner:
         self.distributed.wait_for_everyone()
         return manifest
 
+    # Model loading is cpt.models.RecipeModels (shared with `cpt plan`); these names stay for the loop's callers.
     def _load_eval_model(self, path: str):
-        """A whole (never ZeRO-3 partitioned) model for evaluation on the main process."""
-        with no_zero3_init():
-            return self._load_model(path)
+        return self.models.load_eval_model(path)
 
     def _load_model(self, path: str):
-        from transformers import AutoModelForCausalLM
-
-        spec = self.recipe.model
-        dtype = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True}
-        if spec.attn_implementation:
-            kwargs["attn_implementation"] = spec.attn_implementation
-        if path == spec.name_or_path and spec.revision:
-            kwargs["revision"] = spec.revision
-        try:
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except OSError as exc:
-            raise CptError(
-                f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}); "
-                "use a local HF folder or an offline asset (`cpt assets list`)"
-            ) from None
+        return self.models.load_model(path)
 
     def _load_tokenizer(self, path: str):
-        from transformers import AutoTokenizer
-
-        spec = self.recipe.model
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        except OSError as exc:
-            raise CptError(
-                f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(exc).splitlines()[0]})"
-            ) from None
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        return self.models.load_tokenizer(path)
 
     def _resolve_base(self) -> str:
-        from cpt.assets import resolve_model
-
-        name = self.recipe.model.name_or_path
-        if self.is_main:
-            resolve_model(name)  # the main process fetches; the others then find it cached
-        self.distributed.wait_for_everyone()
-        return resolve_model(name)
+        return self.models.resolve_base()
 
     def _base_folder(self, base: str) -> Path:
-        """A local folder of θ0 (merge strategies and geometry read it tensor by tensor)."""
-        if Path(base).is_dir():
-            return Path(base)
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(
-                snapshot_download(base, revision=self.recipe.model.revision, allow_patterns=["*.json", "*.safetensors"])
-            )
-        except Exception as exc:
-            raise CptError(
-                f"model.name_or_path: cannot download {base!r} ({type(exc).__name__}); use a local folder or an asset"
-            ) from None
+        return self.models.base_folder(base)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(
@@ -514,11 +472,7 @@ class TaskSequenceRunner:
         return [monitor] if monitor is not None else []
 
     def _peft_config(self):
-        if self.recipe.peft is None:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(task_type="CAUSAL_LM", **self.recipe.peft.model_dump())
+        return self.models.peft_config()
 
     # ------------------------------------------------------------------ one task's callbacks
     def _integration_callback(self, step: int, task: TaskSpec, strategy, previous_state: Path | None):
