@@ -34,6 +34,7 @@ from cpt.models import RecipeModels
 from cpt.recipe import Recipe, TaskSpec
 from cpt.run_directory import MANIFEST_FORMAT, VERSIONED_PACKAGES, RunDirectory, library_versions, utc_now
 from cpt.tensors import gather_expert_folder, is_zero3, no_zero3_init, read_marker, release_deepspeed_engine
+from cpt.trackers import STEPS_KEY, offset_tracker_steps, sequence_step
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -310,6 +311,7 @@ class TaskSequenceRunner:
             if callable(getattr(callback, "bind_trainer", None)):
                 callback.bind_trainer(trainer)
         self._point_trackers(trainer.callback_handler.callbacks)  # TensorBoard logs under the run directory
+        offset_tracker_steps(trainer.callback_handler.callbacks, self._sequence_step(step - 1))  # one axis per run
 
         # Only an expert that is a function of θ0, the task's own data and the training settings is cached.
         cacheable = not strategy_callbacks and train_dataset is data.train
@@ -579,6 +581,7 @@ class TaskSequenceRunner:
         """At ``on_train_end``, before integration: the task is trained (time, final loss)."""
         record["status"] = "trained"
         record["train_seconds"] = round(stopwatch.seconds(), 3)
+        record[STEPS_KEY] = state.global_step  # the trackers' step offset of the tasks after it (cpt.trackers)
         if state.log_history:
             losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
             record["final_loss"] = losses[-1] if losses else None
@@ -719,7 +722,8 @@ class TaskSequenceRunner:
     # ------------------------------------------------------------------ trackers (training.report_to)
     def _log_matrix_row(self, step: int) -> None:
         """Row ``step`` of the accuracy matrix (and, at step 1, the base row 0) to the ``report_to`` trackers,
-        main process only, at tracker step = task index (README, "Metrics sent to trackers").
+        main process only, at the sequence step where task ``step`` ended (:meth:`_sequence_step`; the base
+        row at 0; README, "Metrics sent to trackers").
 
         Keys are ``eval_<task>``, ``eval_probe-<probe>``, ``eval_acc``/``bwt``/``fwt``/``forgetting`` and
         ``eval_general_ability_kept`` (mean; ``/<probe>`` per probe): transformers' trackers show them as
@@ -729,7 +733,13 @@ class TaskSequenceRunner:
             return
         if step == 1 and self.matrix["rows"][0] is not None:
             self._log_to_trackers(self._matrix_row_metrics(0), 0)
-        self._log_to_trackers(self._matrix_row_metrics(step), step)
+        self._log_to_trackers(self._matrix_row_metrics(step), self._sequence_step(step))
+
+    def _sequence_step(self, tasks: int) -> int:
+        """The optimizer steps of tasks 1 … ``tasks`` from the manifest (:func:`cpt.trackers.sequence_step`):
+        the tracker step where task ``tasks`` ended and task ``tasks`` + 1's steps start (resumes included)."""
+        max_steps = [self.recipe.training_args(task).get("max_steps") for task in self.recipe.tasks[:tasks]]
+        return sequence_step(self.manifest["tasks"][:tasks], max_steps)
 
     def _matrix_row_metrics(self, row: int) -> dict[str, float]:
         matrix = self.matrix
