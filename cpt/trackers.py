@@ -6,7 +6,7 @@ optimizer steps across the sequence instead: task t's step s is logged at
 
     offset_t + s,    offset_t = optimizer steps of tasks 1 … t−1,
 
-and row t of the accuracy matrix at ``offset_t+1`` (the step task t ended; row 0, the base,
+and row t of the accuracy matrix at ``offset_(t+1)`` (the step task t ended; row 0, the base,
 at 0). The offsets come from the run's manifest (each task's record keeps its
 ``optimizer_steps``), so a resumed run continues the same axis. The trainer itself (its
 ``state.global_step``, ``log_history`` and checkpoints) keeps each task's own steps.
