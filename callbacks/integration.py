@@ -18,6 +18,28 @@ from cpt.tensors import gather_expert_folder, local_model_folder, save_lora_adap
 
 from ._common import SequencePosition, check_train_from, renamed_keyword, resolve_task
 
+PER_TENSOR_SUFFIX = "per_tensor"
+
+
+def is_per_tensor_mapping(key: str, value: Any) -> bool:
+    """Whether ``stats[key] = value`` holds one entry per tensor (kept in the integration file, never
+    sent to trackers: on SmolLM2 that would be ~200 series per step).
+
+    The rule, for every mapping at any depth of a strategy's statistics:
+
+    * its key is ``per_tensor`` or ends with ``_per_tensor`` (``per_tensor``,
+      ``effective_scale_per_tensor``), or
+    * its keys are tensor names: every key is a dotted parameter path such as
+      ``model.layers.0.mlp.up_proj.weight`` (e.g. OPCM's ``norm_update``). Statistic names are
+      identifiers without dots, so an aggregate mapping (``diagnostics/dev_sum/{mean, attention,
+      mlp}``, LiNeS' ``layer_scales/{0, 1, ...}``) is kept.
+    """
+    if not isinstance(value, dict):
+        return False
+    if key == PER_TENSOR_SUFFIX or key.endswith(f"_{PER_TENSOR_SUFFIX}"):
+        return True
+    return bool(value) and all(isinstance(name, str) and "." in name for name in value)
+
 
 class IntegrationCallback(SequencePosition, TrainerCallback):
     """Integrates the trained expert E_t into the state θ_t with a registered strategy.
@@ -26,9 +48,11 @@ class IntegrationCallback(SequencePosition, TrainerCallback):
     the strategy's ``integrate``; the new state θ_t replaces ``state_dir`` atomically, with
     a ``cpt_state.json`` marker saying which step it holds. The strategy's statistics are
     written to ``<output_dir>/<t>_<task>.json`` (if ``output_dir`` is given) and their
-    scalars logged through ``trainer.log`` as ``integration/<key>`` (nested keys joined
-    with ``/``; per-tensor statistics stay in the file) once the callback is bound to its
-    trainer with :meth:`bind_trainer`, otherwise into ``state.log_history``.
+    aggregate scalars logged through ``trainer.log`` as ``integration/<key>`` (nested keys
+    joined with ``/``) once the callback is bound to its trainer with :meth:`bind_trainer`,
+    otherwise into ``state.log_history``. Per-tensor statistics stay in the file: a value
+    inside a per-tensor mapping (:func:`is_per_tensor_mapping`) is never logged, so the
+    trackers get tens of aggregates per step, not one series per tensor.
 
     One instance serves a whole sequence of tasks: at every ``on_train_begin`` the step t
     is read from ``state_dir``'s marker (one more than the step it holds; 1 when there is
@@ -169,12 +193,13 @@ class IntegrationCallback(SequencePosition, TrainerCallback):
             atomic_write_json(path, stats)
 
     def log_metrics(self, stats: dict[str, Any]) -> dict[str, float]:
-        """``integration/<key>`` for every number in ``stats`` (nested keys joined with ``/``), no per-tensor rows."""
+        """``integration/<key>`` for every number in ``stats`` (nested keys joined with ``/``) that is
+        not inside a per-tensor mapping (:func:`is_per_tensor_mapping`): the aggregates only."""
         metrics: dict[str, float] = {}
 
         def add(prefix: str, values: dict[str, Any]) -> None:
             for key, value in values.items():
-                if key == "per_tensor" or (not prefix and key in ("step", "task")):
+                if (not prefix and key in ("step", "task")) or is_per_tensor_mapping(key, value):
                     continue
                 if isinstance(value, dict):
                     add(f"{prefix}{key}/", value)

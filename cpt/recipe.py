@@ -623,9 +623,16 @@ def _check_strategy(recipe: Recipe, source: str) -> None:
 
     try:
         spec = get_strategy(recipe.strategy.name)
-        spec.make_params(recipe.strategy.params)
     except CptError as exc:
         raise CptError(f"{source}: strategy: {exc}") from None
+    try:
+        spec.make_params(recipe.strategy.params)
+    except CptError as exc:  # "<parameter>: problem": the parameter is the recipe key strategy.<parameter>
+        message = str(exc)
+        whole = message.startswith("parameters: ")  # a rule across parameters names none
+        raise CptError(
+            f"{source}: strategy: {message.removeprefix('parameters: ')}" if whole else f"{source}: strategy.{message}"
+        ) from None
 
 
 # ---------------------------------------------------------------------- error formatting
@@ -662,9 +669,59 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(error: dict) -> str:
-    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
-    path = _loc_path(loc) or "recipe"
+#: Pydantic's name for each branch of a union in an error's ``loc`` (``max_shard_size.int``,
+#: ``step_coef.literal['norm']``): not a field, so left out of the path.
+_UNION_BRANCHES = {"int", "float", "str", "bool", "bytes", "list", "dict", "none"}
+
+#: What a union branch accepts, by the error type it reports (for "expected ... or ...").
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "dataclass_type": "a mapping",
+}
+
+
+def _field_loc(error: dict) -> tuple:
+    """The error's ``loc`` without pydantic's union-branch and validator tags: the field's path."""
+    return tuple(
+        part for part in error["loc"] if not (isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES))
+    )
+
+
+def _describe_union(path: str, branches: list[dict]) -> str:
+    """One line for a value that every branch of a union refused: what each accepts, the value, a
+    did-you-mean among the literal values (``expected a number or 'norm', got 'nrm' (did you mean 'norm'?)``)."""
+    expected: list[str] = []
+    literals: list[str] = []
+    for error in branches:
+        if error["type"] == "literal_error":
+            values = [value.strip().strip("'") for value in re.split(r",| or ", error["ctx"]["expected"])]
+            literals += [value for value in values if value]
+            option = error["ctx"]["expected"]
+        elif error["type"] == "value_error":
+            option = error["msg"].removeprefix("Value error, ")
+        else:
+            option = _EXPECTED.get(error["type"], error["msg"].removeprefix("Input should be "))
+        if option not in expected:
+            expected.append(option)
+    value = branches[0].get("input")
+    close = difflib.get_close_matches(value, literals, n=1, cutoff=0.5) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{path}: expected {' or '.join(expected)}, got {value!r}{hint}"
+
+
+def _describe(error: dict, where: str = "recipe") -> str:
+    loc = _field_loc(error)
+    path = _loc_path(loc) or where
     kind = error["type"]
     if kind == "extra_forbidden":
         owner = _model_at(loc[:-1])
@@ -680,7 +737,19 @@ def _describe(error: dict) -> str:
     return f"{path}: {message}"
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    errors = exc.errors()
-    first = _describe(errors[0])
-    return first if len(errors) == 1 else f"{first} (and {len(errors) - 1} more problem(s))"
+def format_validation_error(exc: ValidationError, where: str = "recipe") -> str:
+    """One line for a pydantic error: the first problem, named by its field's path (``where`` when it
+    concerns the whole object), and how many more there are.
+
+    A value that no branch of a union accepts (pydantic reports one error per branch, located at
+    ``field.<branch>``) is one problem: ``field: expected <what each branch accepts>, got <value>``,
+    with a did-you-mean among the union's literal values.
+    """
+    problems: dict[tuple, list[dict]] = {}
+    for error in exc.errors():
+        problems.setdefault(_field_loc(error), []).append(error)
+    loc, errors = next(iter(problems.items()))
+    in_union = len(errors) > 1 and any(_field_loc(error) != tuple(error["loc"]) for error in errors)
+    first = _describe_union(_loc_path(loc) or where, errors) if in_union else _describe(errors[0], where)
+    more = len(problems) - 1 + (0 if in_union else len(errors) - 1)
+    return first if more == 0 else f"{first} (and {more} more problem(s))"

@@ -30,9 +30,11 @@ from transformers import TrainerCallback
 
 from cpt.errors import CptError
 from cpt.io import atomic_write_json, atomic_write_text, read_json, recover_dir
+from cpt.models import RecipeModels
 from cpt.recipe import Recipe, TaskSpec
 from cpt.run_directory import MANIFEST_FORMAT, VERSIONED_PACKAGES, RunDirectory, library_versions, utc_now
 from cpt.tensors import gather_expert_folder, is_zero3, no_zero3_init, read_marker, release_deepspeed_engine
+from cpt.trackers import STEPS_KEY, offset_tracker_steps, sequence_step
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -182,6 +184,8 @@ class TaskSequenceRunner:
         self.expert_cache = expert_cache
         self.distributed = PartialState()
         self.is_main = self.distributed.is_main_process
+        #: θ0, models, tokenizer and LoRA config, loaded as the recipe says (also used by ``cpt plan``).
+        self.models = RecipeModels(recipe, self.distributed)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> RunResult:
@@ -317,6 +321,7 @@ class TaskSequenceRunner:
             if callable(getattr(callback, "bind_trainer", None)):
                 callback.bind_trainer(trainer)
         self._point_trackers(trainer.callback_handler.callbacks)  # TensorBoard logs under the run directory
+        offset_tracker_steps(trainer.callback_handler.callbacks, self._sequence_step(step - 1))  # one axis per run
 
         # Only an expert that is a function of θ0, the task's own data and the training settings is cached.
         cacheable = not strategy_callbacks and train_dataset is data.train
@@ -407,66 +412,21 @@ class TaskSequenceRunner:
         self.distributed.wait_for_everyone()
         return manifest
 
+    # Model loading is cpt.models.RecipeModels (shared with `cpt plan`); these names stay for the loop's callers.
     def _load_eval_model(self, path: str):
-        """A whole (never ZeRO-3 partitioned) model for evaluation on the main process."""
-        with no_zero3_init():
-            return self._load_model(path)
+        return self.models.load_eval_model(path)
 
     def _load_model(self, path: str):
-        from transformers import AutoModelForCausalLM
-
-        spec = self.recipe.model
-        dtype = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True}
-        if spec.attn_implementation:
-            kwargs["attn_implementation"] = spec.attn_implementation
-        if path == spec.name_or_path and spec.revision:
-            kwargs["revision"] = spec.revision
-        try:
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except OSError as exc:
-            raise CptError(
-                f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}); "
-                "use a local HF folder or an offline asset (`cpt assets list`)"
-            ) from None
+        return self.models.load_model(path)
 
     def _load_tokenizer(self, path: str):
-        from transformers import AutoTokenizer
-
-        spec = self.recipe.model
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        except OSError as exc:
-            raise CptError(
-                f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(exc).splitlines()[0]})"
-            ) from None
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        return self.models.load_tokenizer(path)
 
     def _resolve_base(self) -> str:
-        from cpt.assets import resolve_model
-
-        name = self.recipe.model.name_or_path
-        if self.is_main:
-            resolve_model(name)  # the main process fetches; the others then find it cached
-        self.distributed.wait_for_everyone()
-        return resolve_model(name)
+        return self.models.resolve_base()
 
     def _base_folder(self, base: str) -> Path:
-        """A local folder of θ0 (merge strategies and geometry read it tensor by tensor)."""
-        if Path(base).is_dir():
-            return Path(base)
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(
-                snapshot_download(base, revision=self.recipe.model.revision, allow_patterns=["*.json", "*.safetensors"])
-            )
-        except Exception as exc:
-            raise CptError(
-                f"model.name_or_path: cannot download {base!r} ({type(exc).__name__}); use a local folder or an asset"
-            ) from None
+        return self.models.base_folder(base)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(
@@ -549,11 +509,7 @@ class TaskSequenceRunner:
         return [monitor] if monitor is not None else []
 
     def _peft_config(self):
-        if self.recipe.peft is None:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(task_type="CAUSAL_LM", **self.recipe.peft.model_dump())
+        return self.models.peft_config()
 
     # ------------------------------------------------------------------ one task's callbacks
     def _integration_callback(self, step: int, task: TaskSpec, strategy, previous_state: Path | None):
@@ -660,6 +616,7 @@ class TaskSequenceRunner:
         """At ``on_train_end``, before integration: the task is trained (time, final loss)."""
         record["status"] = "trained"
         record["train_seconds"] = round(stopwatch.seconds(), 3)
+        record[STEPS_KEY] = state.global_step  # the trackers' step offset of the tasks after it (cpt.trackers)
         if state.log_history:
             losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
             record["final_loss"] = losses[-1] if losses else None
@@ -797,7 +754,8 @@ class TaskSequenceRunner:
     # ------------------------------------------------------------------ trackers (training.report_to)
     def _log_matrix_row(self, step: int) -> None:
         """Row ``step`` of the accuracy matrix (and, at step 1, the base row 0) to the ``report_to`` trackers,
-        main process only, at tracker step = task index (README, "Metrics sent to trackers").
+        main process only, at the sequence step where task ``step`` ended (:meth:`_sequence_step`; the base
+        row at 0; README, "Metrics sent to trackers").
 
         Keys are ``eval_<task>``, ``eval_probe-<probe>``, ``eval_acc``/``bwt``/``fwt``/``forgetting`` and
         ``eval_general_ability_kept`` (mean; ``/<probe>`` per probe): transformers' trackers show them as
@@ -807,7 +765,13 @@ class TaskSequenceRunner:
             return
         if step == 1 and self.matrix["rows"][0] is not None:
             self._log_to_trackers(self._matrix_row_metrics(0), 0)
-        self._log_to_trackers(self._matrix_row_metrics(step), step)
+        self._log_to_trackers(self._matrix_row_metrics(step), self._sequence_step(step))
+
+    def _sequence_step(self, tasks: int) -> int:
+        """The optimizer steps of tasks 1 … ``tasks`` from the manifest (:func:`cpt.trackers.sequence_step`):
+        the tracker step where task ``tasks`` ended and task ``tasks`` + 1's steps start (resumes included)."""
+        max_steps = [self.recipe.training_args(task).get("max_steps") for task in self.recipe.tasks[:tasks]]
+        return sequence_step(self.manifest["tasks"][:tasks], max_steps)
 
     def _matrix_row_metrics(self, row: int) -> dict[str, float]:
         matrix = self.matrix

@@ -140,9 +140,10 @@ class StrategyInfo:
         try:
             return TypeAdapter(self.params_class).validate_python(values)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"]) or "parameters"  # a dataclass-level check has no field
-            raise CptError(f"{where}: {error['msg'].removeprefix('Value error, ')} (strategy {self.name!r})") from None
+            from cpt.recipe import format_validation_error
+
+            # "<parameter>: problem"; "parameters: ..." for a rule across parameters (no field)
+            raise CptError(f"{format_validation_error(exc, where='parameters')} (strategy {self.name!r})") from None
 
     def build(self, values: dict[str, Any]) -> Strategy:
         return self.strategy_class(self.make_params(values))

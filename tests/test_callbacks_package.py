@@ -223,6 +223,43 @@ def test_integration_statistics_are_flat_scalar_metrics(tmp_path):
     }
 
 
+def test_integration_metrics_leave_per_tensor_mappings_in_the_file(tmp_path):
+    """The shapes merge strategies write (GCWM/pipeline summary, OPCM's norm_update, LiNeS' layer_scales):
+    only the aggregates become metrics; a mapping named ``*per_tensor`` or keyed by tensor names does not."""
+    from cpt.callbacks import IntegrationCallback
+    from cpt.callbacks.integration import is_per_tensor_mapping
+
+    q, up = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    stats = {
+        "step": 2,
+        "task": "upper",
+        "seconds": 0.5,
+        "summary": {
+            "effective_scale": 0.4,
+            "effective_scale_per_tensor": {q: 0.3, up: 0.5},
+            "norm_update": {q: 1.0, up: 2.0},
+            "diagnostics": {"dev_sum": {"mean": 0.1, "attention": 0.05, "mlp": 0.15}},
+            "layer_scales": {"0": 0.5, "1": 1.0},
+            "ranks": [{"tensors": 3}],
+        },
+        "per_tensor": {q: {"dev_sum": 0.05}},
+    }
+    callback = IntegrationCallback("sequential", base=tmp_path, state_dir=tmp_path / "state")
+    assert callback.log_metrics(stats) == {
+        "integration/seconds": 0.5,
+        "integration/summary/effective_scale": 0.4,
+        "integration/summary/diagnostics/dev_sum/mean": 0.1,
+        "integration/summary/diagnostics/dev_sum/attention": 0.05,
+        "integration/summary/diagnostics/dev_sum/mlp": 0.15,
+        "integration/summary/layer_scales/0": 0.5,
+        "integration/summary/layer_scales/1": 1.0,
+    }
+    assert is_per_tensor_mapping("per_tensor", {})  # by name, even empty
+    assert not is_per_tensor_mapping("diagnostics", {})
+    assert not is_per_tensor_mapping("effective_scale_per_tensor", 0.3)  # only mappings are rows
+    assert not is_per_tensor_mapping("mixed", {q: 1.0, "mean": 2.0})  # one identifier key: an aggregate mapping
+
+
 # ---------------------------------------------------------------------- one instance for a whole TRL loop
 def _loop(work: Path, base: str, strategy: str, train_from: str, steps: int = 2):
     """The examples' loop: two tasks, one geometry and one integration callback for both; keeps each expert and θ_t."""

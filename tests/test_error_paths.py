@@ -246,6 +246,35 @@ def test_value_refused_after_the_schema(override, name, workspace, capsys, monke
     expect_one_line_error(argv, capsys, workspace, name)
 
 
+UNION_CASES = [
+    # a value that no branch of a union accepts: the field's recipe path, what it accepts, a did-you-mean
+    (
+        "strategy={name: gcwm, step_coef: nrm}",
+        "strategy.step_coef: must be a number in (0, 1] or 'norm', got 'nrm' (did you mean 'norm'?) (strategy 'gcwm')",
+    ),
+    (
+        "strategy={name: gcwm, step_coef: 2}",
+        "strategy.step_coef: must be a number in (0, 1] or 'norm', got 2 (strategy 'gcwm')",
+    ),
+    (
+        "strategy={name: lines, alpha: aut}",
+        "strategy.alpha: expected a number or 'auto', got 'aut' (did you mean 'auto'?) (strategy 'lines')",
+    ),
+    (
+        "peft={target_modules: allLinear}",
+        "peft.target_modules: expected a list or 'all-linear', got 'allLinear' (did you mean 'all-linear'?)",
+    ),
+    ("max_shard_size=[1]", "max_shard_size: expected an integer or a string, got [1]"),
+]
+
+
+@pytest.mark.parametrize("override,message", UNION_CASES, ids=[case[0] for case in UNION_CASES])
+def test_union_value_names_the_field_and_what_it_accepts(override, message, workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    line = expect_one_line_error(["check", "recipe.yaml", "--set", override], capsys, workspace)
+    assert line == f"error: recipe.yaml: {message}"
+
+
 def test_run_refuses_before_touching_anything(workspace, capsys, monkeypatch):
     """``cpt run`` goes through the same checks (here an IndexError before the fix, then a late data error)."""
     monkeypatch.chdir(workspace)
@@ -280,6 +309,7 @@ OTHER_COMMANDS = [
     ("merge --method sequential base e1 e2 --output out", "--method sequential"),
     ("merge --method ties base e1 e2 --output out --set density=5", "density"),
     ("merge --method ties base e1 e2 --output out --set bogus=1", "bogus"),
+    ("merge --method gcwm base e1 e2 --output out --set step_coef=nrm", "step_coef: must be a number in (0, 1]"),
     ("merge --method ties base e1 e2 --output out --set a.b=1", "--set a.b"),
     ("merge --method gcwm base e1 e2 --output out --set rank=abc", "rank"),
     ("merge --method ties base e1 e2 --output out --targets (", "--targets"),

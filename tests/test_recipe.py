@@ -99,7 +99,7 @@ def test_strategy_shorthand_and_task_override(tmp_path):
         ),
         (
             lambda d: d.update(strategy={"name": "sequential", "step_coef": 1}),
-            "strategy: step_coef: unknown parameter of strategy 'sequential'",
+            "strategy.step_coef: unknown parameter of strategy 'sequential'",
         ),
         (
             lambda d: d["training"].update(learning_rat=1e-4),

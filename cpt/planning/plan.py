@@ -237,16 +237,17 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
     from trl import SFTConfig
 
     from cpt.data import build_task_data
-    from cpt.runner import TaskSequenceRunner, log
+    from cpt.models import RecipeModels
+    from cpt.runner import log
     from cpt.study.expert_cache import train_or_reuse_expert, write_expert
     from cpt.tensors import is_peft_model, lora_factors, unwrap_model
     from cpt.training.trainer import CptSFTTrainer
 
     # The runner's loaders (model, tokenizer, LoRA config, θ0's folder) so that experts match a run's.
-    runner = TaskSequenceRunner(recipe, expert_cache=cache)
-    base = runner._resolve_base()
-    base_folder = runner._base_folder(base)
-    tokenizer = runner._load_tokenizer(base)
+    models = RecipeModels(recipe)
+    base = models.resolve_base()
+    base_folder = models.base_folder(base)
+    tokenizer = models.load_tokenizer(base)
     experts = []
     for index, task in enumerate(recipe.tasks):
         step = index + 1
@@ -255,11 +256,11 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
         args = SFTConfig(output_dir=str(work_dir / task.name), seed=recipe.seed + step, **recipe.training_args(task))
         set_seed(recipe.seed + step)
         trainer = CptSFTTrainer(
-            model=runner._load_model(base),
+            model=models.load_model(base),
             args=args,
             train_dataset=data.train,
             processing_class=tokenizer,
-            peft_config=runner._peft_config(),
+            peft_config=models.peft_config(),
         )
         record: dict = {}
         train_or_reuse_expert(

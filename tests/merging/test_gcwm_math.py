@@ -385,6 +385,10 @@ def test_bad_params_are_rejected(bad):
         ({"eps": math.inf}, "eps: Input should be a finite number (strategy 'gcwm')"),
         ({"memory_size": 0}, "memory_size: must be -1 (off) or >= 1, got 0 (strategy 'gcwm')"),
         ({"alpha_min": 0.9, "alpha_max": 0.5}, "alpha_min (0.9) must be <= alpha_max (0.5)"),
+        (
+            {"step_coef": "nrm"},
+            "step_coef: must be a number in (0, 1] or 'norm', got 'nrm' (did you mean 'norm'?) (strategy 'gcwm')",
+        ),
     ],
 )
 def test_bad_recipe_params_are_one_line_naming_the_field(bad, message):

@@ -38,8 +38,14 @@ def test_norm_params_validation():
         GCWMParams(step_coef="norm", decay=0.5)
     with pytest.raises(ValueError, match="non_target"):
         GCWMParams(step_coef="norm", non_target="task_arithmetic")
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=r"must be a number in \(0, 1\] or 'norm', got inf"):
         GCWMParams(step_coef=math.inf)
+    for bad in (0, -0.2, 1.5, True, [0.2]):  # c_t ∈ (0, 1]: 0 never moves, above 1 overshoots m_t
+        with pytest.raises(ValueError, match=r"a number in \(0, 1\] or 'norm'"):
+            GCWMParams(step_coef=bad)
+    assert GCWMParams(step_coef=1).step_coef == 1.0 and GCWMParams(step_coef="0.5").step_coef == 0.5
+    with pytest.raises(ValueError, match=r"got 'nrm' \(did you mean 'norm'\?\)"):
+        GCWMParams(step_coef="nrm")
     with pytest.raises(ValueError, match="norm_step_coefficient"):
         step_coefficient(1, params)
     tau = torch.randn(2, 6, 4, dtype=torch.float64)

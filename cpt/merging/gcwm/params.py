@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, FiniteFloat, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, FiniteFloat, model_validator
 from pydantic.dataclasses import dataclass
 
 from cpt.geometry import MERGING_DEFAULTS
@@ -19,10 +20,28 @@ def _minus_one_or_positive(value: int) -> int:
     return value
 
 
-def _finite_or_norm(value: float | str) -> float | str:
-    if value != "norm" and not math.isfinite(value):
-        raise ValueError(f"must be a finite number or 'norm', got {value}")
-    return value
+STEP_COEF_ACCEPTED = "a number in (0, 1] or 'norm'"
+
+
+def _step_coefficient(value: object) -> float | str:
+    """``step_coef``: ``"norm"`` or a number in (0, 1] (a numeric string counts), one error naming both.
+
+    Checked before pydantic's ``float | Literal["norm"]`` union, whose error would name a branch
+    (``step_coef.float: unable to parse string as a number``) instead of the accepted values.
+    """
+    if value == "norm":
+        return value
+    number = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number) or not 0 < number <= 1:
+        close = difflib.get_close_matches(value, ["norm"], n=1, cutoff=0.5) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"must be {STEP_COEF_ACCEPTED}, got {value!r}{hint}")
+    return number
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -63,7 +82,7 @@ class GCWMParams:
         old_weight: weight of ``m_{t−1}`` in ``current_anchor`` (1.0; 0 removes it from
             the active set).
         new_weight: weight of ``τ_t`` in ``current_anchor`` (1.0; must be positive).
-        step_coef: a number: ``c_t = step_coef · decay^{t−1}`` and
+        step_coef: a number in (0, 1]: ``c_t = step_coef · decay^{t−1}`` and
             ``θ_t = θ_{t−1} + c_t (m_t − m_{t−1})`` (§2.8; reference scripts 0.2, the
             default, so runs stay comparable with the paper). ``"norm"`` (cpt's extension,
             §2.9): ``θ_t = θ0 + c_t m_t`` with ``c_t = n̄_t / ‖m_t‖``, ``n̄_t`` the mean of
@@ -104,7 +123,7 @@ class GCWMParams:
     memory_size: Annotated[int, AfterValidator(_minus_one_or_positive)] = -1
     old_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0  # 0 drops m_{t-1}
     new_weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
-    step_coef: Annotated[float | Literal["norm"], AfterValidator(_finite_or_norm)] = 0.2
+    step_coef: Annotated[float | Literal["norm"], BeforeValidator(_step_coefficient)] = 0.2
     decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     non_target: Literal["base", "task_arithmetic", "average"] = "base"
     history_rank: Annotated[int, AfterValidator(_minus_one_or_positive)] = -1
