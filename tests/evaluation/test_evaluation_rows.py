@@ -281,7 +281,7 @@ def test_shipped_study_files_load(monkeypatch):
     recipe = study.recipe_for(by_name["gcwm"], 2)
     assert recipe.evaluation.rows == "needed" and not recipe.evaluation.evaluate_experts and recipe.seed == 2
     assert [task.name for task in recipe.tasks] == ["plural", "past_tense", "negation", "question"]
-    assert all(task.max_examples == 192 and task.eval.max_examples is None for task in recipe.tasks)
+    assert all(task.max_examples == 192 and task.eval.max_examples == 150 for task in recipe.tasks)
 
 
 def test_printed_matrix_and_tracker_metrics_leave_skipped_entries_out(all_and_needed):
