@@ -37,11 +37,12 @@ from results import machine, replace_section
 REPO = Path(__file__).resolve().parent.parent
 STUDY = "studies/continual.yaml"
 
-#: ``--size gpu``: ASSETS.md's reference training (600 examples a task, 3 epochs, lr 5e-5, bf16) as study overrides.
+#: ``--size gpu``: ASSETS.md's reference setting (600 train / 200 test a task, 3 epochs, lr 5e-5, bf16) as study overrides.
 SIZES: dict[str, list[str]] = {
     "cpu": [],
     "gpu": [
         *(f"tasks.{index}.max_examples=600" for index in range(4)),
+        *(f"tasks.{index}.eval.max_examples=200" for index in range(4)),
         "training.num_train_epochs=3",
         "training.learning_rate=5.0e-5",
         "training.bf16=true",
@@ -295,8 +296,8 @@ def record(root: Path, size: str, command: str) -> str:
     costs = alone_equivalent(root / "runs", finished) if finished else None
     body = (
         "SmolLM2-135M-Instruct, BIG-bench plural → past tense → negation → question formation "
-        f"(`recipes/continual_cpu.yaml`: 192 training examples a task, each task's whole test split as its eval "
-        f"set), every strategy of `{STUDY}` at its recipe defaults plus the GCWM control rows.\n\n"
+        f"(`recipes/continual_cpu.yaml`: 192 training examples a task, 150 eval examples a task from its test "
+        f"split), every strategy of `{STUDY}` at its recipe defaults plus the GCWM control rows.\n\n"
         f"- command: `{command}`\n- machine: {machine()}\n- date: {datetime.date.today().isoformat()}\n\n"
         + results_section(summary, sittings, alone, costs)
     )
