@@ -663,6 +663,20 @@ def _open_step(strategy: MergeStrategy, context: IntegrationContext):
     return source, history, scalars, strategy.history_keys(context.step, scalars)
 
 
+def _save_pretrained_name_order(names: list[str]) -> list[str]:
+    """Tensor names in the order transformers 5 plans shards for Llama-like models (``layers.2``
+    before ``layers.10``: ``dot_natural_key``), so a sharded state splits where ``save_pretrained``
+    splits it. The base folder's own order is alphabetical (safetensors sorts its keys); with no
+    model at hand, the natural order is the one transformers uses whenever a model has weight
+    conversions to revert, as the Llama family does (cpt.tensors.save_pretrained_order asks the
+    model itself, for the ZeRO-3 save). One shard (the default size) is the same either way."""
+    try:
+        from transformers.core_model_loading import dot_natural_key
+    except ImportError:  # transformers 4 keeps the state_dict order, which cpt cannot see here
+        return list(names)
+    return sorted(names, key=dot_natural_key)
+
+
 def _write_step_files(
     context: IntegrationContext, scalars: dict[str, Any], staged_state: Path, staged_history: Path
 ) -> None:
@@ -704,7 +718,7 @@ def _merge_batches(
     if suffix:  # one rank's share of a split merge: its own shards, joined into one index by rank 0
         state_writer = _ShardWriter(staged_state, "model" + suffix)
     else:
-        layout = {name: (source.shapes[name], source.dtype(name)) for name in source.names}
+        layout = {name: (source.shapes[name], source.dtype(name)) for name in _save_pretrained_name_order(source.names)}
         state_writer = StreamingShardWriter(staged_state, layout, getattr(context, "max_shard_size", None))
     history_writers: dict[str, _ShardWriter] = {}
     per_tensor: dict[str, dict] = {}
