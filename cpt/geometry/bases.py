@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -257,6 +258,29 @@ def _lowrank_right_basis(delta: LowRankDelta, rank: int, energy: float) -> Right
 #: benchmarks/geometry_quickstart_speed.py and for devices other than the CPU).
 GRAM_SUBSET_EIGH = True
 
+#: On the CPU, ``method="auto"`` takes the exact Gram path for every delta whose smaller side
+#: is at most this (besides the small ones, ``min(d) ≤ max(256, 4·sketch)``); 0 turns it off.
+#: Why: a full fine-tune's update decays slowly past the kept rank (SmolLM2-135M quickstart,
+#: θ3 − θ0: ``s_32/s_65`` ≈ 1.5–1.8), so the randomized solver needs 8–12 iterations to
+#: certify its pairs, ~45 ms for a 576×1536 tensor on one core, while the exact float64 Gram
+#: eigensolve takes ~28 ms (``dsyrk`` 11 ms + ``dsyevr`` top-32 17 ms). At 1024 (Qwen3-0.6B)
+#: the eigensolve alone grows as ``d³`` (84 ms, plus ~65 ms for a 3072×1024 product), the
+#: price of 10–15 randomized iterations there, so larger sides stay randomized. Both paths satisfy METHOD §1 ("match a dense SVD"); the Gram
+#: one exactly, the randomized one to its residual certificate, so switching moves results by
+#: at most that certificate (measured: projectors ≲ 2e-5, conflicts ≲ 1e-6, see
+#: tests/geometry/test_geometry_speedups.py).
+GRAM_AUTO_MAX_SIDE_CPU = 768
+
+#: Gram eigensolves run concurrently on the CPU, one per thread and each with one BLAS thread
+#: (scipy releases the GIL in BLAS/LAPACK; every matrix is solved exactly as on its own, so
+#: the results are bit-identical to the serial loop). ``None``: ``torch.get_num_threads()``
+#: (the intra-op count the process chose, :mod:`cpt.threads`); 1: the serial loop.
+GRAM_SOLVER_THREADS: int | None = None
+
+
+def _solver_threads() -> int:
+    return max(1, GRAM_SOLVER_THREADS if GRAM_SOLVER_THREADS is not None else torch.get_num_threads())
+
 
 def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs, descending, of ``dᵀd`` (``right``) or ``d dᵀ`` for float64 ``d [B, m, n]``."""
@@ -264,11 +288,22 @@ def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
     if not GRAM_SUBSET_EIGH or d.device.type != "cpu" or not 0 < k < size:
         evals, evecs = _desc_eigh(_sym(d.mT @ d) if right else _sym(d @ d.mT))
         return evals[..., :k], evecs[..., :k]
-    values = torch.empty(d.shape[0], k, dtype=torch.float64)
-    vectors = torch.empty(d.shape[0], size, k, dtype=torch.float64)
+    matrices = d.contiguous().numpy()
+    workers = min(len(matrices), _solver_threads())
+
+    def solve(index: int):
+        return _top_pairs(matrices[index], k, size, right)
+
     with _one_blas_thread():
-        for index, matrix in enumerate(d.contiguous().numpy()):
-            _top_pairs_into(matrix, k, size, right, values[index], vectors[index])
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpt-gram") as pool:
+                pairs = list(pool.map(solve, range(len(matrices))))
+        else:
+            pairs = [solve(index) for index in range(len(matrices))]
+    values = torch.from_numpy(numpy.stack([w for w, _ in pairs]))
+    vectors = torch.from_numpy(numpy.stack([v for _, v in pairs]))
     return values, vectors
 
 
@@ -286,8 +321,8 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _top_pairs_into(matrix, k: int, size: int, right: bool, values: Tensor, vectors: Tensor) -> None:
-    """One float64 ``matrix [m, n]`` (numpy): its Gram's top-``k`` pairs written, descending, into the outputs."""
+def _top_pairs(matrix, k: int, size: int, right: bool):
+    """One float64 ``matrix [m, n]`` (numpy): its Gram's top-``k`` pairs ``(values [k], vectors [size, k])``, descending."""
     import scipy.linalg
     from scipy.linalg import blas
 
@@ -297,8 +332,7 @@ def _top_pairs_into(matrix, k: int, size: int, right: bool, values: Tensor, vect
     w, v = scipy.linalg.eigh(
         gram, lower=False, subset_by_index=[size - k, size - 1], driver="evr", overwrite_a=True, check_finite=False
     )
-    values.copy_(torch.from_numpy(w[::-1].copy()))  # dsyevr: ascending
-    vectors.copy_(torch.from_numpy(v[:, ::-1].copy()))
+    return w[::-1].copy(), v[:, ::-1].copy()  # dsyevr: ascending
 
 
 def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -441,7 +475,10 @@ def right_basis(
       nearly degenerate and subspace iteration stalls) are recomputed exactly by the
       Gram path, so the answer never silently degrades.
     - ``method="auto"`` (default): the Gram path when the smaller side is at most
-      ``max(256, 4·(rank + oversample))`` (cheap there and exact), else randomized.
+      ``max(256, 4·(rank + oversample))`` (cheap there and exact), on the CPU also up to
+      :data:`GRAM_AUTO_MAX_SIDE_CPU` (768: there a fine-tuning update's slowly decaying
+      spectrum makes the randomized solver costlier than the exact eigensolve), else
+      randomized.
 
     Why this choice: on a 3072×1024 tensor, ``torch.linalg.svd`` costs ~0.4 s (float32)
     and ~4 s (float64) on a 2-core CPU, and the float64 Gram eigensolve ~0.3 s; for the
@@ -487,7 +524,8 @@ def right_basis(
 
     sketch = min(rank + (rank if oversample is None else oversample), small)
     if method == "auto":
-        method = "gram" if small <= max(256, 4 * sketch) else "randomized"
+        gram_side = max(256, 4 * sketch, GRAM_AUTO_MAX_SIDE_CPU if d.device.type == "cpu" else 0)
+        method = "gram" if small <= gram_side else "randomized"
 
     if method == "gram":
         v, s = _gram_right_basis(d, k)
