@@ -9,6 +9,8 @@ singular values, covariances) are returned in float64.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Union
 
@@ -136,10 +138,44 @@ def _check_delta(delta: Delta) -> None:
         raise TypeError(f"delta must be floating point, got {delta.dtype}")
 
 
+#: Small dense factorizations (eigendecompositions of ``k × k`` Ritz matrices and covariances,
+#: QR of ``d_in × k`` bases) run on one torch thread on the CPU. They are far too small to gain
+#: from a second thread, and on a machine shared with other processes every extra OpenMP thread
+#: waits at each barrier for a core: measured on the loaded 2-core machine (load average ~5–10),
+#: a ``[4, 576, 64]`` float64 QR took 105 ms with two threads and 3.7 ms with one, a
+#: ``[4, 64, 64]`` eigh 15 ms and 2 ms, and these calls were 70 % of the geometry's wall time.
+#: Results move by rounding only (MKL's bits depend on its thread count). ``False``: the
+#: process's thread count (the earlier behaviour, kept for benchmarks/geometry_quickstart_speed.py).
+SMALL_LINALG_ONE_THREAD = True
+
+
+@contextlib.contextmanager
+def small_linalg(device: torch.device | str) -> Iterator[None]:
+    """One torch thread for the enclosed small factorizations on the CPU (see
+    :data:`SMALL_LINALG_ONE_THREAD`); the thread count is restored on exit. A no-op on other
+    devices. OpenMP's thread count is per calling thread, so concurrent callers do not interfere."""
+    threads = torch.get_num_threads()
+    if not SMALL_LINALG_ONE_THREAD or torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _desc_eigh(h: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric eigendecomposition with eigenvalues in descending order."""
-    evals, evecs = torch.linalg.eigh(h)
+    with small_linalg(h.device):
+        evals, evecs = torch.linalg.eigh(h)
     return evals.flip(-1), evecs.flip(-1)
+
+
+def _orthonormal(a: Tensor) -> Tensor:
+    """``Q`` of the reduced QR of ``a`` (a small factorization, :func:`small_linalg`)."""
+    with small_linalg(a.device):
+        return torch.linalg.qr(a).Q
 
 
 def _sym(a: Tensor) -> Tensor:
@@ -238,10 +274,11 @@ def _lowrank_right_basis(delta: LowRankDelta, rank: int, energy: float) -> Right
     b = b.reshape(-1, d_out, r_lora)
     a = a.reshape(-1, r_lora, d_in)
     scale = delta.scale_tensor(torch.float64).reshape(-1, 1, 1)
-    q_b, r_b = torch.linalg.qr(b)
-    q_a, r_a = torch.linalg.qr(a.mT)
-    core = scale * (r_b @ r_a.mT)
-    _, s, w_t = torch.linalg.svd(core, full_matrices=False)
+    with small_linalg(b.device):
+        q_b, r_b = torch.linalg.qr(b)
+        q_a, r_a = torch.linalg.qr(a.mT)
+        core = scale * (r_b @ r_a.mT)
+        _, s, w_t = torch.linalg.svd(core, full_matrices=False)
     v = q_a @ w_t.mT
     sq_norm = core.square().sum((-2, -1))
     return _package(v, s, sq_norm, rank, energy, batch_shape)
@@ -347,7 +384,7 @@ def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # orthonormalise and finish with a float64 Rayleigh–Ritz step (robust for tiny or
     # zero singular values, where Δᵀu/s would be ill-defined).
     _, evecs = _gram_top_eigh(d, k, right=False)
-    v0 = torch.linalg.qr(d.mT @ evecs).Q
+    v0 = _orthonormal(d.mT @ evecs)
     x = d @ v0
     evals, w = _desc_eigh(_sym(x.mT @ x))
     return v0 @ w, evals.clamp_min(0.0).sqrt()
@@ -386,7 +423,7 @@ def _randomized_right_basis(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # Same start for every element (and on every device): batched == unbatched.
     omega = torch.randn(n, sketch, generator=gen, dtype=torch.float64)
-    v0 = torch.linalg.qr(omega).Q.to(device=device, dtype=cdt)
+    v0 = _orthonormal(omega).to(device=device, dtype=cdt)
 
     # Rounding level of the residual in the working precision (measured: ~3e-7·θ_1 in
     # float32 at stagnation, independent of the size).
@@ -436,7 +473,7 @@ def _randomized_right_basis(
         if it == max_iters - 1 or not keep.any():
             break
         y = y[keep] if not keep.all() else y
-        v = torch.linalg.qr(y).Q
+        v = _orthonormal(y)
         if not keep.all():
             active = active[keep]
             d_act = d.index_select(0, active)
@@ -576,7 +613,8 @@ def union_basis(bases: list[RightBasis]) -> tuple[Tensor, Tensor]:
     n_valid = valid_cat.sum(-1)
     cat = cat * (torch.arange(total, device=cat.device) < n_valid.unsqueeze(-1)).unsqueeze(-2)
 
-    q, r = torch.linalg.qr(cat)  # reduced: q [B, d_in, min(d_in, total)]
+    with small_linalg(cat.device):
+        q, r = torch.linalg.qr(cat)  # reduced: q [B, d_in, min(d_in, total)]
     width = q.shape[-1]
     diag = r.diagonal(dim1=-2, dim2=-1).abs()
     keep = (diag > UNION_DROP_TOL) & (torch.arange(width, device=q.device) < n_valid.unsqueeze(-1))
