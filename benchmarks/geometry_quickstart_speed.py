@@ -22,9 +22,10 @@ Paths (module switches of :mod:`cpt.geometry.bases`):
 - ``old``: the path before issue 19 item 6's second round — ``method="auto"`` randomized for
   576-wide deltas (``GRAM_AUTO_MAX_SIDE_CPU = 0``), Gram eigensolves one after another
   (``GRAM_SOLVER_THREADS = 1``), small factorizations on the process's threads
-  (``SMALL_LINALG_ONE_THREAD = False``);
+  (``SMALL_LINALG_ONE_THREAD = False``), Gram products in float64
+  (``GRAM_WORKING_PRECISION = False``);
 - ``new``: the defaults (exact Gram path up to 768 wide on the CPU, concurrent eigensolves,
-  one thread for small factorizations).
+  one thread for small factorizations, Gram products in the working precision).
 
 Old and new alternate ``--repeats`` times in one process, the order flipped every round (the
 machine is shared and its load drifts; compare within a round). Printed per run: wall and
@@ -64,8 +65,18 @@ SHAPES = {
 
 #: Module switches of each path (see the module docstring).
 PATHS = {
-    "old": {"GRAM_AUTO_MAX_SIDE_CPU": 0, "GRAM_SOLVER_THREADS": 1, "SMALL_LINALG_ONE_THREAD": False},
-    "new": {"GRAM_AUTO_MAX_SIDE_CPU": 768, "GRAM_SOLVER_THREADS": None, "SMALL_LINALG_ONE_THREAD": True},
+    "old": {
+        "GRAM_AUTO_MAX_SIDE_CPU": 0,
+        "GRAM_SOLVER_THREADS": 1,
+        "SMALL_LINALG_ONE_THREAD": False,
+        "GRAM_WORKING_PRECISION": False,
+    },
+    "new": {
+        "GRAM_AUTO_MAX_SIDE_CPU": 768,
+        "GRAM_SOLVER_THREADS": None,
+        "SMALL_LINALG_ONE_THREAD": True,
+        "GRAM_WORKING_PRECISION": True,
+    },
 }
 
 

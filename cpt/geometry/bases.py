@@ -314,15 +314,33 @@ GRAM_AUTO_MAX_SIDE_CPU = 768
 #: (the intra-op count the process chose, :mod:`cpt.threads`); 1: the serial loop.
 GRAM_SOLVER_THREADS: int | None = None
 
+#: On the CPU, the Gram path forms its product in the delta's working precision
+#: (:func:`compute_dtype_for`: float32 for float32/bf16/fp16 deltas, float64 for float64 ones;
+#: METHOD §1 products, as in the randomized path) and eigensolves it in float64. ``ssyrk`` takes
+#: ~60 % of ``dsyrk``'s time and spares the float64 copy of the delta. The rounding it adds to
+#: the Gram (~1e-7 of ``‖Δ‖²``) is far below what a float32 delta already carries (``θ_t − θ0``
+#: of float32 weights: ~1e-7·‖θ‖/‖Δ‖ per entry, ~1e-5 for a fine-tuning update); measured on
+#: the quickstart's deltas, conflicts moved ≤ 7e-9 and SAR ≤ 2e-8 (the earlier randomized path
+#: sat 3.5e-7 and 2e-6 from the exact answer). ``False``: float64 products (the earlier path).
+GRAM_WORKING_PRECISION = True
+
+
+def _gram_precision(d: Tensor) -> torch.dtype:
+    if GRAM_WORKING_PRECISION and GRAM_SUBSET_EIGH and d.device.type == "cpu":
+        return compute_dtype_for(d.dtype)
+    return torch.float64
+
 
 def _solver_threads() -> int:
     return max(1, GRAM_SOLVER_THREADS if GRAM_SOLVER_THREADS is not None else torch.get_num_threads())
 
 
 def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
-    """Top-``k`` eigenpairs, descending, of ``dᵀd`` (``right``) or ``d dᵀ`` for float64 ``d [B, m, n]``."""
+    """Top-``k`` float64 eigenpairs, descending, of ``dᵀd`` (``right``) or ``d dᵀ`` for ``d [B, m, n]``
+    (float64, or float32 on the CPU: see :data:`GRAM_WORKING_PRECISION`)."""
     size = d.shape[-1] if right else d.shape[-2]
     if not GRAM_SUBSET_EIGH or d.device.type != "cpu" or not 0 < k < size:
+        d = d.to(torch.float64)
         evals, evecs = _desc_eigh(_sym(d.mT @ d) if right else _sym(d @ d.mT))
         return evals[..., :k], evecs[..., :k]
     matrices = d.contiguous().numpy()
@@ -359,13 +377,17 @@ def _one_blas_thread():
 
 
 def _top_pairs(matrix, k: int, size: int, right: bool):
-    """One float64 ``matrix [m, n]`` (numpy): its Gram's top-``k`` pairs ``(values [k], vectors [size, k])``, descending."""
+    """One ``matrix [m, n]`` (numpy float32 or float64): its Gram's top-``k`` pairs ``(values [k],
+    vectors [size, k])``, float64, descending; the product in the matrix's precision, the eigensolve in float64."""
     import scipy.linalg
     from scipy.linalg import blas
 
     # matrix.T is a Fortran-ordered view (no copy): syrk(a, trans=0) = a aᵀ = dᵀd and
     # syrk(a, trans=1) = aᵀ a = d dᵀ, upper triangle only, which eigh(lower=False) reads.
-    gram = blas.dsyrk(1.0, matrix.T, trans=0 if right else 1, lower=0)
+    syrk = blas.ssyrk if matrix.dtype == numpy.float32 else blas.dsyrk
+    gram = syrk(1.0, matrix.T, trans=0 if right else 1, lower=0)
+    if gram.dtype != numpy.float64:
+        gram = gram.astype(numpy.float64, order="F")
     w, v = scipy.linalg.eigh(
         gram, lower=False, subset_by_index=[size - k, size - 1], driver="evr", overwrite_a=True, check_finite=False
     )
@@ -374,8 +396,9 @@ def _top_pairs(matrix, k: int, size: int, right: bool):
 
 def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` right singular pairs of ``d [B, m, n]`` by a float64 Gram eigensolve
-    of the smaller side. Returns ``(v [B, n, k], s [B, k])`` descending."""
-    d = d.to(torch.float64)
+    of the smaller side (products in :func:`_gram_precision`). Returns ``(v [B, n, k], s [B, k])``
+    float64, descending."""
+    d = d.to(_gram_precision(d))
     m, n = d.shape[-2:]
     if n <= m:
         evals, evecs = _gram_top_eigh(d, k, right=True)
@@ -384,8 +407,8 @@ def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # orthonormalise and finish with a float64 Rayleigh–Ritz step (robust for tiny or
     # zero singular values, where Δᵀu/s would be ill-defined).
     _, evecs = _gram_top_eigh(d, k, right=False)
-    v0 = _orthonormal(d.mT @ evecs)
-    x = d @ v0
+    v0 = _orthonormal((d.mT @ evecs.to(d.dtype)).to(torch.float64))
+    x = (d @ v0.to(d.dtype)).to(torch.float64)
     evals, w = _desc_eigh(_sym(x.mT @ x))
     return v0 @ w, evals.clamp_min(0.0).sqrt()
 
@@ -502,7 +525,9 @@ def right_basis(
     - :class:`LowRankDelta`: QR of both factors and an SVD of the ``r × r`` core, exact,
       never forming ``B A``.
     - ``method="gram"``: float64 eigendecomposition of the Gram matrix of the smaller
-      side — exact, but ``O(min(d)^3)`` and its cost does not depend on ``rank``.
+      side — exact, but ``O(min(d)^3)`` and its cost does not depend on ``rank``. On the
+      CPU the Gram product is formed in the working precision (see
+      :data:`GRAM_WORKING_PRECISION`), elsewhere in float64.
     - ``method="randomized"``: randomized subspace iteration with ``rank + oversample``
       columns (default oversample = rank) in the delta's working precision (float32 for
       float32/bf16 inputs, float64 for float64), Ritz values from a float64
