@@ -63,21 +63,45 @@ def test_concurrent_gram_eigensolves_equal_the_serial_loop_bit_for_bit(shape, re
     assert torch.equal(alone[1][0], concurrent[1][3])
 
 
-def test_auto_takes_the_exact_gram_path_up_to_the_cpu_limit_and_matches_a_dense_svd(restore_switches):
-    deltas = slow_decay(2, 264, 300, seed=2)  # smaller side 264: past max(256, 4·64), within 768
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_auto_takes_the_exact_gram_path_up_to_the_cpu_limit_and_matches_a_dense_svd(dtype, restore_switches):
+    deltas = slow_decay(2, 264, 300, seed=2, dtype=dtype)  # smaller side 264: past max(256, 4·64), within 768
     auto = right_basis(deltas, 32, 0.95)
     gram = right_basis(deltas, 32, 0.95, method="gram")
     assert torch.equal(auto.basis, gram.basis) and torch.equal(auto.singular_values, gram.singular_values)
+    # float64 deltas: float64 products, exact to rounding; float32 ones: a float32 Gram product
+    # (GRAM_WORKING_PRECISION), ~1e-7 relative, the precision of the delta itself.
+    rtol, atol = (1e-12, 1e-10) if dtype == F64 else (1e-6, 1e-5)
     for index in range(2):
         _, s, vh = torch.linalg.svd(deltas[index].to(F64), full_matrices=False)
         r = int(auto.ranks[index])
         assert r == 32
-        torch.testing.assert_close(auto.singular_values[index, :r], s[:r], rtol=1e-12, atol=0)
+        torch.testing.assert_close(auto.singular_values[index, :r], s[:r], rtol=rtol, atol=0)
         projector = auto.basis[index] @ auto.basis[index].mT
-        torch.testing.assert_close(projector, vh[:r].T @ vh[:r], rtol=0, atol=1e-10)
+        torch.testing.assert_close(projector, vh[:r].T @ vh[:r], rtol=0, atol=atol)
     geometry_bases.GRAM_AUTO_MAX_SIDE_CPU = 0  # the earlier rule: randomized past 256
     randomized = right_basis(deltas, 32, 0.95)
     assert not torch.equal(randomized.basis, gram.basis)  # it really took the other path
+
+
+@pytest.mark.parametrize("shape", [(300, 264), (264, 300)])
+def test_gram_product_in_working_precision(shape, restore_switches):
+    for dtype in (F64, torch.float32):
+        deltas = slow_decay(2, *shape, seed=8, dtype=dtype)
+        working = right_basis(deltas, 32, 0.95, method="gram")
+        geometry_bases.GRAM_WORKING_PRECISION = False
+        float64 = right_basis(deltas, 32, 0.95, method="gram")
+        geometry_bases.GRAM_WORKING_PRECISION = True
+        if dtype == F64:  # float64 deltas: the very same float64 computation
+            assert torch.equal(working.basis, float64.basis)
+            assert torch.equal(working.singular_values, float64.singular_values)
+            continue
+        assert torch.equal(working.ranks, float64.ranks)
+        torch.testing.assert_close(working.singular_values, float64.singular_values, rtol=1e-6, atol=0)
+        for index in range(2):
+            p_working = working.basis[index] @ working.basis[index].mT
+            p_float64 = float64.basis[index] @ float64.basis[index].mT
+            torch.testing.assert_close(p_working, p_float64, rtol=0, atol=1e-5)
 
 
 def test_new_path_agrees_with_the_earlier_one_within_its_certificate(restore_switches):
