@@ -25,7 +25,9 @@ Paths (module switches of :mod:`cpt.geometry.bases`):
   (``SMALL_LINALG_ONE_THREAD = False``), Gram products in float64
   (``GRAM_WORKING_PRECISION = False``);
 - ``new``: the defaults (exact Gram path up to 768 wide on the CPU, concurrent eigensolves,
-  one thread for small factorizations, Gram products in the working precision).
+  one thread for small factorizations, float32 Gram subspace + float64 Rayleigh–Ritz);
+- ``float64`` (``--baseline float64``): ``new`` with the Gram path in float64 throughout, the
+  exact answer, to read the float32 subspace's error against.
 
 Old and new alternate ``--repeats`` times in one process, the order flipped every round (the
 machine is shared and its load drifts; compare within a round). Printed per run: wall and
@@ -77,6 +79,12 @@ PATHS = {
         "SMALL_LINALG_ONE_THREAD": True,
         "GRAM_WORKING_PRECISION": True,
     },
+    "float64": {  # new, but the Gram path in float64 throughout: the exact reference for accuracy
+        "GRAM_AUTO_MAX_SIDE_CPU": 768,
+        "GRAM_SOLVER_THREADS": None,
+        "SMALL_LINALG_ONE_THREAD": True,
+        "GRAM_WORKING_PRECISION": False,
+    },
 }
 
 
@@ -121,6 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--baseline", choices=("old", "float64"), default="old", help="what the new path is timed against"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: the process's count)")
     parser.add_argument("--real", nargs=2, metavar=("BASE", "STATE"), help="two model.safetensors: real deltas")
     args = parser.parse_args()
@@ -146,13 +157,14 @@ def main() -> None:
 
     pair_geometry(names[:7], state.__getitem__, update.__getitem__, settings)  # imports, first-call costs
     results = {}
+    base = args.baseline
     try:
         for round_index in range(args.repeats):
-            order = ("old", "new") if round_index % 2 == 0 else ("new", "old")
+            order = (base, "new") if round_index % 2 == 0 else ("new", base)
             for path in order:
                 results[path] = run(path)
             (old_wall, old_cpu, old_load, old_rows), (new_wall, new_cpu, new_load, new_rows) = (
-                results["old"],
+                results[base],
                 results["new"],
             )
             diffs = {
@@ -164,9 +176,9 @@ def main() -> None:
             )
             print(
                 f"round {round_index + 1} ({' then '.join(order)}): "
-                f"old {old_wall:.2f} s wall / {old_cpu:.2f} s CPU (load {old_load:.1f}), "
+                f"{base} {old_wall:.2f} s wall / {old_cpu:.2f} s CPU (load {old_load:.1f}), "
                 f"new {new_wall:.2f} s wall / {new_cpu:.2f} s CPU (load {new_load:.1f}), "
-                f"wall ratio new/old {new_wall / old_wall:.3f}; max |Δ| "
+                f"wall ratio new/{base} {new_wall / old_wall:.3f}, CPU ratio {new_cpu / old_cpu:.3f}; max |Δ| "
                 + ", ".join(f"{key} {value:.1e}" for key, value in diffs.items())
                 + f"; ranks equal {ranks_equal}",
                 flush=True,

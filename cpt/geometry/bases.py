@@ -314,15 +314,26 @@ GRAM_AUTO_MAX_SIDE_CPU = 768
 #: (the intra-op count the process chose, :mod:`cpt.threads`); 1: the serial loop.
 GRAM_SOLVER_THREADS: int | None = None
 
-#: On the CPU, the Gram path forms its product in the delta's working precision
-#: (:func:`compute_dtype_for`: float32 for float32/bf16/fp16 deltas, float64 for float64 ones;
-#: METHOD §1 products, as in the randomized path) and eigensolves it in float64. ``ssyrk`` takes
-#: ~60 % of ``dsyrk``'s time and spares the float64 copy of the delta. The rounding it adds to
-#: the Gram (~1e-7 of ``‖Δ‖²``) is far below what a float32 delta already carries (``θ_t − θ0``
-#: of float32 weights: ~1e-7·‖θ‖/‖Δ‖ per entry, ~1e-5 for a fine-tuning update); measured on
-#: the quickstart's deltas, conflicts moved ≤ 7e-9 and SAR ≤ 2e-8 (the earlier randomized path
-#: sat 3.5e-7 and 2e-6 from the exact answer). ``False``: float64 products (the earlier path).
+#: On the CPU, the Gram path of a float32/bf16/fp16 delta finds its top-``k`` subspace in float32
+#: (``ssyrk`` for the Gram product, ``ssyevr`` for its eigenpairs: ~60 % and ~65 % of the float64
+#: calls' time, and no float64 copy of the delta) and takes the pairs from a float64
+#: Rayleigh–Ritz step on that subspace (``V ← orth(V)``, float64 eigendecomposition of
+#: ``(ΔV)ᵀ(ΔV)``), so the returned singular pairs come from a float64 eigensolve as before.
+#: Error bound: the float32 Gram carries ~1e-7·λ_1 of rounding, far below what a float32 delta
+#: already carries (``θ_t − θ0`` of float32 weights: ~1e-7·‖θ‖/‖Δ‖ per entry, ~1e-5 relative for
+#: a fine-tuning update); to keep it away from directions whose energy float32 cannot resolve,
+#: an element whose ``k``-th eigenvalue is below :data:`GRAM_WORKING_FLOOR` ``· λ_1`` (a nearly
+#: low-rank delta asked for more pairs than it has) is recomputed in float64. Measured on the
+#: quickstart's real deltas (θ3 − θ0 of SmolLM2-135M) and on flat synthetic ones: conflicts move
+#: ≤ 5e-8, SAR ≤ 2.4e-7 from the float64 Gram path (the earlier randomized path sat 3.9e-7 and
+#: 4.4e-6 from it on the real deltas); tests/geometry/test_geometry_speedups.py bounds it.
+#: float64 deltas keep the float64 path bit for bit. ``False``: float64 throughout (the earlier path).
 GRAM_WORKING_PRECISION = True
+
+#: See :data:`GRAM_WORKING_PRECISION`: the float32 subspace is trusted when ``λ_k ≥ floor · λ_1``
+#: (``s_k/s_1 ≥ 1e-2``; a fine-tuning update's ``s_32/s_1`` is 0.07–0.2, and float32's Gram
+#: rounding sits near ``1e-7 · λ_1``).
+GRAM_WORKING_FLOOR = 1e-4
 
 
 def _gram_precision(d: Tensor) -> torch.dtype:
@@ -378,7 +389,7 @@ def _one_blas_thread():
 
 def _top_pairs(matrix, k: int, size: int, right: bool):
     """One ``matrix [m, n]`` (numpy float32 or float64): its Gram's top-``k`` pairs ``(values [k],
-    vectors [size, k])``, float64, descending; the product in the matrix's precision, the eigensolve in float64."""
+    vectors [size, k])`` as float64 arrays, descending, computed in the matrix's precision."""
     import scipy.linalg
     from scipy.linalg import blas
 
@@ -386,19 +397,40 @@ def _top_pairs(matrix, k: int, size: int, right: bool):
     # syrk(a, trans=1) = aᵀ a = d dᵀ, upper triangle only, which eigh(lower=False) reads.
     syrk = blas.ssyrk if matrix.dtype == numpy.float32 else blas.dsyrk
     gram = syrk(1.0, matrix.T, trans=0 if right else 1, lower=0)
-    if gram.dtype != numpy.float64:
-        gram = gram.astype(numpy.float64, order="F")
     w, v = scipy.linalg.eigh(
         gram, lower=False, subset_by_index=[size - k, size - 1], driver="evr", overwrite_a=True, check_finite=False
     )
-    return w[::-1].copy(), v[:, ::-1].copy()  # dsyevr: ascending
+    # dsyevr/ssyevr: ascending
+    return w[::-1].astype(numpy.float64), v[:, ::-1].astype(numpy.float64)
 
 
 def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` right singular pairs of ``d [B, m, n]`` by a float64 Gram eigensolve
-    of the smaller side (products in :func:`_gram_precision`). Returns ``(v [B, n, k], s [B, k])``
-    float64, descending."""
-    d = d.to(_gram_precision(d))
+    """Exact top-``k`` right singular pairs of ``d [B, m, n]`` by a Gram eigensolve of the
+    smaller side: float64, or on the CPU for float32 deltas a float32 subspace refined by a
+    float64 Rayleigh–Ritz step (:data:`GRAM_WORKING_PRECISION`). Returns ``(v [B, n, k],
+    s [B, k])`` float64, descending."""
+    if _gram_precision(d) == torch.float64:
+        return _gram_right_basis_float64(d, k)
+    d = d.to(torch.float32)
+    m, n = d.shape[-2:]
+    right = n <= m
+    evals, evecs = _gram_top_eigh(d, k, right=right)
+    v0 = _orthonormal(evecs if right else (d.mT @ evecs.to(d.dtype)).to(torch.float64))
+    x = (d @ v0.to(d.dtype)).to(torch.float64)
+    ritz, w = _desc_eigh(_sym(x.mT @ x))
+    v, s = v0 @ w, ritz.clamp_min(0.0).sqrt()
+    unresolved = ~((evals[:, 0] > 0) & (evals[:, k - 1] >= GRAM_WORKING_FLOOR * evals[:, 0]))
+    if bool(unresolved.any()):
+        idx = unresolved.nonzero().squeeze(-1)
+        v_exact, s_exact = _gram_right_basis_float64(d.index_select(0, idx), k)
+        v = v.index_copy(0, idx, v_exact)
+        s = s.index_copy(0, idx, s_exact)
+    return v, s
+
+
+def _gram_right_basis_float64(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`_gram_right_basis` in float64 throughout."""
+    d = d.to(torch.float64)
     m, n = d.shape[-2:]
     if n <= m:
         evals, evecs = _gram_top_eigh(d, k, right=True)
@@ -407,8 +439,8 @@ def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # orthonormalise and finish with a float64 Rayleigh–Ritz step (robust for tiny or
     # zero singular values, where Δᵀu/s would be ill-defined).
     _, evecs = _gram_top_eigh(d, k, right=False)
-    v0 = _orthonormal((d.mT @ evecs.to(d.dtype)).to(torch.float64))
-    x = (d @ v0.to(d.dtype)).to(torch.float64)
+    v0 = _orthonormal(d.mT @ evecs)
+    x = d @ v0
     evals, w = _desc_eigh(_sym(x.mT @ x))
     return v0 @ w, evals.clamp_min(0.0).sqrt()
 
@@ -526,8 +558,8 @@ def right_basis(
       never forming ``B A``.
     - ``method="gram"``: float64 eigendecomposition of the Gram matrix of the smaller
       side — exact, but ``O(min(d)^3)`` and its cost does not depend on ``rank``. On the
-      CPU the Gram product is formed in the working precision (see
-      :data:`GRAM_WORKING_PRECISION`), elsewhere in float64.
+      CPU a float32 delta's subspace is found in float32 and its pairs by a float64
+      Rayleigh–Ritz step (see :data:`GRAM_WORKING_PRECISION`).
     - ``method="randomized"``: randomized subspace iteration with ``rank + oversample``
       columns (default oversample = rank) in the delta's working precision (float32 for
       float32/bf16 inputs, float64 for float64), Ritz values from a float64

@@ -40,7 +40,14 @@ def slow_decay(batch: int, m: int, n: int, seed: int, dtype=torch.float32) -> to
 def restore_switches():
     saved = {
         name: getattr(geometry_bases, name)
-        for name in ("GRAM_AUTO_MAX_SIDE_CPU", "GRAM_SOLVER_THREADS", "SMALL_LINALG_ONE_THREAD", "GRAM_SUBSET_EIGH")
+        for name in (
+            "GRAM_AUTO_MAX_SIDE_CPU",
+            "GRAM_SOLVER_THREADS",
+            "SMALL_LINALG_ONE_THREAD",
+            "GRAM_SUBSET_EIGH",
+            "GRAM_WORKING_PRECISION",
+            "GRAM_WORKING_FLOOR",
+        )
     }
     threads = torch.get_num_threads()
     yield
@@ -69,8 +76,8 @@ def test_auto_takes_the_exact_gram_path_up_to_the_cpu_limit_and_matches_a_dense_
     auto = right_basis(deltas, 32, 0.95)
     gram = right_basis(deltas, 32, 0.95, method="gram")
     assert torch.equal(auto.basis, gram.basis) and torch.equal(auto.singular_values, gram.singular_values)
-    # float64 deltas: float64 products, exact to rounding; float32 ones: a float32 Gram product
-    # (GRAM_WORKING_PRECISION), ~1e-7 relative, the precision of the delta itself.
+    # float64 deltas: float64 throughout, exact to rounding; float32 ones: a float32 subspace and a
+    # float64 Rayleigh–Ritz step (GRAM_WORKING_PRECISION), ~1e-7 relative, the delta's own precision.
     rtol, atol = (1e-12, 1e-10) if dtype == F64 else (1e-6, 1e-5)
     for index in range(2):
         _, s, vh = torch.linalg.svd(deltas[index].to(F64), full_matrices=False)
@@ -85,7 +92,7 @@ def test_auto_takes_the_exact_gram_path_up_to_the_cpu_limit_and_matches_a_dense_
 
 
 @pytest.mark.parametrize("shape", [(300, 264), (264, 300)])
-def test_gram_product_in_working_precision(shape, restore_switches):
+def test_gram_subspace_in_working_precision(shape, restore_switches):
     for dtype in (F64, torch.float32):
         deltas = slow_decay(2, *shape, seed=8, dtype=dtype)
         working = right_basis(deltas, 32, 0.95, method="gram")
@@ -110,6 +117,7 @@ def test_new_path_agrees_with_the_earlier_one_within_its_certificate(restore_swi
     geometry_bases.GRAM_AUTO_MAX_SIDE_CPU = 0
     geometry_bases.GRAM_SOLVER_THREADS = 1
     geometry_bases.SMALL_LINALG_ONE_THREAD = False
+    geometry_bases.GRAM_WORKING_PRECISION = False
     old = state_relative_geometry(state, update)
     for key in ("rank_state", "rank_update", "union_rank"):
         assert torch.equal(new[key], old[key]), key
@@ -161,8 +169,26 @@ def test_pair_geometry_rows_unchanged_by_the_switches(restore_switches):
     geometry_bases.GRAM_AUTO_MAX_SIDE_CPU = 0
     geometry_bases.GRAM_SOLVER_THREADS = 1
     geometry_bases.SMALL_LINALG_ONE_THREAD = False
+    geometry_bases.GRAM_WORKING_PRECISION = False
     old = pair_geometry(names, state.__getitem__, update.__getitem__, settings)
     for name in names:
         assert new[name]["rank_a"] == old[name]["rank_a"] and new[name]["union_rank"] == old[name]["union_rank"]
         for key in ("geometry_conflict", "sar_a_to_b", "sar_b_to_a"):
             assert new[name][key] == pytest.approx(old[name][key], abs=1e-5), (name, key)
+
+
+@pytest.mark.parametrize("shape", [(300, 264), (264, 300)])
+def test_nearly_low_rank_float32_deltas_fall_back_to_float64(shape, restore_switches):
+    """Asked for more pairs than a delta has (s_k/s_1 < 1e-2), the float32 subspace would hold
+    directions float32 cannot resolve: those elements are redone in float64, the others are not."""
+    generator = torch.Generator().manual_seed(9)
+    m, n = shape
+    rank_five = (torch.randn(m, 5, generator=generator) @ torch.randn(5, n, generator=generator)) * 1e-2
+    deltas = torch.stack([rank_five, slow_decay(1, m, n, seed=10)[0]])
+    working = right_basis(deltas, 16, 1.0, method="gram")
+    geometry_bases.GRAM_WORKING_PRECISION = False
+    float64 = right_basis(deltas, 16, 1.0, method="gram")
+    assert torch.equal(working.basis[0], float64.basis[0])  # redone in float64, bit for bit
+    assert torch.equal(working.singular_values[0], float64.singular_values[0])
+    assert not torch.equal(working.basis[1], float64.basis[1])  # resolved: the float32 subspace
+    torch.testing.assert_close(working.singular_values[1], float64.singular_values[1], rtol=1e-6, atol=0)
