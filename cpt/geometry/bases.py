@@ -302,10 +302,10 @@ GRAM_SUBSET_EIGH = True
 #: certify its pairs, ~45 ms for a 576×1536 tensor on one core, while the exact float64 Gram
 #: eigensolve takes ~28 ms (``dsyrk`` 11 ms + ``dsyevr`` top-32 17 ms). At 1024 (Qwen3-0.6B)
 #: the eigensolve alone grows as ``d³`` (84 ms, plus ~65 ms for a 3072×1024 product), the
-#: price of 10–15 randomized iterations there, so larger sides stay randomized. Both paths satisfy METHOD §1 ("match a dense SVD"); the Gram
-#: one exactly, the randomized one to its residual certificate, so switching moves results by
-#: at most that certificate (measured: projectors ≲ 2e-5, conflicts ≲ 1e-6, see
-#: tests/geometry/test_geometry_speedups.py).
+#: price of 10–15 randomized iterations there, so larger sides stay randomized. Both paths
+#: satisfy METHOD §1 ("match a dense SVD"); the Gram one exactly, the randomized one to its
+#: residual certificate, so switching moves results by at most that certificate (measured on
+#: the quickstart's real deltas: conflicts 4.0e-7, SAR 4.4e-6; tests/geometry/test_geometry_speedups.py).
 GRAM_AUTO_MAX_SIDE_CPU = 768
 
 #: Gram eigensolves run concurrently on the CPU, one per thread and each with one BLAS thread
@@ -323,10 +323,12 @@ GRAM_SOLVER_THREADS: int | None = None
 #: already carries (``θ_t − θ0`` of float32 weights: ~1e-7·‖θ‖/‖Δ‖ per entry, ~1e-5 relative for
 #: a fine-tuning update); to keep it away from directions whose energy float32 cannot resolve,
 #: an element whose ``k``-th eigenvalue is below :data:`GRAM_WORKING_FLOOR` ``· λ_1`` (a nearly
-#: low-rank delta asked for more pairs than it has) is recomputed in float64. Measured on the
-#: quickstart's real deltas (θ3 − θ0 of SmolLM2-135M) and on flat synthetic ones: conflicts move
-#: ≤ 5e-8, SAR ≤ 2.4e-7 from the float64 Gram path (the earlier randomized path sat 3.9e-7 and
-#: 4.4e-6 from it on the real deltas); tests/geometry/test_geometry_speedups.py bounds it.
+#: low-rank delta asked for more pairs than it has) is recomputed in float64. Measured against
+#: the float64 Gram path (benchmarks/geometry_quickstart_speed.py ``--baseline float64``, all
+#: 203–210 SmolLM2-135M target tensors): real deltas (θ3 − θ0 of the quickstart) conflicts
+#: ≤ 4.8e-8, SAR ≤ 1.6e-7; flat synthetic ones ≤ 8.7e-8 and ≤ 5.6e-7 — the earlier randomized
+#: path sat 4.0e-7 and 4.4e-6 from the exact answer on the real deltas. Ranks never changed.
+#: tests/geometry/test_geometry_speedups.py bounds it.
 #: float64 deltas keep the float64 path bit for bit. ``False``: float64 throughout (the earlier path).
 GRAM_WORKING_PRECISION = True
 
