@@ -28,6 +28,9 @@ __all__ = [
     "union_basis",
     "projected_covariance",
     "compute_dtype_for",
+    "gram_path_threads",
+    "small_linalg",
+    "takes_gram_path",
     "UNION_DROP_TOL",
 ]
 
@@ -139,7 +142,8 @@ def _check_delta(delta: Delta) -> None:
 
 
 #: Small dense factorizations (eigendecompositions of ``k × k`` Ritz matrices and covariances,
-#: QR of ``d_in × k`` bases) run on one torch thread on the CPU. They are far too small to gain
+#: QR of ``d_in × k`` bases), and whole geometry computations on the Gram path
+#: (:func:`gram_path_threads`), run on one torch thread on the CPU. They are far too small to gain
 #: from a second thread, and on a machine shared with other processes every extra OpenMP thread
 #: waits at each barrier for a core: measured on the loaded 2-core machine (load average ~5–10),
 #: a ``[4, 576, 64]`` float64 QR took 105 ms with two threads and 3.7 ms with one, a
@@ -163,6 +167,34 @@ def small_linalg(device: torch.device | str) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def takes_gram_path(
+    shape: tuple[int, ...] | torch.Size, device: torch.device | str, rank: int = 32, oversample: int | None = None
+) -> bool:
+    """Whether :func:`right_basis` (``method="auto"``) decomposes a dense ``[..., m, n]`` delta
+    on ``device`` by the Gram path: smaller side ≤ ``max(256, 4·sketch)``, on the CPU also
+    ≤ :data:`GRAM_AUTO_MAX_SIDE_CPU`."""
+    small = min(shape[-2:])
+    sketch = min(rank + (rank if oversample is None else oversample), small)
+    cpu_side = GRAM_AUTO_MAX_SIDE_CPU if torch.device(device).type == "cpu" else 0
+    return small <= max(256, 4 * sketch, cpu_side)
+
+
+def gram_path_threads(deltas: list[Delta], rank: int, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """One torch thread on the CPU (:func:`small_linalg`) for a geometry computation whose dense
+    deltas all take the Gram path (LoRA deltas only need small factorizations); a no-op otherwise.
+
+    There the heavy work is the per-matrix eigensolves, run concurrently by their own pool
+    (:data:`GRAM_SOLVER_THREADS`); what torch does around them (stacking, casts, thin products,
+    ``k × k`` matrices) is light, and with two OpenMP threads on a shared machine every one of
+    those ops paid for the idle thread's spinning: measured on SmolLM2-135M shapes at load
+    average ~3.7 on 2 cores, the whole computation took 2.2–2.5× the wall time of one thread.
+    The randomized path (larger sides) keeps the process's threads for its big products."""
+    dense = [delta for delta in deltas if not isinstance(delta, LowRankDelta)]
+    if all(takes_gram_path(delta.shape, device, rank) for delta in dense):
+        return small_linalg(device)
+    return contextlib.nullcontext()
 
 
 def _desc_eigh(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -620,8 +652,7 @@ def right_basis(
 
     sketch = min(rank + (rank if oversample is None else oversample), small)
     if method == "auto":
-        gram_side = max(256, 4 * sketch, GRAM_AUTO_MAX_SIDE_CPU if d.device.type == "cpu" else 0)
-        method = "gram" if small <= gram_side else "randomized"
+        method = "gram" if takes_gram_path(d.shape, d.device, rank, oversample) else "randomized"
 
     if method == "gram":
         v, s = _gram_right_basis(d, k)

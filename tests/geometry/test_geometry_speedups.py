@@ -192,3 +192,28 @@ def test_nearly_low_rank_float32_deltas_fall_back_to_float64(shape, restore_swit
     assert torch.equal(working.singular_values[0], float64.singular_values[0])
     assert not torch.equal(working.basis[1], float64.basis[1])  # resolved: the float32 subspace
     torch.testing.assert_close(working.singular_values[1], float64.singular_values[1], rtol=1e-6, atol=0)
+
+
+def test_gram_path_geometry_runs_torch_on_one_thread_and_restores_it(restore_switches, monkeypatch):
+    """Gram-path shapes on the CPU: torch on one thread during the computation (the eigensolves
+    have their own pool), the process's count afterwards; randomized shapes keep their threads."""
+    torch.set_num_threads(2)
+    seen = []
+    real_right_basis = geometry_bases.right_basis
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_right_basis(*args, **kwargs)
+
+    import cpt.geometry.conflict as conflict
+
+    monkeypatch.setattr(conflict, "right_basis", spy)
+    small = slow_decay(1, 300, 264, seed=11)
+    assert geometry_bases.takes_gram_path(small.shape, "cpu") and not geometry_bases.takes_gram_path((900, 800), "cpu")
+    assert not geometry_bases.takes_gram_path(small.shape, "meta")  # other devices: the old 256 rule
+    state_relative_geometry(small, small.flip(-1))
+    assert seen == [1, 1] and torch.get_num_threads() == 2
+    seen.clear()
+    large = slow_decay(1, 900, 800, seed=12)
+    state_relative_geometry(large, large.flip(-1))
+    assert seen == [2, 2] and torch.get_num_threads() == 2
