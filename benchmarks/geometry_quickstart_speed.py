@@ -25,7 +25,8 @@ Paths (module switches of :mod:`cpt.geometry.bases`):
   (``SMALL_LINALG_ONE_THREAD = False``), Gram products in float64
   (``GRAM_WORKING_PRECISION = False``);
 - ``new``: the defaults (exact Gram path up to 768 wide on the CPU, concurrent eigensolves,
-  one thread for small factorizations, float32 Gram subspace + float64 Rayleigh–Ritz);
+  torch on one thread for small factorizations and around the Gram path, float32 Gram
+  subspace + float64 Rayleigh–Ritz);
 - ``float64`` (``--baseline float64``): ``new`` with the Gram path in float64 throughout, the
   exact answer, to read the float32 subspace's error against.
 

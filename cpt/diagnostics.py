@@ -113,9 +113,11 @@ def pair_geometry(
     keys = {name: group_key(name) for name in names}
     results: dict[str, dict] = {}
     for batch in _batches(names, lambda name: keys[name][0], lambda name: keys[name][1]):
-        loaded_a, loaded_b = [delta_a(name) for name in batch], [delta_b(name) for name in batch]
+        first_a, first_b = delta_a(batch[0]), delta_b(batch[0])
         # Gram-path shapes on the CPU: torch on one thread, the eigensolves concurrent (see gram_path_threads).
-        with gram_path_threads([loaded_a[0], loaded_b[0]], settings.rank, device):
+        with gram_path_threads([first_a, first_b], settings.rank, device):
+            loaded_a = [first_a] + [delta_a(name) for name in batch[1:]]
+            loaded_b = [first_b] + [delta_b(name) for name in batch[1:]]
             stacked_a, stacked_b = _to(_stack(loaded_a), device), _to(_stack(loaded_b), device)
             out = state_relative_geometry(
                 stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor

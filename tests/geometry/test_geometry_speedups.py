@@ -217,3 +217,23 @@ def test_gram_path_geometry_runs_torch_on_one_thread_and_restores_it(restore_swi
     large = slow_decay(1, 900, 800, seed=12)
     state_relative_geometry(large, large.flip(-1))
     assert seen == [2, 2] and torch.get_num_threads() == 2
+
+
+def test_pair_geometry_loads_and_stacks_gram_batches_on_one_thread(restore_switches):
+    """Loading a delta (reads and a subtraction in the callback) also paid for idle OpenMP
+    threads: after the batch's first pair decides the path, the rest load on one thread."""
+    torch.set_num_threads(2)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    deltas = dict(zip(names, slow_decay(3, 300, 264, seed=13), strict=True))
+    threads_at_load = []
+
+    def load(name):
+        threads_at_load.append(torch.get_num_threads())
+        return deltas[name]
+
+    def group_key(name):  # as the callback batches: by shape, without loading
+        return ((300, 264), "dense"), 4 * 300 * 264
+
+    rows = pair_geometry(names, load, lambda name: deltas[name].flip(-1), GeometrySettings(), group_key=group_key)
+    assert threads_at_load == [2, 1, 1] and torch.get_num_threads() == 2
+    assert all(0.0 <= rows[name]["geometry_conflict"] <= 1.0 for name in names)
