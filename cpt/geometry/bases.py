@@ -10,6 +10,7 @@ singular values, covariances) are returned in float64.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Union
@@ -153,6 +154,10 @@ def _check_delta(delta: Delta) -> None:
 SMALL_LINALG_ONE_THREAD = True
 
 
+#: The thread count :func:`small_linalg` replaced, per calling thread (read by :func:`_solver_threads`).
+_one_thread_scope = threading.local()
+
+
 @contextlib.contextmanager
 def small_linalg(device: torch.device | str) -> Iterator[None]:
     """One torch thread for the enclosed small factorizations on the CPU (see
@@ -162,11 +167,14 @@ def small_linalg(device: torch.device | str) -> Iterator[None]:
     if not SMALL_LINALG_ONE_THREAD or torch.device(device).type != "cpu" or threads == 1:
         yield
         return
+    outer = getattr(_one_thread_scope, "threads", None)
+    _one_thread_scope.threads = threads  # the eigensolve pool still sizes itself by the process's count
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        _one_thread_scope.threads = outer
 
 
 def takes_gram_path(
@@ -377,7 +385,11 @@ def _gram_precision(d: Tensor) -> torch.dtype:
 
 
 def _solver_threads() -> int:
-    return max(1, GRAM_SOLVER_THREADS if GRAM_SOLVER_THREADS is not None else torch.get_num_threads())
+    """Concurrent Gram eigensolves: :data:`GRAM_SOLVER_THREADS`, else the process's torch thread
+    count (the one before a :func:`small_linalg` scope set torch to one thread)."""
+    if GRAM_SOLVER_THREADS is not None:
+        return max(1, GRAM_SOLVER_THREADS)
+    return max(1, getattr(_one_thread_scope, "threads", None) or torch.get_num_threads())
 
 
 def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:

@@ -132,12 +132,14 @@ def test_new_path_agrees_with_the_earlier_one_within_its_certificate(restore_swi
 
 def test_small_linalg_runs_on_one_thread_and_restores_the_count(restore_switches):
     torch.set_num_threads(2)
+    geometry_bases.GRAM_SOLVER_THREADS = None
     with geometry_bases.small_linalg("cpu"):
         assert torch.get_num_threads() == 1
+        assert geometry_bases._solver_threads() == 2  # the eigensolve pool keeps the process's count
         with geometry_bases.small_linalg("cpu"):  # nested: still one, and the outer count comes back
-            assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1 and geometry_bases._solver_threads() == 2
         assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 2 and geometry_bases._one_thread_scope.threads is None
     with pytest.raises(RuntimeError), geometry_bases.small_linalg("cpu"):
         raise RuntimeError("boom")
     assert torch.get_num_threads() == 2  # restored on an exception too
