@@ -1,29 +1,50 @@
-"""Cost of the geometry callback's work on quickstart-shaped deltas, old path vs new, in one process.
+"""Cost of the geometry callback's work on quickstart-shaped deltas, the earlier path vs now, in one process.
 
 SmolLM2-135M's target tensors: ``--layers`` blocks (30 in the model) × the seven projections
 q 576×576, k 192×576, v 192×576, o 576×576, gate 1536×576, up 1536×576, down 576×1536.
-Deltas are full (no LoRA): a rank-8 signal plus i.i.d. noise whose energy puts r_E past
-the signal (as a full fine-tune's update does), so the needed pairs reach into the flat noise
-bulk, the randomized solver cannot certify them and the exact Gram path answers.
+Measured: :func:`cpt.diagnostics.pair_geometry` (what ``GeometryConflictCallback.measure``
+runs at steps t ≥ 2, both deltas nonzero), analysis defaults (rank 32, energy 0.95). Step 1
+(θ_{t−1} = θ0) computes only norms (0.1 s) and is not measured here.
 
-Measured per configuration, with :func:`cpt.diagnostics.pair_geometry` (what
-``GeometryConflictCallback.measure`` runs), analysis defaults (rank 32, energy 0.95):
+Two kinds of deltas:
 
-- ``step 1``: state θ_{t−1} = θ0 (zero state delta) — old: the full computation;
-  new: ``zero_a=True`` (no bases, no Bures; only the norms);
-- ``step 2``: both deltas nonzero — old: full ``torch.linalg.eigh`` in the Gram path
-  (``GRAM_SUBSET_EIGH = False``); new: top-k eigenpairs only (``GRAM_SUBSET_EIGH = True``).
+- ``synthetic`` (default): a rank-8 signal plus i.i.d. noise whose energy puts r_E past the
+  signal — a flat spectrum past rank 8, where the randomized solver cannot certify and the
+  earlier path ended in the exact Gram eigensolve anyway;
+- ``--real BASE STATE``: real fine-tuning deltas, ``STATE − BASE`` of two SmolLM2-135M
+  ``model.safetensors`` (e.g. the cached base and a finished quickstart's
+  ``runs/quickstart/state``): layer ℓ's delta plays the state delta and layer ℓ+1's (same
+  shape) the update, so both spectra are a real full fine-tune's (slow decay past rank 32,
+  where the earlier path's randomized solver needed 8–12 iterations to certify).
 
-Old and new alternate ``--repeats`` times in one process (the machine is shared and its load
-drifts; the ratio of the two within a round is what to read). The new path's conflicts are
-checked against the old path's (max absolute difference printed).
+Paths (module switches of :mod:`cpt.geometry.bases`):
+
+- ``old``: the path before issue 19 item 6's second round — ``method="auto"`` randomized for
+  576-wide deltas (``GRAM_AUTO_MAX_SIDE_CPU = 0``), Gram eigensolves one after another
+  (``GRAM_SOLVER_THREADS = 1``), small factorizations on the process's threads
+  (``SMALL_LINALG_ONE_THREAD = False``), Gram products in float64
+  (``GRAM_WORKING_PRECISION = False``);
+- ``new``: the defaults (exact Gram path up to 768 wide on the CPU, concurrent eigensolves,
+  torch on one thread for small factorizations and around the Gram path, float32 Gram
+  subspace + float64 Rayleigh–Ritz);
+- ``float64`` (``--baseline float64``): ``new`` with the Gram path in float64 throughout, the
+  exact answer, to read the float32 subspace's error against.
+
+Old and new alternate ``--repeats`` times in one process, the order flipped every round (the
+machine is shared and its load drifts; compare within a round). Printed per run: wall and
+process CPU seconds, the 1-minute load average before it, and the new path's largest
+differences from the old one (conflicts, SAR, norms). ``--threads 1`` takes thread contention
+out of both paths: their CPU seconds are then the work each does.
 
     python benchmarks/geometry_quickstart_speed.py --layers 30 --repeats 2
+    python benchmarks/geometry_quickstart_speed.py --layers 29 --repeats 2 \\
+        --real ~/.cache/cpt/models/smollm2-135m-instruct/model.safetensors runs/quickstart/state/model.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +66,28 @@ SHAPES = {
     "mlp.down_proj": (576, 1536),
 }
 
+#: Module switches of each path (see the module docstring).
+PATHS = {
+    "old": {
+        "GRAM_AUTO_MAX_SIDE_CPU": 0,
+        "GRAM_SOLVER_THREADS": 1,
+        "SMALL_LINALG_ONE_THREAD": False,
+        "GRAM_WORKING_PRECISION": False,
+    },
+    "new": {
+        "GRAM_AUTO_MAX_SIDE_CPU": 768,
+        "GRAM_SOLVER_THREADS": None,
+        "SMALL_LINALG_ONE_THREAD": True,
+        "GRAM_WORKING_PRECISION": True,
+    },
+    "float64": {  # new, but the Gram path in float64 throughout: the exact reference for accuracy
+        "GRAM_AUTO_MAX_SIDE_CPU": 768,
+        "GRAM_SOLVER_THREADS": None,
+        "SMALL_LINALG_ONE_THREAD": True,
+        "GRAM_WORKING_PRECISION": False,
+    },
+}
+
 
 def make_deltas(layers: int, seed: int, signal_rank: int = 8, signal: float = 3e-2, noise: float = 1e-3):
     generator = torch.Generator().manual_seed(seed)
@@ -60,43 +103,89 @@ def make_deltas(layers: int, seed: int, signal_rank: int = 8, signal: float = 3e
     return deltas
 
 
-def timed(function, *args, **kwargs):
-    started = time.perf_counter()
-    result = function(*args, **kwargs)
-    return time.perf_counter() - started, result
+def real_deltas(base: str, state: str, layers: int):
+    """``(state deltas, updates)``: layer ℓ's ``STATE − BASE`` and layer ℓ+1's, for ℓ < ``layers``."""
+    from safetensors import safe_open
+
+    def delta(layer: int, module: str, base_file, state_file) -> torch.Tensor:
+        name = f"model.layers.{layer}.{module}.weight"
+        return state_file.get_tensor(name).float() - base_file.get_tensor(name).float()
+
+    first, second = {}, {}
+    with safe_open(base, "pt") as base_file, safe_open(state, "pt") as state_file:
+        for layer in range(layers):
+            for module in SHAPES:
+                name = f"model.layers.{layer}.{module}.weight"
+                first[name] = delta(layer, module, base_file, state_file)
+                second[name] = delta(layer + 1, module, base_file, state_file)
+    return first, second
+
+
+def use_path(path: str) -> None:
+    for switch, value in PATHS[path].items():
+        setattr(bases, switch, value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--baseline", choices=("old", "float64"), default="old", help="what the new path is timed against"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: the process's count)")
+    parser.add_argument("--real", nargs=2, metavar=("BASE", "STATE"), help="two model.safetensors: real deltas")
     args = parser.parse_args()
-    state, update = make_deltas(args.layers, 0), make_deltas(args.layers, 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.real:
+        state, update = real_deltas(*args.real, args.layers)
+    else:
+        state, update = make_deltas(args.layers, 0), make_deltas(args.layers, 1)
     names = list(update)
-    zeros = {name: torch.zeros_like(value) for name, value in update.items()}
     settings = GeometrySettings()
+    kind = "real" if args.real else "synthetic"
+    print(
+        f"{kind}: {len(names)} target tensor pairs ({args.layers} layers × 7), torch threads {torch.get_num_threads()}"
+    )
 
-    def run(step: int, new: bool):
-        bases.GRAM_SUBSET_EIGH = new
-        first = zeros if step == 1 else state
-        return pair_geometry(names, first.__getitem__, update.__getitem__, settings, zero_a=new and step == 1)
+    def run(path: str):
+        use_path(path)
+        load = os.getloadavg()[0]
+        wall, cpu = time.perf_counter(), time.process_time()
+        rows = pair_geometry(names, state.__getitem__, update.__getitem__, settings)
+        return time.perf_counter() - wall, time.process_time() - cpu, load, rows
 
-    print(f"{len(names)} target tensors ({args.layers} layers × 7), torch threads {torch.get_num_threads()}")
-    for round_index in range(args.repeats):
-        for step in (1, 2):
-            old_seconds, old_rows = timed(run, step, new=False)
-            new_seconds, new_rows = timed(run, step, new=True)
-            diffs = [
-                abs(old_rows[n]["geometry_conflict"] - new_rows[n]["geometry_conflict"])
-                for n in names
-                if old_rows[n]["geometry_conflict"] is not None
-            ]
-            conflict_check = f"max |ΔGC| {max(diffs):.2e}" if diffs else "conflicts undefined (step 1)"
-            print(
-                f"round {round_index + 1} step {step}: old {old_seconds:.2f} s, new {new_seconds:.2f} s, "
-                f"ratio new/old {new_seconds / old_seconds:.3f}; {conflict_check}"
+    pair_geometry(names[:7], state.__getitem__, update.__getitem__, settings)  # imports, first-call costs
+    results = {}
+    base = args.baseline
+    try:
+        for round_index in range(args.repeats):
+            order = (base, "new") if round_index % 2 == 0 else ("new", base)
+            for path in order:
+                results[path] = run(path)
+            (old_wall, old_cpu, old_load, old_rows), (new_wall, new_cpu, new_load, new_rows) = (
+                results[base],
+                results["new"],
             )
-    bases.GRAM_SUBSET_EIGH = True
+            diffs = {
+                key: max(abs(old_rows[n][key] - new_rows[n][key]) for n in names if old_rows[n][key] is not None)
+                for key in ("geometry_conflict", "sar_a_to_b", "sar_b_to_a", "norm_a", "norm_b")
+            }
+            ranks_equal = all(
+                old_rows[n][key] == new_rows[n][key] for n in names for key in ("rank_a", "rank_b", "union_rank")
+            )
+            print(
+                f"round {round_index + 1} ({' then '.join(order)}): "
+                f"{base} {old_wall:.2f} s wall / {old_cpu:.2f} s CPU (load {old_load:.1f}), "
+                f"new {new_wall:.2f} s wall / {new_cpu:.2f} s CPU (load {new_load:.1f}), "
+                f"wall ratio new/{base} {new_wall / old_wall:.3f}, CPU ratio {new_cpu / old_cpu:.3f}; max |Δ| "
+                + ", ".join(f"{key} {value:.1e}" for key, value in diffs.items())
+                + f"; ranks equal {ranks_equal}",
+                flush=True,
+            )
+    finally:
+        use_path("new")
 
 
 if __name__ == "__main__":

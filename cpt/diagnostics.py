@@ -25,6 +25,7 @@ from cpt.geometry import (
     right_basis,
     state_relative_geometry,
 )
+from cpt.geometry.bases import gram_path_threads
 from cpt.naming import tensor_depth, tensor_family
 
 #: Bytes of stacked deltas per batch (two operands): bounds memory whatever the model size.
@@ -112,11 +113,15 @@ def pair_geometry(
     keys = {name: group_key(name) for name in names}
     results: dict[str, dict] = {}
     for batch in _batches(names, lambda name: keys[name][0], lambda name: keys[name][1]):
-        stacked_a = _to(_stack([delta_a(name) for name in batch]), device)
-        stacked_b = _to(_stack([delta_b(name) for name in batch]), device)
-        out = state_relative_geometry(
-            stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor
-        )
+        first_a, first_b = delta_a(batch[0]), delta_b(batch[0])
+        # Gram-path shapes on the CPU: torch on one thread, the eigensolves concurrent (see gram_path_threads).
+        with gram_path_threads([first_a, first_b], settings.rank, device):
+            loaded_a = [first_a] + [delta_a(name) for name in batch[1:]]
+            loaded_b = [first_b] + [delta_b(name) for name in batch[1:]]
+            stacked_a, stacked_b = _to(_stack(loaded_a), device), _to(_stack(loaded_b), device)
+            out = state_relative_geometry(
+                stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor
+            )
         for index, name in enumerate(batch):
             results[name] = {
                 "geometry_conflict": _finite(out["geometry_conflict"][index]),

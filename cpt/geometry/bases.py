@@ -9,9 +9,13 @@ singular values, covariances) are returned in float64.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Union
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -25,6 +29,9 @@ __all__ = [
     "union_basis",
     "projected_covariance",
     "compute_dtype_for",
+    "gram_path_threads",
+    "small_linalg",
+    "takes_gram_path",
     "UNION_DROP_TOL",
 ]
 
@@ -135,10 +142,80 @@ def _check_delta(delta: Delta) -> None:
         raise TypeError(f"delta must be floating point, got {delta.dtype}")
 
 
+#: Small dense factorizations (eigendecompositions of ``k × k`` Ritz matrices and covariances,
+#: QR of ``d_in × k`` bases), and whole geometry computations on the Gram path
+#: (:func:`gram_path_threads`), run on one torch thread on the CPU. They are far too small to gain
+#: from a second thread, and on a machine shared with other processes every extra OpenMP thread
+#: waits at each barrier for a core: measured on the loaded 2-core machine (load average ~5–10),
+#: a ``[4, 576, 64]`` float64 QR took 105 ms with two threads and 3.7 ms with one, a
+#: ``[4, 64, 64]`` eigh 15 ms and 2 ms, and these calls were 70 % of the geometry's wall time.
+#: Results move by rounding only (MKL's bits depend on its thread count). ``False``: the
+#: process's thread count (the earlier behaviour, kept for benchmarks/geometry_quickstart_speed.py).
+SMALL_LINALG_ONE_THREAD = True
+
+
+#: The thread count :func:`small_linalg` replaced, per calling thread (read by :func:`_solver_threads`).
+_one_thread_scope = threading.local()
+
+
+@contextlib.contextmanager
+def small_linalg(device: torch.device | str) -> Iterator[None]:
+    """One torch thread for the enclosed small factorizations on the CPU (see
+    :data:`SMALL_LINALG_ONE_THREAD`); the thread count is restored on exit. A no-op on other
+    devices. OpenMP's thread count is per calling thread, so concurrent callers do not interfere."""
+    threads = torch.get_num_threads()
+    if not SMALL_LINALG_ONE_THREAD or torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    outer = getattr(_one_thread_scope, "threads", None)
+    _one_thread_scope.threads = threads  # the eigensolve pool still sizes itself by the process's count
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _one_thread_scope.threads = outer
+
+
+def takes_gram_path(
+    shape: tuple[int, ...] | torch.Size, device: torch.device | str, rank: int = 32, oversample: int | None = None
+) -> bool:
+    """Whether :func:`right_basis` (``method="auto"``) decomposes a dense ``[..., m, n]`` delta
+    on ``device`` by the Gram path: smaller side ≤ ``max(256, 4·sketch)``, on the CPU also
+    ≤ :data:`GRAM_AUTO_MAX_SIDE_CPU`."""
+    small = min(shape[-2:])
+    sketch = min(rank + (rank if oversample is None else oversample), small)
+    cpu_side = GRAM_AUTO_MAX_SIDE_CPU if torch.device(device).type == "cpu" else 0
+    return small <= max(256, 4 * sketch, cpu_side)
+
+
+def gram_path_threads(deltas: list[Delta], rank: int, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """One torch thread on the CPU (:func:`small_linalg`) for a geometry computation whose dense
+    deltas all take the Gram path (LoRA deltas only need small factorizations); a no-op otherwise.
+
+    There the heavy work is the per-matrix eigensolves, run concurrently by their own pool
+    (:data:`GRAM_SOLVER_THREADS`); what torch does around them (stacking, casts, thin products,
+    ``k × k`` matrices) is light, and with two OpenMP threads on a shared machine every one of
+    those ops paid for the idle thread's spinning: measured on SmolLM2-135M shapes at load
+    average ~3.7 on 2 cores, the whole computation took 2.2–2.5× the wall time of one thread.
+    The randomized path (larger sides) keeps the process's threads for its big products."""
+    dense = [delta for delta in deltas if not isinstance(delta, LowRankDelta)]
+    if all(takes_gram_path(delta.shape, device, rank) for delta in dense):
+        return small_linalg(device)
+    return contextlib.nullcontext()
+
+
 def _desc_eigh(h: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric eigendecomposition with eigenvalues in descending order."""
-    evals, evecs = torch.linalg.eigh(h)
+    with small_linalg(h.device):
+        evals, evecs = torch.linalg.eigh(h)
     return evals.flip(-1), evecs.flip(-1)
+
+
+def _orthonormal(a: Tensor) -> Tensor:
+    """``Q`` of the reduced QR of ``a`` (a small factorization, :func:`small_linalg`)."""
+    with small_linalg(a.device):
+        return torch.linalg.qr(a).Q
 
 
 def _sym(a: Tensor) -> Tensor:
@@ -237,10 +314,11 @@ def _lowrank_right_basis(delta: LowRankDelta, rank: int, energy: float) -> Right
     b = b.reshape(-1, d_out, r_lora)
     a = a.reshape(-1, r_lora, d_in)
     scale = delta.scale_tensor(torch.float64).reshape(-1, 1, 1)
-    q_b, r_b = torch.linalg.qr(b)
-    q_a, r_a = torch.linalg.qr(a.mT)
-    core = scale * (r_b @ r_a.mT)
-    _, s, w_t = torch.linalg.svd(core, full_matrices=False)
+    with small_linalg(b.device):
+        q_b, r_b = torch.linalg.qr(b)
+        q_a, r_a = torch.linalg.qr(a.mT)
+        core = scale * (r_b @ r_a.mT)
+        _, s, w_t = torch.linalg.svd(core, full_matrices=False)
     v = q_a @ w_t.mT
     sq_norm = core.square().sum((-2, -1))
     return _package(v, s, sq_norm, rank, energy, batch_shape)
@@ -257,18 +335,87 @@ def _lowrank_right_basis(delta: LowRankDelta, rank: int, energy: float) -> Right
 #: benchmarks/geometry_quickstart_speed.py and for devices other than the CPU).
 GRAM_SUBSET_EIGH = True
 
+#: On the CPU, ``method="auto"`` takes the exact Gram path for every delta whose smaller side
+#: is at most this (besides the small ones, ``min(d) ≤ max(256, 4·sketch)``); 0 turns it off.
+#: Why: a full fine-tune's update decays slowly past the kept rank (SmolLM2-135M quickstart,
+#: θ3 − θ0: ``s_32/s_65`` ≈ 1.5–1.8), so the randomized solver needs 8–12 iterations to
+#: certify its pairs, ~45 ms for a 576×1536 tensor on one core, while the exact float64 Gram
+#: eigensolve takes ~28 ms (``dsyrk`` 11 ms + ``dsyevr`` top-32 17 ms). At 1024 (Qwen3-0.6B)
+#: the eigensolve alone grows as ``d³`` (84 ms, plus ~65 ms for a 3072×1024 product), the
+#: price of 10–15 randomized iterations there, so larger sides stay randomized. Both paths
+#: satisfy METHOD §1 ("match a dense SVD"); the Gram one exactly, the randomized one to its
+#: residual certificate, so switching moves results by at most that certificate (measured on
+#: the quickstart's real deltas: conflicts 4.0e-7, SAR 4.4e-6; tests/geometry/test_geometry_speedups.py).
+GRAM_AUTO_MAX_SIDE_CPU = 768
+
+#: Gram eigensolves run concurrently on the CPU, one per thread and each with one BLAS thread
+#: (scipy releases the GIL in BLAS/LAPACK; every matrix is solved exactly as on its own, so
+#: the results are bit-identical to the serial loop). ``None``: ``torch.get_num_threads()``
+#: (the intra-op count the process chose, :mod:`cpt.threads`); 1: the serial loop.
+GRAM_SOLVER_THREADS: int | None = None
+
+#: On the CPU, the Gram path of a float32/bf16/fp16 delta finds its top-``k`` subspace in float32
+#: (``ssyrk`` for the Gram product, ``ssyevr`` for its eigenpairs: ~60 % and ~65 % of the float64
+#: calls' time, and no float64 copy of the delta) and takes the pairs from a float64
+#: Rayleigh–Ritz step on that subspace (``V ← orth(V)``, float64 eigendecomposition of
+#: ``(ΔV)ᵀ(ΔV)``), so the returned singular pairs come from a float64 eigensolve as before.
+#: Error bound: the float32 Gram carries ~1e-7·λ_1 of rounding, far below what a float32 delta
+#: already carries (``θ_t − θ0`` of float32 weights: ~1e-7·‖θ‖/‖Δ‖ per entry, ~1e-5 relative for
+#: a fine-tuning update); to keep it away from directions whose energy float32 cannot resolve,
+#: an element whose ``k``-th eigenvalue is below :data:`GRAM_WORKING_FLOOR` ``· λ_1`` (a nearly
+#: low-rank delta asked for more pairs than it has) is recomputed in float64. Measured against
+#: the float64 Gram path (benchmarks/geometry_quickstart_speed.py ``--baseline float64``, all
+#: 203–210 SmolLM2-135M target tensors): real deltas (θ3 − θ0 of the quickstart) conflicts
+#: ≤ 4.8e-8, SAR ≤ 1.6e-7; flat synthetic ones ≤ 8.7e-8 and ≤ 5.6e-7 — the earlier randomized
+#: path sat 4.0e-7 and 4.4e-6 from the exact answer on the real deltas. Ranks never changed.
+#: tests/geometry/test_geometry_speedups.py bounds it.
+#: float64 deltas keep the float64 path bit for bit. ``False``: float64 throughout (the earlier path).
+GRAM_WORKING_PRECISION = True
+
+#: See :data:`GRAM_WORKING_PRECISION`: the float32 subspace is trusted when ``λ_k ≥ floor · λ_1``
+#: (``s_k/s_1 ≥ 1e-2``; a fine-tuning update's ``s_32/s_1`` is 0.07–0.2, and float32's Gram
+#: rounding sits near ``1e-7 · λ_1``).
+GRAM_WORKING_FLOOR = 1e-4
+
+
+def _gram_precision(d: Tensor) -> torch.dtype:
+    if GRAM_WORKING_PRECISION and GRAM_SUBSET_EIGH and d.device.type == "cpu":
+        return compute_dtype_for(d.dtype)
+    return torch.float64
+
+
+def _solver_threads() -> int:
+    """Concurrent Gram eigensolves: :data:`GRAM_SOLVER_THREADS`, else the process's torch thread
+    count (the one before a :func:`small_linalg` scope set torch to one thread)."""
+    if GRAM_SOLVER_THREADS is not None:
+        return max(1, GRAM_SOLVER_THREADS)
+    return max(1, getattr(_one_thread_scope, "threads", None) or torch.get_num_threads())
+
 
 def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
-    """Top-``k`` eigenpairs, descending, of ``dᵀd`` (``right``) or ``d dᵀ`` for float64 ``d [B, m, n]``."""
+    """Top-``k`` float64 eigenpairs, descending, of ``dᵀd`` (``right``) or ``d dᵀ`` for ``d [B, m, n]``
+    (float64, or float32 on the CPU: see :data:`GRAM_WORKING_PRECISION`)."""
     size = d.shape[-1] if right else d.shape[-2]
     if not GRAM_SUBSET_EIGH or d.device.type != "cpu" or not 0 < k < size:
+        d = d.to(torch.float64)
         evals, evecs = _desc_eigh(_sym(d.mT @ d) if right else _sym(d @ d.mT))
         return evals[..., :k], evecs[..., :k]
-    values = torch.empty(d.shape[0], k, dtype=torch.float64)
-    vectors = torch.empty(d.shape[0], size, k, dtype=torch.float64)
+    matrices = d.contiguous().numpy()
+    workers = min(len(matrices), _solver_threads())
+
+    def solve(index: int):
+        return _top_pairs(matrices[index], k, size, right)
+
     with _one_blas_thread():
-        for index, matrix in enumerate(d.contiguous().numpy()):
-            _top_pairs_into(matrix, k, size, right, values[index], vectors[index])
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpt-gram") as pool:
+                pairs = list(pool.map(solve, range(len(matrices))))
+        else:
+            pairs = [solve(index) for index in range(len(matrices))]
+    values = torch.from_numpy(numpy.stack([w for w, _ in pairs]))
+    vectors = torch.from_numpy(numpy.stack([v for _, v in pairs]))
     return values, vectors
 
 
@@ -286,24 +433,49 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _top_pairs_into(matrix, k: int, size: int, right: bool, values: Tensor, vectors: Tensor) -> None:
-    """One float64 ``matrix [m, n]`` (numpy): its Gram's top-``k`` pairs written, descending, into the outputs."""
+def _top_pairs(matrix, k: int, size: int, right: bool):
+    """One ``matrix [m, n]`` (numpy float32 or float64): its Gram's top-``k`` pairs ``(values [k],
+    vectors [size, k])`` as float64 arrays, descending, computed in the matrix's precision."""
     import scipy.linalg
     from scipy.linalg import blas
 
     # matrix.T is a Fortran-ordered view (no copy): syrk(a, trans=0) = a aᵀ = dᵀd and
     # syrk(a, trans=1) = aᵀ a = d dᵀ, upper triangle only, which eigh(lower=False) reads.
-    gram = blas.dsyrk(1.0, matrix.T, trans=0 if right else 1, lower=0)
+    syrk = blas.ssyrk if matrix.dtype == numpy.float32 else blas.dsyrk
+    gram = syrk(1.0, matrix.T, trans=0 if right else 1, lower=0)
     w, v = scipy.linalg.eigh(
         gram, lower=False, subset_by_index=[size - k, size - 1], driver="evr", overwrite_a=True, check_finite=False
     )
-    values.copy_(torch.from_numpy(w[::-1].copy()))  # dsyevr: ascending
-    vectors.copy_(torch.from_numpy(v[:, ::-1].copy()))
+    # dsyevr/ssyevr: ascending
+    return w[::-1].astype(numpy.float64), v[:, ::-1].astype(numpy.float64)
 
 
 def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` right singular pairs of ``d [B, m, n]`` by a float64 Gram eigensolve
-    of the smaller side. Returns ``(v [B, n, k], s [B, k])`` descending."""
+    """Exact top-``k`` right singular pairs of ``d [B, m, n]`` by a Gram eigensolve of the
+    smaller side: float64, or on the CPU for float32 deltas a float32 subspace refined by a
+    float64 Rayleigh–Ritz step (:data:`GRAM_WORKING_PRECISION`). Returns ``(v [B, n, k],
+    s [B, k])`` float64, descending."""
+    if _gram_precision(d) == torch.float64:
+        return _gram_right_basis_float64(d, k)
+    d = d.to(torch.float32)
+    m, n = d.shape[-2:]
+    right = n <= m
+    evals, evecs = _gram_top_eigh(d, k, right=right)
+    v0 = _orthonormal(evecs if right else (d.mT @ evecs.to(d.dtype)).to(torch.float64))
+    x = (d @ v0.to(d.dtype)).to(torch.float64)
+    ritz, w = _desc_eigh(_sym(x.mT @ x))
+    v, s = v0 @ w, ritz.clamp_min(0.0).sqrt()
+    unresolved = ~((evals[:, 0] > 0) & (evals[:, k - 1] >= GRAM_WORKING_FLOOR * evals[:, 0]))
+    if bool(unresolved.any()):
+        idx = unresolved.nonzero().squeeze(-1)
+        v_exact, s_exact = _gram_right_basis_float64(d.index_select(0, idx), k)
+        v = v.index_copy(0, idx, v_exact)
+        s = s.index_copy(0, idx, s_exact)
+    return v, s
+
+
+def _gram_right_basis_float64(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`_gram_right_basis` in float64 throughout."""
     d = d.to(torch.float64)
     m, n = d.shape[-2:]
     if n <= m:
@@ -313,7 +485,7 @@ def _gram_right_basis(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # orthonormalise and finish with a float64 Rayleigh–Ritz step (robust for tiny or
     # zero singular values, where Δᵀu/s would be ill-defined).
     _, evecs = _gram_top_eigh(d, k, right=False)
-    v0 = torch.linalg.qr(d.mT @ evecs).Q
+    v0 = _orthonormal(d.mT @ evecs)
     x = d @ v0
     evals, w = _desc_eigh(_sym(x.mT @ x))
     return v0 @ w, evals.clamp_min(0.0).sqrt()
@@ -352,7 +524,7 @@ def _randomized_right_basis(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # Same start for every element (and on every device): batched == unbatched.
     omega = torch.randn(n, sketch, generator=gen, dtype=torch.float64)
-    v0 = torch.linalg.qr(omega).Q.to(device=device, dtype=cdt)
+    v0 = _orthonormal(omega).to(device=device, dtype=cdt)
 
     # Rounding level of the residual in the working precision (measured: ~3e-7·θ_1 in
     # float32 at stagnation, independent of the size).
@@ -402,7 +574,7 @@ def _randomized_right_basis(
         if it == max_iters - 1 or not keep.any():
             break
         y = y[keep] if not keep.all() else y
-        v = torch.linalg.qr(y).Q
+        v = _orthonormal(y)
         if not keep.all():
             active = active[keep]
             d_act = d.index_select(0, active)
@@ -431,7 +603,9 @@ def right_basis(
     - :class:`LowRankDelta`: QR of both factors and an SVD of the ``r × r`` core, exact,
       never forming ``B A``.
     - ``method="gram"``: float64 eigendecomposition of the Gram matrix of the smaller
-      side — exact, but ``O(min(d)^3)`` and its cost does not depend on ``rank``.
+      side — exact, but ``O(min(d)^3)`` and its cost does not depend on ``rank``. On the
+      CPU a float32 delta's subspace is found in float32 and its pairs by a float64
+      Rayleigh–Ritz step (see :data:`GRAM_WORKING_PRECISION`).
     - ``method="randomized"``: randomized subspace iteration with ``rank + oversample``
       columns (default oversample = rank) in the delta's working precision (float32 for
       float32/bf16 inputs, float64 for float64), Ritz values from a float64
@@ -441,7 +615,10 @@ def right_basis(
       nearly degenerate and subspace iteration stalls) are recomputed exactly by the
       Gram path, so the answer never silently degrades.
     - ``method="auto"`` (default): the Gram path when the smaller side is at most
-      ``max(256, 4·(rank + oversample))`` (cheap there and exact), else randomized.
+      ``max(256, 4·(rank + oversample))`` (cheap there and exact), on the CPU also up to
+      :data:`GRAM_AUTO_MAX_SIDE_CPU` (768: there a fine-tuning update's slowly decaying
+      spectrum makes the randomized solver costlier than the exact eigensolve), else
+      randomized.
 
     Why this choice: on a 3072×1024 tensor, ``torch.linalg.svd`` costs ~0.4 s (float32)
     and ~4 s (float64) on a 2-core CPU, and the float64 Gram eigensolve ~0.3 s; for the
@@ -487,7 +664,7 @@ def right_basis(
 
     sketch = min(rank + (rank if oversample is None else oversample), small)
     if method == "auto":
-        method = "gram" if small <= max(256, 4 * sketch) else "randomized"
+        method = "gram" if takes_gram_path(d.shape, d.device, rank, oversample) else "randomized"
 
     if method == "gram":
         v, s = _gram_right_basis(d, k)
@@ -538,7 +715,8 @@ def union_basis(bases: list[RightBasis]) -> tuple[Tensor, Tensor]:
     n_valid = valid_cat.sum(-1)
     cat = cat * (torch.arange(total, device=cat.device) < n_valid.unsqueeze(-1)).unsqueeze(-2)
 
-    q, r = torch.linalg.qr(cat)  # reduced: q [B, d_in, min(d_in, total)]
+    with small_linalg(cat.device):
+        q, r = torch.linalg.qr(cat)  # reduced: q [B, d_in, min(d_in, total)]
     width = q.shape[-1]
     diag = r.diagonal(dim1=-2, dim2=-1).abs()
     keep = (diag > UNION_DROP_TOL) & (torch.arange(width, device=q.device) < n_valid.unsqueeze(-1))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .bases import small_linalg
+
 __all__ = [
     "psd_sqrt",
     "psd_inv_sqrt",
@@ -69,7 +71,8 @@ def _eig_fn(a: Tensor, fn, dims: Tensor | None) -> Tensor:
     a = _sym(a.to(torch.float64))
     if dims is not None:
         a, _ = _with_marker(a, dims)
-    evals, evecs = torch.linalg.eigh(a)
+    with small_linalg(a.device):  # k × k covariances (METHOD §1): one thread on the CPU
+        evals, evecs = torch.linalg.eigh(a)
     out = (evecs * fn(evals).unsqueeze(-2)) @ evecs.mT
     out = _sym(out)
     if dims is not None:
@@ -117,7 +120,8 @@ def bures_wasserstein_sq(a: Tensor, b: Tensor, eig_floor: float = 0.0, dims: Ten
     a_half = psd_sqrt(a, eig_floor, dims)
     cross_mat = _sym(a_half @ b @ a_half)
     if dims is None:
-        cross = torch.linalg.eigvalsh(cross_mat).clamp_min(lo).sqrt().sum(-1)
+        with small_linalg(cross_mat.device):
+            cross = torch.linalg.eigvalsh(cross_mat).clamp_min(lo).sqrt().sum(-1)
     else:
         cross = _valid_trace(psd_sqrt(cross_mat, eig_floor, dims), dims)
     d2 = _valid_trace(a, dims) + _valid_trace(b, dims) - 2.0 * cross

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -10,6 +12,7 @@ from .bases import (
     RightBasis,
     apply_right,
     frobenius_norm,
+    gram_path_threads,
     projected_covariance,
     right_basis,
     union_basis,
@@ -128,7 +131,21 @@ def state_relative_geometry(
     - ``norm_update``, ``norm_state``: Frobenius norms (float64);
     - ``rank_state``, ``rank_update``: kept ranks ``r`` (long);
     - ``union_rank``: columns ``k`` of the union basis (long).
+
+    On the CPU, when both deltas take the Gram path, torch runs on one thread meanwhile
+    (:func:`cpt.geometry.bases.gram_path_threads`; the eigensolves run concurrently).
     """
+    if method == "randomized":
+        threads = contextlib.nullcontext()
+    else:
+        threads = gram_path_threads([state_delta, update], rank, state_delta.device)
+    with threads:
+        return _state_relative_geometry(state_delta, update, rank, energy, eps, eig_floor, method)
+
+
+def _state_relative_geometry(
+    state_delta: Delta, update: Delta, rank: int, energy: float, eps: float, eig_floor: float, method: str
+) -> dict[str, Tensor]:
     basis_s = right_basis(state_delta, rank, energy, method=method)
     basis_u = right_basis(update, rank, energy, method=method)
     gc, k = conflict_from_bases(basis_s, basis_u, eps, eig_floor)
