@@ -102,3 +102,38 @@ def strategy_recipe(
     }
     recipe.update(extra)
     return recipe
+
+
+def three_task_recipe(tmp_path: Path, model: str, *, steps=(2, 2, 2), **extra) -> dict:
+    """make_recipe's two tasks (plural, upper) and a third, reversed words, trained ``steps[2]`` steps:
+    the smallest sequence with a row 1..T−2 and an order to plan."""
+    recipe = make_recipe(tmp_path, model, steps=steps[:2], **extra)
+    reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"input": w, "target": w[::-1]} for w in WORDS])
+    recipe["tasks"].append(
+        {
+            "name": "reverse",
+            "train": {"path": reverse},
+            "fields": {"prompt_template": "Reverse {prompt}:", "completion_template": " {completion}"},
+            "eval": {"held_out": 4},
+            "training": {"max_steps": steps[2]},
+        }
+    )
+    return recipe
+
+
+def count_trainings(monkeypatch, fail_at: int | None = None) -> list[str]:
+    """Wrap the trainer's train() to record every real training (an expert-cache hit never calls it);
+    ``fail_at=n`` raises KeyboardInterrupt in the n-th training, as if the process were killed there."""
+    from cpt.training.trainer import CptSFTTrainer
+
+    calls = []
+    original = CptSFTTrainer.train
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.args.output_dir)
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CptSFTTrainer, "train", counted)
+    return calls

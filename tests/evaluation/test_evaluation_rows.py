@@ -22,7 +22,7 @@ from cpt.recipe import validate_recipe
 from cpt.study.statistics import RunOutcomes, bootstrap_study
 from cpt.testing import build_tiny_model
 
-from tiny_recipes import WORDS, make_recipe, write_jsonl
+from tiny_recipes import make_recipe, three_task_recipe
 
 METRIC_KEYS = ("acc", "bwt", "fwt", "forgetting", "per_task_forgetting", "acc_all_tasks")
 
@@ -124,18 +124,9 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
 
-def three_task_recipe(tmp_path, model: str, name: str, rows: str) -> dict:
-    """make_recipe's two tasks and a third (reversed words), so that rows 1..T−2 have an entry to skip."""
-    data = make_recipe(tmp_path, model, steps=(2, 2), name=name)
-    reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"input": w, "target": w[::-1]} for w in WORDS])
-    data["tasks"].append(
-        {
-            "name": "reverse",
-            "train": {"path": reverse},
-            "fields": {"prompt_template": "Reverse {prompt}:", "completion_template": " {completion}"},
-            "eval": {"held_out": 4},
-        }
-    )
+def rows_recipe(tmp_path, model: str, name: str, rows: str) -> dict:
+    """three_task_recipe (rows 1..T−2 have an entry to skip) without geometry, scoring ``rows``."""
+    data = three_task_recipe(tmp_path, model, name=name)
     data["geometry"] = {"enabled": False}
     data["evaluation"]["rows"] = rows
     return data
@@ -155,7 +146,7 @@ def all_and_needed(tiny_model, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rows")
     runs = {}
     for rows in ("all", "needed"):
-        recipe = validate_recipe(three_task_recipe(tmp_path, tiny_model, f"tiny-{rows}", rows))
+        recipe = validate_recipe(rows_recipe(tmp_path, tiny_model, f"tiny-{rows}", rows))
         TaskSequenceRunner(recipe).run()
         runs[rows] = recipe.run_dir
     return runs
@@ -213,7 +204,7 @@ def test_resume_with_the_other_setting(all_and_needed, tiny_model, tmp_path, fir
     entry it scored equals the full run's, and every entry the metrics read is there."""
     from cpt.runner import TaskSequenceRunner
 
-    data = three_task_recipe(tmp_path, tiny_model, "tiny-mixed", first)
+    data = rows_recipe(tmp_path, tiny_model, "tiny-mixed", first)
     runner = TaskSequenceRunner(validate_recipe(data))
     runner.setup()
     runner.run_task(1, runner.recipe.tasks[0], runner.task_data[0])  # then the process "dies"
@@ -243,7 +234,7 @@ def test_study_copies_a_base_row_only_when_it_has_every_entry_the_run_scores(tmp
     matrix = {"tasks": ["plural", "upper", "reverse"], "rows": [[None, 0.5, 0.25], None, None, None]}
     (source / "eval" / "matrix.json").write_text(json.dumps(matrix))
     for rows, shared in (("all", False), ("needed", True)):
-        data = three_task_recipe(tmp_path, "unused-model", f"target-{rows}", rows)
+        data = rows_recipe(tmp_path, "unused-model", f"target-{rows}", rows)
         runner = TaskSequenceRunner(validate_recipe(data))
         assert _share_base_row(runner, source) is shared
         assert (runner.rundir.root / "eval" / "matrix.json").exists() is shared

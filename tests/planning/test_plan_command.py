@@ -8,27 +8,12 @@ from cpt.diagnostics import checkpoint_geometry
 from cpt.recipe import load_recipe
 from cpt.testing import build_tiny_model
 
-from tiny_recipes import WORDS, make_recipe, write_jsonl
+from tiny_recipes import make_recipe, three_task_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
-
-
-def three_task_recipe(tmp_path, model) -> dict:
-    recipe = make_recipe(tmp_path, model, steps=(3, 3), strategy="task_arithmetic")
-    reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"input": w, "target": w[::-1]} for w in WORDS])
-    recipe["tasks"].append(
-        {
-            "name": "reverse",
-            "train": {"path": reverse},
-            "fields": {"prompt_template": "Reverse {prompt}:", "completion_template": " {completion}"},
-            "eval": {"held_out": 4},
-            "training": {"max_steps": 3},
-        }
-    )
-    return recipe
 
 
 @pytest.mark.slow
@@ -38,7 +23,11 @@ def test_plan_prints_the_plan_and_writes_a_reordered_recipe(tmp_path, tiny_model
 
     monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
     recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(three_task_recipe(tmp_path, tiny_model), sort_keys=False))
+    recipe_path.write_text(
+        yaml.safe_dump(
+            three_task_recipe(tmp_path, tiny_model, steps=(3, 3, 3), strategy="task_arithmetic"), sort_keys=False
+        )
+    )
     out = tmp_path / "planned.yaml"
 
     assert main(["plan", str(recipe_path), "--write", str(out)]) == 0
@@ -78,7 +67,7 @@ def test_plan_prints_the_plan_and_writes_a_reordered_recipe(tmp_path, tiny_model
 @pytest.mark.slow
 def test_plan_of_lora_experts(tmp_path, tiny_model, monkeypatch, capsys):
     monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
-    recipe = three_task_recipe(tmp_path, tiny_model)
+    recipe = three_task_recipe(tmp_path, tiny_model, steps=(3, 3, 3), strategy="task_arithmetic")
     recipe["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))

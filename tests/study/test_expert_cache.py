@@ -21,7 +21,7 @@ from cpt.study.expert_cache import (
 )
 from cpt.testing import build_tiny_model
 
-from tiny_recipes import make_recipe
+from tiny_recipes import count_trainings, make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -185,21 +185,6 @@ def test_info_and_clear(tmp_path):
 
 
 # ---------------------------------------------------------------------- the runner hook, real tiny runs
-def count_trainings(monkeypatch) -> list[str]:
-    """Wrap the trainer's train() to record every real training (a cache hit never calls it)."""
-    from cpt.training.trainer import CptSFTTrainer
-
-    calls = []
-    original = CptSFTTrainer.train
-
-    def counted(self, *args, **kwargs):
-        calls.append(self.args.output_dir)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CptSFTTrainer, "train", counted)
-    return calls
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_runner_reuses_cached_experts_across_strategies(tmp_path, tiny_model, monkeypatch, lora):

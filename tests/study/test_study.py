@@ -12,7 +12,7 @@ from cpt.study.run import build_summary, read_run_outcomes, run_study, write_sum
 from cpt.study.spec import load_study
 from cpt.testing import build_tiny_model
 
-from tiny_recipes import make_recipe
+from tiny_recipes import count_trainings, make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_variants_expand_grids_with_deterministic_names(tmp_path):
         (
             {"variants": [{"strategy": "ties", "densty": 0.3}]},
             (
-                r"variant ties, seed 0\): strategy: densty: unknown parameter of strategy 'ties' "
+                r"variant ties, seed 0\): strategy\.densty: unknown parameter of strategy 'ties' "
                 r"\(did you mean 'density'\?\)"
             ),
         ),
@@ -140,22 +140,6 @@ def test_summary_from_run_directories(tmp_path):
     summary = write_summary(study)
     assert not summary["statistics"]["example_level"] and "resample seeds only" in summary["note"]
     assert summary["statistics"]["pairs"][0]["acc"]["estimate"] == pytest.approx(0.4)
-
-
-def count_trainings(monkeypatch, fail_at: int | None = None) -> list[str]:
-    from cpt.training.trainer import CptSFTTrainer
-
-    calls = []
-    original = CptSFTTrainer.train
-
-    def counted(self, *args, **kwargs):
-        calls.append(self.args.output_dir)
-        if fail_at is not None and len(calls) == fail_at:
-            raise KeyboardInterrupt  # as if the study were killed during this training
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CptSFTTrainer, "train", counted)
-    return calls
 
 
 def statistics_of(study_root: Path) -> dict:

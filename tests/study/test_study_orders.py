@@ -12,27 +12,12 @@ from cpt.study.spec import load_study, random_order
 from cpt.study.statistics import RunOutcomes, bootstrap_study
 from cpt.testing import build_tiny_model
 
-from tiny_recipes import WORDS, make_recipe, write_jsonl
+from tiny_recipes import count_trainings, make_recipe, three_task_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
-
-
-def three_task_recipe(tmp_path, model: str) -> dict:
-    recipe = make_recipe(tmp_path, model, steps=(2, 2))
-    reverse = write_jsonl(tmp_path / "reverse.jsonl", [{"input": w, "target": w[::-1]} for w in WORDS])
-    recipe["tasks"].append(
-        {
-            "name": "reverse",
-            "train": {"path": reverse},
-            "fields": {"prompt_template": "Reverse {prompt}:", "completion_template": " {completion}"},
-            "eval": {"held_out": 4},
-            "training": {"max_steps": 2},
-        }
-    )
-    return recipe
 
 
 def write_study(tmp_path, variants, *, model="unused-model", recipe=None, seeds=(0, 1)):
@@ -245,20 +230,6 @@ def test_shared_base_row_follows_the_target_order(tmp_path):
     shared = json.loads((runner.rundir.matrix_path).read_text())
     assert shared["tasks"] == ["reverse", "plural", "upper"] and shared["rows"][0] == [0.3, 0.1, 0.2]
     assert (runner.rundir.root / "eval" / "0_upper.jsonl").exists()
-
-
-def count_trainings(monkeypatch) -> list[str]:
-    from cpt.training.trainer import CptSFTTrainer
-
-    calls = []
-    original = CptSFTTrainer.train
-
-    def counted(self, *args, **kwargs):
-        calls.append(self.args.output_dir)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CptSFTTrainer, "train", counted)
-    return calls
 
 
 @pytest.mark.slow
