@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_steps import context
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt.diagnostics import GeometrySettings, pair_geometry
-from cpt.integration import IntegrationContext
 from cpt.merging.batch_io import run_merge
 from cpt.recipe import DEFAULT_TARGETS
 from cpt.strategies import get_strategy
@@ -65,21 +65,6 @@ def perturbed(base: Path, seed: int, dtype: torch.dtype):
     return model.to(dtype)
 
 
-def context(run: Path, base: Path, model, step: int) -> IntegrationContext:
-    return IntegrationContext(
-        step=step,
-        task_name=f"t{step}",
-        model=model,
-        tokenizer=AutoTokenizer.from_pretrained(base),
-        state_dir=run / "state",
-        base_dir=base,
-        previous_state_dir=(run / "state") if step > 1 else None,
-        history_dir=run / "history",
-        target_patterns=DEFAULT_TARGETS,
-        train_from="base",
-    )
-
-
 @pytest.mark.parametrize(
     "method, params", [("task_arithmetic", {"scaling": 0.5}), ("gcwm", {"iters": 5, "rank": 4, "step_coef": 0.5})]
 )
@@ -101,9 +86,9 @@ def test_bf16_merge_is_the_float32_merge_rounded_to_bf16(tmp_path, bf16_base, me
         expert_f32 = perturbed(bf16_base, seed, torch.float32)
         run_merge(strategy_bf16, context(tmp_path / "bf16", bf16_base, expert, step))
         run_merge(strategy_f32, context(tmp_path / "f32", f32_base, expert_f32, step))
-        state = tmp_path / "bf16" / "state"
+        state = tmp_path / "bf16" / "run" / "state"
         assert_bf16_folder(state)
-        got, reference = tensors(state), tensors(tmp_path / "f32" / "state")
+        got, reference = tensors(state), tensors(tmp_path / "f32" / "run" / "state")
         for name, value in got.items():
             assert value.dtype == torch.bfloat16
             torch.testing.assert_close(value, reference[name].to(torch.bfloat16), rtol=0, atol=0)
@@ -113,7 +98,7 @@ def test_bf16_merge_is_the_float32_merge_rounded_to_bf16(tmp_path, bf16_base, me
                 expected = previous[name] + 0.5 * (experts[name] - theta0[name].float())
                 torch.testing.assert_close(value, expected.to(torch.bfloat16), rtol=0, atol=0)
         # step t+1 reads θ_t as the bf16 run stored it
-        reference_state = tmp_path / "f32" / "state" / "model.safetensors"
+        reference_state = tmp_path / "f32" / "run" / "state" / "model.safetensors"
         save_file({name: value.float() for name, value in got.items()}, reference_state, metadata={"format": "pt"})
         previous = {name: value.float() for name, value in got.items()}
     moved = sum(not torch.equal(got[name], theta0[name]) for name in got)
