@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import yaml
+
 WORDS = ["cat", "dog", "tree", "house", "river", "stone", "bird", "cloud", "apple", "chair", "lamp", "door"]
 
 
@@ -137,3 +139,21 @@ def count_trainings(monkeypatch, fail_at: int | None = None) -> list[str]:
 
     monkeypatch.setattr(CptSFTTrainer, "train", counted)
     return calls
+
+
+def write_study(tmp_path: Path, recipe: dict, variants, *, name: str, seeds=(0, 1), resamples: int, **extra) -> Path:
+    """``base.yaml`` (``recipe``) and ``study.yaml`` over it in ``tmp_path``, studies under ``tmp_path / "studies"``."""
+    recipe_path = tmp_path / "base.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    study = {
+        "recipe": str(recipe_path),
+        "name": name,
+        "output_dir": str(tmp_path / "studies"),
+        "seeds": list(seeds),
+        "variants": variants,
+        "statistics": {"resamples": resamples},
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path

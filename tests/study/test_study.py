@@ -13,6 +13,7 @@ from cpt.study.spec import load_study
 from cpt.testing import build_tiny_model
 
 from tiny_recipes import count_trainings, make_recipe
+from tiny_recipes import write_study as write_study_files
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +23,7 @@ def tiny_model(tmp_path_factory):
 
 def write_study(tmp_path: Path, model: str, variants, seeds=(0, 1), **extra) -> Path:
     recipe = make_recipe(tmp_path, model, steps=(2, 2))
-    recipe_path = tmp_path / "base.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe))
-    study = {
-        "recipe": str(recipe_path),
-        "name": "s",
-        "output_dir": str(tmp_path / "studies"),
-        "seeds": list(seeds),
-        "variants": variants,
-        "statistics": {"resamples": 500},
-        **extra,
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
+    return write_study_files(tmp_path, recipe, variants, name="s", seeds=seeds, resamples=500, **extra)
 
 
 def test_variants_expand_grids_with_deterministic_names(tmp_path):

@@ -13,6 +13,7 @@ from cpt.study.statistics import RunOutcomes, bootstrap_study
 from cpt.testing import build_tiny_model
 
 from tiny_recipes import count_trainings, make_recipe, three_task_recipe
+from tiny_recipes import write_study as write_study_files
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +22,8 @@ def tiny_model(tmp_path_factory):
 
 
 def write_study(tmp_path, variants, *, model="unused-model", recipe=None, seeds=(0, 1)):
-    recipe_path = tmp_path / "base.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe or three_task_recipe(tmp_path, model)))
-    path = tmp_path / "study.yaml"
-    study = {
-        "recipe": str(recipe_path),
-        "name": "orders",
-        "output_dir": str(tmp_path / "studies"),
-        "seeds": list(seeds),
-        "variants": variants,
-        "statistics": {"resamples": 200},
-    }
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
+    recipe = recipe or three_task_recipe(tmp_path, model)
+    return write_study_files(tmp_path, recipe, variants, name="orders", seeds=seeds, resamples=200)
 
 
 def fake_plan(study, seed: int, planned: list[str]) -> None:
