@@ -36,6 +36,29 @@ class _Source:
         yield from self._groups
 
 
+def merge_batches(strategy, groups, step: int, keys, kept: dict, scalars: dict) -> tuple[dict, dict, dict]:
+    """``strategy.merge`` over every batch of ``groups`` with the history ``kept`` from the last step,
+    as ``run_merge`` feeds it; returns the new state, the new kept history and the per-tensor stats."""
+    new_state, new_kept, step_stats = {}, defaultdict(dict), {}
+    for target, names, _rows, b, s, e, tv in groups:
+        history = {
+            key: (
+                torch.stack([kept[key][n] for n in names])
+                if key in kept and all(n in kept[key] for n in names)
+                else None
+            )
+            for key in keys
+        }
+        result = strategy.merge(TensorBatch(names, target, step, b, s, e, tv, history, scalars))
+        for i, name in enumerate(names):
+            new_state[name] = result.state[i].float()
+            step_stats[name] = result.stats[i] if result.stats else {}
+        for key, value in result.history.items():
+            for i, name in enumerate(names):
+                new_kept[key][name] = value[i].float()
+    return new_state, dict(new_kept), step_stats
+
+
 def run_steps(strategy, base: dict, experts: list[dict], targets: set[str]):
     """θ_1 … θ_T of ``strategy`` on in-memory tensors, as ``run_merge`` computes them.
 
@@ -58,28 +81,12 @@ def run_steps(strategy, base: dict, experts: list[dict], targets: set[str]):
         scalars = json.loads(json.dumps(scalars))
         keys = strategy.history_keys(step, scalars)
         strategy.begin_step(step, _Source(groups), scalars)
-        new_state, new_kept, step_stats = {}, defaultdict(dict), {}
-        for target, names, _rows, b, s, e, tv in groups:
-            history = {
-                key: (
-                    torch.stack([kept[key][n] for n in names])
-                    if key in kept and all(n in kept[key] for n in names)
-                    else None
-                )
-                for key in keys
-            }
-            result = strategy.merge(TensorBatch(names, target, step, b, s, e, tv, history, scalars))
-            for i, name in enumerate(names):
-                new_state[name] = result.state[i].float()
-                step_stats[name] = result.stats[i] if result.stats else {}
-            for key, value in result.history.items():
-                for i, name in enumerate(names):
-                    new_kept[key][name] = value[i].float()
+        new_state, new_kept, step_stats = merge_batches(strategy, groups, step, keys, kept, scalars)
         summaries.append(strategy.end_step(step, scalars))
         scale = strategy.finalize_scale(step, scalars)
         if scale is not None:
             new_state = {name: base[name] + scale * (value - base[name]) for name, value in new_state.items()}
-        state, kept = new_state, dict(new_kept)
+        state, kept = new_state, new_kept
         states.append(state)
         stats.append(step_stats)
     return states, stats, summaries

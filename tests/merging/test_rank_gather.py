@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import pytest
 import test_baselines
 import torch
-from test_baselines import run_steps
+from test_baselines import merge_batches, run_steps
 
-from cpt.merging.contract import TensorBatch, gather_shares, ordered_union
+from cpt.merging.contract import gather_shares, ordered_union
 from cpt.merging.magnitude import kth_largest_magnitudes
 from cpt.strategies import get_strategy
 
@@ -102,21 +102,7 @@ def rank_step(strategy, scalars: dict, source: _RankSource, step: int, kept: dic
     share, gather the partials, end_step, and rank 0's rescale applied to its own tensors."""
     keys = strategy.history_keys(step, scalars)
     strategy.begin_step(step, source, scalars)
-    new_state, new_kept, step_stats = {}, {}, {}
-    for target, names, _rows, b, s, e, tv in source.share:
-        history = {
-            key: torch.stack([kept[key][n] for n in names])
-            if key in kept and all(n in kept[key] for n in names)
-            else None
-            for key in keys
-        }
-        result = strategy.merge(TensorBatch(names, target, step, b, s, e, tv, history, scalars))
-        for i, name in enumerate(names):
-            new_state[name] = result.state[i].float()
-            step_stats[name] = result.stats[i] if result.stats else {}
-        for key, value in result.history.items():
-            for i, name in enumerate(names):
-                new_kept.setdefault(key, {})[name] = value[i].float()
+    new_state, new_kept, step_stats = merge_batches(strategy, source.share, step, keys, kept, scalars)
     strategy.absorb_rank_partials(source.gather(strategy.rank_partials), order)
     summary = strategy.end_step(step, scalars)
     scale = source.gather(lambda: strategy.finalize_scale(step, scalars))[0]  # rank 0's
