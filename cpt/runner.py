@@ -205,8 +205,8 @@ class TaskSequenceRunner:
         self.strategy_info = get_strategy(recipe.strategy.name)
         # What experts train from is declared by the strategy's class; a recipe may override it.
         self.train_from = recipe.strategy.train_from or self.strategy_info.strategy_class.train_from
-        self.base = self._resolve_base()
-        self.tokenizer = self._load_tokenizer(self.base)
+        self.base = self.models.resolve_base()
+        self.tokenizer = self.models.load_tokenizer(self.base)
         self.task_names = [task.name for task in recipe.tasks]
         log(
             f"run {recipe.name} → {self.rundir.root} ({len(self.task_names)} tasks, "
@@ -279,7 +279,7 @@ class TaskSequenceRunner:
             output_dir=str(self.rundir.work(task.name)), seed=recipe.seed + step, **recipe.training_args(task)
         )
         set_seed(recipe.seed + step)
-        model = self._load_model(start_from)
+        model = self.models.load_model(start_from)
 
         # A fresh strategy instance per task; its hooks see the task before the trainer exists.
         strategy = self.strategy_info.build(recipe.strategy.params)
@@ -302,7 +302,7 @@ class TaskSequenceRunner:
             score_expert=(lambda expert: self._score_expert(step, task, data, expert))
             if recipe.evaluation.evaluate_experts
             else None,
-            load_model=self._load_eval_model,
+            load_model=self.models.load_eval_model,
             record_trained=lambda state: self._record_trained(record, state, stopwatch),
             max_shard_size=recipe.max_shard_size,
         )
@@ -311,7 +311,7 @@ class TaskSequenceRunner:
             args=args,
             train_dataset=train_dataset,
             processing_class=self.tokenizer,
-            peft_config=self._peft_config(),
+            peft_config=self.models.peft_config(),
             # The divergence monitor first: it stops a stalled or exploding task before anyone else acts on
             # the step. Order matters at on_train_end: score E_t, then measure geometry, then integrate.
             callbacks=[*self._divergence_monitors(), *strategy_callbacks, expert_evaluation, *diagnostics, integration],
@@ -412,22 +412,6 @@ class TaskSequenceRunner:
         self.distributed.wait_for_everyone()
         return manifest
 
-    # Model loading is cpt.models.RecipeModels (shared with `cpt plan`); these names stay for the loop's callers.
-    def _load_eval_model(self, path: str):
-        return self.models.load_eval_model(path)
-
-    def _load_model(self, path: str):
-        return self.models.load_model(path)
-
-    def _load_tokenizer(self, path: str):
-        return self.models.load_tokenizer(path)
-
-    def _resolve_base(self) -> str:
-        return self.models.resolve_base()
-
-    def _base_folder(self, base: str) -> Path:
-        return self.models.base_folder(base)
-
     # ------------------------------------------------------------------ evaluation
     def _evaluate(
         self, model, tokenizer, task: TaskSpec, data, desc: str, row: int | str, outcome_name: str | None = None
@@ -508,9 +492,6 @@ class TaskSequenceRunner:
         monitor = DivergenceMonitor.from_spec(self.recipe.divergence)
         return [monitor] if monitor is not None else []
 
-    def _peft_config(self):
-        return self.models.peft_config()
-
     # ------------------------------------------------------------------ one task's callbacks
     def _integration_callback(self, step: int, task: TaskSpec, strategy, previous_state: Path | None):
         from cpt.callbacks import IntegrationCallback
@@ -519,7 +500,7 @@ class TaskSequenceRunner:
             strategy,
             state_dir=self.rundir.state,
             # Strategies whose state is the expert never read θ0's tensors: no download for them.
-            base=self._base_folder(self.base) if not self.strategy_info.state_is_expert else self.base,
+            base=self.models.base_folder(self.base) if not self.strategy_info.state_is_expert else self.base,
             step=step,
             task_name=task.name,
             previous_state_dir=previous_state,
@@ -541,7 +522,7 @@ class TaskSequenceRunner:
 
         return [
             GeometryConflictCallback(
-                base=self._base_folder(self.base),
+                base=self.models.base_folder(self.base),
                 output_dir=self.rundir.geometry,
                 step=step,
                 task_name=task.name,
@@ -597,7 +578,7 @@ class TaskSequenceRunner:
                 trainer,
                 recipe=self.recipe,
                 train_dataset=train_dataset,  # as cpt handed it to the trainer (hashed into the key)
-                base_folder=lambda: self._base_folder(self.base),
+                base_folder=lambda: self.models.base_folder(self.base),
                 train_from=self.train_from,
                 cacheable=cacheable,
                 record=record,
@@ -639,7 +620,7 @@ class TaskSequenceRunner:
 
         if self.is_main:
             set_seed(self.recipe.seed)
-            model = self._load_eval_model(self.base)
+            model = self.models.load_eval_model(self.base)
             started = time.perf_counter()
             self.matrix["rows"][0] = self._evaluate_row(model, self.tokenizer, self.task_data, "base", row=0)
             self._evaluate_probes(model, "base", row=0)
@@ -664,7 +645,7 @@ class TaskSequenceRunner:
         record = self.manifest["tasks"][step - 1]
         if model is None:
             set_seed(self.recipe.seed)
-            model = self._load_eval_model(str(self.rundir.state))
+            model = self.models.load_eval_model(str(self.rundir.state))
         started = time.perf_counter()
         self.matrix["rows"][step] = self._evaluate_row(
             model, self.tokenizer, self.task_data, f"after {task.name}", row=step
@@ -737,7 +718,7 @@ class TaskSequenceRunner:
 
     def _evaluate_base_probes(self) -> None:
         if self.is_main:
-            model = self._load_eval_model(self.base)
+            model = self.models.load_eval_model(self.base)
             self._evaluate_probes(model, "base", row=0)
             self._save_matrix(self.matrix)
             del model

@@ -52,7 +52,9 @@ def test_the_runner_loads_through_the_same_component(tmp_path, tiny_model):
     runner = TaskSequenceRunner(validate_recipe(make_recipe(tmp_path, tiny_model)))
     assert isinstance(runner.models, RecipeModels) and runner.models.recipe is runner.recipe
     assert runner.models.distributed is runner.distributed  # θ0 is fetched by the main process first
-    reference = runner.models.load_model(tiny_model).state_dict()
-    loaded = runner._load_model(tiny_model).state_dict()
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()  # what HF itself loads
+    loaded = runner.models.load_model(tiny_model).state_dict()
     assert reference.keys() == loaded.keys()
     assert all(torch.equal(reference[name], loaded[name]) for name in reference)
