@@ -24,26 +24,6 @@ __all__ = ["STEPS_KEY", "is_tracker", "offset_tracker_steps", "sequence_step"]
 #: A task record's key (``manifest.json``) holding the optimizer steps its trainer ran.
 STEPS_KEY = "optimizer_steps"
 
-#: The callback events a tracker may read ``state.global_step`` in (every ``TrainerCallback`` event).
-_EVENTS = (
-    "on_init_end",
-    "on_train_begin",
-    "on_train_end",
-    "on_epoch_begin",
-    "on_epoch_end",
-    "on_step_begin",
-    "on_pre_optimizer_step",
-    "on_optimizer_step",
-    "on_substep_end",
-    "on_step_end",
-    "on_evaluate",
-    "on_predict",
-    "on_save",
-    "on_log",
-    "on_prediction_step",
-    "on_push_begin",
-)
-
 
 def sequence_step(records: Sequence[dict[str, Any]], max_steps: Sequence[int | None]) -> int:
     """The optimizer steps of the tasks whose manifest ``records`` are given (tasks 1 … k): the
@@ -77,10 +57,13 @@ def offset_tracker_steps(callbacks: Iterable[Any], offset: int) -> None:
     and the instance keeps its class (``isinstance`` checks, the trainer's callback lookups).
     Calling it again replaces the offset.
     """
+    from transformers import TrainerCallback
+
+    events = [name for name in vars(TrainerCallback) if name.startswith("on_")]  # every event a tracker may read
     for callback in callbacks:
         if not is_tracker(callback):
             continue
-        for event in _EVENTS:
+        for event in events:
             method = getattr(type(callback), event).__get__(callback)  # the class's, never an earlier shift
             if offset:
                 setattr(callback, event, functools.partial(_with_shifted_step, method, offset))
