@@ -150,16 +150,10 @@ def run_alone(study, names: list[str], seed: int, root: Path) -> dict[str, dict]
 
 # ---------------------------------------------------------------------- costs from run directories
 def run_seconds(manifest: dict) -> dict[str, float]:
-    """Seconds a run's manifest accounts for: training, evaluation (base row included), integration, geometry."""
-    tasks = manifest.get("tasks", [])
-    return {
-        "train_seconds": round(sum(t.get("train_seconds", 0.0) for t in tasks), 1),
-        "eval_seconds": round(
-            manifest.get("base_eval_seconds", 0.0) + sum(t.get("eval_seconds", 0.0) for t in tasks), 1
-        ),
-        "integration_seconds": round(sum(t.get("integration_seconds", 0.0) for t in tasks), 1),
-        "geometry_seconds": round(sum(t.get("geometry_seconds", 0.0) for t in tasks), 1),
-    }
+    """Seconds a run's manifest accounts for (:func:`cpt.study.run.manifest_seconds`), to 0.1 s."""
+    from cpt.study.run import manifest_seconds
+
+    return {key: round(value, 1) for key, value in manifest_seconds(manifest).items()}
 
 
 def alone_equivalent(runs_dir: Path, run_names: list[str]) -> dict[str, Any]:

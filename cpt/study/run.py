@@ -232,14 +232,26 @@ def read_run_outcomes(run_dir: Path, variant: str, seed: int) -> RunOutcomes:
     return RunOutcomes(variant, seed, tasks, correct, ids, scores)
 
 
-def _run_costs(run_dir: Path) -> dict[str, float]:
-    manifest = read_json(run_dir / "manifest.json") or {}
+def manifest_seconds(manifest: dict) -> dict[str, float]:
+    """The seconds a run's manifest accounts for: training, evaluation (base row included), integration, geometry."""
     tasks = manifest.get("tasks", [])
-    hits = sum(1 for t in tasks if (t.get("expert_cache") or {}).get("hit"))
     return {
         "train_seconds": sum(t.get("train_seconds", 0.0) for t in tasks),
         "eval_seconds": manifest.get("base_eval_seconds", 0.0) + sum(t.get("eval_seconds", 0.0) for t in tasks),
         "integration_seconds": sum(t.get("integration_seconds", 0.0) for t in tasks),
+        "geometry_seconds": sum(t.get("geometry_seconds") or 0.0 for t in tasks),
+    }
+
+
+def _run_costs(run_dir: Path) -> dict[str, float]:
+    manifest = read_json(run_dir / "manifest.json") or {}
+    tasks = manifest.get("tasks", [])
+    hits = sum(1 for t in tasks if (t.get("expert_cache") or {}).get("hit"))
+    seconds = manifest_seconds(manifest)
+    return {
+        "train_seconds": seconds["train_seconds"],
+        "eval_seconds": seconds["eval_seconds"],
+        "integration_seconds": seconds["integration_seconds"],
         "experts_trained": len(tasks) - hits,
         "experts_reused": hits,
         "base_row_copied": bool(manifest.get("base_row_from")),
