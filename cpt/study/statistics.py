@@ -239,6 +239,14 @@ def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def _check_bootstrap_settings(resamples: int, confidence: float) -> None:
+    """One-line errors for settings no bootstrap can use (both resampling functions check them)."""
+    if resamples < 1:
+        raise CptError(f"statistics: resamples must be ≥ 1 (got {resamples})")
+    if not 0 < confidence < 1:
+        raise CptError(f"statistics: confidence must be in (0, 1) (got {confidence})")
+
+
 def bootstrap_study(
     runs: Sequence[RunOutcomes],
     *,
@@ -260,10 +268,7 @@ def bootstrap_study(
     Returns a :class:`StudyStatistics`: the point estimate of each metric is its mean over
     seeds of the per-seed metric on the observed data.
     """
-    if resamples < 1:
-        raise CptError(f"statistics: resamples must be ≥ 1 (got {resamples})")
-    if not 0 < confidence < 1:
-        raise CptError(f"statistics: confidence must be in (0, 1) (got {confidence})")
+    _check_bootstrap_settings(resamples, confidence)
     variants, seeds, tasks, have_examples = _check_runs(runs)
     if example_level is None:
         example_level = have_examples
@@ -415,10 +420,7 @@ def pooled_spearman(
     """
     from cpt.report.statistics import spearman
 
-    if resamples < 1:
-        raise CptError(f"statistics: resamples must be ≥ 1 (got {resamples})")
-    if not 0 < confidence < 1:
-        raise CptError(f"statistics: confidence must be in (0, 1) (got {confidence})")
+    _check_bootstrap_settings(resamples, confidence)
     seeds = sorted(clusters)
     runs = [[(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for x, y in clusters[s]] for s in seeds]
     for seed_runs in runs:
