@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from cpt.geometry import (
     right_basis,
     state_relative_geometry,
 )
-from cpt.geometry.bases import gram_path_threads
+from cpt.geometry.bases import geometry_worker_threads, gram_path_threads, one_thread_worker
 from cpt.naming import tensor_depth, tensor_family
 
 #: Bytes of stacked deltas per batch (two operands): bounds memory whatever the model size.
@@ -74,6 +75,13 @@ def _batches(names: list[str], shape_of: Callable[[str], tuple], bytes_of: Calla
             yield group[start : start + size]
 
 
+def _split(batch: list[str], parts: int) -> list[list[str]]:
+    """``batch`` cut into at most ``parts`` contiguous shares of near-equal length (same shapes: same cost)."""
+    parts = min(parts, len(batch))
+    bounds = [round(index * len(batch) / parts) for index in range(parts + 1)]
+    return [batch[start:end] for start, end in zip(bounds, bounds[1:]) if end > start]
+
+
 def _finite(value: torch.Tensor) -> float | None:
     number = float(value)
     return number if math.isfinite(number) else None
@@ -111,19 +119,20 @@ def pair_geometry(
             return _delta_shape(a) + _delta_shape(b), _delta_bytes(a)
 
     keys = {name: group_key(name) for name in names}
-    results: dict[str, dict] = {}
-    for batch in _batches(names, lambda name: keys[name][0], lambda name: keys[name][1]):
+
+    def measure_batch(batch: list[str]) -> dict[str, dict]:
         first_a, first_b = delta_a(batch[0]), delta_b(batch[0])
         # Gram-path shapes on the CPU: torch on one thread, the eigensolves concurrent (see gram_path_threads).
         with gram_path_threads([first_a, first_b], settings.rank, device):
             loaded_a = [first_a] + [delta_a(name) for name in batch[1:]]
             loaded_b = [first_b] + [delta_b(name) for name in batch[1:]]
             stacked_a, stacked_b = _to(_stack(loaded_a), device), _to(_stack(loaded_b), device)
+            del loaded_a, loaded_b
             out = state_relative_geometry(
                 stacked_a, stacked_b, settings.rank, settings.energy, settings.eps, settings.eig_floor
             )
-        for index, name in enumerate(batch):
-            results[name] = {
+        return {
+            name: {
                 "geometry_conflict": _finite(out["geometry_conflict"][index]),
                 "sar_a_to_b": _finite(out["sar_state_to_update"][index]),
                 "sar_b_to_a": _finite(out["sar_update_to_state"][index]),
@@ -133,6 +142,27 @@ def pair_geometry(
                 "rank_b": int(out["rank_update"][index]),
                 "union_rank": int(out["union_rank"][index]),
             }
+            for index, name in enumerate(batch)
+        }
+
+    batches = list(_batches(names, lambda name: keys[name][0], lambda name: keys[name][1]))
+    results: dict[str, dict] = {}
+    workers = geometry_worker_threads(device)
+    if workers == 1:
+        for batch in batches:
+            results.update(measure_batch(batch))
+    else:
+        # Each batch cut into `workers` shares measured side by side, one torch thread each (see
+        # geometry_worker_threads): a tensor's numbers do not depend on its batch, and at most
+        # `workers` shares (together one batch's size) are loaded at a time.
+        def measure_share(share: list[str]) -> dict[str, dict]:
+            with one_thread_worker():
+                return measure_batch(share)
+
+        shares = [share for batch in batches for share in _split(batch, workers)]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpt-geometry") as pool:
+            for rows in pool.map(measure_share, shares):
+                results.update(rows)
     return {name: results[name] for name in names}
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "projected_covariance",
     "compute_dtype_for",
     "gram_path_threads",
+    "geometry_worker_threads",
+    "one_thread_worker",
     "small_linalg",
     "takes_gram_path",
     "UNION_DROP_TOL",
@@ -170,6 +172,40 @@ def small_linalg(device: torch.device | str) -> Iterator[None]:
     outer = getattr(_one_thread_scope, "threads", None)
     _one_thread_scope.threads = threads  # the eigensolve pool still sizes itself by the process's count
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _one_thread_scope.threads = outer
+
+
+def geometry_worker_threads(device: torch.device | str) -> int:
+    """How many threads a whole-model geometry computation on ``device`` splits its tensors over
+    (:func:`cpt.diagnostics.pair_geometry`): on the CPU, :data:`GRAM_SOLVER_THREADS` or the
+    process's torch thread count when the Gram eigensolves release the GIL
+    (:func:`cpt.geometry.lapack.available`); 1 elsewhere.
+
+    Why split whole tensors rather than only the eigensolves: every per-tensor step (casts, thin
+    products, ``k × k`` eigendecompositions, QR, Bures roots) is too small to gain from a second
+    OpenMP thread, so with only the eigensolves concurrent a quickstart step still ran ~2 s of
+    torch work on one core of two. Each tensor's result does not depend on which tensors share
+    its batch, so the split changes no number (tests/geometry/test_geometry_speedups.py).
+    """
+    from cpt.geometry import lapack
+
+    if torch.device(device).type != "cpu" or not lapack.available():
+        return 1
+    return _solver_threads()
+
+
+@contextlib.contextmanager
+def one_thread_worker() -> Iterator[None]:
+    """The scope of one worker thread of a split geometry computation (:func:`geometry_worker_threads`):
+    torch on one thread (OpenMP's and MKL's counts are per calling thread) and no nested eigensolve
+    pool (:func:`_solver_threads` reads 1): the split is the parallelism."""
+    threads, outer = torch.get_num_threads(), getattr(_one_thread_scope, "threads", None)
+    torch.set_num_threads(1)
+    _one_thread_scope.threads = 1
     try:
         yield
     finally:
@@ -403,7 +439,12 @@ def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
     matrices = d.contiguous().numpy()
     workers = min(len(matrices), _solver_threads())
 
+    from cpt.geometry import lapack
+
     def solve(index: int):
+        # the nogil calls let the pool's threads run side by side (scipy's wrappers hold the GIL)
+        if lapack.available():
+            return lapack.gram_top_pairs(matrices[index], k, right)
         return _top_pairs(matrices[index], k, size, right)
 
     with _one_blas_thread():

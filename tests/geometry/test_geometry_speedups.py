@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
-from cpt.diagnostics import GeometrySettings, pair_geometry
+from cpt.diagnostics import GeometrySettings, _split, pair_geometry
+from cpt.geometry import LowRankDelta, lapack, right_basis, state_relative_geometry, union_basis
 from cpt.geometry import bases as geometry_bases
-from cpt.geometry import right_basis, state_relative_geometry, union_basis
 
 F64 = torch.float64
 
@@ -223,8 +224,10 @@ def test_gram_path_geometry_runs_torch_on_one_thread_and_restores_it(restore_swi
 
 def test_pair_geometry_loads_and_stacks_gram_batches_on_one_thread(restore_switches):
     """Loading a delta (reads and a subtraction in the callback) also paid for idle OpenMP
-    threads: after the batch's first pair decides the path, the rest load on one thread."""
+    threads: after the batch's first pair decides the path, the rest load on one thread
+    (without the thread split; with it, every share loads on its worker's one thread)."""
     torch.set_num_threads(2)
+    geometry_bases.GRAM_SOLVER_THREADS = 1  # no split: one batch, measured on the calling thread
     names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
     deltas = dict(zip(names, slow_decay(3, 300, 264, seed=13), strict=True))
     threads_at_load = []
@@ -239,3 +242,72 @@ def test_pair_geometry_loads_and_stacks_gram_batches_on_one_thread(restore_switc
     rows = pair_geometry(names, load, lambda name: deltas[name].flip(-1), GeometrySettings(), group_key=group_key)
     assert threads_at_load == [2, 1, 1] and torch.get_num_threads() == 2
     assert all(0.0 <= rows[name]["geometry_conflict"] <= 1.0 for name in names)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("shape", [(90, 60), (60, 90)])
+def test_nogil_gram_solve_equals_scipys_wrappers_bit_for_bit(shape, dtype):
+    """cpt.geometry.lapack calls the ?syrk/?syevr scipy's wrappers call, with the same arguments
+    and workspace: the same bits; and both are the top of a dense float64 eigendecomposition."""
+    assert lapack.available()
+    matrix = slow_decay(1, *shape, seed=21, dtype=F64)[0].numpy().astype(dtype)
+    for right in (True, False):
+        size = shape[1] if right else shape[0]
+        with geometry_bases._one_blas_thread():
+            values, vectors = geometry_bases._top_pairs(matrix, 12, size, right)
+        nogil_values, nogil_vectors = lapack.gram_top_pairs(matrix, 12, right)
+        assert nogil_values.dtype == nogil_vectors.dtype == numpy.float64
+        numpy.testing.assert_array_equal(nogil_values, values)
+        numpy.testing.assert_array_equal(nogil_vectors, vectors)
+        exact = matrix.astype(numpy.float64)
+        gram = exact.T @ exact if right else exact @ exact.T
+        dense_values, dense_vectors = numpy.linalg.eigh(gram)
+        tolerance = 1e-12 if dtype == numpy.float64 else 1e-5
+        numpy.testing.assert_allclose(nogil_values, dense_values[::-1][:12], rtol=tolerance)
+        overlap = numpy.abs(
+            numpy.sum(nogil_vectors * dense_vectors[:, ::-1][:, :12], axis=0)
+        )  # same vectors up to sign
+        numpy.testing.assert_allclose(overlap, 1.0, atol=100 * tolerance)
+
+
+def test_gram_solves_fall_back_to_scipys_wrappers_without_the_capsules(restore_switches, monkeypatch):
+    deltas = slow_decay(3, 90, 60, seed=22, dtype=F64)
+    nogil = geometry_bases._gram_right_basis(deltas, 12)
+    monkeypatch.setattr(lapack, "available", lambda: False)
+    assert geometry_bases.geometry_worker_threads("cpu") == 1  # no split when the solves hold the GIL
+    for one, other in zip(nogil, geometry_bases._gram_right_basis(deltas, 12), strict=True):
+        assert torch.equal(one, other)
+
+
+def test_split_cuts_a_batch_into_near_equal_contiguous_shares():
+    assert _split(list("abcdefg"), 2) == [list("abcd"), list("efg")]
+    assert _split(list("abc"), 3) == [["a"], ["b"], ["c"]]
+    assert _split(["a"], 4) == [["a"]]
+
+
+def test_thread_split_pair_geometry_equals_one_thread_bit_for_bit(restore_switches):
+    """pair_geometry's shares on two worker threads (the CPU default with two torch threads)
+    give every row of the one-thread computation exactly: dense Gram-path and randomized
+    shapes, a LoRA batch, batches of odd length; the process's thread count is kept."""
+    torch.set_num_threads(2)
+    generator = torch.Generator().manual_seed(23)
+    state, update = {}, {}
+    for index in range(5):
+        name = f"model.layers.{index}.mlp.up_proj.weight"
+        state[name], update[name] = slow_decay(2, 120, 80, seed=30 + index)
+    for index in range(3):
+        name = f"model.layers.{index}.self_attn.q_proj.weight"  # randomized path on the CPU (side > 768)
+        state[name], update[name] = slow_decay(2, 800, 790, seed=40 + index)
+        name = f"model.layers.{index}.self_attn.v_proj.weight"
+        state[name] = slow_decay(1, 64, 48, seed=50 + index)[0]
+        update[name] = LowRankDelta(
+            torch.randn(64, 4, generator=generator), torch.randn(4, 48, generator=generator), 0.5
+        )
+    names = list(state)
+    assert geometry_bases.geometry_worker_threads("cpu") == 2
+    split = pair_geometry(names, state.__getitem__, update.__getitem__, GeometrySettings())
+    assert torch.get_num_threads() == 2
+    geometry_bases.GRAM_SOLVER_THREADS = 1
+    assert geometry_bases.geometry_worker_threads("cpu") == 1
+    assert split == pair_geometry(names, state.__getitem__, update.__getitem__, GeometrySettings())
+    assert all(0.0 <= row["geometry_conflict"] <= 1.0 for row in split.values())
