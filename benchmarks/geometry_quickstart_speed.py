@@ -24,9 +24,12 @@ Paths (module switches of :mod:`cpt.geometry.bases`):
   (``GRAM_SOLVER_THREADS = 1``), small factorizations on the process's threads
   (``SMALL_LINALG_ONE_THREAD = False``), Gram products in float64
   (``GRAM_WORKING_PRECISION = False``);
-- ``new``: the defaults (exact Gram path up to 768 wide on the CPU, concurrent eigensolves,
+- ``new``: the defaults (exact Gram path up to 768 wide on the CPU, tensors split over the
+  process's threads with nogil eigensolves (:func:`cpt.geometry.bases.geometry_worker_threads`),
   torch on one thread for small factorizations and around the Gram path, float32 Gram
   subspace + float64 Rayleigh–Ritz);
+- ``serial`` (``--baseline serial``): ``new`` on one thread (no split of the tensors over
+  threads, eigensolves one after another), i.e. ``new`` before its eigensolves released the GIL;
 - ``float64`` (``--baseline float64``): ``new`` with the Gram path in float64 throughout, the
   exact answer, to read the float32 subspace's error against.
 
@@ -77,6 +80,15 @@ PATHS = {
     "new": {
         "GRAM_AUTO_MAX_SIDE_CPU": 768,
         "GRAM_SOLVER_THREADS": None,
+        "SMALL_LINALG_ONE_THREAD": True,
+        "GRAM_WORKING_PRECISION": True,
+    },
+    # new, on one thread: no split of the tensors over threads and the eigensolves one after
+    # another — what "new" effectively was before the solves released the GIL (scipy's wrappers
+    # held it, so the concurrent pool ran one solve at a time)
+    "serial": {
+        "GRAM_AUTO_MAX_SIDE_CPU": 768,
+        "GRAM_SOLVER_THREADS": 1,
         "SMALL_LINALG_ONE_THREAD": True,
         "GRAM_WORKING_PRECISION": True,
     },
@@ -131,7 +143,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
-        "--baseline", choices=("old", "float64"), default="old", help="what the new path is timed against"
+        "--baseline", choices=("old", "serial", "float64"), default="old", help="what the new path is timed against"
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: the process's count)")
     parser.add_argument("--real", nargs=2, metavar=("BASE", "STATE"), help="two model.safetensors: real deltas")
