@@ -305,6 +305,7 @@ def test_thread_split_pair_geometry_equals_one_thread_bit_for_bit(restore_switch
         )
     names = list(state)
     assert geometry_bases.geometry_worker_threads("cpu") == 2
+    assert geometry_bases.geometry_worker_threads("meta") == 1  # other devices: one batch at a time
     split = pair_geometry(names, state.__getitem__, update.__getitem__, GeometrySettings())
     assert torch.get_num_threads() == 2
     geometry_bases.GRAM_SOLVER_THREADS = 1
