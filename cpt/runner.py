@@ -167,7 +167,7 @@ class TaskSequenceRunner:
     hub id) and its ``tokenizer``, ``task_names`` and ``task_data``.
     """
 
-    def __init__(self, recipe: Recipe, *, overwrite: bool = False, expert_cache=None):
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, expert_cache=None, merge_cache=None):
         """Args:
         recipe: the validated recipe.
         overwrite: replace a run directory that holds another recipe's run (moved aside until
@@ -175,6 +175,8 @@ class TaskSequenceRunner:
         expert_cache: a :class:`cpt.study.expert_cache.ExpertCache` that θ0-trained experts are
             taken from and stored in (``cpt study`` passes one); default: one when
             ``CPT_EXPERT_CACHE=1``, else none.
+        merge_cache: a :class:`cpt.merging.gcwm.GCWMMergeCache` a GCWM run reads its merges from
+            and stores them in (``cpt study`` passes one to variants that share their ``m_t``).
         """
         from accelerate import PartialState
 
@@ -182,6 +184,7 @@ class TaskSequenceRunner:
         self.rundir = RunDirectory(recipe.run_dir)
         self.overwrite = overwrite
         self.expert_cache = expert_cache
+        self.merge_cache = merge_cache
         self.distributed = PartialState()
         self.is_main = self.distributed.is_main_process
         #: θ0, models, tokenizer and LoRA config, loaded as the recipe says (also used by ``cpt plan``).
@@ -283,6 +286,8 @@ class TaskSequenceRunner:
 
         # A fresh strategy instance per task; its hooks see the task before the trainer exists.
         strategy = self.strategy_info.build(recipe.strategy.params)
+        if self.merge_cache is not None and hasattr(strategy, "merge_cache"):
+            strategy.merge_cache = self.merge_cache
         task_context = TaskContext(
             step=step,
             task_name=task.name,

@@ -52,6 +52,37 @@ def _finished(run_dir: Path, fingerprint: str | None = None) -> bool:
     )
 
 
+def shared_merge_caches(recipes: list, root: Path) -> dict[str, Any]:
+    """``{run name: GCWMMergeCache}`` for the GCWM runs of one seed that compute the same ``m_t`` chain.
+
+    Two GCWM variants on the same task order whose parameters differ only in what acts after the
+    merge (``step_coef``, ``decay``, ``non_target``; :func:`cpt.merging.gcwm.shares_merges`) merge
+    the same experts into the same ``m_1, m_2, …`` (METHOD §2.8): the first to run stores each
+    merge, the others read it (entries are content-addressed, so a merge is only ever read by a
+    run whose inputs are the same bytes). Other runs get no cache and compute as usual.
+    """
+    from cpt.merging.gcwm import GCWMMergeCache, shares_merges
+    from cpt.strategies import get_strategy
+
+    gcwm = [
+        (recipe, get_strategy("gcwm").make_params(recipe.strategy.params))
+        for recipe in recipes
+        if recipe.strategy.name == "gcwm"
+    ]
+
+    def order(recipe) -> list[str]:
+        return [task.name for task in recipe.tasks]
+
+    return {
+        recipe.name: GCWMMergeCache(root)
+        for recipe, params in gcwm
+        if any(
+            other is not recipe and order(other) == order(recipe) and shares_merges(other_params, params)
+            for other, other_params in gcwm
+        )
+    }
+
+
 def _share_base_row(runner, source: Path) -> bool:
     """Give a new run the base row of ``source`` (a run of the same base recipe and seed) instead of re-evaluating.
 
@@ -107,19 +138,28 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
             if study.needs_plans:
                 plan_seed(study, seed, cache)
             base_source: Path | None = None
-            for variant in study.variants:
+            recipes = [study.recipe_for(variant, seed) for variant in study.variants]
+            merge_caches = shared_merge_caches(recipes, study.root / "merges")
+            for recipe in recipes:
                 done += 1
-                recipe = study.recipe_for(variant, seed)
                 if _finished(recipe.run_dir, recipe.fingerprint()):
                     log(f"[{done}/{total}] {recipe.name}: finished before")
                 else:
                     log(f"[{done}/{total}] {recipe.name}")
-                    runner = TaskSequenceRunner(recipe, expert_cache=cache)
+                    merge_cache = merge_caches.get(recipe.name)
+                    runner = TaskSequenceRunner(recipe, expert_cache=cache, merge_cache=merge_cache)
                     if base_source is not None and _share_base_row(runner, base_source):
                         log(f"{recipe.name}: base row copied from {base_source.name}")
                     runner.run()
+                    if merge_cache is not None:
+                        log(
+                            f"{recipe.name}: GCWM merges shared with the seed's other variants of the same m_t: "
+                            f"{merge_cache.hits} tensors read, {merge_cache.misses} merged"
+                        )
                 if base_source is None:
                     base_source = recipe.run_dir
+            # a seed's merges are never another seed's (other experts): keep the disk to one seed's chain
+            shutil.rmtree(study.root / "merges", ignore_errors=True)
     else:
         load_plans(study)
     summary = write_summary(study)

@@ -8,11 +8,13 @@ Where things are:
 - :mod:`.continual` — :func:`gcwm_continual_step` (METHOD §2.8, both memory modes),
   :func:`step_coefficient`, :func:`gcwm_non_target_step`;
 - :mod:`.strategy` — :class:`GCWM`, the strategy registered as ``gcwm``;
+- :mod:`.cache` — :class:`GCWMMergeCache`, per-tensor merges shared by runs whose ``m_t`` agree;
 - the inner Adam solve of METHOD §2.6 (shared with WUDI) lives in
   :mod:`cpt.merging.inner_solver` and is re-exported here.
 """
 
 from ..inner_solver import adam_merge, inner_gradient, inner_objective
+from .cache import GCWMMergeCache, shares_merges
 from .continual import gcwm_continual_step, gcwm_non_target_step, norm_step_coefficient, step_coefficient
 from .merge import BRANCH_BOTH, BRANCH_PLAIN, BRANCH_RELATION, GCWMGeometry, gcwm_geometry, gcwm_merge
 from .params import GCWMParams
@@ -24,6 +26,7 @@ __all__ = [
     "BRANCH_RELATION",
     "GCWM",
     "GCWMGeometry",
+    "GCWMMergeCache",
     "GCWMParams",
     "adam_merge",
     "gcwm_continual_step",
@@ -33,5 +36,6 @@ __all__ = [
     "inner_gradient",
     "inner_objective",
     "norm_step_coefficient",
+    "shares_merges",
     "step_coefficient",
 ]

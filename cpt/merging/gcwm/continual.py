@@ -4,7 +4,7 @@ and the rule for non-target tensors. Tensor-in, tensor-out."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +50,7 @@ def gcwm_continual_step(
     exact_shortcuts: bool = True,
     coefficient: float | None = None,
     diagnostics: bool = False,
+    merge_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One continual GCWM step for one (batched) target tensor (METHOD §2.8).
 
@@ -70,6 +71,8 @@ def gcwm_continual_step(
             ``step_coef: norm``, whose ``c_t = n̄_t/‖m_t‖`` (:func:`norm_step_coefficient`)
             needs every target tensor's ``m_t`` first — the strategy merges with
             ``coefficient=1`` and rescales the state once all tensors are done.
+        merge_fn: what merges the active set, with :func:`gcwm_merge`'s signature (default
+            :func:`gcwm_merge`), e.g. a :class:`cpt.merging.gcwm.cache.GCWMMergeCache`.
 
     Active sets: ``current_anchor`` — ``[m_{t−1}, τ_t]`` with weights
     ``(old_weight, new_weight)``, or ``[τ_1]`` (weight ``new_weight``) at t = 1;
@@ -112,7 +115,7 @@ def gcwm_continual_step(
         active = earlier[len(earlier) - needed :] + [task_vector]
         weights = [1.0] * len(active)
 
-    merged, stats = gcwm_merge(
+    merged, stats = (merge_fn or gcwm_merge)(
         active,
         weights,
         params,

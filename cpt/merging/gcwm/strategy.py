@@ -61,6 +61,9 @@ class GCWM(MergeStrategy):
     """
 
     rank_split = True
+    #: A :class:`~cpt.merging.gcwm.cache.GCWMMergeCache` the merges are read from and stored in
+    #: (``cpt study`` sets one for variants that share their ``m_t``); None: every merge computed.
+    merge_cache = None
 
     def begin_step(self, step: int, batches, scalars: dict[str, Any]) -> None:
         """Reset the step's whole-model accumulators (no pre-pass over the tensors)."""
@@ -137,6 +140,7 @@ class GCWM(MergeStrategy):
             self.params,
             coefficient=1.0 if norm_mode else None,
             diagnostics=True,
+            merge_fn=self.merge_cache,
         )
         keep = {"merged": merged}
         history_error = None

@@ -1,0 +1,203 @@
+"""A content-addressed cache of GCWM's per-tensor merges, shared by study variants whose ``m_t`` agree.
+
+GCWM's merged delta ``m_t`` (METHOD §2, steps 1–7) is a function of its active set (the deltas,
+their weights) and of the merge parameters — not of ``step_coef``, ``decay`` or ``non_target``,
+which only decide how ``m_t`` moves the state (§2.8, §2.9). In ``current_anchor`` the active set
+is ``[m_{t−1}, τ_t]``, so two runs on the same experts whose parameters differ only in those
+three fields compute the same chain ``m_1, m_2, …`` — at SmolLM2 scale about ten minutes of
+inner Adam solves per step on a 2-core CPU. ``cpt study`` gives such variants one
+:class:`GCWMMergeCache` (README, "Studies"): the first run of a seed computes each merge and
+stores it, the others read it.
+
+**Key** (per target tensor, :meth:`GCWMMergeCache.key`): the sha256 of the merge parameters
+that can change ``m`` (every field but :data:`AFTER_MERGE_FIELDS`), the weights, the solver settings, the platform (device
+type, torch version) and every active delta's dtype, shape and bytes. Anything that changes
+``m`` changes the key; equal inputs give the bit-identical merge (a tensor's merge does not
+depend on the tensors it is batched with).
+
+**Entry**: ``<root>/<key>.safetensors`` — ``merged`` and the per-tensor stats, with the sha256 of
+their bytes in the metadata. Written to a temporary name and renamed into place (two writers
+of one key write the same bytes); read back only when the digest matches, so a truncated or
+corrupted entry is recomputed (and replaced), never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .merge import gcwm_merge
+from .params import GCWMParams
+
+__all__ = ["AFTER_MERGE_FIELDS", "GCWMMergeCache", "merge_fields", "shares_merges"]
+
+CACHE_FORMAT = 1
+
+#: GCWMParams fields that act after the merge (METHOD §2.8, §2.9): how ``m_t`` moves the state.
+#: Every other field is in the key, so a field added later is in it too.
+AFTER_MERGE_FIELDS = frozenset({"step_coef", "decay", "non_target"})
+
+
+def merge_fields(params: GCWMParams) -> dict:
+    """The fields of ``params`` that can change ``m_t`` (all but :data:`AFTER_MERGE_FIELDS`)."""
+    return {
+        field.name: getattr(params, field.name)
+        for field in dataclasses.fields(params)
+        if field.name not in AFTER_MERGE_FIELDS
+    }
+
+
+def shares_merges(first: GCWMParams, second: GCWMParams) -> bool:
+    """Whether two GCWM parameter sets compute the same ``m_t`` chain from the same experts."""
+    return merge_fields(first) == merge_fields(second)
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class GCWMMergeCache:
+    """A drop-in for :func:`cpt.merging.gcwm.gcwm_merge` that reads and stores per-tensor merges.
+
+    Usage::
+
+        cache = GCWMMergeCache("study/merges")
+        merged, increment, stats = gcwm_continual_step(t, tau, previous, None, params, merge_fn=cache)
+
+    Args:
+        root: the folder of the entries (created on first store).
+
+    A batch is taken from the cache only when every tensor in it is there; otherwise it is merged
+    by :func:`gcwm_merge` and each tensor stored. One-delta merges (step 1: ``m = τ_1`` exactly,
+    no solve) are computed, not stored. ``hits`` and ``misses`` count tensors.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def key(
+        self,
+        deltas: Sequence[Tensor],
+        weights: Sequence[float],
+        params: GCWMParams,
+        settings: dict,
+    ) -> str:
+        """The key of one tensor's merge: ``deltas`` are that tensor's active deltas ``[d_out, d_in]``."""
+        header = {
+            "format": CACHE_FORMAT,
+            "params": merge_fields(params),
+            "weights": [float(weight) for weight in weights],
+            "settings": settings,
+            "platform": {"device": deltas[0].device.type, "torch": torch.__version__},
+            "deltas": [[str(delta.dtype), list(delta.shape)] for delta in deltas],
+        }
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        for delta in deltas:
+            digest.update(delta.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def read(self, key: str) -> dict[str, Tensor] | None:
+        """One entry's tensors (``merged``, ``stats.<name>``), or None when absent or failing its digest."""
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as handle:
+                expected = (handle.metadata() or {}).get("sha256")
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError):
+            tensors, expected = None, None
+        if tensors is None or expected != _digest(tensors):
+            path.unlink(missing_ok=True)  # truncated or corrupted: recomputed, never used
+            return None
+        return tensors
+
+    def write(self, key: str, tensors: dict[str, Tensor]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors = {name: value.detach().contiguous().cpu() for name, value in tensors.items()}
+        temporary = self.root / f".{key}.{os.getpid()}.tmp"
+        save_file(tensors, temporary, metadata={"sha256": _digest(tensors), "format": str(CACHE_FORMAT)})
+        os.replace(temporary, self._path(key))
+
+    def __call__(
+        self,
+        deltas: Sequence[Tensor],
+        weights: Sequence[float],
+        params: GCWMParams | None = None,
+        *,
+        adam_dtype: torch.dtype = torch.float32,
+        loop_tf32: bool = False,
+        exact_shortcuts: bool = True,
+        diagnostics: bool = False,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        params = params if params is not None else GCWMParams()
+        deltas = list(deltas)
+
+        def merge() -> tuple[Tensor, dict[str, Tensor]]:
+            return gcwm_merge(
+                deltas,
+                weights,
+                params,
+                adam_dtype=adam_dtype,
+                loop_tf32=loop_tf32,
+                exact_shortcuts=exact_shortcuts,
+                diagnostics=diagnostics,
+            )
+
+        if sum(1 for weight in weights if weight > 0) < 2:
+            return merge()  # one active delta: m = that delta, nothing to save
+        shape = deltas[0].shape
+        flat = [delta.reshape(-1, *shape[-2:]) for delta in deltas]
+        settings = {
+            "adam_dtype": str(adam_dtype),
+            "loop_tf32": loop_tf32,
+            "exact_shortcuts": exact_shortcuts,
+            "diagnostics": diagnostics,
+        }
+        keys = [
+            self.key([delta[index] for delta in flat], weights, params, settings) for index in range(flat[0].shape[0])
+        ]
+        entries = [self.read(key) for key in keys]
+        if all(entry is not None for entry in entries):
+            self.hits += len(keys)
+            merged = torch.stack([entry["merged"] for entry in entries]).reshape(
+                shape[:-2] + entries[0]["merged"].shape
+            )
+            stats = {
+                name.removeprefix("stats."): torch.stack([entry[name] for entry in entries]).reshape(
+                    shape[:-2] + entries[0][name].shape
+                )
+                for name in entries[0]
+                if name.startswith("stats.")
+            }
+            return merged.to(deltas[0].device), {name: value.to(deltas[0].device) for name, value in stats.items()}
+        self.misses += len(keys)
+        merged, stats = merge()
+        flat_merged = merged.reshape(-1, *merged.shape[-2:])
+        flat_stats = {name: value.reshape(len(keys), *value.shape[len(shape) - 2 :]) for name, value in stats.items()}
+        for index, key in enumerate(keys):
+            self.write(
+                key,
+                {"merged": flat_merged[index], **{f"stats.{name}": value[index] for name, value in flat_stats.items()}},
+            )
+        return merged, stats
