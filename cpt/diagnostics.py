@@ -105,6 +105,11 @@ def pair_geometry(
     (a zero delta) are ``None``. ``group_key(name) -> (batching key, bytes)`` says which
     tensors batch together without loading them (default: load both deltas to see).
 
+    On the CPU with more than one torch thread, each batch is cut into one share per thread,
+    measured side by side (:func:`cpt.geometry.bases.geometry_worker_threads`; the rows are the
+    same bits): the loaders are then called from those worker threads, so they must be safe to
+    call concurrently (reading safetensors files or a model's tensors is).
+
     ``zero_a=True`` says ``a`` is zero for every name (the state at step 1, θ_{t−1} = θ0):
     then the conflict and SAR(a → b) are undefined and SAR(b → a) is 0 whatever ``b`` is,
     so no basis and no Bures solve is computed — only ``‖b‖`` (see :func:`_zero_a_rows`;
