@@ -97,8 +97,10 @@ def _syevr_workspace(prefix: str, size: int, k: int) -> tuple[int, int]:
         _ref(size, _INT), isuppz.ctypes.data, work.ctypes.data, _ref(-1, _INT), iwork.ctypes.data, _ref(-1, _INT),
         ctypes.byref(info),
     )  # fmt: skip
-    # scipy's _compute_lwork rounds a float32 size up to the next representable value; int() of it is the same here
-    sizes = (int(work[0]), int(iwork[0]))
+    # as scipy's _compute_lwork: a float32 size is taken at the next representable value (LAPACK may
+    # have rounded it down when storing it in a float32)
+    optimal = numpy.nextafter(work[0], numpy.inf, dtype=numpy.float32) if prefix == "s" else work[0]
+    sizes = (int(optimal), int(iwork[0]))
     with _workspace_lock:
         _workspace_sizes[key] = sizes
     return sizes
