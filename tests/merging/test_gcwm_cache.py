@@ -90,6 +90,22 @@ def test_a_corrupted_or_truncated_entry_is_recomputed_never_used(tmp_path):
     assert_same(GCWMMergeCache(tmp_path)([previous, task], [1.0, 1.0], PARAMS), direct)
 
 
+def test_a_cache_that_cannot_store_never_fails_the_merge(tmp_path, monkeypatch):
+    import cpt.merging.gcwm.cache as cache_module
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "save_file", disk_full)
+    previous, task = deltas(6), deltas(7)
+    cache = GCWMMergeCache(tmp_path)
+    with pytest.warns(UserWarning, match="cannot store a merge"):
+        merged = cache([previous, task], [1.0, 1.0], PARAMS)
+    assert_same(merged, gcwm_merge([previous, task], [1.0, 1.0], PARAMS))
+    assert cache.write_failed and not any(tmp_path.iterdir()), "no entry and no temporary file left"
+
+
 def test_one_delta_merges_are_not_stored_and_the_continual_step_takes_the_cache(tmp_path):
     cache = GCWMMergeCache(tmp_path)
     task_1, task_2 = deltas(4), deltas(5)

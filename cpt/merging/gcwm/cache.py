@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class GCWMMergeCache:
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        self.write_failed = False
 
     def key(
         self,
@@ -132,12 +134,24 @@ class GCWMMergeCache:
             return None
         return tensors
 
-    def write(self, key: str, tensors: dict[str, Tensor]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+    def write(self, key: str, tensors: dict[str, Tensor]) -> bool:
+        """Store one entry; False (and a warning, once) when it cannot be written — a full disk
+        costs the later runs their shortcut, never this run its merge."""
         tensors = {name: value.detach().contiguous().cpu() for name, value in tensors.items()}
         temporary = self.root / f".{key}.{os.getpid()}.tmp"
-        save_file(tensors, temporary, metadata={"sha256": _digest(tensors), "format": str(CACHE_FORMAT)})
-        os.replace(temporary, self._path(key))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, temporary, metadata={"sha256": _digest(tensors), "format": str(CACHE_FORMAT)})
+            os.replace(temporary, self._path(key))
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            if not self.write_failed:
+                warnings.warn(
+                    f"GCWM merge cache {self.root}: cannot store a merge ({exc}); merging without it", stacklevel=2
+                )
+            self.write_failed = True
+            return False
+        return True
 
     def __call__(
         self,
