@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -154,40 +155,27 @@ class GCWMMergeCache:
         return True
 
     def __call__(
-        self,
-        deltas: Sequence[Tensor],
-        weights: Sequence[float],
-        params: GCWMParams | None = None,
-        *,
-        adam_dtype: torch.dtype = torch.float32,
-        loop_tf32: bool = False,
-        exact_shortcuts: bool = True,
-        diagnostics: bool = False,
+        self, deltas: Sequence[Tensor], weights: Sequence[float], params: GCWMParams | None = None, **solver
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:func:`gcwm_merge` (same arguments; its keywords — ``adam_dtype``, ``exact_shortcuts``, … —
+        are in the key with their defaults filled in), from the cache where every tensor is there."""
         params = params if params is not None else GCWMParams()
         deltas = list(deltas)
+        bound = inspect.signature(gcwm_merge).bind(deltas, weights, params, **solver)
+        bound.apply_defaults()
+        settings = {
+            name: str(value) if isinstance(value, torch.dtype) else value
+            for name, value in bound.arguments.items()
+            if name not in ("deltas", "weights", "params")
+        }
 
         def merge() -> tuple[Tensor, dict[str, Tensor]]:
-            return gcwm_merge(
-                deltas,
-                weights,
-                params,
-                adam_dtype=adam_dtype,
-                loop_tf32=loop_tf32,
-                exact_shortcuts=exact_shortcuts,
-                diagnostics=diagnostics,
-            )
+            return gcwm_merge(deltas, weights, params, **solver)
 
         if sum(1 for weight in weights if weight > 0) < 2:
             return merge()  # one active delta: m = that delta, nothing to save
         shape = deltas[0].shape
         flat = [delta.reshape(-1, *shape[-2:]) for delta in deltas]
-        settings = {
-            "adam_dtype": str(adam_dtype),
-            "loop_tf32": loop_tf32,
-            "exact_shortcuts": exact_shortcuts,
-            "diagnostics": diagnostics,
-        }
         keys = [
             self.key([delta[index] for delta in flat], weights, params, settings) for index in range(flat[0].shape[0])
         ]
