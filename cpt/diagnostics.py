@@ -26,7 +26,7 @@ from cpt.geometry import (
     right_basis,
     state_relative_geometry,
 )
-from cpt.geometry.bases import geometry_worker_threads, gram_path_threads, one_thread_worker
+from cpt.geometry.bases import geometry_worker_threads, gram_path_threads, one_blas_thread, one_thread_worker
 from cpt.naming import tensor_depth, tensor_family
 
 #: Bytes of stacked deltas per batch (two operands): bounds memory whatever the model size.
@@ -165,7 +165,10 @@ def pair_geometry(
                 return measure_batch(share)
 
         shares = [share for batch in batches for share in _split(batch, workers)]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpt-geometry") as pool:
+        # scipy's BLAS thread limit is process-wide: set once around the pool, so that no worker's
+        # exit from its own limit hands two BLAS threads to another worker's running solve (whose
+        # bits then depend on the timing).
+        with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpt-geometry") as pool:
             for rows in pool.map(measure_share, shares):
                 results.update(rows)
     return {name: results[name] for name in names}

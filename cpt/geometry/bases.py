@@ -19,6 +19,8 @@ import numpy
 import torch
 from torch import Tensor
 
+from . import lapack
+
 __all__ = [
     "LowRankDelta",
     "RightBasis",
@@ -31,6 +33,7 @@ __all__ = [
     "compute_dtype_for",
     "gram_path_threads",
     "geometry_worker_threads",
+    "one_blas_thread",
     "one_thread_worker",
     "small_linalg",
     "takes_gram_path",
@@ -156,8 +159,24 @@ def _check_delta(delta: Delta) -> None:
 SMALL_LINALG_ONE_THREAD = True
 
 
-#: The thread count :func:`small_linalg` replaced, per calling thread (read by :func:`_solver_threads`).
+#: The eigensolve pool's size while torch is held at one thread, per calling thread (read by
+#: :func:`_solver_threads`): the process's count inside :func:`small_linalg`, 1 in a worker of a
+#: split geometry computation (:func:`one_thread_worker`).
 _one_thread_scope = threading.local()
+
+
+@contextlib.contextmanager
+def _torch_on_one_thread(solver_threads: int) -> Iterator[None]:
+    """Torch on one thread in the calling thread (OpenMP's and MKL's counts are per calling thread)
+    and the eigensolve pool at ``solver_threads``; both restored on exit."""
+    threads, outer = torch.get_num_threads(), getattr(_one_thread_scope, "threads", None)
+    _one_thread_scope.threads = solver_threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _one_thread_scope.threads = outer
 
 
 @contextlib.contextmanager
@@ -169,14 +188,8 @@ def small_linalg(device: torch.device | str) -> Iterator[None]:
     if not SMALL_LINALG_ONE_THREAD or torch.device(device).type != "cpu" or threads == 1:
         yield
         return
-    outer = getattr(_one_thread_scope, "threads", None)
-    _one_thread_scope.threads = threads  # the eigensolve pool still sizes itself by the process's count
-    torch.set_num_threads(1)
-    try:
+    with _torch_on_one_thread(solver_threads=threads):  # the eigensolve pool still sizes itself by the process's count
         yield
-    finally:
-        torch.set_num_threads(threads)
-        _one_thread_scope.threads = outer
 
 
 def geometry_worker_threads(device: torch.device | str) -> int:
@@ -191,26 +204,16 @@ def geometry_worker_threads(device: torch.device | str) -> int:
     torch work on one core of two. Each tensor's result does not depend on which tensors share
     its batch, so the split changes no number (tests/geometry/test_geometry_speedups.py).
     """
-    from cpt.geometry import lapack
-
     if torch.device(device).type != "cpu" or not lapack.available():
         return 1
     return _solver_threads()
 
 
-@contextlib.contextmanager
-def one_thread_worker() -> Iterator[None]:
+def one_thread_worker() -> contextlib.AbstractContextManager:
     """The scope of one worker thread of a split geometry computation (:func:`geometry_worker_threads`):
-    torch on one thread (OpenMP's and MKL's counts are per calling thread) and no nested eigensolve
-    pool (:func:`_solver_threads` reads 1): the split is the parallelism."""
-    threads, outer = torch.get_num_threads(), getattr(_one_thread_scope, "threads", None)
-    torch.set_num_threads(1)
-    _one_thread_scope.threads = 1
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        _one_thread_scope.threads = outer
+    torch on one thread and no nested eigensolve pool (:func:`_solver_threads` reads 1): the split
+    is the parallelism."""
+    return _torch_on_one_thread(solver_threads=1)
 
 
 def takes_gram_path(
@@ -439,15 +442,14 @@ def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
     matrices = d.contiguous().numpy()
     workers = min(len(matrices), _solver_threads())
 
-    from cpt.geometry import lapack
+    nogil = lapack.available()  # lets the pool's threads run side by side (scipy's wrappers hold the GIL)
 
     def solve(index: int):
-        # the nogil calls let the pool's threads run side by side (scipy's wrappers hold the GIL)
-        if lapack.available():
+        if nogil:
             return lapack.gram_top_pairs(matrices[index], k, right)
         return _top_pairs(matrices[index], k, size, right)
 
-    with _one_blas_thread():
+    with one_blas_thread():
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -460,7 +462,7 @@ def _gram_top_eigh(d: Tensor, k: int, right: bool) -> tuple[Tensor, Tensor]:
     return values, vectors
 
 
-def _one_blas_thread():
+def one_blas_thread():
     """scipy's BLAS/LAPACK on one thread for the small Gram solves (a few hundred rows gain
     nothing from more, and on a machine shared with other processes the extra threads spin:
     measured 4–6× slower with two threads on the loaded 2-core machine). A no-op when

@@ -253,7 +253,7 @@ def test_nogil_gram_solve_equals_scipys_wrappers_bit_for_bit(shape, dtype):
     matrix = slow_decay(1, *shape, seed=21, dtype=F64)[0].numpy().astype(dtype)
     for right in (True, False):
         size = shape[1] if right else shape[0]
-        with geometry_bases._one_blas_thread():
+        with geometry_bases.one_blas_thread():
             values, vectors = geometry_bases._top_pairs(matrix, 12, size, right)
         nogil_values, nogil_vectors = lapack.gram_top_pairs(matrix, 12, right)
         assert nogil_values.dtype == nogil_vectors.dtype == numpy.float64
