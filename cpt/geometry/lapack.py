@@ -76,6 +76,31 @@ _workspace_lock = threading.Lock()
 _workspace_sizes: dict[tuple[str, int, int], tuple[int, int]] = {}
 
 
+def _syevr(prefix: str, gram, size: int, k: int, values, vectors, isuppz, work, lwork: int, iwork, liwork: int):
+    """``?syevr`` for the top ``k`` eigenpairs of the upper triangle of ``gram [size, size]`` (Fortran
+    order, overwritten); ``lwork = liwork = -1`` is LAPACK's workspace query. Returns ``(found, info)``."""
+    real = ctypes.c_float if prefix == "s" else ctypes.c_double
+    found, info = _INT(0), _INT(0)
+    _routines(prefix)[1](
+        b"V", b"I", b"U", _ref(size, _INT), gram.ctypes.data, _ref(size, _INT), _ref(0.0, real), _ref(0.0, real),
+        _ref(size - k + 1, _INT), _ref(size, _INT), _ref(0.0, real), ctypes.byref(found), values.ctypes.data,
+        vectors.ctypes.data, _ref(size, _INT), isuppz.ctypes.data, work.ctypes.data, _ref(lwork, _INT),
+        iwork.ctypes.data, _ref(liwork, _INT), ctypes.byref(info),
+    )  # fmt: skip
+    return found.value, info.value
+
+
+def _arrays(dtype, size: int, k: int, lwork: int, liwork: int):
+    """``?syevr``'s output and workspace arrays: values, vectors (Fortran), isuppz, work, iwork."""
+    return (
+        numpy.empty(size, dtype=dtype),
+        numpy.empty((size, k), dtype=dtype, order="F"),
+        numpy.empty(2 * k, dtype=numpy.intc),
+        numpy.empty(max(1, lwork), dtype=dtype),
+        numpy.empty(max(1, liwork), dtype=numpy.intc),
+    )
+
+
 def _syevr_workspace(prefix: str, size: int, k: int) -> tuple[int, int]:
     """``(lwork, liwork)`` from LAPACK's own workspace query (``lwork = liwork = -1``), as scipy's
     ``?syevr_lwork`` asks it; cached per (precision, size, k)."""
@@ -84,19 +109,10 @@ def _syevr_workspace(prefix: str, size: int, k: int) -> tuple[int, int]:
         if key in _workspace_sizes:
             return _workspace_sizes[key]
     dtype = numpy.float32 if prefix == "s" else numpy.float64
-    real = ctypes.c_float if prefix == "s" else ctypes.c_double
-    _, syevr = _routines(prefix)
-    a = numpy.zeros((size, size), dtype=dtype, order="F")
-    w = numpy.zeros(size, dtype=dtype)
-    z = numpy.zeros((size, k), dtype=dtype, order="F")
-    isuppz = numpy.zeros(2 * k, dtype=numpy.intc)
-    work, iwork, m, info = numpy.zeros(1, dtype=dtype), numpy.zeros(1, dtype=numpy.intc), _INT(0), _INT(0)
-    syevr(
-        b"V", b"I", b"U", _ref(size, _INT), a.ctypes.data, _ref(size, _INT), _ref(0.0, real), _ref(0.0, real),
-        _ref(size - k + 1, _INT), _ref(size, _INT), _ref(0.0, real), ctypes.byref(m), w.ctypes.data, z.ctypes.data,
-        _ref(size, _INT), isuppz.ctypes.data, work.ctypes.data, _ref(-1, _INT), iwork.ctypes.data, _ref(-1, _INT),
-        ctypes.byref(info),
-    )  # fmt: skip
+    values, vectors, isuppz, work, iwork = _arrays(dtype, size, k, 1, 1)
+    _syevr(
+        prefix, numpy.zeros((size, size), dtype=dtype, order="F"), size, k, values, vectors, isuppz, work, -1, iwork, -1
+    )
     # as scipy's _compute_lwork: a float32 size is taken at the next representable value (LAPACK may
     # have rounded it down when storing it in a float32)
     optimal = numpy.nextafter(work[0], numpy.inf, dtype=numpy.float32) if prefix == "s" else work[0]
@@ -115,7 +131,7 @@ def gram_top_pairs(matrix: numpy.ndarray, k: int, right: bool) -> tuple[numpy.nd
     """
     prefix = {numpy.dtype(numpy.float32): "s", numpy.dtype(numpy.float64): "d"}[matrix.dtype]
     real = ctypes.c_float if prefix == "s" else ctypes.c_double
-    syrk, syevr = _routines(prefix)
+    syrk = _routines(prefix)[0]
     matrix = numpy.ascontiguousarray(matrix)
     rows, cols = matrix.shape
     # A C-ordered [m, n] array is the Fortran [n, m] array X = matrixᵀ (leading dimension n):
@@ -127,19 +143,9 @@ def gram_top_pairs(matrix: numpy.ndarray, k: int, right: bool) -> tuple[numpy.nd
         _ref(cols, _INT), _ref(0.0, real), gram.ctypes.data, _ref(size, _INT),
     )  # fmt: skip
     lwork, liwork = _syevr_workspace(prefix, size, k)
-    values = numpy.empty(size, dtype=matrix.dtype)
-    vectors = numpy.empty((size, k), dtype=matrix.dtype, order="F")
-    isuppz = numpy.empty(2 * k, dtype=numpy.intc)
-    work = numpy.empty(max(1, lwork), dtype=matrix.dtype)
-    iwork = numpy.empty(max(1, liwork), dtype=numpy.intc)
-    found, info = _INT(0), _INT(0)
-    syevr(
-        b"V", b"I", b"U", _ref(size, _INT), gram.ctypes.data, _ref(size, _INT), _ref(0.0, real), _ref(0.0, real),
-        _ref(size - k + 1, _INT), _ref(size, _INT), _ref(0.0, real), ctypes.byref(found), values.ctypes.data,
-        vectors.ctypes.data, _ref(size, _INT), isuppz.ctypes.data, work.ctypes.data, _ref(lwork, _INT),
-        iwork.ctypes.data, _ref(liwork, _INT), ctypes.byref(info),
-    )  # fmt: skip
-    if info.value != 0 or found.value != k:
-        raise ArithmeticError(f"?syevr failed (info {info.value}, {found.value} of {k} eigenpairs)")
+    values, vectors, isuppz, work, iwork = _arrays(matrix.dtype, size, k, lwork, liwork)
+    found, info = _syevr(prefix, gram, size, k, values, vectors, isuppz, work, lwork, iwork, liwork)
+    if info != 0 or found != k:
+        raise ArithmeticError(f"?syevr failed (info {info}, {found} of {k} eigenpairs)")
     # ?syevr: ascending
     return values[:k][::-1].astype(numpy.float64), vectors[:, ::-1].astype(numpy.float64)

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .merge import gcwm_merge
@@ -63,11 +63,15 @@ def shares_merges(first: GCWMParams, second: GCWMParams) -> bool:
     return merge_fields(first) == merge_fields(second)
 
 
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def _digest(tensors: dict[str, Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(_tensor_bytes(tensors[name]))
     return digest.hexdigest()
 
 
@@ -111,7 +115,7 @@ class GCWMMergeCache:
         }
         digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
         for delta in deltas:
-            digest.update(delta.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            digest.update(_tensor_bytes(delta))
         return digest.hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -123,11 +127,9 @@ class GCWMMergeCache:
         if not path.exists():
             return None
         try:
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as handle:
+            with safe_open(path, "pt") as handle:  # one read: the recorded digest and the tensors
                 expected = (handle.metadata() or {}).get("sha256")
-            tensors = load_file(path)
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError):
             tensors, expected = None, None
         if tensors is None or expected != _digest(tensors):
