@@ -159,8 +159,10 @@ def run_seconds(manifest: dict) -> dict[str, float]:
 def alone_equivalent(runs_dir: Path, run_names: list[str]) -> dict[str, Any]:
     """What the study's runs account for, and what they would have cost alone: every expert taken from the
     cache charged at the training seconds of the run that trained it (same cache key), every copied base row at
-    the base evaluation of the run it came from. Keys trained outside these runs (an earlier study) are counted
-    in ``uncharged``."""
+    the base evaluation of the run it came from, every GCWM step that read shared merges at the merge seconds
+    recorded in the entries it read (``gcwm_merge_cache.seconds_saved``). Keys trained outside these runs (an
+    earlier study) are counted in ``uncharged_experts``; steps that read entries without recorded seconds (written
+    before entries carried them) in ``unpriced_merge_steps``."""
     manifests = {name: json.loads((runs_dir / name / "manifest.json").read_text()) for name in run_names}
     trained_at: dict[str, float] = {}
     for manifest in manifests.values():
@@ -168,13 +170,16 @@ def alone_equivalent(runs_dir: Path, run_names: list[str]) -> dict[str, Any]:
             cache = task.get("expert_cache") or {}
             if cache.get("key") and not cache.get("hit"):
                 trained_at[cache["key"]] = task.get("train_seconds", 0.0)
-    study = alone = 0.0
-    uncharged = 0
+    study = alone = merges_charged = 0.0
+    uncharged = unpriced = 0
     for manifest in manifests.values():
         seconds = sum(run_seconds(manifest).values())
         study += seconds
         alone += seconds
         for task in manifest.get("tasks", []):
+            merges = task.get("gcwm_merge_cache") or {}
+            merges_charged += merges.get("seconds_saved", 0.0)
+            unpriced += bool(merges.get("unpriced"))
             cache = task.get("expert_cache") or {}
             if cache.get("hit"):
                 if cache.get("key") in trained_at:
@@ -184,7 +189,13 @@ def alone_equivalent(runs_dir: Path, run_names: list[str]) -> dict[str, Any]:
         source = manifest.get("base_row_from")
         if source in manifests:
             alone += manifests[source].get("base_eval_seconds", 0.0)
-    return {"study_seconds": round(study, 1), "alone_seconds": round(alone, 1), "uncharged_experts": uncharged}
+    return {
+        "study_seconds": round(study, 1),
+        "alone_seconds": round(alone + merges_charged, 1),
+        "uncharged_experts": uncharged,
+        "merge_seconds_charged": round(merges_charged, 1),
+        "unpriced_merge_steps": unpriced,
+    }
 
 
 # ---------------------------------------------------------------------- the RESULTS.md section
@@ -248,10 +259,21 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
             if costs["uncharged_experts"]
             else ""
         )
+        if costs.get("unpriced_merge_steps"):
+            uncharged += (
+                f"; {costs['unpriced_merge_steps']} GCWM steps read shared merges stored without their seconds "
+                "(by an older cpt) and are not charged for them"
+            )
+        merges = (
+            f", and {costs['merge_seconds_charged']:.0f} s of GCWM merges read from a variant that shares m_t"
+            if costs.get("merge_seconds_charged")
+            else ""
+        )
         out.append(
             f"- cost vs each strategy alone (from the runs): {costs['study_seconds']:.0f} s in the study against "
             f"{costs['alone_seconds']:.0f} s alone — every reused expert and copied base row charged at what it "
-            f"cost where it was made — so the study costs {ratio:.2f}× running each strategy alone{uncharged}"
+            f"cost where it was made{merges} — so the study costs {ratio:.2f}× running each strategy alone"
+            f"{uncharged}"
         )
     out.append("")
     if alone:

@@ -185,6 +185,7 @@ class TaskSequenceRunner:
         self.overwrite = overwrite
         self.expert_cache = expert_cache
         self.merge_cache = merge_cache
+        self._merge_cache_counted = merge_cache.counts() if merge_cache is not None else None
         self.distributed = PartialState()
         self.is_main = self.distributed.is_main_process
         #: θ0, models, tokenizer and LoRA config, loaded as the recipe says (also used by ``cpt plan``).
@@ -612,6 +613,12 @@ class TaskSequenceRunner:
     def _record_integrated(self, record: dict, integration, diagnostics: list, task: TaskSpec) -> None:
         record["status"] = "integrated"
         record["integration_seconds"] = round(integration.seconds or 0.0, 3)
+        if self.merge_cache is not None:  # this task's share of the shared GCWM merges (cpt.study)
+            counts = self.merge_cache.counts()
+            record["gcwm_merge_cache"] = {
+                name: round(value - self._merge_cache_counted[name], 3) for name, value in counts.items()
+            }
+            self._merge_cache_counted = counts
         if self.is_main:
             self.rundir.write_manifest(self.manifest)
             shutil.rmtree(self.rundir.work(task.name), ignore_errors=True)  # checkpoints are only needed mid-task

@@ -144,9 +144,32 @@ def study_root(tmp_path, monkeypatch):
 def test_alone_equivalent_charges_reused_experts_and_copied_base_rows(study_root):
     costs = continual.alone_equivalent(study_root / "runs", ["sequential-seed0", "gcwm-seed0", "gcwm-gate-none-seed0"])
     # accounted: sequential 60 + 10 + 10 + 2 = 82; gcwm 100 + 10 + 2 + 2 = 114; gate-none 1 + 10 + 2 = 13
-    assert costs == {"study_seconds": 209.0, "alone_seconds": 209.0 + 40.0 + 60.0 + 10.0, "uncharged_experts": 0}
+    assert costs == {
+        "study_seconds": 209.0,
+        "alone_seconds": 209.0 + 40.0 + 60.0 + 10.0,
+        "uncharged_experts": 0,
+        "merge_seconds_charged": 0.0,
+        "unpriced_merge_steps": 0,
+    }
     only_reuser = continual.alone_equivalent(study_root / "runs", ["gcwm-gate-none-seed0"])
     assert only_reuser["uncharged_experts"] == 2 and only_reuser["alone_seconds"] == only_reuser["study_seconds"]
+
+
+def test_alone_equivalent_charges_gcwm_merges_read_at_their_recorded_seconds(study_root):
+    # gcwm-norm reads gcwm's step-2 merges (300 s where they were made); a second reader's entries had no seconds.
+    def task(merges):
+        return {"train_seconds": 0.5, "eval_seconds": 5.0, "integration_seconds": 2.0, "gcwm_merge_cache": merges}
+
+    nothing = {"read": 0, "merged": 0, "seconds_saved": 0.0, "unpriced": 0}
+    write_manifest(study_root, "gcwm-norm-seed0", [task(nothing), task({**nothing, "read": 4, "seconds_saved": 300.0})])
+    write_manifest(study_root, "gcwm-old-seed0", [task(nothing), task({**nothing, "read": 4, "unpriced": 4})])
+    costs = continual.alone_equivalent(study_root / "runs", ["gcwm-norm-seed0", "gcwm-old-seed0"])
+    accounted = 2 * (1.0 + 10.0 + 4.0)
+    assert costs["study_seconds"] == accounted and costs["alone_seconds"] == accounted + 300.0
+    assert costs["merge_seconds_charged"] == 300.0 and costs["unpriced_merge_steps"] == 1
+    body = continual.results_section(fake_summary(), [], {}, costs)
+    assert "and 300 s of GCWM merges read from a variant that shares m_t" in body
+    assert "1 GCWM steps read shared merges stored without their seconds" in body
 
 
 def test_results_section_from_a_fake_summary(study_root):

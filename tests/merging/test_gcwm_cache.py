@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cpt.merging.gcwm import GCWMMergeCache, GCWMParams, gcwm_continual_step, gcwm_merge, shares_merges
 from cpt.merging.gcwm.cache import AFTER_MERGE_FIELDS, merge_fields
@@ -46,6 +47,14 @@ def test_a_cached_merge_is_the_computed_one_bit_for_bit(tmp_path):
     second = cache([previous, task], [1.0, 1.0], PARAMS, diagnostics=True)
     assert (cache.hits, cache.misses) == (3, 3)
     assert_same(second, direct)
+    # Each entry carries its share of the batch's merge seconds; a read adds up exactly those.
+    recorded = []
+    for path in tmp_path.glob("*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            recorded.append(float(handle.metadata()["seconds"]))
+    assert len(set(recorded)) == 1 and recorded[0] > 0, "a batch's tensors share its solve"
+    assert cache.seconds_read == pytest.approx(sum(recorded)) and cache.unpriced == 0
+    assert cache.counts() == {"read": 3, "merged": 3, "seconds_saved": round(sum(recorded), 3), "unpriced": 0}
     # Another instance on the same folder (the next run of a study) reads the same entries.
     assert_same(GCWMMergeCache(tmp_path)([previous, task], [1.0, 1.0], PARAMS, diagnostics=True), direct)
 
@@ -88,6 +97,19 @@ def test_a_corrupted_or_truncated_entry_is_recomputed_never_used(tmp_path):
     assert (again.hits, again.misses) == (0, 3), "a batch with a bad entry is merged again"
     assert all(set(load_file(entry)) >= {"merged"} for entry in entries)  # replaced by good entries
     assert_same(GCWMMergeCache(tmp_path)([previous, task], [1.0, 1.0], PARAMS), direct)
+
+
+def test_entries_without_recorded_seconds_are_read_and_counted_unpriced(tmp_path):
+    previous, task = deltas(4), deltas(5)
+    cache = GCWMMergeCache(tmp_path)
+    direct = cache([previous, task], [1.0, 1.0], PARAMS)
+    for path in tmp_path.glob("*.safetensors"):  # as an entry written before merges carried their seconds
+        with safe_open(path, "pt") as handle:
+            metadata = {key: value for key, value in handle.metadata().items() if key != "seconds"}
+        save_file(load_file(path), path, metadata=metadata)
+    reader = GCWMMergeCache(tmp_path)
+    assert_same(reader([previous, task], [1.0, 1.0], PARAMS), direct)
+    assert reader.counts() == {"read": 3, "merged": 0, "seconds_saved": 0.0, "unpriced": 3}
 
 
 def test_a_cache_that_cannot_store_never_fails_the_merge(tmp_path, monkeypatch):
@@ -154,6 +176,19 @@ def test_study_variants_that_share_m_t_read_each_others_merges(tmp_path, monkeyp
     assert first.startswith("gcwm-step_coef0.2-seed0") and " 0 tensors read" in first
     assert second.startswith("gcwm-step_coefnorm-seed0") and " 0 merged" in second
     assert not (study.root / "merges").exists(), "a seed's merges are removed once its variants are done"
+    # Each task's share is in the manifests: the reader saved, step by step, what the first run's merges cost.
+    tasks = {
+        name: json.loads((study.runs_dir / name / "manifest.json").read_text())["tasks"]
+        for name in ("gcwm-step_coef0.2-seed0", "gcwm-step_coefnorm-seed0")
+    }
+    made, read = tasks["gcwm-step_coef0.2-seed0"], tasks["gcwm-step_coefnorm-seed0"]
+    nothing = {"read": 0, "merged": 0, "seconds_saved": 0.0, "unpriced": 0}
+    assert made[0]["gcwm_merge_cache"] == read[0]["gcwm_merge_cache"] == nothing  # step 1: m = τ_1, not stored
+    for producer, reader in zip(made[1:], read[1:]):
+        produced, taken = producer["gcwm_merge_cache"], reader["gcwm_merge_cache"]
+        assert produced["read"] == 0 and produced["merged"] > 0 and produced["seconds_saved"] == 0.0
+        assert taken["merged"] == 0 and taken["read"] == produced["merged"] and taken["unpriced"] == 0
+        assert 0 < taken["seconds_saved"] <= producer["integration_seconds"], "the merges are part of the step"
 
     # The same run from scratch, without a cache: the same files, bit for bit.
     alone = yaml_recipe(tmp_path, path, study, "gcwm-step_coefnorm-seed0")

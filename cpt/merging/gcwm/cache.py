@@ -16,7 +16,9 @@ type, torch version) and every active delta's dtype, shape and bytes. Anything t
 depend on the tensors it is batched with).
 
 **Entry**: ``<root>/<key>.safetensors`` — ``merged`` and the per-tensor stats, with the sha256 of
-their bytes in the metadata. Written to a temporary name and renamed into place (two writers
+their bytes and the seconds the merge took (its batch's merge time over the batch's tensors) in the
+metadata; a run that reads entries adds up those seconds (``seconds_read``), so a study can charge
+a reader what its merges cost where they were made. Written to a temporary name and renamed into place (two writers
 of one key write the same bytes); read back only when the digest matches, so a truncated or
 corrupted entry is recomputed (and replaced), never used.
 """
@@ -28,6 +30,7 @@ import hashlib
 import inspect
 import json
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,14 +91,27 @@ class GCWMMergeCache:
 
     A batch is taken from the cache only when every tensor in it is there; otherwise it is merged
     by :func:`gcwm_merge` and each tensor stored. One-delta merges (step 1: ``m = τ_1`` exactly,
-    no solve) are computed, not stored. ``hits`` and ``misses`` count tensors.
+    no solve) are computed, not stored. ``hits`` and ``misses`` count tensors; ``seconds_read`` adds
+    up the merge seconds recorded in the entries read, ``unpriced`` counts entries read without them.
     """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        self.seconds_read = 0.0
+        self.unpriced = 0
         self.write_failed = False
+
+    def counts(self) -> dict[str, float]:
+        """The counters as a record: tensors ``read`` and ``merged``, ``seconds_saved`` (what the entries
+        read cost to merge where they were made) and ``unpriced`` (entries read without that record)."""
+        return {
+            "read": self.hits,
+            "merged": self.misses,
+            "seconds_saved": round(self.seconds_read, 3),
+            "unpriced": self.unpriced,
+        }
 
     def key(
         self,
@@ -121,30 +137,38 @@ class GCWMMergeCache:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def read(self, key: str) -> dict[str, Tensor] | None:
-        """One entry's tensors (``merged``, ``stats.<name>``), or None when absent or failing its digest."""
+    def read(self, key: str) -> tuple[dict[str, Tensor], float | None] | None:
+        """One entry's tensors (``merged``, ``stats.<name>``) and the seconds its merge took (None when
+        not recorded), or None when absent or failing its digest."""
         path = self._path(key)
         if not path.exists():
             return None
         try:
             with safe_open(path, "pt") as handle:  # one read: the recorded digest and the tensors
-                expected = (handle.metadata() or {}).get("sha256")
+                metadata = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError):
-            tensors, expected = None, None
-        if tensors is None or expected != _digest(tensors):
+            tensors, metadata = None, {}
+        if tensors is None or metadata.get("sha256") != _digest(tensors):
             path.unlink(missing_ok=True)  # truncated or corrupted: recomputed, never used
             return None
-        return tensors
+        try:
+            seconds = float(metadata["seconds"])
+        except (KeyError, ValueError):
+            seconds = None
+        return tensors, seconds
 
-    def write(self, key: str, tensors: dict[str, Tensor]) -> bool:
+    def write(self, key: str, tensors: dict[str, Tensor], seconds: float | None = None) -> bool:
         """Store one entry; False (and a warning, once) when it cannot be written — a full disk
         costs the later runs their shortcut, never this run its merge."""
         tensors = {name: value.detach().contiguous().cpu() for name, value in tensors.items()}
         temporary = self.root / f".{key}.{os.getpid()}.tmp"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, temporary, metadata={"sha256": _digest(tensors), "format": str(CACHE_FORMAT)})
+            metadata = {"sha256": _digest(tensors), "format": str(CACHE_FORMAT)}
+            if seconds is not None:
+                metadata["seconds"] = repr(float(seconds))
+            save_file(tensors, temporary, metadata=metadata)
             os.replace(temporary, self._path(key))
         except OSError as exc:
             temporary.unlink(missing_ok=True)
@@ -181,9 +205,12 @@ class GCWMMergeCache:
         keys = [
             self.key([delta[index] for delta in flat], weights, params, settings) for index in range(flat[0].shape[0])
         ]
-        entries = [self.read(key) for key in keys]
-        if all(entry is not None for entry in entries):
+        found = [self.read(key) for key in keys]
+        if all(entry is not None for entry in found):
             self.hits += len(keys)
+            self.seconds_read += sum(seconds for _, seconds in found if seconds is not None)
+            self.unpriced += sum(seconds is None for _, seconds in found)
+            entries = [tensors for tensors, _ in found]
             merged = torch.stack([entry["merged"] for entry in entries]).reshape(
                 shape[:-2] + entries[0]["merged"].shape
             )
@@ -196,12 +223,15 @@ class GCWMMergeCache:
             }
             return merged.to(deltas[0].device), {name: value.to(deltas[0].device) for name, value in stats.items()}
         self.misses += len(keys)
+        started = time.perf_counter()
         merged, stats = merge()
+        seconds = (time.perf_counter() - started) / len(keys)  # a batch's tensors share its solve
         flat_merged = merged.reshape(-1, *merged.shape[-2:])
         flat_stats = {name: value.reshape(len(keys), *value.shape[len(shape) - 2 :]) for name, value in stats.items()}
         for index, key in enumerate(keys):
             self.write(
                 key,
                 {"merged": flat_merged[index], **{f"stats.{name}": value[index] for name, value in flat_stats.items()}},
+                seconds,
             )
         return merged, stats
