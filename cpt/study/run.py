@@ -20,10 +20,15 @@ What is shared (METHOD §6):
 Resuming: runs go seed by seed, variant by variant; a finished run is skipped, an
 unfinished one resumes in its run directory (`cpt run` semantics), and the summary is
 rebuilt from the finished runs at the end (and whenever the study is started again).
+
+Several processes: every run is taken under its run lock (:mod:`cpt.lock`), and a seed's plan
+under ``.plan-seed<s>.lock``; a process skips the runs another holds and waits for a plan
+another is computing, so ``cpt study`` can run once per GPU on one study.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -121,7 +126,6 @@ def _share_base_row(runner, source: Path) -> bool:
 
 def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
     """Run (or resume) every (variant, seed) of ``study``, then write and return its summary."""
-    from cpt.runner import TaskSequenceRunner
     from cpt.study.expert_cache import ExpertCache
 
     study.root.mkdir(parents=True, exist_ok=True)
@@ -134,6 +138,7 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
             f"{study.name}: {len(study.variants)} variants × {len(study.spec.seeds)} seeds → {study.root} "
             f"(experts cached in {cache.root})"
         )
+        busy: list[str] = []
         for seed in study.spec.seeds:
             if study.needs_plans:
                 plan_seed(study, seed, cache)
@@ -142,29 +147,64 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
             merge_caches = shared_merge_caches(recipes, study.root / "merges")
             for recipe in recipes:
                 done += 1
-                if _finished(recipe.run_dir, recipe.fingerprint()):
-                    log(f"[{done}/{total}] {recipe.name}: finished before")
-                else:
-                    log(f"[{done}/{total}] {recipe.name}")
-                    merge_cache = merge_caches.get(recipe.name)
-                    runner = TaskSequenceRunner(recipe, expert_cache=cache, merge_cache=merge_cache)
-                    if base_source is not None and _share_base_row(runner, base_source):
-                        log(f"{recipe.name}: base row copied from {base_source.name}")
-                    runner.run()
-                    if merge_cache is not None:
-                        log(
-                            f"{recipe.name}: GCWM merges shared with the seed's other variants of the same m_t: "
-                            f"{merge_cache.hits} tensors read, {merge_cache.misses} merged"
-                        )
-                if base_source is None:
+                outcome = _run_once(recipe, f"[{done}/{total}] {recipe.name}", cache, merge_caches, base_source)
+                if outcome == "busy":
+                    busy.append(recipe.name)
+                elif base_source is None:
                     base_source = recipe.run_dir
-            # a seed's merges are never another seed's (other experts): keep the disk to one seed's chain
-            shutil.rmtree(study.root / "merges", ignore_errors=True)
+            # A seed's merges are never another seed's (other experts): keep the disk to one seed's chain —
+            # once every run of the seed is finished (another process may still be reading them).
+            if all(_finished(recipe.run_dir, recipe.fingerprint()) for recipe in recipes):
+                shutil.rmtree(study.root / "merges", ignore_errors=True)
+        if busy:
+            log(
+                f"{len(busy)} run(s) were running in another process ({', '.join(busy)}): the summary below leaves "
+                "them out; the process that finishes last writes the complete one"
+            )
     else:
         load_plans(study)
     summary = write_summary(study)
     log(f"summary: {study.root / 'summary.md'}")
     return summary
+
+
+def _run_once(recipe, label: str, cache, merge_caches: dict, base_source: Path | None) -> str:
+    """Run (or resume) one run of the study under its run lock: ``"finished"`` (before or now) or ``"busy"``.
+
+    The run lock (:mod:`cpt.lock`, the one ``cpt run`` takes) makes ``cpt study`` safe to start more
+    than once on one study — e.g. one process per GPU: each takes the runs no other process holds,
+    and none resumes a run another is writing.
+    """
+    from cpt.lock import RunLock, RunLockedError
+    from cpt.runner import TaskSequenceRunner
+
+    if _finished(recipe.run_dir, recipe.fingerprint()):
+        log(f"{label}: finished before")
+        return "finished"
+    lock = RunLock(recipe.run_dir)
+    try:
+        lock.acquire()
+    except RunLockedError:
+        log(f"{label}: running in another process, skipped")
+        return "busy"
+    try:
+        if _finished(recipe.run_dir, recipe.fingerprint()):  # finished by another process since the check above
+            log(f"{label}: finished before")
+            return "finished"
+        log(label)
+        merge_cache = merge_caches.get(recipe.name)
+        runner = TaskSequenceRunner(recipe, expert_cache=cache, merge_cache=merge_cache)
+        if base_source is not None and _share_base_row(runner, base_source):
+            log(f"{recipe.name}: base row copied from {base_source.name}")
+        runner.run()
+        if merge_cache is not None:
+            log(
+                f"{recipe.name}: GCWM merges shared with the seed's other variants of the same m_t: "
+                f"{merge_cache.hits} tensors read, {merge_cache.misses} merged"
+            )
+        return "finished"
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------- planned orders (METHOD §7)
@@ -196,34 +236,70 @@ def plan_seed(study: Study, seed: int, cache=None) -> dict[str, Any]:
     record = read_json(path)
     if _plan_is_current(record, study, fingerprint):
         log(f"seed {seed}: planned order {' → '.join(record['planned'])} (from {path.name})")
-    else:
-        from cpt.planning.plan import plan_recipe
-
-        log(f"seed {seed}: planning the task order (METHOD §7)")
-        result = plan_recipe(recipe, cache=cache)
-        plan = result.plan
-        record = {
-            "seed": seed,
-            "given": result.tasks,
-            "planned": result.planned_tasks,
-            "reverse_planned": result.planned_tasks[::-1],
-            "method": plan.method,
-            "cost": plan.cost,
-            "step_conflicts": plan.step_conflicts,
-            "given_cost": plan.given_cost,
-            "given_step_conflicts": plan.given_step_conflicts,
-            "measured": plan.measured,
-            "seconds": result.seconds,
-            "experts_from_cache": [bool(expert.cache_hit) for expert in result.experts],
-            "recipe_fingerprint": fingerprint,
-        }
-        atomic_write_json(path, record)
-        log(
-            f"seed {seed}: planned order {' → '.join(record['planned'])} (C = {plan.cost:.4f}, given "
-            f"{plan.given_cost:.4f}; {sum(record['experts_from_cache'])}/{len(result.experts)} experts from the "
-            f"cache, {result.seconds['total']:.1f} s) → {path.name}"
-        )
+        study.plans[seed] = record
+        return record
+    # One process plans a seed; another `cpt study` on the same study waits for its plan (the runs need it).
+    with _wait_for_lock(path.with_suffix(""), f"seed {seed}: another process is planning the task order; waiting"):
+        record = read_json(path)
+        if _plan_is_current(record, study, fingerprint):
+            log(f"seed {seed}: planned order {' → '.join(record['planned'])} (from {path.name})")
+        else:
+            record = _plan_and_write(study, seed, recipe, fingerprint, cache)
     study.plans[seed] = record
+    return record
+
+
+@contextlib.contextmanager
+def _wait_for_lock(target: Path, waiting: str, poll_seconds: float = 10.0):
+    """Hold the lock of ``target`` (:class:`cpt.lock.RunLock`), waiting while another live process holds it."""
+    from cpt.lock import RunLock, RunLockedError
+
+    lock = RunLock(target)
+    announced = False
+    while True:
+        try:
+            lock.acquire()
+            break
+        except RunLockedError:
+            if not announced:
+                log(waiting)
+                announced = True
+            time.sleep(poll_seconds)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _plan_and_write(study: Study, seed: int, recipe, fingerprint: str, cache) -> dict[str, Any]:
+    """Plan seed ``seed``'s order (every θ0 expert through ``cache``) and write ``plan-seed<s>.json``."""
+    from cpt.planning.plan import plan_recipe
+
+    log(f"seed {seed}: planning the task order (METHOD §7)")
+    result = plan_recipe(recipe, cache=cache)
+    plan = result.plan
+    record = {
+        "seed": seed,
+        "given": result.tasks,
+        "planned": result.planned_tasks,
+        "reverse_planned": result.planned_tasks[::-1],
+        "method": plan.method,
+        "cost": plan.cost,
+        "step_conflicts": plan.step_conflicts,
+        "given_cost": plan.given_cost,
+        "given_step_conflicts": plan.given_step_conflicts,
+        "measured": plan.measured,
+        "seconds": result.seconds,
+        "experts_from_cache": [bool(expert.cache_hit) for expert in result.experts],
+        "recipe_fingerprint": fingerprint,
+    }
+    path = study.plan_path(seed)
+    atomic_write_json(path, record)
+    log(
+        f"seed {seed}: planned order {' → '.join(record['planned'])} (C = {plan.cost:.4f}, given "
+        f"{plan.given_cost:.4f}; {sum(record['experts_from_cache'])}/{len(result.experts)} experts from the "
+        f"cache, {result.seconds['total']:.1f} s) → {path.name}"
+    )
     return record
 
 

@@ -184,6 +184,49 @@ def test_study_end_to_end_shares_experts_and_resumes(tmp_path, tiny_model, monke
     assert len(trainings) == 2 and statistics_of(study.root) == statistics_of(tmp_path / "studies" / "fresh")
 
 
+@pytest.mark.slow
+def test_a_run_held_by_another_process_is_left_to_it(tmp_path, tiny_model, monkeypatch):
+    """Two `cpt study` on one study (one per GPU): each takes the runs no other process holds."""
+    from cpt.lock import RunLock
+
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
+    study = load_study(write_study(tmp_path, tiny_model, ["task_arithmetic", "average", "ties"], seeds=[0]))
+    logs: list[str] = []
+    monkeypatch.setattr("cpt.study.run.log", logs.append)
+    trainings = count_trainings(monkeypatch)
+    elsewhere = RunLock(study.runs_dir / "average-seed0")  # what the other process holds while it runs
+    elsewhere.acquire()
+    try:
+        summary = run_study(study)
+    finally:
+        elsewhere.release()
+    assert not (study.runs_dir / "average-seed0").exists(), "a run another process holds is not touched"
+    assert any(line == "[2/3] average-seed0: running in another process, skipped" for line in logs), logs
+    assert summary["pending_runs"] == ["average-seed0"] and summary["seeds_used"] == []
+    assert json.loads((study.runs_dir / "ties-seed0" / "manifest.json").read_text())["status"] == "complete"
+    assert not list(study.runs_dir.glob(".*.lock")) and len(trainings) == 2
+
+    summary = run_study(study)  # the other process is gone: the run is this one's
+    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0] and len(trainings) == 2
+
+
+def test_waiting_for_a_lock_takes_it_once_its_holder_lets_go(tmp_path, monkeypatch):
+    import threading
+
+    from cpt.lock import RunLock
+    from cpt.study.run import _wait_for_lock
+
+    logs: list[str] = []
+    monkeypatch.setattr("cpt.study.run.log", logs.append)
+    holder = RunLock(tmp_path / "plan-seed0")
+    holder.acquire()
+    threading.Timer(0.3, holder.release).start()
+    with _wait_for_lock(tmp_path / "plan-seed0", "waiting for the plan", poll_seconds=0.05) as lock:
+        assert lock.held and not holder.held
+        assert json.loads((tmp_path / ".plan-seed0.lock").read_text())["token"] == lock.token
+    assert logs == ["waiting for the plan"] and not (tmp_path / ".plan-seed0.lock").exists()
+
+
 def test_shipped_study_file_is_valid():
     study = load_study(Path(__file__).resolve().parents[2] / "studies" / "quickstart.yaml")
     assert [v.name for v in study.variants] == ["sequential", "gcwm", "task_arithmetic", "ties"]
