@@ -3,6 +3,7 @@
     python benchmarks/continual.py                                  # studies/continual.yaml: 21 variants × 3 seeds
     python benchmarks/continual.py --seeds 0 --variants sequential gcwm     # a subset (same study folder)
     python benchmarks/continual.py --alone sequential gcwm          # also: each alone (`cpt run`, no cache), seed 0
+    python benchmarks/continual.py --workers 2                      # two processes on the study (one per core/GPU)
     python benchmarks/continual.py --summary-only                   # rewrite the RESULTS.md section from the runs
     python benchmarks/continual.py --size gpu                       # ASSETS.md's full training size on one GPU
 
@@ -330,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alone", nargs="+", default=[], metavar="VARIANT", help="also time these variants alone")
     parser.add_argument("--summary-only", action="store_true", help="run nothing; rebuild the summary and the section")
     parser.add_argument("--no-record", action="store_true", help="do not write benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="cpt study --workers: processes on the study at once (2 on a 2-core CPU)"
+    )
     args = parser.parse_args(argv)
     command = "python benchmarks/continual.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -349,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     study_command = [sys.executable, "-m", "cpt.cli", "study", str(derived)]
     if args.summary_only:
         study_command.append("--summary-only")
+    elif args.workers != 1:
+        study_command += ["--workers", str(args.workers)]
     seconds, status = timed(study_command, environment())
     if not args.summary_only:
         record_sitting(study.root, seconds, status, command)

@@ -276,6 +276,14 @@ def _add_study(subparsers) -> None:
     study.add_argument(
         "--summary-only", action="store_true", help="rebuild summary.md/json/png from the finished runs; run nothing"
     )
+    study.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N processes on the study at once, each on its own GPU (one per visible GPU) or its own CPU "
+        "cores; each takes the runs no other holds (logs in <study>/workers/)",
+    )
     study.set_defaults(handler=_study)
 
 
@@ -284,9 +292,17 @@ def _study(args) -> int:
     from cpt.study.spec import load_study
 
     study = load_study(args.study, args.overrides)
-    run_study(study, summary_only=args.summary_only)
+    status = 0
+    if args.workers != 1 and not args.summary_only:
+        from cpt.study.workers import run_workers
+
+        # The workers write their own summaries as they end; this one, after all of them, is the complete one.
+        status = run_workers(study, args.study, args.overrides, args.workers)
+        run_study(study, summary_only=True)
+    else:
+        run_study(study, summary_only=args.summary_only)
     print((study.root / "summary.md").read_text(encoding="utf-8"))
-    return 0
+    return status
 
 
 def _add_cache(subparsers) -> None:

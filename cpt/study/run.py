@@ -21,9 +21,9 @@ Resuming: runs go seed by seed, variant by variant; a finished run is skipped, a
 unfinished one resumes in its run directory (`cpt run` semantics), and the summary is
 rebuilt from the finished runs at the end (and whenever the study is started again).
 
-Several processes: every run is taken under its run lock (:mod:`cpt.lock`), and a seed's plan
-under ``.plan-seed<s>.lock``; a process skips the runs another holds and waits for a plan
-another is computing, so ``cpt study`` can run once per GPU on one study.
+Several processes (``--workers``, :mod:`cpt.study.workers`): every run is taken under its run
+lock (:mod:`cpt.lock`) and a seed's plan under ``.plan-seed<s>.lock``; a process skips the runs
+another holds and puts off what it cannot start yet (:class:`_StudyWorker`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ from cpt.io import atomic_write_json, atomic_write_text, read_json
 from cpt.study.spec import Study, Variant
 from cpt.study.statistics import METRICS, RunOutcomes, bootstrap_study, pooled_spearman
 
+#: How often a process waiting on another (a plan, merges it will read) looks again, in seconds.
+POLL_SECONDS = 10.0
+
 
 def log(message: str) -> None:
     print(f"[cpt study] {message}", file=sys.stderr, flush=True)
@@ -57,16 +60,15 @@ def _finished(run_dir: Path, fingerprint: str | None = None) -> bool:
     )
 
 
-def shared_merge_caches(recipes: list, root: Path) -> dict[str, Any]:
-    """``{run name: GCWMMergeCache}`` for the GCWM runs of one seed that compute the same ``m_t`` chain.
+def merge_producers(recipes: list) -> dict[str, str]:
+    """``{run name: name of the run that computes its merges}`` for the GCWM runs of one seed that
+    share their ``m_t`` chain with another (the producer is the group's first run, mapped to itself).
 
     Two GCWM variants on the same task order whose parameters differ only in what acts after the
     merge (``step_coef``, ``decay``, ``non_target``; :func:`cpt.merging.gcwm.shares_merges`) merge
-    the same experts into the same ``m_1, m_2, …`` (METHOD §2.8): the first to run stores each
-    merge, the others read it (entries are content-addressed, so a merge is only ever read by a
-    run whose inputs are the same bytes). Other runs get no cache and compute as usual.
+    the same experts into the same ``m_1, m_2, …`` (METHOD §2.8).
     """
-    from cpt.merging.gcwm import GCWMMergeCache, shares_merges
+    from cpt.merging.gcwm import shares_merges
     from cpt.strategies import get_strategy
 
     gcwm = [
@@ -78,14 +80,26 @@ def shared_merge_caches(recipes: list, root: Path) -> dict[str, Any]:
     def order(recipe) -> list[str]:
         return [task.name for task in recipe.tasks]
 
-    return {
-        recipe.name: GCWMMergeCache(root)
-        for recipe, params in gcwm
-        if any(
-            other is not recipe and order(other) == order(recipe) and shares_merges(other_params, params)
+    producers = {}
+    for recipe, params in gcwm:
+        group = [
+            other
             for other, other_params in gcwm
-        )
-    }
+            if order(other) == order(recipe) and (other is recipe or shares_merges(other_params, params))
+        ]
+        if len(group) > 1:
+            producers[recipe.name] = group[0].name
+    return producers
+
+
+def shared_merge_caches(recipes: list, root: Path) -> dict[str, Any]:
+    """``{run name: GCWMMergeCache}`` for the GCWM runs of one seed that compute the same ``m_t`` chain
+    (:func:`merge_producers`): the first to run stores each merge, the others read it (entries are
+    content-addressed, so a merge is only ever read by a run whose inputs are the same bytes). Other
+    runs get no cache and compute as usual."""
+    from cpt.merging.gcwm import GCWMMergeCache
+
+    return {name: GCWMMergeCache(root) for name in merge_producers(recipes)}
 
 
 def _share_base_row(runner, source: Path) -> bool:
@@ -131,36 +145,12 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
     study.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study.root / "study.yaml", study.source.read_text(encoding="utf-8"))
     cache = ExpertCache()
-    total = len(study.variants) * len(study.spec.seeds)
-    done = 0
     if not summary_only:
         log(
             f"{study.name}: {len(study.variants)} variants × {len(study.spec.seeds)} seeds → {study.root} "
             f"(experts cached in {cache.root})"
         )
-        busy: list[str] = []
-        for seed in study.spec.seeds:
-            if study.needs_plans:
-                plan_seed(study, seed, cache)
-            base_source: Path | None = None
-            recipes = [study.recipe_for(variant, seed) for variant in study.variants]
-            merge_caches = shared_merge_caches(recipes, study.root / "merges")
-            for recipe in recipes:
-                done += 1
-                outcome = _run_once(recipe, f"[{done}/{total}] {recipe.name}", cache, merge_caches, base_source)
-                if outcome == "busy":
-                    busy.append(recipe.name)
-                elif base_source is None:
-                    base_source = recipe.run_dir
-            # A seed's merges are never another seed's (other experts): keep the disk to one seed's chain —
-            # once every run of the seed is finished (another process may still be reading them).
-            if all(_finished(recipe.run_dir, recipe.fingerprint()) for recipe in recipes):
-                shutil.rmtree(study.root / "merges", ignore_errors=True)
-        if busy:
-            log(
-                f"{len(busy)} run(s) were running in another process ({', '.join(busy)}): the summary below leaves "
-                "them out; the process that finishes last writes the complete one"
-            )
+        _StudyWorker(study, cache).run()
     else:
         load_plans(study)
     summary = write_summary(study)
@@ -168,43 +158,108 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _run_once(recipe, label: str, cache, merge_caches: dict, base_source: Path | None) -> str:
-    """Run (or resume) one run of the study under its run lock: ``"finished"`` (before or now) or ``"busy"``.
+def _held_elsewhere(run_dir: Path) -> bool:
+    """Whether another live process holds ``run_dir``'s run lock (:mod:`cpt.lock`)."""
+    from cpt.lock import RunLock, holder_is_stale
 
-    The run lock (:mod:`cpt.lock`, the one ``cpt run`` takes) makes ``cpt study`` safe to start more
-    than once on one study — e.g. one process per GPU: each takes the runs no other process holds,
-    and none resumes a run another is writing.
+    holder = RunLock(run_dir).read_holder()
+    return holder is not None and (holder == {} or not holder_is_stale(holder))
+
+
+class _StudyWorker:
+    """One process's share of a study: every run that no other process holds, in the study's order.
+
+    Several ``cpt study`` processes may work on one study (``--workers``, or one per GPU): a run is
+    taken under its run lock (the one ``cpt run`` takes), a seed's plan under a plan lock. What
+    cannot start yet is put off rather than waited for — a seed whose plan another process is
+    computing, a run that reads GCWM merges another process is still computing (run now, it would
+    solve them again) — and taken up once nothing else is left.
     """
-    from cpt.lock import RunLock, RunLockedError
-    from cpt.runner import TaskSequenceRunner
 
-    if _finished(recipe.run_dir, recipe.fingerprint()):
-        log(f"{label}: finished before")
-        return "finished"
-    lock = RunLock(recipe.run_dir)
-    try:
-        lock.acquire()
-    except RunLockedError:
-        log(f"{label}: running in another process, skipped")
-        return "busy"
-    try:
-        if _finished(recipe.run_dir, recipe.fingerprint()):  # finished by another process since the check above
-            log(f"{label}: finished before")
-            return "finished"
-        log(label)
-        merge_cache = merge_caches.get(recipe.name)
-        runner = TaskSequenceRunner(recipe, expert_cache=cache, merge_cache=merge_cache)
-        if base_source is not None and _share_base_row(runner, base_source):
-            log(f"{recipe.name}: base row copied from {base_source.name}")
-        runner.run()
-        if merge_cache is not None:
+    def __init__(self, study: Study, cache):
+        self.study = study
+        self.cache = cache
+        self.total = len(study.variants) * len(study.spec.seeds)
+        self.busy: list[str] = []
+
+    def run(self) -> None:
+        study = self.study
+        later_seeds = [seed for seed in study.spec.seeds if not self.run_seed(seed, wait=False)]
+        for seed in later_seeds:  # planned by another process meanwhile (or waited for)
+            self.run_seed(seed, wait=True)
+        if self.busy:
             log(
-                f"{recipe.name}: GCWM merges shared with the seed's other variants of the same m_t: "
-                f"{merge_cache.hits} tensors read, {merge_cache.misses} merged"
+                f"{len(self.busy)} run(s) were running in another process ({', '.join(self.busy)}): the summary "
+                "below leaves them out; the process that finishes last writes the complete one"
             )
-        return "finished"
-    finally:
-        lock.release()
+
+    def run_seed(self, seed: int, *, wait: bool) -> bool:
+        """Every run of ``seed`` this process can take; False (nothing run) when its plan is being
+        computed by another process and ``wait`` is False."""
+        study = self.study
+        if study.needs_plans and plan_seed(study, seed, self.cache, wait=wait) is None:
+            log(f"seed {seed}: another process is planning its task order; its runs come later")
+            return False
+        recipes = [study.recipe_for(variant, seed) for variant in study.variants]
+        producers = merge_producers(recipes)
+        merge_caches = shared_merge_caches(recipes, study.root / "merges")
+        by_name = {recipe.name: recipe for recipe in recipes}
+        first = study.spec.seeds.index(seed) * len(recipes)
+        labels = {
+            recipe.name: f"[{first + index + 1}/{self.total}] {recipe.name}" for index, recipe in enumerate(recipes)
+        }
+        put_off = []
+        for recipe in recipes:
+            producer = by_name.get(producers.get(recipe.name, recipe.name))
+            if producer is not recipe and not _finished(producer.run_dir) and _held_elsewhere(producer.run_dir):
+                log(f"{labels[recipe.name]}: put off until {producer.name} (another process) has stored its merges")
+                put_off.append((recipe, producer))
+                continue
+            self.take(recipe, labels[recipe.name], recipes, merge_caches)
+        for recipe, producer in put_off:
+            while _held_elsewhere(producer.run_dir) and not _finished(producer.run_dir):
+                time.sleep(POLL_SECONDS)
+            self.take(recipe, labels[recipe.name], recipes, merge_caches)
+        # A seed's merges are never another seed's (other experts): keep the disk to one seed's chain —
+        # once every run of the seed is finished (another process may still be reading them).
+        if all(_finished(recipe.run_dir, recipe.fingerprint()) for recipe in recipes):
+            shutil.rmtree(study.root / "merges", ignore_errors=True)
+        return True
+
+    def take(self, recipe, label: str, seed_recipes: list, merge_caches: dict) -> None:
+        """Run (or resume) one run under its run lock, unless it is finished or another process holds it."""
+        from cpt.lock import RunLock, RunLockedError
+        from cpt.runner import TaskSequenceRunner
+
+        if _finished(recipe.run_dir, recipe.fingerprint()):
+            log(f"{label}: finished before")
+            return
+        lock = RunLock(recipe.run_dir)
+        try:
+            lock.acquire()
+        except RunLockedError:
+            log(f"{label}: running in another process, skipped")
+            self.busy.append(recipe.name)
+            return
+        try:
+            if _finished(recipe.run_dir, recipe.fingerprint()):  # finished by another process since the check
+                log(f"{label}: finished before")
+                return
+            log(label)
+            merge_cache = merge_caches.get(recipe.name)
+            runner = TaskSequenceRunner(recipe, expert_cache=self.cache, merge_cache=merge_cache)
+            # The seed's base row is evaluated once, by its first run to get there; the others copy it.
+            base_source = next((other.run_dir for other in seed_recipes if _finished(other.run_dir)), None)
+            if base_source is not None and _share_base_row(runner, base_source):
+                log(f"{recipe.name}: base row copied from {base_source.name}")
+            runner.run()
+            if merge_cache is not None:
+                log(
+                    f"{recipe.name}: GCWM merges shared with the seed's other variants of the same m_t: "
+                    f"{merge_cache.hits} tensors read, {merge_cache.misses} merged"
+                )
+        finally:
+            lock.release()
 
 
 # ---------------------------------------------------------------------- planned orders (METHOD §7)
@@ -221,14 +276,15 @@ def _plan_is_current(record: dict | None, study: Study, fingerprint: str) -> boo
     return bool(record and record.get("recipe_fingerprint") == fingerprint and record.get("given") == study.task_names)
 
 
-def plan_seed(study: Study, seed: int, cache=None) -> dict[str, Any]:
+def plan_seed(study: Study, seed: int, cache=None, *, wait: bool = True) -> dict[str, Any] | None:
     """The planned order of ``seed`` (METHOD §7, ``cpt plan``), computed once per (study, seed).
 
     Read from ``plan-seed<s>.json`` when that file is for the same base recipe (its fingerprint) and
     task list; otherwise planned with :func:`cpt.planning.plan.plan_recipe` — every task's expert
     from θ0 through the expert cache, so planning trains nothing when the experts are cached (and a
     given-order θ0 variant of the seed later reuses the experts planning trained) — and written
-    there. Sets ``study.plans[seed]`` and returns the record.
+    there. Sets ``study.plans[seed]`` and returns the record. One process plans a seed: while another
+    holds its plan lock, this waits for it — or, with ``wait=False``, returns None.
     """
     recipe = _planning_recipe(study, seed)
     fingerprint = recipe.fingerprint()
@@ -238,8 +294,9 @@ def plan_seed(study: Study, seed: int, cache=None) -> dict[str, Any]:
         log(f"seed {seed}: planned order {' → '.join(record['planned'])} (from {path.name})")
         study.plans[seed] = record
         return record
-    # One process plans a seed; another `cpt study` on the same study waits for its plan (the runs need it).
-    with _wait_for_lock(path.with_suffix(""), f"seed {seed}: another process is planning the task order; waiting"):
+    with _plan_lock(path.with_suffix(""), seed, wait) as held:
+        if not held:
+            return None
         record = read_json(path)
         if _plan_is_current(record, study, fingerprint):
             log(f"seed {seed}: planned order {' → '.join(record['planned'])} (from {path.name})")
@@ -250,8 +307,9 @@ def plan_seed(study: Study, seed: int, cache=None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _wait_for_lock(target: Path, waiting: str, poll_seconds: float = 10.0):
-    """Hold the lock of ``target`` (:class:`cpt.lock.RunLock`), waiting while another live process holds it."""
+def _plan_lock(target: Path, seed: int, wait: bool):
+    """Hold the lock of ``target`` (:class:`cpt.lock.RunLock`) and yield True; while another live process
+    holds it, wait (``wait``) or yield False."""
     from cpt.lock import RunLock, RunLockedError
 
     lock = RunLock(target)
@@ -261,12 +319,15 @@ def _wait_for_lock(target: Path, waiting: str, poll_seconds: float = 10.0):
             lock.acquire()
             break
         except RunLockedError:
+            if not wait:
+                yield False
+                return
             if not announced:
-                log(waiting)
+                log(f"seed {seed}: another process is planning the task order; waiting for it")
                 announced = True
-            time.sleep(poll_seconds)
+            time.sleep(POLL_SECONDS)
     try:
-        yield lock
+        yield True
     finally:
         lock.release()
 

@@ -1,6 +1,7 @@
 """`cpt study`: spec expansion, summaries from run directories, and real tiny studies (slow)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -210,21 +211,25 @@ def test_a_run_held_by_another_process_is_left_to_it(tmp_path, tiny_model, monke
     assert summary["pending_runs"] == [] and summary["seeds_used"] == [0] and len(trainings) == 2
 
 
-def test_waiting_for_a_lock_takes_it_once_its_holder_lets_go(tmp_path, monkeypatch):
+def test_a_plan_lock_held_elsewhere_is_waited_for_or_put_off(tmp_path, monkeypatch):
     import threading
 
     from cpt.lock import RunLock
-    from cpt.study.run import _wait_for_lock
+    from cpt.study.run import _plan_lock
 
     logs: list[str] = []
     monkeypatch.setattr("cpt.study.run.log", logs.append)
-    holder = RunLock(tmp_path / "plan-seed0")
+    monkeypatch.setattr("cpt.study.run.POLL_SECONDS", 0.05)
+    holder = RunLock(tmp_path / "plan-seed0")  # another process planning seed 0
     holder.acquire()
+    with _plan_lock(tmp_path / "plan-seed0", 0, wait=False) as held:
+        assert held is False and logs == []
     threading.Timer(0.3, holder.release).start()
-    with _wait_for_lock(tmp_path / "plan-seed0", "waiting for the plan", poll_seconds=0.05) as lock:
-        assert lock.held and not holder.held
-        assert json.loads((tmp_path / ".plan-seed0.lock").read_text())["token"] == lock.token
-    assert logs == ["waiting for the plan"] and not (tmp_path / ".plan-seed0.lock").exists()
+    with _plan_lock(tmp_path / "plan-seed0", 0, wait=True) as held:
+        assert held is True and not holder.held
+        assert json.loads((tmp_path / ".plan-seed0.lock").read_text())["pid"] == os.getpid()
+    assert logs == ["seed 0: another process is planning the task order; waiting for it"]
+    assert not (tmp_path / ".plan-seed0.lock").exists()
 
 
 def test_shipped_study_file_is_valid():

@@ -1,0 +1,83 @@
+"""`cpt study --workers N`: how the machine is divided, and two real worker processes on one tiny study."""
+
+import json
+import os
+import re
+
+import pytest
+
+from cpt.cli import main
+from cpt.errors import CptError
+from cpt.study.spec import load_study
+from cpt.study.workers import worker_slots
+from cpt.testing import build_tiny_model
+
+from tiny_recipes import three_task_recipe, write_study
+
+
+def test_cpu_workers_get_disjoint_cores_and_one_share_of_threads_each():
+    slots = worker_slots(2, gpus=[], environ={"PATH": "/bin"}, affinity={0, 1, 2, 3, 4})
+    assert [slot.cores for slot in slots] == [[0, 1], [2, 3, 4]]
+    assert all(slot.env["OMP_NUM_THREADS"] == slot.env["MKL_NUM_THREADS"] == "2" for slot in slots)
+    assert slots[0].env["PATH"] == "/bin" and "CUDA_VISIBLE_DEVICES" not in slots[0].env
+    # A thread count the user chose is theirs.
+    mine = worker_slots(2, gpus=[], environ={"OMP_NUM_THREADS": "1"}, affinity={0, 1, 2, 3})
+    assert [slot.env.get("OMP_NUM_THREADS") for slot in mine] == ["1", "1"] and "MKL_NUM_THREADS" not in mine[0].env
+    assert mine[1].description == "CPU core(s) 2,3, 1 thread(s)"
+
+
+def test_gpu_workers_get_one_visible_gpu_each():
+    slots = worker_slots(2, gpus=["4", "6", "7"], environ={}, affinity=set(range(8)))
+    assert [slot.env["CUDA_VISIBLE_DEVICES"] for slot in slots] == ["4", "6"]
+    assert [slot.cores for slot in slots] == [None, None] and slots[0].env["OMP_NUM_THREADS"] == "4"
+
+
+@pytest.mark.parametrize(
+    "workers, gpus, message",
+    [
+        (3, ["0", "1"], r"--workers 3: only 2 GPU\(s\) visible \(0, 1\); use --workers 2 or fewer"),
+        (3, [], r"--workers 3: only 2 CPU core\(s\) available to this process; use --workers 2 or fewer"),
+        (0, [], r"--workers must be at least 1, got 0"),
+    ],
+)
+def test_more_workers_than_the_machine_has_is_a_one_line_error(workers, gpus, message):
+    with pytest.raises(CptError, match=message):
+        worker_slots(workers, gpus=gpus, environ={}, affinity={0, 1})
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_each_run_once_and_gcwm_merges_still_shared(tmp_path, monkeypatch, capsys):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("two workers need two cores")
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    recipe = three_task_recipe(tmp_path, str(model), steps=(2, 2, 2))
+    gcwm = {"strategy": "gcwm", "iters": 5, "rank": 4}
+    path = write_study(
+        tmp_path,
+        recipe,
+        [{**gcwm, "step_coef": [0.2, "norm"]}, "task_arithmetic", "average"],
+        name="two",
+        seeds=[0],
+        resamples=200,
+    )
+    study = load_study(path)
+    assert main(["study", str(path), "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\[cpt study\] worker 0: CPU core\(s\) \d+, \d+ thread\(s\); log ", err), err
+    assert "[worker 1] [cpt study] two: 4 variants × 1 seeds" in err, "the workers' progress is shown"
+
+    names = [f"{variant.name}-seed0" for variant in study.variants]
+    logs = [(study.root / "workers" / f"worker-{index}.log").read_text() for index in range(2)]
+    taken = {name: sum(len(re.findall(rf"\[cpt study\] \[\d/4\] {name}\n", log)) for log in logs) for name in names}
+    assert taken == dict.fromkeys(names, 1), taken  # each run by exactly one worker
+    assert all(re.search(r"\[cpt study\] \[\d/4\] \S+\n", log) for log in logs), "both workers took runs"
+    summary = json.loads((study.root / "summary.json").read_text())
+    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0]
+
+    # Whichever worker took the norm variant, it read every merge of gcwm at 0.2 (put off while it ran elsewhere).
+    tasks = json.loads((study.runs_dir / "gcwm-step_coefnorm-seed0" / "manifest.json").read_text())["tasks"]
+    assert [task["gcwm_merge_cache"]["merged"] for task in tasks] == [0, 0, 0]
+    assert all(task["gcwm_merge_cache"]["read"] > 0 for task in tasks[1:])
+    assert not (study.root / "merges").exists() and not list(study.runs_dir.glob(".*.lock"))
