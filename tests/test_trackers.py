@@ -151,3 +151,19 @@ def test_merge_run_logs_aggregates_on_one_step_axis_across_a_resume(tmp_path, ti
     assert scalars["train/integration/summary/diagnostics/effective_scale/mean"][5] == [pytest.approx(mean_scale)]
     assert scalars["train/integration/summary/lambda"][5] == [pytest.approx(summary["lambda"])]
     assert len([tag for tag in tags if tag.startswith("train/integration/")]) < 30  # aggregates, not ~200 tensors
+
+
+def test_plan_experts_log_one_after_another_on_one_step_axis(tmp_path, tiny_model, monkeypatch):
+    """`cpt plan` trains T experts in one process: a tracker sees expert 2's steps after expert 1's, not again from 1."""
+    from cpt.planning.plan import plan_recipe
+
+    from tiny_recipes import three_task_recipe
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))  # every expert trained, none from a cache
+    data = three_task_recipe(tmp_path, tiny_model, steps=(2, 3, 2), strategy="task_arithmetic")
+    data["training"]["report_to"] = "tensorboard"
+    data["training"]["logging_steps"] = 1
+    plan_recipe(validate_recipe(data))
+    scalars = read_scalars(tmp_path / "tb")
+    assert {step: len(values) for step, values in scalars["train/loss"].items()} == dict.fromkeys(range(1, 8), 1)

@@ -231,7 +231,9 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
     """Every task's expert from θ0, through the expert cache; returns θ0's folder and the experts.
 
     Each expert is trained as a θ0-strategy run of the recipe in its given order trains it
-    (``cpt.runner.TaskSequenceRunner.train_task``): same data, training arguments and seed.
+    (``cpt.runner.TaskSequenceRunner.train_task``): same data, training arguments and seed. The
+    ``report_to`` trackers see the experts one after another on one step axis (:mod:`cpt.trackers`),
+    as a run's tasks, rather than every expert's curve restarting at step 0.
     """
     from transformers import set_seed
     from trl import SFTConfig
@@ -241,6 +243,7 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
     from cpt.runner import log
     from cpt.study.expert_cache import train_or_reuse_expert, write_expert
     from cpt.tensors import is_peft_model, lora_factors, unwrap_model
+    from cpt.trackers import offset_tracker_steps
     from cpt.training.trainer import CptSFTTrainer
 
     # The runner's loaders (model, tokenizer, LoRA config, θ0's folder) so that experts match a run's.
@@ -249,6 +252,7 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
     base_folder = models.base_folder(base)
     tokenizer = models.load_tokenizer(base)
     experts = []
+    tracker_offset = 0  # optimizer steps of the experts trained so far (a cached one adds none)
     for index, task in enumerate(recipe.tasks):
         step = index + 1
         started = time.perf_counter()
@@ -262,6 +266,7 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
             processing_class=tokenizer,
             peft_config=models.peft_config(),
         )
+        offset_tracker_steps(trainer.callback_handler.callbacks, tracker_offset)
         record: dict = {}
         train_or_reuse_expert(
             trainer,
@@ -274,6 +279,7 @@ def train_experts(recipe, cache, work_dir: Path) -> tuple[str, list[ExpertVector
             label=task.name,
             cache=cache,
         )
+        tracker_offset += trainer.state.global_step
         model = unwrap_model(trainer.model)
         hit = record.get("expert_cache", {}).get("hit")
         if is_peft_model(model):
