@@ -19,6 +19,7 @@ for all of them, then writes the study summary from the run directories.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -150,9 +151,14 @@ def run_workers(study, study_file: str, overrides: list[str], workers: int) -> i
             _echo(followers)
             time.sleep(FOLLOW_SECONDS)
     except KeyboardInterrupt:
-        for process in processes:  # the terminal's Ctrl-C reached them too; wait for their clean stop
+        # A Ctrl-C at the terminal reached the workers too (one process group): give them a moment to stop
+        # cleanly on their own, then pass it on to any that did not get it (e.g. this process alone was signalled).
+        deadline = time.monotonic() + 5.0
+        while any(process.poll() is None for process in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for process in processes:
             if process.poll() is None:
-                process.send_signal(2)
+                process.send_signal(signal.SIGINT)
         for process in processes:
             process.wait()
         _echo(followers)

@@ -68,16 +68,57 @@ def test_two_workers_share_one_study_each_run_once_and_gcwm_merges_still_shared(
     assert re.search(r"\[cpt study\] worker 0: CPU core\(s\) \d+, \d+ thread\(s\); log ", err), err
     assert "[worker 1] [cpt study] two: 4 variants × 1 seeds" in err, "the workers' progress is shown"
 
-    names = [f"{variant.name}-seed0" for variant in study.variants]
+    names = [f"{variant.name}-seed{seed}" for seed in (0, 1) for variant in study.variants]
     logs = [(study.root / "workers" / f"worker-{index}.log").read_text() for index in range(2)]
     taken = {name: sum(len(re.findall(rf"\[cpt study\] \[\d/4\] {name}\n", log)) for log in logs) for name in names}
     assert taken == dict.fromkeys(names, 1), taken  # each run by exactly one worker
     assert all(re.search(r"\[cpt study\] \[\d/4\] \S+\n", log) for log in logs), "both workers took runs"
     summary = json.loads((study.root / "summary.json").read_text())
-    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0]
+    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0, 1]
 
     # Whichever worker took the norm variant, it read every merge of gcwm at 0.2 (put off while it ran elsewhere).
     tasks = json.loads((study.runs_dir / "gcwm-step_coefnorm-seed0" / "manifest.json").read_text())["tasks"]
     assert [task["gcwm_merge_cache"]["merged"] for task in tasks] == [0, 0, 0]
     assert all(task["gcwm_merge_cache"]["read"] > 0 for task in tasks[1:])
     assert not (study.root / "merges").exists() and not list(study.runs_dir.glob(".*.lock"))
+
+
+@pytest.mark.slow
+def test_interrupting_the_workers_stops_them_all_and_the_same_command_resumes(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cpt.study.run import _finished, _held_elsewhere
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("two workers need two cores")
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    recipe = three_task_recipe(tmp_path, str(model), steps=(4, 4, 4))
+    path = write_study(tmp_path, recipe, ["task_arithmetic", "sequential"], name="stop", seeds=[0, 1], resamples=200)
+    study = load_study(path)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "cpt.cli", "study", str(path), "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    logs = [study.root / "workers" / f"worker-{index}.log" for index in range(2)]
+    deadline = time.monotonic() + 180
+    while not any(log.exists() and re.search(r"\[cpt study\] \[\d/4\] ", log.read_text()) for log in logs):
+        assert parent.poll() is None and time.monotonic() < deadline, "a worker should have started a run"
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGINT)  # the parent alone (as `kill -INT`): it passes the stop on to the workers
+    assert parent.wait(timeout=120) == 130
+    assert "interrupted; run the same command again to resume" in parent.stderr.read()
+    names = [f"{variant.name}-seed{seed}" for seed in (0, 1) for variant in study.variants]
+    assert not any(_held_elsewhere(study.runs_dir / name) for name in names), "no worker is left running"
+    unfinished = [name for name in names if not _finished(study.runs_dir / name)]
+    assert unfinished, "the study was stopped part-way"
+
+    assert main(["study", str(path)]) == 0  # the same study, resumed in one process
+    summary = json.loads((study.root / "summary.json").read_text())
+    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0, 1]
