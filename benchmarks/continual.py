@@ -151,8 +151,8 @@ def run_alone(study, names: list[str], seed: int, root: Path) -> dict[str, dict]
 
 # ---------------------------------------------------------------------- costs from run directories
 def run_seconds(manifest: dict) -> dict[str, float]:
-    """Seconds a run's manifest accounts for (:func:`cpt.study.run.manifest_seconds`), to 0.1 s."""
-    from cpt.study.run import manifest_seconds
+    """Seconds a run's manifest accounts for (:func:`cpt.study.summary.manifest_seconds`), to 0.1 s."""
+    from cpt.study.summary import manifest_seconds
 
     return {key: round(value, 1) for key, value in manifest_seconds(manifest).items()}
 

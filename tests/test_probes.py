@@ -154,7 +154,7 @@ def test_study_summary_lists_general_ability_kept(tmp_path):
     """The study summary adds the kept figure per variant, averaged over its finished seeds."""
     from types import SimpleNamespace
 
-    from cpt.study.run import _general_ability_by_variant, format_summary
+    from cpt.study.summary import _general_ability_by_variant, format_summary
 
     runs = tmp_path / "runs"
     variants = [SimpleNamespace(name="seq"), SimpleNamespace(name="avg")]

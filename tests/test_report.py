@@ -392,8 +392,8 @@ def test_compare_shows_intervals_when_runs_carry_seeds(tmp_path):
     """Runs named <variant>-seed<s> (as `cpt study` names them) get the METHOD §6 intervals in compare.md."""
     from cpt.evaluation.outcomes import outcomes_path
     from cpt.report.comparison import compare_runs
-    from cpt.study.run import read_run_outcomes
     from cpt.study.statistics import bootstrap_study
+    from cpt.study.summary import read_run_outcomes
 
     rng = np.random.default_rng(0)
     run_dirs = []

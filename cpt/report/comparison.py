@@ -25,8 +25,8 @@ def seed_intervals(runs: Sequence) -> list[str]:
     its seed is its recipe's ``seed``. Only finished runs on the seeds every variant has count;
     with fewer than two such seeds per variant, no interval is drawn (one seed has none).
     """
-    from cpt.study.run import format_statistics_tables, read_run_outcomes
     from cpt.study.statistics import bootstrap_study
+    from cpt.study.summary import format_statistics_tables, read_run_outcomes
 
     groups: dict[str, dict[int, object]] = {}
     strategies: dict[str, str] = {}

@@ -176,7 +176,7 @@ def test_needed_run_scores_exactly_the_needed_entries(all_and_needed):
 def test_report_compare_and_study_statistics_read_a_needed_run(all_and_needed, tmp_path):
     from cpt.report import write_report
     from cpt.report.comparison import compare_runs
-    from cpt.study.run import read_run_outcomes
+    from cpt.study.summary import read_run_outcomes
 
     report = write_report(all_and_needed["needed"]).read_text()
     assert "`-` in the matrix: not evaluated" in report
@@ -298,8 +298,8 @@ def test_study_summary_over_a_needed_run(all_and_needed, tmp_path):
     variants' intervals are the same (the needed run has every entry the statistics read)."""
     import shutil
 
-    from cpt.study.run import write_summary
     from cpt.study.spec import load_study
+    from cpt.study.summary import write_summary
 
     base = tmp_path / "base.yaml"
     base.write_text((all_and_needed["all"] / "recipe.yaml").read_text())

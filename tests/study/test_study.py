@@ -9,8 +9,9 @@ import yaml
 
 from cpt.cli import main
 from cpt.errors import CptError
-from cpt.study.run import build_summary, read_run_outcomes, run_study, write_summary
+from cpt.study.run import run_study
 from cpt.study.spec import load_study
+from cpt.study.summary import build_summary, read_run_outcomes, write_summary
 from cpt.testing import build_tiny_model
 
 from tiny_recipes import count_trainings, make_recipe

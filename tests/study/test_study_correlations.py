@@ -11,9 +11,9 @@ from scipy.stats import spearmanr
 
 from cpt.report.loading import load_run
 from cpt.report.statistics import forgetting_pairs
-from cpt.study.run import build_summary, format_summary, write_summary
 from cpt.study.spec import load_study
 from cpt.study.statistics import pooled_spearman, spearman_rows
+from cpt.study.summary import build_summary, format_summary, write_summary
 
 
 def test_spearman_rows_matches_scipy_with_ties():

@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from cpt.errors import CptError
-from cpt.study.run import _share_base_row, build_summary, format_summary, plan_seed
+from cpt.study.run import _share_base_row, plan_seed
 from cpt.study.spec import load_study, random_order
 from cpt.study.statistics import RunOutcomes, bootstrap_study
+from cpt.study.summary import build_summary, format_summary
 from cpt.testing import build_tiny_model
 
 from tiny_recipes import count_trainings, make_recipe, three_task_recipe

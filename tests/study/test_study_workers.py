@@ -90,7 +90,8 @@ def test_interrupting_the_workers_stops_them_all_and_the_same_command_resumes(tm
     import sys
     import time
 
-    from cpt.study.run import _finished, _held_elsewhere
+    from cpt.study.run import _held_elsewhere
+    from cpt.study.summary import run_finished
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("two workers need two cores")
@@ -116,7 +117,7 @@ def test_interrupting_the_workers_stops_them_all_and_the_same_command_resumes(tm
     assert "interrupted; run the same command again to resume" in parent.stderr.read()
     names = [f"{variant.name}-seed{seed}" for seed in (0, 1) for variant in study.variants]
     assert not any(_held_elsewhere(study.runs_dir / name) for name in names), "no worker is left running"
-    unfinished = [name for name in names if not _finished(study.runs_dir / name)]
+    unfinished = [name for name in names if not run_finished(study.runs_dir / name)]
     assert unfinished, "the study was stopped part-way"
 
     assert main(["study", str(path)]) == 0  # the same study, resumed in one process
