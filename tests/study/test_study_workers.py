@@ -68,7 +68,7 @@ def test_two_workers_share_one_study_each_run_once_and_gcwm_merges_still_shared(
     assert re.search(r"\[cpt study\] worker 0: CPU core\(s\) \d+, \d+ thread\(s\); log ", err), err
     assert "[worker 1] [cpt study] two: 4 variants × 1 seeds" in err, "the workers' progress is shown"
 
-    names = [f"{variant.name}-seed{seed}" for seed in (0, 1) for variant in study.variants]
+    names = [f"{variant.name}-seed0" for variant in study.variants]
     logs = [(study.root / "workers" / f"worker-{index}.log").read_text() for index in range(2)]
     taken = {name: sum(len(re.findall(rf"\[cpt study\] \[\d/4\] {name}\n", log)) for log in logs) for name in names}
     assert taken == dict.fromkeys(names, 1), taken  # each run by exactly one worker
