@@ -145,6 +145,28 @@ def run_study(study: Study, *, summary_only: bool = False) -> dict[str, Any]:
     return summary
 
 
+#: What a finished run of a study no longer needs (``keep_weights: false``, :mod:`cpt.study.spec`).
+WEIGHT_FOLDERS = ("state", "history", "strategy", "work")
+
+
+def remove_weights(run_dir: Path) -> bool:
+    """Remove a finished run's weights (:data:`WEIGHT_FOLDERS`) and record it in its manifest; True when
+    anything was removed. The manifest is written first, so a run stopped part-way says so and the
+    next call removes the rest."""
+    from cpt.run_directory import RunDirectory, utc_now
+
+    present = [run_dir / name for name in WEIGHT_FOLDERS if (run_dir / name).exists()]
+    if not present:
+        return False
+    directory = RunDirectory(run_dir)
+    manifest = directory.read_manifest()
+    manifest.setdefault("weights_removed", utc_now())
+    directory.write_manifest(manifest)
+    for folder in present:
+        shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 def _held_elsewhere(run_dir: Path) -> bool:
     """Whether another live process holds ``run_dir``'s run lock (:mod:`cpt.lock`)."""
     from cpt.lock import RunLock, holder_is_stale
@@ -213,6 +235,11 @@ class _StudyWorker:
             shutil.rmtree(study.root / "merges", ignore_errors=True)
         return True
 
+    def finish(self, recipe) -> None:
+        """A finished run keeps its results; its weights go unless the study keeps them (``keep_weights``)."""
+        if not self.study.spec.keep_weights and remove_weights(recipe.run_dir):
+            log(f"{recipe.name}: weights removed (keep_weights: false); results kept")
+
     def take(self, recipe, label: str, seed_recipes: list, merge_caches: dict) -> None:
         """Run (or resume) one run under its run lock, unless it is finished or another process holds it."""
         from cpt.lock import RunLock, RunLockedError
@@ -220,6 +247,7 @@ class _StudyWorker:
 
         if run_finished(recipe.run_dir, recipe.fingerprint()):
             log(f"{label}: finished before")
+            self.finish(recipe)
             return
         lock = RunLock(recipe.run_dir)
         try:
@@ -231,6 +259,7 @@ class _StudyWorker:
         try:
             if run_finished(recipe.run_dir, recipe.fingerprint()):  # finished by another process since the check
                 log(f"{label}: finished before")
+                self.finish(recipe)
                 return
             log(label)
             merge_cache = merge_caches.get(recipe.name)
@@ -245,6 +274,7 @@ class _StudyWorker:
                     f"{recipe.name}: GCWM merges shared with the seed's other variants of the same m_t: "
                     f"{merge_cache.hits} tensors read, {merge_cache.misses} merged"
                 )
+            self.finish(recipe)
         finally:
             lock.release()
 
@@ -361,4 +391,4 @@ def load_plans(study: Study) -> None:
             study.plans[seed] = record
 
 
-__all__ = ["merge_producers", "plan_seed", "run_study", "shared_merge_caches"]
+__all__ = ["WEIGHT_FOLDERS", "merge_producers", "plan_seed", "remove_weights", "run_study", "shared_merge_caches"]

@@ -13,6 +13,7 @@ Example (``studies/quickstart.yaml``)::
         step_coef: [0.2, 0.5]            # a list is a grid: two variants
       - {strategy: ties, name: ties-k20, density: 0.2}
     statistics: {resamples: 2000, confidence: 0.95, seed: 0}
+    keep_weights: false                  # the default: a finished run's weights are removed (see below)
 
 Variant names are deterministic: ``name`` (default: the strategy) followed by
 ``-<param><value>`` for every grid parameter, in the order written, e.g.
@@ -44,6 +45,14 @@ A list value of ``order`` is *one* order, never a grid; ``orders: [...]`` (a lis
 values) is the grid over orders. Every other parameter's list is a grid as above. The order
 suffix comes last in the name: ``-order_<value>`` (``planned``, ``reverse_planned``,
 ``random_<k>``, or the task names joined by ``.``).
+
+**Weights.** A study answers which variant is better; its runs' results are their manifests,
+``eval/``, ``geometry/``, ``integration/`` and ``plots/``. Their weights — ``state/`` (one
+model), ``history/`` (GCWM's merge memory), ``strategy/`` (e.g. EWC's Fisher) — are only
+needed while a run is running, so once a run is finished a study removes them (and records
+``weights_removed`` in its manifest): 63 runs of SmolLM2-135M would keep 33 GB otherwise.
+``keep_weights: true`` keeps them; the weights of any one variant are one ``cpt run`` of its
+recipe (``runs/<variant>-seed<s>/recipe.yaml``) away, with its experts from the cache.
 """
 
 from __future__ import annotations
@@ -101,6 +110,12 @@ class StudySpec(BaseModel):
     set: list[str] = Field([], description="overrides of the base recipe, KEY=VALUE as `cpt run --set`")
     variants: list[VariantSpec] = Field(min_length=1)
     statistics: StatisticsSpec = StatisticsSpec()
+    keep_weights: bool = Field(
+        False,
+        description="keep every finished run's weights (state/, history/, strategy/); by default a study keeps "
+        "what its summary and `cpt report` read (manifest, eval/, geometry/, integration/, plots/) and removes "
+        "the weights once a run is finished — a study of many runs would otherwise keep one model per run",
+    )
 
     @field_validator("variants", mode="before")
     @classmethod

@@ -165,6 +165,7 @@ def test_study_variants_that_share_m_t_read_each_others_merges(tmp_path, monkeyp
         name="shared",
         seeds=[0],
         resamples=200,
+        keep_weights=True,  # compared with the run alone below
     )
     study = load_study(path)
     logs = []

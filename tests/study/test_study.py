@@ -205,7 +205,10 @@ def test_a_run_held_by_another_process_is_left_to_it(tmp_path, tiny_model, monke
     assert not (study.runs_dir / "average-seed0").exists(), "a run another process holds is not touched"
     assert any(line == "[2/3] average-seed0: running in another process, skipped" for line in logs), logs
     assert summary["pending_runs"] == ["average-seed0"] and summary["seeds_used"] == []
-    assert json.loads((study.runs_dir / "ties-seed0" / "manifest.json").read_text())["status"] == "complete"
+    finished = json.loads((study.runs_dir / "ties-seed0" / "manifest.json").read_text())
+    assert finished["status"] == "complete" and "weights_removed" in finished
+    assert not any((study.runs_dir / "ties-seed0" / name).exists() for name in ("state", "history", "work"))
+    assert (study.runs_dir / "ties-seed0" / "eval" / "matrix.json").exists(), "the results stay"
     assert not list(study.runs_dir.glob(".*.lock")) and len(trainings) == 2
 
     summary = run_study(study)  # the other process is gone: the run is this one's
@@ -259,3 +262,18 @@ def test_cache_commands(tmp_path, monkeypatch, capsys):
     assert f"{tmp_path / 'experts'}: 1 experts" in out and "abc" in out and "plural" in out
     assert main(["cache", "clear"]) == 0 and "removed 1 experts" in capsys.readouterr().out
     assert cache.entries() == []
+
+
+def test_removing_a_finished_runs_weights_keeps_its_results_and_says_so(tmp_path):
+    from cpt.study.run import remove_weights
+
+    run = tmp_path / "ta-seed0"
+    for folder in ("state", "history/step-1", "strategy", "eval", "geometry"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "file").write_text("x")
+    (run / "manifest.json").write_text(json.dumps({"status": "complete", "tasks": []}))
+    assert remove_weights(run)
+    assert sorted(path.name for path in run.iterdir()) == ["eval", "geometry", "manifest.json"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["weights_removed"]
+    assert not remove_weights(run) and json.loads((run / "manifest.json").read_text()) == manifest
