@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from cpt.errors import CptError
@@ -388,6 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     except CptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A run's files are staged and renamed into place (cpt.io, cpt.recovery): what is on disk is resumable.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(
+            f"error: no space left on the device{where}; free some (`cpt cache info` shows the expert cache, a "
+            "finished study run's weights can go) and run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

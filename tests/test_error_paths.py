@@ -388,3 +388,27 @@ def test_set_changes_one_place_even_through_yaml_aliases(tmp_path):
     assert "*id" in path.read_text()
     recipe = load_recipe(path, ["tasks.2.fields.completion=answer"])
     assert recipe.tasks[2].fields.completion == "answer" and recipe.tasks[0].fields.completion == "target"
+
+
+def test_a_full_disk_is_one_line_and_says_how_to_resume(capsys, monkeypatch):
+    import errno
+
+    import cpt.cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/state/model.safetensors")
+
+    monkeypatch.setattr(cpt.cli, "_report", full)
+    assert main(["report", "runs/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "error: no space left on the device writing runs/x/state/model.safetensors; free some"
+    )
+    assert "run the same command again to resume" in err
+
+    def other(args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(cpt.cli, "_report", other)
+    with pytest.raises(PermissionError):  # any other OS error is not disguised as this one
+        main(["report", "runs/x"])
