@@ -74,6 +74,8 @@ class RunPlan:
     tasks: list[TaskPlan] = field(default_factory=list)
     probes: list[tuple[str, str]] = field(default_factory=list)
     """(name, what is evaluated) per probe."""
+    disk: tuple[int, int] | None = None
+    """(bytes free where the run directory goes, bytes of one state), when the run has work left."""
 
     def format(self) -> str:
         """The plan as a few readable lines."""
@@ -89,6 +91,9 @@ class RunPlan:
             lines.append(f"targets    {self.target_tensors} target tensors matched by {len(recipe.targets)} pattern(s)")
         lines.append(f"geometry   {'on' if recipe.geometry.enabled else 'off'}")
         lines.append(f"run dir    {self.run_dir}: {self.action_detail}")
+        if self.disk is not None:
+            free, state = self.disk
+            lines.append(f"disk       {_gigabytes(free)} free; one state of this model is {_gigabytes(state)}")
         lines.append(f"tasks      {len(self.tasks)} (processes: {self.world_size})")
         width = max(len(task.name) for task in self.tasks)
         for index, task in enumerate(self.tasks, start=1):
@@ -102,6 +107,38 @@ class RunPlan:
         for name, what in self.probes:
             lines.append(f"  probe {name}: {what} (evaluated for the base and after every task, never trained)")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- disk
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def state_bytes(recipe: Recipe, files: list[str], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Bytes of one saved state: every tensor at the recipe's load dtype (``auto``: as the checkpoint stores it)."""
+    if recipe.model.dtype == "auto":
+        return sum(os.path.getsize(file) for file in files)
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[recipe.model.dtype]
+    return itemsize * sum(math.prod(shape) for shape in shapes.values())
+
+
+def check_disk_space(recipe: Recipe, files: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """Refuse a run whose disk cannot hold two states — the state and the next one, staged beside it before it
+    replaces it (``cpt.recovery``) — the least any integration writes; return (bytes free, bytes of a state)."""
+    import shutil
+
+    state = state_bytes(recipe, files, shapes)
+    where = Path(recipe.run_dir).absolute()
+    while not where.exists():  # the run directory (and its parents) may not exist yet
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < 2 * state:
+        raise CptError(
+            f"output_dir: {_gigabytes(free)} free on the disk of {where}, but a run of this model stages each new "
+            f"state ({_gigabytes(state)}) beside the last one: free at least {_gigabytes(2 * state - free)} "
+            "(`cpt cache info` shows the expert cache) or choose another output_dir"
+        )
+    return free, state
 
 
 # ---------------------------------------------------------------------- model
@@ -518,7 +555,8 @@ def check_recipe(recipe: Recipe, *, overwrite: bool = False, world_size: int | N
     action, detail = run_dir_action(recipe, overwrite)
 
     model_path = resolve_model_path(recipe)
-    tokenizer, _files, shapes = check_model(recipe, model_path)
+    tokenizer, files, shapes = check_model(recipe, model_path)
+    disk = check_disk_space(recipe, files, shapes) if action != "complete" else None
     check_lora_modules(recipe, shapes)
     targets = check_targets(recipe, shapes) if uses_targets(recipe) else None
 
@@ -578,6 +616,7 @@ def check_recipe(recipe: Recipe, *, overwrite: bool = False, world_size: int | N
         target_tensors=targets,
         tasks=plans,
         probes=probe_plans,
+        disk=disk,
     )
 
 

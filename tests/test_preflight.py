@@ -1,15 +1,17 @@
 """``cpt check`` and the preflight of ``cpt run``: a broken recipe fails with one line, the run directory untouched."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from safetensors import safe_open
 
 from cpt.cli import main
 from cpt.errors import CptError
-from cpt.preflight import check_recipe, optimizer_steps
+from cpt.preflight import check_recipe, optimizer_steps, state_bytes
 from cpt.recipe import load_recipe, validate_recipe
 from cpt.testing import build_tiny_model
 
@@ -46,7 +48,27 @@ def test_check_prints_the_plan(tmp_path, tiny_model, capsys):
     assert "prompt:     'Plural of " in out and "completion: ' " in out
     assert "<|im_start|>user" in out, "chat prompts are shown through the chat template"
     assert "14 target tensors" in out  # 2 layers × 7 projections of the tiny model
+    assert re.search(r"disk       \d+\.\d\d GB free; one state of this model is 0\.00 GB", out)
     assert not (tmp_path / "runs").exists(), "check creates nothing"
+
+
+def test_a_disk_that_cannot_hold_two_states_is_refused_before_anything_runs(tmp_path, tiny_model, capsys, monkeypatch):
+    recipe = load_recipe(write_recipe(tmp_path, make_recipe(tmp_path, tiny_model)))
+    files = sorted(str(path) for path in Path(tiny_model).glob("*.safetensors"))
+    with safe_open(files[0], "pt") as handle:
+        parameters = sum(handle.get_tensor(name).numel() for name in handle.keys())
+    state = state_bytes(recipe, files, {"all": (parameters,)})
+    assert state == 4 * parameters  # float32, the recipe's default dtype
+    auto = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "auto"})})
+    assert state_bytes(auto, files, {}) == sum(Path(file).stat().st_size for file in files)
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2 * state - 1))
+    line = _check_fails(capsys, ["run", write_recipe(tmp_path, make_recipe(tmp_path, tiny_model))])
+    assert line.startswith("error: output_dir: 0.00 GB free on the disk of ") and "free at least 0.00 GB" in line
+    assert not (tmp_path / "runs" / "tiny").exists(), "refused before the run directory was created"
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2 * state))
+    assert main(["check", write_recipe(tmp_path, make_recipe(tmp_path, tiny_model))]) == 0
 
 
 def test_optimizer_steps_follow_the_trainer():
