@@ -122,6 +122,12 @@ def state_bytes(recipe: Recipe, files: list[str], shapes: dict[str, tuple[int, .
     return itemsize * sum(math.prod(shape) for shape in shapes.values())
 
 
+def check_disk_space_for(recipe: Recipe) -> tuple[int, int]:
+    """:func:`check_disk_space` from the model's safetensors headers alone (no config, tokenizer or data)."""
+    files = _safetensors_files(resolve_model_path(recipe), recipe.model.revision)
+    return check_disk_space(recipe, files, _tensor_shapes(files))
+
+
 def check_disk_space(recipe: Recipe, files: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
     """Refuse a run whose disk cannot hold two states — the state and the next one, staged beside it before it
     replaces it (``cpt.recovery``) — the least any integration writes; return (bytes free, bytes of a state)."""

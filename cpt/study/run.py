@@ -243,6 +243,7 @@ class _StudyWorker:
     def take(self, recipe, label: str, seed_recipes: list, merge_caches: dict) -> None:
         """Run (or resume) one run under its run lock, unless it is finished or another process holds it."""
         from cpt.lock import RunLock, RunLockedError
+        from cpt.preflight import check_disk_space_for
         from cpt.runner import TaskSequenceRunner
 
         if run_finished(recipe.run_dir, recipe.fingerprint()):
@@ -262,6 +263,9 @@ class _StudyWorker:
                 self.finish(recipe)
                 return
             log(label)
+            # Each run stages a state beside the last one: a disk filled by earlier runs stops the study here, in
+            # one line, rather than mid-integration (the preflight of `cpt run`, cpt.preflight).
+            check_disk_space_for(recipe)
             merge_cache = merge_caches.get(recipe.name)
             runner = TaskSequenceRunner(recipe, expert_cache=self.cache, merge_cache=merge_cache)
             # The seed's base row is evaluated once, by its first run to get there; the others copy it.

@@ -277,3 +277,15 @@ def test_removing_a_finished_runs_weights_keeps_its_results_and_says_so(tmp_path
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["weights_removed"]
     assert not remove_weights(run) and json.loads((run / "manifest.json").read_text()) == manifest
+
+
+def test_a_study_stops_in_one_line_before_a_run_the_disk_cannot_hold(tmp_path, tiny_model, monkeypatch, capsys):
+    import shutil
+
+    path = write_study(tmp_path, tiny_model, ["task_arithmetic"], seeds=[0])
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage._replace(free=1000))
+    assert main(["study", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: output_dir: 0.00 GB free on the disk of ") and "Traceback" not in "".join(err)
+    assert not (load_study(path).runs_dir / "task_arithmetic-seed0").exists(), "nothing started"
