@@ -60,7 +60,10 @@ def worker_slots(workers: int, *, gpus: list[str] | None = None, environ=None, a
     if workers < 1:
         raise CptError(f"--workers must be at least 1, got {workers}")
     gpus = visible_gpus() if gpus is None else gpus
-    cores = sorted(os.sched_getaffinity(0) if affinity is None else affinity)
+    pinnable = affinity is not None or hasattr(os, "sched_setaffinity")  # not on macOS: threads only
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if pinnable else set(range(os.cpu_count() or 1))
+    cores = sorted(affinity)
     usable = min(len(cores), available_cores(lambda: set(cores)))
     user_threads = any(environ.get(name) for name in THREAD_VARIABLES)
     if gpus:
@@ -91,7 +94,7 @@ def worker_slots(workers: int, *, gpus: list[str] | None = None, environ=None, a
         slots.append(
             WorkerSlot(
                 env=dict(env),
-                cores=share,
+                cores=share if pinnable else None,
                 description=f"CPU core(s) {','.join(map(str, share))}, {threads_text} thread(s)",
             )
         )

@@ -26,6 +26,15 @@ def test_cpu_workers_get_disjoint_cores_and_one_share_of_threads_each():
     assert mine[1].description == "CPU core(s) 2,3, 1 thread(s)"
 
 
+def test_without_cpu_pinning_workers_still_split_the_threads(monkeypatch):
+    monkeypatch.delattr("os.sched_setaffinity")  # macOS
+    monkeypatch.delattr("os.sched_getaffinity")
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    slots = worker_slots(2, gpus=[], environ={})
+    assert [slot.cores for slot in slots] == [None, None]
+    assert [slot.env["OMP_NUM_THREADS"] for slot in slots] == ["2", "2"]
+
+
 def test_gpu_workers_get_one_visible_gpu_each():
     slots = worker_slots(2, gpus=["4", "6", "7"], environ={}, affinity=set(range(8)))
     assert [slot.env["CUDA_VISIBLE_DEVICES"] for slot in slots] == ["4", "6"]
