@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "EXACT_MAX_TASKS",
+    "TIE_TOLERANCE",
     "StepRequest",
     "OrderPlan",
     "order_cost",
@@ -43,6 +44,23 @@ __all__ = [
 
 #: Largest number of tasks planned exactly (METHOD §7: "exact for T ≤ 8").
 EXACT_MAX_TASKS = 8
+
+#: Costs this close (relative) are a tie. Two orders that differ only in their first two tasks always tie
+#: (the first step's conflict is symmetric), but GC(τ_a, τ_b) and GC(τ_b, τ_a) are computed separately and
+#: may differ in the last bit: without a tolerance that bit, not the conflict, would pick the order.
+TIE_TOLERANCE = 1e-9
+
+
+def _ties(cost: float, least: float) -> bool:
+    return cost - least <= TIE_TOLERANCE * max(1.0, abs(least))
+
+
+def _first_least(candidates, key):
+    """The first of ``candidates`` (in their order) whose ``key`` ties the least one (:data:`TIE_TOLERANCE`)."""
+    candidates = list(candidates)
+    least = min(key(candidate) for candidate in candidates)
+    return next(candidate for candidate in candidates if _ties(key(candidate), least))
+
 
 #: One step conflict to measure: (the set of tasks already integrated, the task added next).
 StepRequest = tuple[frozenset[int], int]
@@ -123,8 +141,9 @@ def exact_order(num_tasks: int, conflict: Callable[[frozenset[int], int], float]
     """The order of least ``C`` by dynamic programming over subsets (METHOD §7).
 
     ``conflict(S, j)`` must be defined for every ``S`` with ``1 ≤ |S| ≤ T−1`` and ``j ∉ S``.
-    Ties go to the order that comes first lexicographically (so the given order wins a tie
-    with any order that it precedes). Returns a permutation of ``range(num_tasks)``.
+    Ties (within :data:`TIE_TOLERANCE`) go to the order that comes first lexicographically, so
+    the given order ``0 … T−1`` is kept unless another is less conflicting. Returns a
+    permutation of ``range(num_tasks)``.
     """
     _check_tasks(num_tasks)
     tasks = range(num_tasks)
@@ -138,7 +157,7 @@ def exact_order(num_tasks: int, conflict: Callable[[frozenset[int], int], float]
                 previous = chosen - {last}
                 cost, order = best[previous]
                 candidates.append((cost + conflict(previous, last), (*order, last)))
-            best[chosen] = min(candidates)
+            best[chosen] = _first_least(sorted(candidates, key=lambda candidate: candidate[1]), lambda c: c[0])
     return list(best[frozenset(tasks)][1])
 
 
@@ -155,7 +174,7 @@ def _all_prefix_requests(num_tasks: int) -> list[StepRequest]:
 
 def greedy_order(num_tasks: int, measure: Measure) -> list[int]:
     """The greedy order (METHOD §7 above T = 8): the pair of least conflict first, then, step by step,
-    the task of least conflict with the set so far. Ties go to the lowest index. ``measure`` as in
+    the task of least conflict with the set so far. Ties (:data:`TIE_TOLERANCE`) go to the lowest index. ``measure`` as in
     :func:`plan_order`."""
     return _greedy(num_tasks, _Table(measure))
 
@@ -166,12 +185,12 @@ def _greedy(num_tasks: int, table: _Table) -> list[int]:
         return [0]
     pairs = list(itertools.combinations(range(num_tasks), 2))
     table.ensure([(frozenset([first]), second) for first, second in pairs])
-    order = list(min(pairs, key=lambda pair: table(frozenset([pair[0]]), pair[1])))
+    order = list(_first_least(pairs, lambda pair: table(frozenset([pair[0]]), pair[1])))
     while len(order) < num_tasks:
         previous = frozenset(order)
         remaining = [task for task in range(num_tasks) if task not in previous]
         table.ensure([(previous, task) for task in remaining])
-        order.append(min(remaining, key=lambda task: table(previous, task)))
+        order.append(_first_least(remaining, lambda task, previous=previous: table(previous, task)))
     return order
 
 
