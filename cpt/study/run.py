@@ -374,6 +374,11 @@ def _plan_and_write(study: Study, seed: int, recipe, fingerprint: str, cache) ->
         "seconds": result.seconds,
         "experts_from_cache": [bool(expert.cache_hit) for expert in result.experts],
         "recipe_fingerprint": fingerprint,
+        # every measured step conflict c(S, j): the predicted C of any order studied (cpt.study.summary)
+        "conflicts": [
+            {"previous": [result.tasks[i] for i in sorted(previous)], "task": result.tasks[task], "conflict": value}
+            for (previous, task), value in plan.conflicts.items()
+        ],
     }
     path = study.plan_path(seed)
     atomic_write_json(path, record)

@@ -120,7 +120,17 @@ def build_summary(study: Study) -> dict[str, Any]:
         if same:  # e.g. a random order that happens to be a seed's planned one
             summary["same_orders"] = same
     if study.plans:
-        summary["plans"] = {str(seed): study.plans[seed] for seed in seeds if seed in study.plans}
+        summary["plans"] = {
+            str(seed): {key: value for key, value in study.plans[seed].items() if key != "conflicts"}
+            for seed in seeds
+            if seed in study.plans
+        }
+        predicted = predicted_conflicts(study)
+        if predicted:
+            summary["predicted_conflict"] = predicted
+            relation = predicted_conflict_vs_forgetting(study, finished, predicted)
+            if relation:
+                summary["predicted_conflict_vs_forgetting"] = relation
     costs = {
         study.run_name(v, s): _run_costs(study.runs_dir / study.run_name(v, s))
         for v in study.variants
@@ -265,6 +275,54 @@ def _format_correlations(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def predicted_conflicts(study: Study) -> dict[str, dict[str, float]]:
+    """``{variant: {seed: C}}``: METHOD §7's predicted conflict of the order each variant trains on each seed, from
+    the step conflicts the seed's plan measured (``plan-seed<s>.json``; plans written before they kept them
+    give none)."""
+    from cpt.planning.order import order_cost
+
+    out: dict[str, dict[str, float]] = {}
+    for seed, plan in study.plans.items():
+        if not plan.get("conflicts"):
+            continue
+        table = {(frozenset(entry["previous"]), entry["task"]): entry["conflict"] for entry in plan["conflicts"]}
+        for variant in study.variants:
+            order = study.task_order(variant, seed)
+            cost, _ = order_cost(order, lambda previous, task, table=table: table[(frozenset(previous), task)])
+            out.setdefault(variant.name, {})[str(seed)] = cost
+    return out
+
+
+def predicted_conflict_vs_forgetting(study: Study, finished: dict, predicted: dict) -> dict[str, Any]:
+    """Per strategy trained in several orders: Spearman's ρ of the predicted conflict C of each run's order against
+    the run's forgetting (METHOD §5), pooled over seeds with the cluster bootstrap (:func:`pooled_spearman`) —
+    METHOD §7's premise that less predicted conflict means less forgetting, measured."""
+    settings = study.spec.statistics
+    by_strategy: dict[str, dict[int, list]] = {}
+    for variant in study.variants:
+        for seed in study.spec.seeds:
+            cost = predicted.get(variant.name, {}).get(str(seed))
+            if cost is None or not finished[(variant.name, seed)]:
+                continue
+            matrix = read_json(study.runs_dir / study.run_name(variant, seed) / "eval" / "matrix.json")
+            forgetting = (matrix.get("metrics") or {}).get("forgetting")
+            if forgetting is not None:
+                by_strategy.setdefault(variant.strategy, {}).setdefault(seed, []).append(([cost], [forgetting]))
+    out = {}
+    for strategy, clusters in by_strategy.items():
+        if sum(len(runs) for runs in clusters.values()) < 3:
+            continue
+        result = pooled_spearman(
+            clusters,
+            signal="predicted_conflict",
+            resamples=settings.resamples,
+            confidence=settings.confidence,
+            seed=settings.seed,
+        )
+        out[strategy] = result.as_dict()
+    return out
+
+
 def _task_orders(study: Study) -> dict[str, dict[str, list[str] | None]]:
     """``{variant: {seed: task names in training order}}`` for the variants not in the given order
     (``None`` where the seed's plan is not known yet)."""
@@ -302,9 +360,28 @@ def _format_orders(summary: dict[str, Any]) -> list[str]:
         seeds = [str(seed) for seed in summary["seeds"]]
         out += ["", "| variant | " + " | ".join(f"order, seed {seed}" for seed in seeds) + " |"]
         out.append("|---|" + "---|" * len(seeds))
+        predicted = summary.get("predicted_conflict") or {}
         for name, by_seed in orders.items():
-            cells = [" → ".join(by_seed[seed]) if by_seed.get(seed) else "(not planned yet)" for seed in seeds]
+            cells = [
+                (" → ".join(by_seed[seed]) if by_seed.get(seed) else "(not planned yet)")
+                + (f" (C = {predicted[name][seed]:.4f})" if seed in predicted.get(name, {}) else "")
+                for seed in seeds
+            ]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
+    relation = summary.get("predicted_conflict_vs_forgetting") or {}
+    if relation:
+        out += [
+            "",
+            "Predicted conflict C of each run's order against the run's forgetting (METHOD §7's premise: less "
+            "predicted conflict, less forgetting), Spearman ρ pooled over seeds with its cluster-bootstrap interval:",
+            "",
+        ]
+        for strategy, entry in relation.items():
+            per_seed = ", ".join(
+                f"seed {seed} {rho:+.2f}" if rho is not None else f"seed {seed} -"
+                for seed, rho in entry["per_seed"].items()
+            )
+            out.append(f"- {strategy}: ρ = {_format_correlation(entry)} over {entry['n']} runs ({per_seed})")
     for seed, groups in (summary.get("same_orders") or {}).items():
         for names in groups:
             out += [

@@ -1,5 +1,6 @@
 """Task-order variants of `cpt study` (METHOD §7's ordering study): validation, names, recipes, planning once per seed."""
 
+import itertools
 import json
 
 import numpy as np
@@ -250,7 +251,12 @@ def test_planned_variant_runs_in_the_plans_order_and_planning_reuses_cached_expe
     assert [t["name"] for t in manifest["tasks"]] == plan["reverse_planned"]
     matrix = json.loads((run / "eval" / "matrix.json").read_text())
     assert matrix["tasks"] == plan["reverse_planned"]
-    assert summary["plans"]["0"]["planned"] == plan["planned"]
+    assert summary["plans"]["0"]["planned"] == plan["planned"] and "conflicts" not in summary["plans"]["0"]
+    # Every measured step conflict is kept (T·2^(T−1) − T = 2 for T = 2): C of every variant's order follows.
+    assert len(plan["conflicts"]) == 2 and summary["predicted_conflict"] == {
+        "task_arithmetic": {"0": pytest.approx(plan["given_cost"])},
+        "sequential-order_reverse_planned": {"0": pytest.approx(plan["cost"], rel=1e-6)},  # GC is symmetric
+    }
     assert summary["task_orders"]["sequential-order_reverse_planned"] == {"0": plan["reverse_planned"]}
     assert "over 1 seed (2 experts trained for it)." in (study.root / "summary.md").read_text()
     assert set(summary["statistics"]["variants"]) == {"task_arithmetic", "sequential-order_reverse_planned"}
@@ -328,3 +334,49 @@ def test_plan_files_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="planned"):
         study_run.plan_seed(study, 1)  # a plan of another recipe is planned again
     assert planned == [1]
+
+
+def test_predicted_conflict_of_every_variant_order_and_its_relation_to_forgetting(tmp_path):
+    """C(π) = Σ_t c(P_t, π(t)) from the plan's recorded step conflicts (METHOD §7), hand-worked; then Spearman's ρ of
+    C against each run's forgetting, pooled over seeds."""
+    from cpt.study.summary import predicted_conflict_vs_forgetting, predicted_conflicts
+
+    variants = [{"strategy": "sequential", "orders": ["given", "planned", "reverse_planned", "random:1"]}]
+    study = load_study(write_study(tmp_path, variants, seeds=(0, 1)))
+    names = study.task_names  # plural, upper, reverse
+
+    def conflicts(offset):
+        table = {}
+        for size in (1, 2):
+            for previous in itertools.combinations(names, size):
+                for task in names:
+                    if task not in previous:
+                        # a conflict growing with the task's position in the given order, and with the set's size
+                        table[(previous, task)] = offset + 0.1 * names.index(task) + 0.05 * size
+        return [{"previous": list(p), "task": t, "conflict": c} for (p, t), c in table.items()]
+
+    for seed, offset in ((0, 0.0), (1, 0.2)):
+        fake_plan(study, seed, planned=names)
+        study.plans[seed]["conflicts"] = conflicts(offset)
+    predicted = predicted_conflicts(study)
+    # given order plural → upper → reverse: c({plural}, upper) + c({plural, upper}, reverse) = (0.1 + 0.05) + (0.2 + 0.1)
+    assert predicted["sequential"]["0"] == pytest.approx(0.45)
+    assert predicted["sequential"]["1"] == pytest.approx(0.45 + 2 * 0.2)
+    # reversed: c({reverse}, upper) + c({reverse, upper}, plural) = 0.15 + 0.1
+    assert predicted["sequential-order_reverse_planned"]["0"] == pytest.approx(0.25)
+    random_1 = random_order(names, 1)
+    expected = (0.1 * names.index(random_1[1]) + 0.05) + (0.1 * names.index(random_1[2]) + 0.1)
+    assert predicted["sequential-order_random_1"]["0"] == pytest.approx(expected)
+
+    # Runs whose forgetting rises with C on both seeds: ρ = +1.
+    finished = {}
+    for variant in study.variants:
+        for seed in (0, 1):
+            run = study.runs_dir / study.run_name(variant, seed)
+            (run / "eval").mkdir(parents=True)
+            forgetting = predicted[variant.name][str(seed)] / 10
+            (run / "eval" / "matrix.json").write_text(json.dumps({"metrics": {"forgetting": forgetting}}))
+            finished[(variant.name, seed)] = True
+    relation = predicted_conflict_vs_forgetting(study, finished, predicted)
+    assert relation["sequential"]["n"] == 8 and relation["sequential"]["rho"] == pytest.approx(1.0)
+    assert relation["sequential"]["per_seed"] == {"0": pytest.approx(1.0), "1": pytest.approx(1.0)}
