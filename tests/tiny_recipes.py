@@ -141,6 +141,20 @@ def count_trainings(monkeypatch, fail_at: int | None = None) -> list[str]:
     return calls
 
 
+#: GCWM with a short inner solve: both branches still run on the tiny model.
+FAST_GCWM = {"strategy": "gcwm", "iters": 5, "rank": 4}
+
+
+def study_recipe(tmp_path: Path, monkeypatch, *, steps=(2, 2, 2)) -> dict:
+    """A fresh tiny model, its three-task recipe, and an expert cache of the test's own, offline."""
+    from cpt.testing import build_tiny_model
+
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    return three_task_recipe(tmp_path, str(model), steps=steps)
+
+
 def write_study(tmp_path: Path, recipe: dict, variants, *, name: str, seeds=(0, 1), resamples: int, **extra) -> Path:
     """``base.yaml`` (``recipe``) and ``study.yaml`` over it in ``tmp_path``, studies under ``tmp_path / "studies"``."""
     recipe_path = tmp_path / "base.yaml"

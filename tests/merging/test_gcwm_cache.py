@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from cpt.merging.gcwm import GCWMMergeCache, GCWMParams, gcwm_continual_step, gcwm_merge, shares_merges
 from cpt.merging.gcwm.cache import AFTER_MERGE_FIELDS, merge_fields
-from cpt.testing import build_tiny_model
 
 PARAMS = GCWMParams(rank=4, energy=0.9, iters=5, lr=1e-3, gate_threshold=2.0)  # α low: both branches solve
 
@@ -152,12 +151,10 @@ def test_study_variants_that_share_m_t_read_each_others_merges(tmp_path, monkeyp
     from cpt.study.run import run_study
     from cpt.study.spec import load_study
 
-    from tiny_recipes import three_task_recipe, write_study
+    from tiny_recipes import FAST_GCWM as gcwm
+    from tiny_recipes import study_recipe, write_study
 
-    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
-    model = build_tiny_model(tmp_path / "tiny", seed=0)
-    recipe = three_task_recipe(tmp_path, str(model), steps=(2, 2, 2))
-    gcwm = {"strategy": "gcwm", "iters": 5, "rank": 4}
+    recipe = study_recipe(tmp_path, monkeypatch)
     path = write_study(
         tmp_path,
         recipe,

@@ -10,9 +10,8 @@ from cpt.cli import main
 from cpt.errors import CptError
 from cpt.study.spec import load_study
 from cpt.study.workers import worker_slots
-from cpt.testing import build_tiny_model
 
-from tiny_recipes import three_task_recipe, write_study
+from tiny_recipes import FAST_GCWM, study_recipe, write_study
 
 
 def test_cpu_workers_get_disjoint_cores_and_one_share_of_threads_each():
@@ -54,19 +53,17 @@ def test_more_workers_than_the_machine_has_is_a_one_line_error(workers, gpus, me
         worker_slots(workers, gpus=gpus, environ={}, affinity={0, 1})
 
 
+two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two workers need two cores")
+
+
 @pytest.mark.slow
+@two_cores
 def test_two_workers_share_one_study_each_run_once_and_gcwm_merges_still_shared(tmp_path, monkeypatch, capsys):
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("two workers need two cores")
-    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = build_tiny_model(tmp_path / "tiny", seed=0)
-    recipe = three_task_recipe(tmp_path, str(model), steps=(2, 2, 2))
-    gcwm = {"strategy": "gcwm", "iters": 5, "rank": 4}
+    recipe = study_recipe(tmp_path, monkeypatch)
     path = write_study(
         tmp_path,
         recipe,
-        [{**gcwm, "step_coef": [0.2, "norm"]}, "task_arithmetic", "average"],
+        [{**FAST_GCWM, "step_coef": [0.2, "norm"]}, "task_arithmetic", "average"],
         name="two",
         seeds=[0],
         resamples=200,
@@ -93,6 +90,7 @@ def test_two_workers_share_one_study_each_run_once_and_gcwm_merges_still_shared(
 
 
 @pytest.mark.slow
+@two_cores
 def test_interrupting_the_workers_stops_them_all_and_the_same_command_resumes(tmp_path, monkeypatch):
     import signal
     import subprocess
@@ -102,12 +100,7 @@ def test_interrupting_the_workers_stops_them_all_and_the_same_command_resumes(tm
     from cpt.study.run import _held_elsewhere
     from cpt.study.summary import run_finished
 
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("two workers need two cores")
-    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = build_tiny_model(tmp_path / "tiny", seed=0)
-    recipe = three_task_recipe(tmp_path, str(model), steps=(4, 4, 4))
+    recipe = study_recipe(tmp_path, monkeypatch, steps=(4, 4, 4))
     path = write_study(tmp_path, recipe, ["task_arithmetic", "sequential"], name="stop", seeds=[0, 1], resamples=200)
     study = load_study(path)
     parent = subprocess.Popen(
