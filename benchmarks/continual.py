@@ -111,7 +111,10 @@ def record_sitting(root: Path, seconds: float, status: int, command: str) -> Non
     sittings = json.loads(path.read_text()) if path.exists() else []
     sittings.append(
         {
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            # recorded when the sitting ends: its start is that many seconds earlier
+            "started": (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)).isoformat(
+                timespec="seconds"
+            ),
             "seconds": round(seconds, 1),
             "status": status,
             "command": command,
