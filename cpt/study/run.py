@@ -79,14 +79,14 @@ def merge_producers(recipes: list) -> dict[str, str]:
     return producers
 
 
-def shared_merge_caches(recipes: list, root: Path) -> dict[str, Any]:
+def shared_merge_caches(producers: dict[str, str], root: Path) -> dict[str, Any]:
     """``{run name: GCWMMergeCache}`` for the GCWM runs of one seed that compute the same ``m_t`` chain
-    (:func:`merge_producers`): the first to run stores each merge, the others read it (entries are
-    content-addressed, so a merge is only ever read by a run whose inputs are the same bytes). Other
-    runs get no cache and compute as usual."""
+    (``producers``, :func:`merge_producers`): the first to run stores each merge, the others read it
+    (entries are content-addressed, so a merge is only ever read by a run whose inputs are the same
+    bytes). Other runs get no cache and compute as usual."""
     from cpt.merging.gcwm import GCWMMergeCache
 
-    return {name: GCWMMergeCache(root) for name in merge_producers(recipes)}
+    return {name: GCWMMergeCache(root) for name in producers}
 
 
 def _share_base_row(runner, source: Path) -> bool:
@@ -211,7 +211,7 @@ class _StudyWorker:
             return False
         recipes = [study.recipe_for(variant, seed) for variant in study.variants]
         producers = merge_producers(recipes)
-        merge_caches = shared_merge_caches(recipes, study.root / "merges")
+        merge_caches = shared_merge_caches(producers, study.root / "merges")
         by_name = {recipe.name: recipe for recipe in recipes}
         first = study.spec.seeds.index(seed) * len(recipes)
         labels = {

@@ -18,9 +18,9 @@ depend on the tensors it is batched with).
 **Entry**: ``<root>/<key>.safetensors`` — ``merged`` and the per-tensor stats, with the sha256 of
 their bytes and the seconds the merge took (its batch's merge time over the batch's tensors) in the
 metadata; a run that reads entries adds up those seconds (``seconds_read``), so a study can charge
-a reader what its merges cost where they were made. Written to a temporary name and renamed into place (two writers
-of one key write the same bytes); read back only when the digest matches, so a truncated or
-corrupted entry is recomputed (and replaced), never used.
+a reader what its merges cost where they were made. Written to a temporary name and renamed into
+place (two writers of one key write the same bytes); read back only when the digest matches, so a
+truncated or corrupted entry is recomputed (and replaced), never used.
 """
 
 from __future__ import annotations
