@@ -95,14 +95,27 @@ def environment(expert_cache: bool | None = None) -> dict[str, str]:
     return env
 
 
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Run ``command`` from the repository root; (wall seconds, exit status), also when interrupted."""
+def timed(command: list[str], env: dict[str, str], grace_seconds: float = 5.0) -> tuple[float, int]:
+    """Run ``command`` from the repository root; (wall seconds, exit status), also when stopped.
+
+    A Ctrl-C or SIGTERM to this process is passed on to ``command`` and waited for, so that it stops
+    cleanly (``subprocess.run`` would kill it a quarter second later) and the sitting is recorded.
+    """
+    from cpt.stopping import sigterm_stops_cleanly, stop_signal
+
     print("+", " ".join(command), flush=True)
     started = time.perf_counter()
-    try:
-        status = subprocess.run(command, cwd=REPO, env=env, check=False).returncode
-    except KeyboardInterrupt:
-        status = 130
+    with sigterm_stops_cleanly():
+        process = subprocess.Popen(command, cwd=REPO, env=env)
+        try:
+            status = process.wait()
+        except KeyboardInterrupt as stop:
+            # One process group at a terminal: the child got the Ctrl-C too; give it a moment, then pass it on.
+            try:
+                status = process.wait(timeout=grace_seconds)
+            except subprocess.TimeoutExpired:
+                process.send_signal(stop_signal(stop))
+                status = process.wait()
     return time.perf_counter() - started, status
 
 

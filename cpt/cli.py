@@ -8,6 +8,7 @@ import errno
 import sys
 
 from cpt.errors import CptError
+from cpt.stopping import sigterm_stops_cleanly, stop_exit_status, stop_message
 
 
 def _add_recipe_arguments(
@@ -385,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with sigterm_stops_cleanly():
+            return args.handler(args)
     except CptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -400,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cpt.stopping)
+        print(stop_message(stop), file=sys.stderr)
+        return stop_exit_status(stop)
 
 
 if __name__ == "__main__":

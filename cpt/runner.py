@@ -33,6 +33,7 @@ from cpt.io import atomic_write_json, atomic_write_text, read_json, recover_dir
 from cpt.models import RecipeModels
 from cpt.recipe import Recipe, TaskSpec
 from cpt.run_directory import MANIFEST_FORMAT, VERSIONED_PACKAGES, RunDirectory, library_versions, utc_now
+from cpt.stopping import raise_if_stop_requested
 from cpt.tensors import gather_expert_folder, is_zero3, no_zero3_init, read_marker, release_deepspeed_engine
 from cpt.trackers import STEPS_KEY, offset_tracker_steps, sequence_step
 
@@ -196,6 +197,7 @@ class TaskSequenceRunner:
         self.setup()
         for step, (task, data) in enumerate(zip(self.recipe.tasks, self.task_data), start=1):
             if self.manifest["tasks"][step - 1]["status"] != "done":
+                raise_if_stop_requested()  # a SIGTERM a library swallowed (cpt.stopping)
                 self.run_task(step, task, data)
         return self.cleanup()
 
@@ -248,6 +250,7 @@ class TaskSequenceRunner:
         else:
             log(f"task {step}/{len(self.task_names)} {task.name}: integrated before the interruption; evaluating")
             live_state = None
+        raise_if_stop_requested()
         if self.is_main:
             self._evaluate_state(step, task, live_state)
         del live_state

@@ -225,3 +225,35 @@ def test_derived_study_keeps_the_folder_and_filters(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--variants: gcwm-gate not in"):
         continual.derived_study(REPO / continual.STUDY, "cpu", None, ["gcwm-gate"], tmp_path / "bad.yaml")
     assert yaml.safe_load(path.read_text())["set"] == ["evaluation.rows=needed", "evaluation.evaluate_experts=false"]
+
+
+def test_a_stopped_sitting_passes_the_signal_on_and_is_timed(tmp_path):
+    """A SIGTERM to the driver alone (a scheduler's) reaches `cpt study`, which stops cleanly; the sitting is timed."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"def stop(signum, frame): pathlib.Path({str(stopped)!r}).write_text(str(signum)); sys.exit(128 + signum)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+
+    def terminate_the_driver_once_the_child_runs():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        threading.Thread(target=terminate_the_driver_once_the_child_runs, daemon=True).start()
+        seconds, status = continual.timed([sys.executable, "-c", child], dict(os.environ), grace_seconds=0.2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == 143 and stopped.read_text() == str(int(signal.SIGTERM)), "the child got SIGTERM and stopped"
+    assert 0 < seconds < 30

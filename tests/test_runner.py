@@ -153,7 +153,7 @@ def _start(recipe_path: Path) -> subprocess.Popen:
     )
 
 
-def _kill_when(process: subprocess.Popen, manifest: Path, condition, timeout=300) -> dict:
+def _kill_when(process: subprocess.Popen, manifest: Path, condition, timeout=300, how=signal.SIGKILL) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert process.poll() is None, f"run ended before the kill point: {process.stderr.read()[-2000:]}"
@@ -162,7 +162,7 @@ def _kill_when(process: subprocess.Popen, manifest: Path, condition, timeout=300
         except (FileNotFoundError, json.JSONDecodeError):
             state = None
         if state and condition(state):
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(how)
             process.wait()
             return state
         time.sleep(0.02)
@@ -183,9 +183,13 @@ def test_resume_after_kills_matches_uninterrupted_run(tmp_path, tiny_model):
     recipe_path.write_text(yaml.safe_dump(data))
     manifest = tmp_path / "killed" / "runs" / "tiny" / "manifest.json"
 
-    # 1. Kill between tasks: task 1 done, task 2 not started.
-    seen = _kill_when(_start(recipe_path), manifest, lambda m: m["tasks"][0]["status"] == "done")
+    # 1. Stop between tasks with SIGTERM, as a scheduler does: task 1 done, task 2 not started. It takes Ctrl-C's
+    #    clean stop (cpt.stopping): exit 143 and one line, no traceback.
+    process = _start(recipe_path)
+    seen = _kill_when(process, manifest, lambda m: m["tasks"][0]["status"] == "done", how=signal.SIGTERM)
     assert seen["tasks"][1]["status"] in ("pending", "training")
+    assert process.returncode == 143
+    assert process.stderr.read().strip().splitlines()[-1] == "stopped by SIGTERM; run the same command again to resume"
     # 2. Kill in the middle of task 2's training.
     process = _start(recipe_path)
     seen = _kill_when(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.io import atomic_write_json, atomic_write_text, read_json
+from cpt.stopping import raise_if_stop_requested
 from cpt.study.spec import Study
 from cpt.study.summary import run_finished, write_summary
 
@@ -246,6 +247,7 @@ class _StudyWorker:
         from cpt.preflight import check_disk_space_for
         from cpt.runner import TaskSequenceRunner
 
+        raise_if_stop_requested()  # a SIGTERM that a library swallowed (cpt.stopping)
         if run_finished(recipe.run_dir, recipe.fingerprint()):
             log(f"{label}: finished before")
             self.finish(recipe)

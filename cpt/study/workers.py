@@ -13,13 +13,13 @@ A study's runs are independent once their experts exist, and each is taken under
 
 Each worker's full output goes to ``<study>/workers/worker-<i>.log``; this process prints their
 ``[cpt study]`` lines (which run each took, finished or put off) with the worker's number, waits
-for all of them, then writes the study summary from the run directories.
+for all of them, then writes the study summary from the run directories. A Ctrl-C or SIGTERM to
+this process alone is passed on to every worker (each stops cleanly; the same command resumes).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpt.errors import CptError
+from cpt.stopping import stop_signal
 from cpt.threads import THREAD_VARIABLES, available_cores
 
 #: How often the worker logs are read for new lines, in seconds.
@@ -153,15 +154,16 @@ def run_workers(study, study_file: str, overrides: list[str], workers: int) -> i
         while any(process.poll() is None for process in processes):
             _echo(followers)
             time.sleep(FOLLOW_SECONDS)
-    except KeyboardInterrupt:
-        # A Ctrl-C at the terminal reached the workers too (one process group): give them a moment to stop
-        # cleanly on their own, then pass it on to any that did not get it (e.g. this process alone was signalled).
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (cpt.stopping)
+        # A Ctrl-C at the terminal (or a SIGTERM to the process group) reached the workers too: give them a moment
+        # to stop cleanly on their own, then pass the same signal on to any that did not get it (e.g. this process
+        # alone was signalled, as a scheduler or `kill PID` does).
         deadline = time.monotonic() + 5.0
         while any(process.poll() is None for process in processes) and time.monotonic() < deadline:
             time.sleep(0.1)
         for process in processes:
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+                process.send_signal(stop_signal(stop))
         for process in processes:
             process.wait()
         _echo(followers)

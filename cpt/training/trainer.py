@@ -6,6 +6,7 @@ import torch
 from trl import SFTTrainer
 
 from cpt.errors import TrainingDivergedError
+from cpt.stopping import raise_if_stop_requested
 from cpt.tensors import is_zero3
 
 
@@ -39,6 +40,7 @@ class CptSFTTrainer(SFTTrainer):
         ]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        raise_if_stop_requested()  # a SIGTERM that a library swallowed stops training here (cpt.stopping)
         sharded_terms = [
             callback for callback in self.loss_terms() if callable(getattr(callback, "add_sharded_gradients", None))
         ]

@@ -91,7 +91,7 @@ def test_two_workers_share_one_study_each_run_once_and_gcwm_merges_still_shared(
 
 @pytest.mark.slow
 @two_cores
-def test_interrupting_the_workers_stops_them_all_and_the_same_command_resumes(tmp_path, monkeypatch):
+def test_a_sigterm_to_the_parent_stops_every_worker_cleanly_and_the_same_command_resumes(tmp_path, monkeypatch):
     import signal
     import subprocess
     import sys
@@ -114,9 +114,10 @@ def test_interrupting_the_workers_stops_them_all_and_the_same_command_resumes(tm
     while not any(log.exists() and re.search(r"\[cpt study\] \[\d/4\] ", log.read_text()) for log in logs):
         assert parent.poll() is None and time.monotonic() < deadline, "a worker should have started a run"
         time.sleep(0.2)
-    parent.send_signal(signal.SIGINT)  # the parent alone (as `kill -INT`): it passes the stop on to the workers
-    assert parent.wait(timeout=120) == 130
-    assert "interrupted; run the same command again to resume" in parent.stderr.read()
+    parent.send_signal(signal.SIGTERM)  # the parent alone (as a scheduler or `kill PID`): it passes it on
+    assert parent.wait(timeout=120) == 143
+    assert "stopped by SIGTERM; run the same command again to resume" in parent.stderr.read()
+    assert all("stopped by SIGTERM" in log.read_text() for log in logs), "each worker stopped cleanly on SIGTERM"
     names = [f"{variant.name}-seed{seed}" for seed in (0, 1) for variant in study.variants]
     assert not any(_held_elsewhere(study.runs_dir / name) for name in names), "no worker is left running"
     unfinished = [name for name in names if not run_finished(study.runs_dir / name)]
