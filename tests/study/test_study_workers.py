@@ -58,40 +58,9 @@ two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two wor
 
 @pytest.mark.slow
 @two_cores
-def test_two_workers_share_one_study_each_run_once_and_gcwm_merges_still_shared(tmp_path, monkeypatch, capsys):
-    recipe = study_recipe(tmp_path, monkeypatch)
-    path = write_study(
-        tmp_path,
-        recipe,
-        [{**FAST_GCWM, "step_coef": [0.2, "norm"]}, "task_arithmetic", "average"],
-        name="two",
-        seeds=[0],
-        resamples=200,
-    )
-    study = load_study(path)
-    assert main(["study", str(path), "--workers", "2"]) == 0
-    err = capsys.readouterr().err
-    assert re.search(r"\[cpt study\] worker 0: CPU core\(s\) \d+, \d+ thread\(s\); log ", err), err
-    assert "[worker 1] [cpt study] two: 4 variants × 1 seeds" in err, "the workers' progress is shown"
-
-    names = [f"{variant.name}-seed0" for variant in study.variants]
-    logs = [(study.root / "workers" / f"worker-{index}.log").read_text() for index in range(2)]
-    taken = {name: sum(len(re.findall(rf"\[cpt study\] \[\d/4\] {name}\n", log)) for log in logs) for name in names}
-    assert taken == dict.fromkeys(names, 1), taken  # each run by exactly one worker
-    assert all(re.search(r"\[cpt study\] \[\d/4\] \S+\n", log) for log in logs), "both workers took runs"
-    summary = json.loads((study.root / "summary.json").read_text())
-    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0]
-
-    # Whichever worker took the norm variant, it read every merge of gcwm at 0.2 (put off while it ran elsewhere).
-    tasks = json.loads((study.runs_dir / "gcwm-step_coefnorm-seed0" / "manifest.json").read_text())["tasks"]
-    assert [task["gcwm_merge_cache"]["merged"] for task in tasks] == [0, 0, 0]
-    assert all(task["gcwm_merge_cache"]["read"] > 0 for task in tasks[1:])
-    assert not (study.root / "merges").exists() and not list(study.runs_dir.glob(".*.lock"))
-
-
-@pytest.mark.slow
-@two_cores
-def test_a_sigterm_to_the_parent_stops_every_worker_cleanly_and_the_same_command_resumes(tmp_path, monkeypatch):
+def test_two_workers_stop_on_sigterm_then_share_the_rest_each_run_once_and_gcwm_merges_still_shared(
+    tmp_path, monkeypatch, capsys
+):
     import signal
     import subprocess
     import sys
@@ -100,29 +69,54 @@ def test_a_sigterm_to_the_parent_stops_every_worker_cleanly_and_the_same_command
     from cpt.study.run import _held_elsewhere
     from cpt.study.summary import run_finished
 
-    recipe = study_recipe(tmp_path, monkeypatch, steps=(4, 4, 4))
-    path = write_study(tmp_path, recipe, ["task_arithmetic", "sequential"], name="stop", seeds=[0, 1], resamples=200)
+    recipe = study_recipe(tmp_path, monkeypatch)
+    path = write_study(
+        tmp_path,
+        recipe,
+        [{**FAST_GCWM, "step_coef": [0.2, "norm"]}, "task_arithmetic", "sequential"],
+        name="two",
+        seeds=[0],
+        resamples=200,
+    )
     study = load_study(path)
+    names = [f"{variant.name}-seed0" for variant in study.variants]
+    logs = [study.root / "workers" / f"worker-{index}.log" for index in range(2)]
+
+    # 1. A SIGTERM to the parent alone (a scheduler's, `kill PID`) once a worker has started a run: it passes it on.
     parent = subprocess.Popen(
         [sys.executable, "-m", "cpt.cli", "study", str(path), "--workers", "2"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    logs = [study.root / "workers" / f"worker-{index}.log" for index in range(2)]
     deadline = time.monotonic() + 180
     while not any(log.exists() and re.search(r"\[cpt study\] \[\d/4\] ", log.read_text()) for log in logs):
         assert parent.poll() is None and time.monotonic() < deadline, "a worker should have started a run"
         time.sleep(0.2)
-    parent.send_signal(signal.SIGTERM)  # the parent alone (as a scheduler or `kill PID`): it passes it on
+    parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=120) == 143
     assert "stopped by SIGTERM; run the same command again to resume" in parent.stderr.read()
     assert all("stopped by SIGTERM" in log.read_text() for log in logs), "each worker stopped cleanly on SIGTERM"
-    names = [f"{variant.name}-seed{seed}" for seed in (0, 1) for variant in study.variants]
     assert not any(_held_elsewhere(study.runs_dir / name) for name in names), "no worker is left running"
     unfinished = [name for name in names if not run_finished(study.runs_dir / name)]
     assert unfinished, "the study was stopped part-way"
+    first_sitting = [log.stat().st_size for log in logs]
 
-    assert main(["study", str(path)]) == 0  # the same study, resumed in one process
+    # 2. The same command resumes: every unfinished run is taken by exactly one of the two workers.
+    assert main(["study", str(path), "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\[cpt study\] worker 0: CPU core\(s\) \d+, \d+ thread\(s\); log ", err), err
+    assert "[worker 1] [cpt study] two: 4 variants × 1 seeds" in err, "the workers' progress is shown"
+    second_sitting = [log.read_text()[size:] for log, size in zip(logs, first_sitting)]
+    taken = {
+        name: sum(len(re.findall(rf"\[cpt study\] \[\d/4\] {name}\n", log)) for log in second_sitting) for name in names
+    }
+    assert taken == {name: int(name in unfinished) for name in names}, (taken, unfinished)
     summary = json.loads((study.root / "summary.json").read_text())
-    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0, 1]
+    assert summary["pending_runs"] == [] and summary["seeds_used"] == [0]
+
+    # Whichever worker took the norm variant, it read every merge of gcwm at 0.2 (put off while it ran elsewhere).
+    tasks = json.loads((study.runs_dir / "gcwm-step_coefnorm-seed0" / "manifest.json").read_text())["tasks"]
+    assert [task["gcwm_merge_cache"]["merged"] for task in tasks] == [0, 0, 0]
+    assert all(task["gcwm_merge_cache"]["read"] > 0 for task in tasks[1:])
+    assert not (study.root / "merges").exists() and not list(study.runs_dir.glob(".*.lock"))
