@@ -25,10 +25,18 @@ class Terminated(KeyboardInterrupt):
 
 #: Set by the SIGTERM handler: a stop was asked for (within :func:`sigterm_stops_cleanly`).
 _stop_requested = False
+#: The process that installed the handler; a forked child (a dataloader or ``datasets.map`` worker) inherits it.
+_installed_by: int | None = None
 
 
 def _raise_terminated(signum, frame) -> None:
     global _stop_requested
+    if os.getpid() != _installed_by:
+        # A forked worker: pools end their workers with SIGTERM (multiprocessing's terminate(), which a
+        # `with Pool()` calls on exit), and a worker raising here would print a traceback. It ends as by default.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _stop_requested = True
     if _inside_finalizer(frame):
         # Python prints and drops an exception raised in a __del__ ("Exception ignored in ..."), and the
@@ -74,7 +82,8 @@ def sigterm_stops_cleanly() -> Iterator[None]:
     ):
         yield
         return
-    global _stop_requested
+    global _stop_requested, _installed_by
+    _installed_by = os.getpid()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

@@ -57,6 +57,19 @@ def test_a_sigterm_swallowed_by_a_library_is_raised_again_where_cpt_regains_cont
     raise_if_stop_requested()  # the request ends with the block: a later command is not stopped by it
 
 
+def test_a_forked_worker_ends_on_sigterm_as_by_default(default_sigterm):
+    """Pools end their forked workers with SIGTERM (`with multiprocessing.Pool()` on exit): no Terminated there."""
+    import multiprocessing
+
+    with sigterm_stops_cleanly():
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()
+        time.sleep(0.2)  # inside time.sleep, with the inherited handler
+        worker.terminate()
+        worker.join(timeout=10)
+    assert worker.exitcode == -signal.SIGTERM, "killed by the signal, not exit 1 after a Terminated traceback"
+
+
 def test_a_sigterm_handler_of_the_process_is_kept(default_sigterm):
     received = []
     signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
