@@ -95,7 +95,7 @@ def environment(expert_cache: bool | None = None) -> dict[str, str]:
     return env
 
 
-def timed(command: list[str], env: dict[str, str], grace_seconds: float = 5.0) -> tuple[float, int]:
+def timed(command: list[str], env: dict[str, str], grace_seconds: float = 15.0) -> tuple[float, int]:
     """Run ``command`` from the repository root; (wall seconds, exit status), also when stopped.
 
     A Ctrl-C or SIGTERM to this process is passed on to ``command`` and waited for, so that it stops
@@ -110,7 +110,8 @@ def timed(command: list[str], env: dict[str, str], grace_seconds: float = 5.0) -
         try:
             status = process.wait()
         except KeyboardInterrupt as stop:
-            # One process group at a terminal: the child got the Ctrl-C too; give it a moment, then pass it on.
+            # One process group at a terminal: the child got the Ctrl-C too; give it a moment (longer than
+            # `cpt study --workers` gives its workers before passing a stop on), then pass it on.
             try:
                 status = process.wait(timeout=grace_seconds)
             except subprocess.TimeoutExpired:
