@@ -107,7 +107,7 @@ def test_two_workers_stop_on_sigterm_then_share_the_rest_each_run_once_and_gcwm_
     err = capsys.readouterr().err
     assert re.search(r"\[cpt study\] worker 0: CPU core\(s\) \d+, \d+ thread\(s\); log ", err), err
     assert "[worker 1] [cpt study] two: 4 variants × 1 seeds" in err, "the workers' progress is shown"
-    second_sitting = [log.read_text()[size:] for log, size in zip(logs, first_sitting)]
+    second_sitting = [log.read_bytes()[size:].decode() for log, size in zip(logs, first_sitting)]  # sizes in bytes
     taken = {
         name: sum(len(re.findall(rf"\[cpt study\] \[\d/4\] {name}\n", log)) for log in second_sitting) for name in names
     }
