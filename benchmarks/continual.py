@@ -101,7 +101,7 @@ def timed(command: list[str], env: dict[str, str], grace_seconds: float = 15.0) 
     A Ctrl-C or SIGTERM to this process is passed on to ``command`` and waited for, so that it stops
     cleanly (``subprocess.run`` would kill it a quarter second later) and the sitting is recorded.
     """
-    from cpt.stopping import sigterm_stops_cleanly, stop_signal
+    from cpt.stopping import pass_stop_on, sigterm_stops_cleanly
 
     print("+", " ".join(command), flush=True)
     started = time.perf_counter()
@@ -110,13 +110,9 @@ def timed(command: list[str], env: dict[str, str], grace_seconds: float = 15.0) 
         try:
             status = process.wait()
         except KeyboardInterrupt as stop:
-            # One process group at a terminal: the child got the Ctrl-C too; give it a moment (longer than
-            # `cpt study --workers` gives its workers before passing a stop on), then pass it on.
-            try:
-                status = process.wait(timeout=grace_seconds)
-            except subprocess.TimeoutExpired:
-                process.send_signal(stop_signal(stop))
-                status = process.wait()
+            # The grace is longer than `cpt study --workers` gives its workers before passing a stop on.
+            pass_stop_on([process], stop, grace_seconds)
+            status = process.returncode
     return time.perf_counter() - started, status
 
 

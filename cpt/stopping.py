@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 
@@ -92,6 +94,23 @@ def sigterm_stops_cleanly() -> Iterator[None]:
         _stop_requested = False
 
 
+def pass_stop_on(processes: list[subprocess.Popen], stop: KeyboardInterrupt, grace_seconds: float) -> None:
+    """After ``stop`` reached this process, let ``processes`` stop and wait for them all.
+
+    A Ctrl-C at a terminal (or a SIGTERM to the process group) reached the children too: they get
+    ``grace_seconds`` to stop cleanly on their own; any still running then gets the same signal
+    (this process alone was signalled, as a scheduler or ``kill PID`` does).
+    """
+    deadline = time.monotonic() + grace_seconds
+    while any(process.poll() is None for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(stop_signal(stop))
+    for process in processes:
+        process.wait()
+
+
 def stop_signal(stop: KeyboardInterrupt) -> signal.Signals:
     """The signal that caused ``stop``: SIGTERM for :class:`Terminated`, else SIGINT."""
     return signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
@@ -110,6 +129,7 @@ def stop_message(stop: KeyboardInterrupt) -> str:
 
 __all__ = [
     "Terminated",
+    "pass_stop_on",
     "raise_if_stop_requested",
     "sigterm_stops_cleanly",
     "stop_exit_status",

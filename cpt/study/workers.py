@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpt.errors import CptError
-from cpt.stopping import stop_signal
+from cpt.stopping import pass_stop_on
 from cpt.threads import THREAD_VARIABLES, available_cores
 
+#: How long the workers get to stop on their own after a stop reached this process, before it is passed on.
+STOP_GRACE_SECONDS = 5.0
 #: How often the worker logs are read for new lines, in seconds.
 FOLLOW_SECONDS = 2.0
 
@@ -155,17 +157,7 @@ def run_workers(study, study_file: str, overrides: list[str], workers: int) -> i
             _echo(followers)
             time.sleep(FOLLOW_SECONDS)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (cpt.stopping)
-        # A Ctrl-C at the terminal (or a SIGTERM to the process group) reached the workers too: give them a moment
-        # to stop cleanly on their own, then pass the same signal on to any that did not get it (e.g. this process
-        # alone was signalled, as a scheduler or `kill PID` does).
-        deadline = time.monotonic() + 5.0
-        while any(process.poll() is None for process in processes) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(stop_signal(stop))
-        for process in processes:
-            process.wait()
+        pass_stop_on(processes, stop, grace_seconds=STOP_GRACE_SECONDS)
         _echo(followers)
         raise
     _echo(followers)
