@@ -1,7 +1,9 @@
 """End-of-task work divided among ranks: 2 processes give the 1-process state and geometry.
 
 The test launches this file under ``torch.distributed.run`` (gloo, CPU) with 1 and with
-2 processes. Each process drives a task sequence by hand through the two callbacks, as
+2 processes, once for all the cases (a launch is seconds of imports and process-group set-up;
+the cases run one after another in it, each in its own folder). Each process drives a task
+sequence by hand through the two callbacks, as
 a trainer would at ``on_train_end``: the expert of task t is θ0 plus a seeded perturbation
 (the same on every rank, as after a DDP/ZeRO step), the geometry callback measures it
 against θ_{t−1} and the integration callback merges it. After every step rank 0 copies the
@@ -54,7 +56,30 @@ def perturbed_expert(base: Path, step: int):
     return model
 
 
-def worker(base: Path, out: Path, case: str, steps: list[int]) -> None:
+#: what the worker writes to stderr before each case, so the test can read each case's log
+CASE_MARKER = "=== multirank case: "
+
+
+def worker(base: Path, out_root: Path, cases: list[str], steps: list[int]) -> None:
+    """Every case in turn, in ``out_root/<case>``, under one process group."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    for case in cases:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"{CASE_MARKER}{case}", file=sys.stderr, flush=True)
+        if dist.is_initialized():  # ... and before every rank's log of this one
+            dist.barrier()
+        run_case(base, out_root / case, case, steps)
+        if dist.is_initialized():  # the next case's marker comes after every rank's log of this one
+            sys.stderr.flush()
+            dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_case(base: Path, out: Path, case: str, steps: list[int]) -> None:
     import shutil
 
     import torch.distributed as dist
@@ -63,8 +88,6 @@ def worker(base: Path, out: Path, case: str, steps: list[int]) -> None:
     from cpt.callbacks import GeometryConflictCallback, IntegrationCallback
     from cpt.diagnostics import GeometrySettings
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     tokenizer = AutoTokenizer.from_pretrained(base)
     state_dir = out / "state"
@@ -114,9 +137,6 @@ def worker(base: Path, out: Path, case: str, steps: list[int]) -> None:
             shutil.copytree(out / "history" / f"step-{step}", out / "snapshots" / f"step-{step}" / "history")
     path = out / f"timings-{world_size}p-rank{rank}.json"
     path.write_text(json.dumps([*(json.loads(path.read_text()) if path.exists() else []), *timings]))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- the test
@@ -126,7 +146,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(base: Path, out: Path, case: str, processes: int, steps: tuple[int, ...] = (1, 2)) -> None:
+def launch(base: Path, out: Path, cases: list[str], processes: int, steps: tuple[int, ...] = (1, 2)) -> dict[str, str]:
+    """Run ``cases`` in one launch of ``processes`` ranks, case c in ``out/c``; each case's stderr."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [
         sys.executable,
@@ -141,13 +162,19 @@ def launch(base: Path, out: Path, case: str, processes: int, steps: tuple[int, .
         __file__,
         str(base),
         str(out),
-        case,
+        ",".join(cases),
         ",".join(str(step) for step in steps),
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    with open(out / "stderr.txt", "a") as log:
-        log.write(result.stderr)
+    logs = dict.fromkeys(cases, "")
+    for chunk in result.stderr.split(CASE_MARKER)[1:]:
+        case, _, log = chunk.partition("\n")
+        logs[case] += log
+    for case, log in logs.items():
+        with open(out / case / "stderr.txt", "a") as file:
+            file.write(log)
+    return logs
 
 
 def load_folder(folder: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
@@ -310,13 +337,20 @@ def assert_same_step(one: Path, two: Path, step: int) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def launched(base, tmp_path_factory) -> tuple[Path, Path]:
+    """Every case run with 1 and with 2 processes: the two output roots."""
+    root = tmp_path_factory.mktemp("launched")
+    launch(base, root / "one", list(CASES), processes=1)
+    launch(base, root / "two", list(CASES), processes=2)
+    return root / "one", root / "two"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_give_the_one_rank_state_and_geometry(base, tmp_path, case):
+def test_two_ranks_give_the_one_rank_state_and_geometry(launched, case):
     """Each rank merges a real share of every step; state, history, scalars and JSON are the one-process ones."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch(base, one, case, processes=1)
-    launch(base, two, case, processes=2)
+    one, two = (root / case for root in launched)
     with_geometry = CASES[case][2]
 
     for step in (1, 2):
@@ -350,10 +384,11 @@ def test_a_history_two_ranks_wrote_resumes_in_one_process(base, tmp_path):
     process from the per-rank shards: the state of the 3 tasks in one process throughout."""
     case = "gcwm_norm_all_history"
     one, mixed = tmp_path / "one", tmp_path / "mixed"
-    launch(base, one, case, processes=1, steps=(1, 2, 3))
-    launch(base, mixed, case, processes=2, steps=(1, 2))
-    assert list((mixed / "history" / "step-2" / "merged").glob("merged-rank00001-*.safetensors"))
-    launch(base, mixed, case, processes=1, steps=(3,))
+    launch(base, one, [case], processes=1, steps=(1, 2, 3))
+    launch(base, mixed, [case], processes=2, steps=(1, 2))
+    assert list((mixed / case / "history" / "step-2" / "merged").glob("merged-rank00001-*.safetensors"))
+    launch(base, mixed, [case], processes=1, steps=(3,))
+    one, mixed = one / case, mixed / case
     for step in (1, 2, 3):
         assert_same_step(one, mixed, step)
     stats_one = json.loads((one / "integration" / "3_task3.json").read_text())
@@ -398,4 +433,4 @@ def test_a_zero3_run_on_two_processes_splits_its_merge(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], [int(step) for step in sys.argv[4].split(",")])
+    worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","), [int(step) for step in sys.argv[4].split(",")])
