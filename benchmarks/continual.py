@@ -170,20 +170,41 @@ def run_seconds(manifest: dict) -> dict[str, float]:
     return {key: round(value, 1) for key, value in manifest_seconds(manifest).items()}
 
 
-def alone_equivalent(runs_dir: Path, run_names: list[str]) -> dict[str, Any]:
+def alone_equivalent(runs_dir: Path, run_names: list[str], cache_dir: Path | None = None) -> dict[str, Any]:
     """What the study's runs account for, and what they would have cost alone: every expert taken from the
     cache charged at the training seconds of the run that trained it (same cache key), every copied base row at
     the base evaluation of the run it came from, every GCWM step that read shared merges at the merge seconds
-    recorded in the entries it read (``gcwm_merge_cache.seconds_saved``). Keys trained outside these runs (an
-    earlier study) are counted in ``uncharged_experts``; steps that read entries without recorded seconds (written
-    before entries carried them) in ``unpriced_merge_steps``."""
+    recorded in the entries it read (``gcwm_merge_cache.seconds_saved``).
+
+    An expert trained outside these runs (an earlier study on the same recipe left it in the expert cache at
+    ``cache_dir``, default ``~/.cache/cpt/experts``) is charged at the ``train_seconds`` its cache entry
+    recorded: once to the study (a fresh study trains it once) and at every reuse alone. Keys found nowhere are
+    counted in ``uncharged_experts``; steps that read merges stored without their seconds (written before
+    entries carried them) in ``unpriced_merge_steps``."""
+    from cpt.io import read_json
+    from cpt.study.expert_cache import ExpertCache
+
+    cache = ExpertCache(cache_dir)
     manifests = {name: json.loads((runs_dir / name / "manifest.json").read_text()) for name in run_names}
     trained_at: dict[str, float] = {}
     for manifest in manifests.values():
         for task in manifest.get("tasks", []):
-            cache = task.get("expert_cache") or {}
-            if cache.get("key") and not cache.get("hit"):
-                trained_at[cache["key"]] = task.get("train_seconds", 0.0)
+            entry = task.get("expert_cache") or {}
+            if entry.get("key") and not entry.get("hit"):
+                trained_at[entry["key"]] = task.get("train_seconds", 0.0)
+    trained_before: dict[str, float] = {}  # key → the seconds its cache entry recorded
+
+    def training_seconds(key: str) -> float | None:
+        if key in trained_at:
+            return trained_at[key]
+        if key not in trained_before:
+            path = cache.entry_dir(key) / "manifest.json"
+            recorded = read_json(path, {}).get("train_seconds") if path.exists() else None
+            if recorded is None:
+                return None
+            trained_before[key] = float(recorded)
+        return trained_before[key]
+
     study = alone = merges_charged = 0.0
     uncharged = unpriced = 0
     for manifest in manifests.values():
@@ -194,19 +215,23 @@ def alone_equivalent(runs_dir: Path, run_names: list[str]) -> dict[str, Any]:
             merges = task.get("gcwm_merge_cache") or {}
             merges_charged += merges.get("seconds_saved", 0.0)
             unpriced += bool(merges.get("unpriced"))
-            cache = task.get("expert_cache") or {}
-            if cache.get("hit"):
-                if cache.get("key") in trained_at:
-                    alone += trained_at[cache["key"]]
-                else:
+            entry = task.get("expert_cache") or {}
+            if entry.get("hit"):
+                charged = training_seconds(entry.get("key", ""))
+                if charged is None:
                     uncharged += 1
+                else:
+                    alone += charged
         source = manifest.get("base_row_from")
         if source in manifests:
             alone += manifests[source].get("base_eval_seconds", 0.0)
+    before = sum(trained_before.values())
     return {
-        "study_seconds": round(study, 1),
+        "study_seconds": round(study + before, 1),
         "alone_seconds": round(alone + merges_charged, 1),
         "uncharged_experts": uncharged,
+        "experts_trained_before": len(trained_before),
+        "expert_seconds_before": round(before, 1),
         "merge_seconds_charged": round(merges_charged, 1),
         "unpriced_merge_steps": unpriced,
     }
@@ -269,10 +294,18 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
     if costs:
         ratio = costs["study_seconds"] / costs["alone_seconds"] if costs["alone_seconds"] else float("nan")
         uncharged = (
-            f"; {costs['uncharged_experts']} reused experts were trained before this study and are not charged"
-            if costs["uncharged_experts"]
+            f"; {costs['experts_trained_before']} experts were trained before this study (an earlier study on the "
+            f"same recipe left them in the expert cache): each is charged once to the study and at every reuse "
+            f"alone, at the training seconds its cache entry recorded ({costs['expert_seconds_before']:.0f} s "
+            "together)"
+            if costs.get("experts_trained_before")
             else ""
         )
+        if costs["uncharged_experts"]:
+            uncharged += (
+                f"; {costs['uncharged_experts']} reuses of experts trained outside this study and no longer in the "
+                "cache are not charged"
+            )
         if costs.get("unpriced_merge_steps"):
             uncharged += (
                 f"; {costs['unpriced_merge_steps']} GCWM steps read shared merges stored without their seconds "

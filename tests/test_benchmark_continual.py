@@ -141,18 +141,50 @@ def study_root(tmp_path, monkeypatch):
     return root
 
 
-def test_alone_equivalent_charges_reused_experts_and_copied_base_rows(study_root):
-    costs = continual.alone_equivalent(study_root / "runs", ["sequential-seed0", "gcwm-seed0", "gcwm-gate-none-seed0"])
+def test_alone_equivalent_charges_reused_experts_and_copied_base_rows(study_root, tmp_path):
+    empty_cache = tmp_path / "experts"
+    names = ["sequential-seed0", "gcwm-seed0", "gcwm-gate-none-seed0"]
+    costs = continual.alone_equivalent(study_root / "runs", names, empty_cache)
     # accounted: sequential 60 + 10 + 10 + 2 = 82; gcwm 100 + 10 + 2 + 2 = 114; gate-none 1 + 10 + 2 = 13
     assert costs == {
         "study_seconds": 209.0,
         "alone_seconds": 209.0 + 40.0 + 60.0 + 10.0,
         "uncharged_experts": 0,
+        "experts_trained_before": 0,
+        "expert_seconds_before": 0.0,
         "merge_seconds_charged": 0.0,
         "unpriced_merge_steps": 0,
     }
-    only_reuser = continual.alone_equivalent(study_root / "runs", ["gcwm-gate-none-seed0"])
+    only_reuser = continual.alone_equivalent(study_root / "runs", ["gcwm-gate-none-seed0"], empty_cache)
     assert only_reuser["uncharged_experts"] == 2 and only_reuser["alone_seconds"] == only_reuser["study_seconds"]
+    assert "2 reuses of experts trained outside this study and no longer in the cache" in continual.results_section(
+        fake_summary(), [], {}, only_reuser
+    )
+
+
+def test_experts_trained_before_the_study_are_charged_at_their_cache_entrys_seconds(study_root, tmp_path):
+    """An earlier study left k1 in the cache (45 s recorded) and k2's entry is gone: two runs reuse both."""
+    from cpt.study.expert_cache import ExpertCache
+
+    cache = ExpertCache(tmp_path / "experts")
+    cache.store(
+        "k1",
+        lambda folder: (folder / "weights").write_bytes(b"w"),
+        kind="full",
+        inputs={},
+        extra={"train_seconds": 45.0},
+    )
+    runs = study_root / "runs"
+    write_manifest(study_root, "ties-seed0", [{"train_seconds": 0.5, "expert_cache": {"key": "k1", "hit": True}}])
+    write_manifest(study_root, "wudi-seed0", [{"train_seconds": 0.5, "expert_cache": {"key": "k1", "hit": True}}])
+    costs = continual.alone_equivalent(runs, ["gcwm-gate-none-seed0", "ties-seed0", "wudi-seed0"], cache.root)
+    accounted = 13.0 + 0.5 + 0.5
+    # k1: trained once for the study (45 s), and at each of its 3 reuses alone; k2's reuse is priced nowhere
+    assert costs["study_seconds"] == accounted + 45.0
+    assert costs["alone_seconds"] == accounted + 3 * 45.0
+    assert (costs["experts_trained_before"], costs["expert_seconds_before"], costs["uncharged_experts"]) == (1, 45.0, 1)
+    body = continual.results_section(fake_summary(), [], {}, costs)
+    assert "1 experts were trained before this study" in body and "(45 s together)" in body
 
 
 def test_alone_equivalent_charges_gcwm_merges_read_at_their_recorded_seconds(study_root):
