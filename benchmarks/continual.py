@@ -157,7 +157,12 @@ def run_alone(study, names: list[str], seed: int, root: Path) -> dict[str, dict]
         if status != 0:
             sys.exit(f"--alone {name}: cpt run exited with status {status}")
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        measured[name] = {"seed": seed, "wall_seconds": round(seconds, 1), **run_seconds(manifest)}
+        measured[name] = {
+            "seed": seed,
+            "wall_seconds": round(seconds, 1),
+            **run_seconds(manifest),
+            "base_eval_seconds": round(manifest.get("base_eval_seconds", 0.0), 1),
+        }
         path.write_text(json.dumps(measured, indent=2) + "\n")
     return measured
 
@@ -328,9 +333,9 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
             "Measured alone (`--alone`: `cpt run` of the variant's recipe for one seed, no expert cache) against "
             "the same run in the study:",
             "",
-            "| variant | seed | alone: wall s | alone: train / eval / integration s | in the study: train / eval / "
-            "integration s |",
-            "|---|---|---|---|---|",
+            "| variant | seed | alone: wall s | alone: train / eval / integration s | alone: what the study "
+            "shares s | in the study: train / eval / integration s |",
+            "|---|---|---|---|---|---|",
         ]
         study_runs = run_costs.get("runs", {})
         for name, measured in alone.items():
@@ -341,11 +346,23 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
                 if in_study
                 else "—"
             )
+            # Alone, a run evaluates the base row and trains its own experts; the study does the base row once a
+            # seed and, for the variants that reuse experts trained from θ0, their training once a seed.
+            shared = measured.get("base_eval_seconds")
+            if shared is not None and in_study and in_study.get("experts_reused"):
+                shared += measured["train_seconds"]
             out.append(
                 f"| {name} | {measured['seed']} | {measured['wall_seconds']:.0f} | "
                 f"{measured['train_seconds']:.0f} / {measured['eval_seconds']:.0f} / "
-                f"{measured['integration_seconds']:.0f} | {study_cells} |"
+                f"{measured['integration_seconds']:.0f} | {'—' if shared is None else f'{shared:.0f}'} | "
+                f"{study_cells} |"
             )
+        out += [
+            "",
+            "What the study shares: the base row (scored once a seed, copied to the seed's other runs) and, for a "
+            "variant that integrates experts trained from θ0, their training (once a seed, reused by every such "
+            "variant): seconds its run alone spends on work the study does once for all of the seed's variants.",
+        ]
         out.append("")
     return "\n".join(out)
 

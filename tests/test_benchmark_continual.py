@@ -73,7 +73,13 @@ def fake_summary() -> dict:
         ],
     }
     runs = {
-        f"{name}-seed0": {"train_seconds": 100.0, "eval_seconds": 50.0, "integration_seconds": 3.0} for name in names
+        f"{name}-seed0": {
+            "train_seconds": 100.0,
+            "eval_seconds": 50.0,
+            "integration_seconds": 3.0,
+            "experts_reused": 0 if name == "sequential" else 2,
+        }
+        for name in names
     }
     return {
         "study": "continual",
@@ -114,13 +120,22 @@ def study_root(tmp_path, monkeypatch):
     (root / "alone.json").write_text(
         json.dumps(
             {
+                "sequential": {
+                    "seed": 0,
+                    "wall_seconds": 200.0,
+                    "train_seconds": 80.0,
+                    "eval_seconds": 70.0,
+                    "integration_seconds": 2.0,
+                    "base_eval_seconds": 8.0,
+                },
                 "gcwm": {
                     "seed": 0,
                     "wall_seconds": 700.0,
                     "train_seconds": 90.0,
                     "eval_seconds": 60.0,
                     "integration_seconds": 500.0,
-                }
+                    "base_eval_seconds": 10.0,
+                },
             }
         )
     )
@@ -218,7 +233,9 @@ def test_results_section_from_a_fake_summary(study_root):
     assert "- wall time: 5400 s (1.50 h) over 2 sitting(s)" in body
     assert "training 300, evaluation 150, integration 9" in body and "8 trained, 4 reused" in body
     assert "209 s in the study against 319 s alone" in body and "0.66× running each strategy alone" in body
-    assert "| gcwm | 0 | 700 | 90 / 60 / 500 | 100 / 50 / 3 |" in body
+    # shared: sequential's base row (it trains from θ_{t-1}); gcwm's base row and its θ0 experts' training
+    assert "| sequential | 0 | 200 | 80 / 70 / 2 | 8 | 100 / 50 / 3 |" in body
+    assert "| gcwm | 0 | 700 | 90 / 60 / 500 | 100 | 100 / 50 / 3 |" in body
     assert "- command: `python benchmarks/continual.py --seeds 0`" in body
     # Written again (a later sitting), the section is replaced, not repeated.
     continual.record(study_root, "cpu", "again")
