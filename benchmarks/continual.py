@@ -203,8 +203,7 @@ def alone_equivalent(runs_dir: Path, run_names: list[str], cache_dir: Path | Non
         if key in trained_at:
             return trained_at[key]
         if key not in trained_before:
-            path = cache.entry_dir(key) / "manifest.json"
-            recorded = read_json(path, {}).get("train_seconds") if path.exists() else None
+            recorded = read_json(cache.entry_dir(key) / "manifest.json", {}).get("train_seconds")
             if recorded is None:
                 return None
             trained_before[key] = float(recorded)
@@ -298,7 +297,7 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
     ]
     if costs:
         ratio = costs["study_seconds"] / costs["alone_seconds"] if costs["alone_seconds"] else float("nan")
-        uncharged = (
+        caveats = (
             f"; {costs['experts_trained_before']} experts were trained before this study (an earlier study on the "
             f"same recipe left them in the expert cache): each is charged once to the study and at every reuse "
             f"alone, at the training seconds its cache entry recorded ({costs['expert_seconds_before']:.0f} s "
@@ -307,12 +306,12 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
             else ""
         )
         if costs["uncharged_experts"]:
-            uncharged += (
+            caveats += (
                 f"; {costs['uncharged_experts']} reuses of experts trained outside this study and no longer in the "
                 "cache are not charged"
             )
         if costs.get("unpriced_merge_steps"):
-            uncharged += (
+            caveats += (
                 f"; {costs['unpriced_merge_steps']} GCWM steps read shared merges stored without their seconds "
                 "(by an older cpt) and are not charged for them"
             )
@@ -325,7 +324,7 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
             f"- cost vs each strategy alone (from the runs): {costs['study_seconds']:.0f} s in the study against "
             f"{costs['alone_seconds']:.0f} s alone — every reused expert and copied base row charged at what it "
             f"cost where it was made{merges} — so the study costs {ratio:.2f}× running each strategy alone"
-            f"{uncharged}"
+            f"{caveats}"
         )
     out.append("")
     if alone:
@@ -362,8 +361,8 @@ def results_section(summary: dict, sittings: list[dict], alone: dict[str, dict],
             "What the study shares: the base row (scored once a seed, copied to the seed's other runs) and, for a "
             "variant that integrates experts trained from θ0, their training (once a seed, reused by every such "
             "variant): seconds its run alone spends on work the study does once for all of the seed's variants.",
+            "",
         ]
-        out.append("")
     return "\n".join(out)
 
 

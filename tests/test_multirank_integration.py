@@ -146,8 +146,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(base: Path, out: Path, cases: list[str], processes: int, steps: tuple[int, ...] = (1, 2)) -> dict[str, str]:
-    """Run ``cases`` in one launch of ``processes`` ranks, case c in ``out/c``; each case's stderr."""
+def launch(base: Path, out: Path, cases: list[str], processes: int, steps: tuple[int, ...] = (1, 2)) -> None:
+    """Run ``cases`` in one launch of ``processes`` ranks, case c in ``out/c`` (its stderr in ``out/c/stderr.txt``)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [
         sys.executable,
@@ -174,7 +174,6 @@ def launch(base: Path, out: Path, cases: list[str], processes: int, steps: tuple
     for case, log in logs.items():
         with open(out / case / "stderr.txt", "a") as file:
             file.write(log)
-    return logs
 
 
 def load_folder(folder: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
